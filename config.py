@@ -1,0 +1,248 @@
+"""Reads the service's configuration from the environment and checks all of it at once.
+
+Every problem is collected before anything fails, so one start-up message lists
+every variable to fix instead of making the operator fix them one restart at a time.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+from rules import E164_PATTERN, parse_duration
+
+ACCOUNT_SID_PATTERN = re.compile(r"AC[0-9a-fA-F]{32}")
+MESSAGING_SERVICE_SID_PATTERN = re.compile(r"MG[0-9a-fA-F]{32}")
+SHORT_CODE_PATTERN = re.compile(r"[0-9]{3,8}")
+ALPHANUMERIC_SENDER_PATTERN = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}")
+BASE_URL_PATTERN = re.compile(r"https?://[^/?#\s]+(/[^?#\s]*)?")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off", "")
+MIN_API_KEY_LENGTH = 16
+
+# Credentials of the simulated Twilio: they only sign simulated callbacks.
+SIMULATED_ACCOUNT_SID = "AC" + "0" * 32
+SIMULATED_AUTH_TOKEN = "simulated-auth-token"
+
+
+class ConfigError(Exception):
+    """The configuration has one or more problems; str() lists all of them."""
+
+    def __init__(self, problems):
+        self.problems = problems
+        super().__init__(
+            "Configuration error; fix these environment variables (see .env.example):\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    simulate: bool
+    account_sid: str
+    auth_token: str
+    phone_number: str | None
+    messaging_service_sid: str | None
+    base_url: str
+    api_key: str | None
+    database_path: str
+    twilio_timeout: float
+    store_message_body: bool
+    port: int
+    log_level: str
+    sqlite_synchronous: str
+    allowed_destinations: tuple
+    max_sends_per_recipient_per_hour: int
+    webhook_signing_key: str | None
+    body_retention_seconds: float
+    simulate_latency: float
+
+    @property
+    def status_callback_url(self):
+        return self.base_url + "/message-status"
+
+    @property
+    def mode(self):
+        return "simulated" if self.simulate else "live"
+
+
+def _flag(env, name, problems, default=False):
+    raw = env.get(name)
+    if raw is None:
+        return default
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    problems.append(f"{name} must be true or false, got {raw!r}")
+    return default
+
+
+def _database_path(raw, problems):
+    """Turns `sqlite:///relative.db` or `sqlite:////absolute/path.db` into a file path."""
+    if raw is None or raw.strip() == "":
+        return os.path.abspath("sms_status.db")
+    prefix = "sqlite:///"
+    if not raw.startswith(prefix) or raw == prefix:
+        problems.append(
+            "DATABASE_URL must look like sqlite:///relative.db or sqlite:////absolute/path.db "
+            "(only SQLite is supported)"
+        )
+        return ""
+    return os.path.abspath(raw[len(prefix):])
+
+
+def _number(env, name, default, problems, kind, minimum, maximum=None):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        problems.append(f"{name} must be a number, got {raw!r}")
+        return default
+    if value < minimum or (maximum is not None and value > maximum):
+        limits = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        problems.append(f"{name} must be {limits}, got {raw!r}")
+        return default
+    return value
+
+
+def _destinations(raw, problems):
+    if raw is None or raw.strip() == "":
+        return ()
+    prefixes = tuple(part.strip() for part in raw.split(",") if part.strip())
+    bad = [p for p in prefixes if not re.fullmatch(r"\+[1-9][0-9]{0,14}", p)]
+    if bad or not prefixes:
+        problems.append(
+            "ALLOWED_DESTINATIONS must be comma-separated E.164 prefixes like +1,+44, "
+            f"got {raw!r}"
+        )
+        return ()
+    return prefixes
+
+
+def _sender(phone_number, messaging_service_sid, problems):
+    if phone_number and messaging_service_sid:
+        problems.append(
+            "set only one of TWILIO_PHONE_NUMBER and TWILIO_MESSAGING_SERVICE_SID, not both"
+        )
+    elif not phone_number and not messaging_service_sid:
+        problems.append(
+            "TWILIO_PHONE_NUMBER (like +15551234567) or TWILIO_MESSAGING_SERVICE_SID "
+            "(MG...) is required"
+        )
+    elif phone_number and not (
+        E164_PATTERN.fullmatch(phone_number)
+        or SHORT_CODE_PATTERN.fullmatch(phone_number)
+        or ALPHANUMERIC_SENDER_PATTERN.fullmatch(phone_number)
+    ):
+        problems.append(
+            "TWILIO_PHONE_NUMBER must be an E.164 number like +15551234567 "
+            "(or a short code or alphanumeric sender ID)"
+        )
+    elif messaging_service_sid and not MESSAGING_SERVICE_SID_PATTERN.fullmatch(
+        messaging_service_sid
+    ):
+        problems.append("TWILIO_MESSAGING_SERVICE_SID must be MG followed by 32 hex characters")
+
+
+def load_config(env):
+    """Builds a Config from an environment mapping, or raises ConfigError listing every problem."""
+    env = {key: value for key, value in env.items() if value is not None}
+    problems = []
+
+    def text(name):
+        value = env.get(name, "").strip()
+        return value or None
+
+    simulate = _flag(env, "TWILIO_SIMULATE", problems)
+    port = _number(env, "PORT", 3000, problems, int, 1, 65535)
+
+    if simulate:
+        # Real credentials are deliberately ignored: the simulator must never use them.
+        account_sid, auth_token = SIMULATED_ACCOUNT_SID, SIMULATED_AUTH_TOKEN
+        phone_number = text("TWILIO_PHONE_NUMBER")
+        messaging_service_sid = text("TWILIO_MESSAGING_SERVICE_SID")
+        if not phone_number and not messaging_service_sid:
+            phone_number = "+15005550006"
+        else:
+            _sender(phone_number, messaging_service_sid, problems)
+    else:
+        account_sid = text("TWILIO_ACCOUNT_SID")
+        auth_token = text("TWILIO_AUTH_TOKEN")
+        phone_number = text("TWILIO_PHONE_NUMBER")
+        messaging_service_sid = text("TWILIO_MESSAGING_SERVICE_SID")
+        if not account_sid:
+            problems.append("TWILIO_ACCOUNT_SID is required (AC followed by 32 hex characters)")
+        elif not ACCOUNT_SID_PATTERN.fullmatch(account_sid):
+            problems.append("TWILIO_ACCOUNT_SID must be AC followed by 32 hex characters")
+        if not auth_token:
+            problems.append("TWILIO_AUTH_TOKEN is required")
+        _sender(phone_number, messaging_service_sid, problems)
+
+    base_url = text("BASE_URL")
+    if base_url is None and simulate:
+        base_url = f"http://127.0.0.1:{port}"
+    if base_url is None:
+        problems.append("BASE_URL is required: the public URL Twilio reaches this service at")
+    elif not BASE_URL_PATTERN.fullmatch(base_url):
+        problems.append(
+            f"BASE_URL must be an http(s) URL without query string, like https://example.com, "
+            f"got {base_url!r}"
+        )
+    base_url = (base_url or "").rstrip("/")
+
+    api_key = text("API_KEY")
+    if api_key is None and not simulate:
+        problems.append(
+            "API_KEY is required (callers send it as 'Authorization: Bearer <API_KEY>'); "
+            "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    elif api_key is not None and len(api_key) < MIN_API_KEY_LENGTH:
+        problems.append(f"API_KEY must be at least {MIN_API_KEY_LENGTH} characters long")
+
+    log_level = (text("LOG_LEVEL") or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        problems.append(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        log_level = "INFO"
+
+    synchronous = (text("SQLITE_SYNCHRONOUS") or "NORMAL").upper()
+    if synchronous not in ("NORMAL", "FULL"):
+        problems.append(f"SQLITE_SYNCHRONOUS must be NORMAL or FULL, got {synchronous!r}")
+        synchronous = "NORMAL"
+
+    body_retention = text("BODY_RETENTION") or "7d"
+    try:
+        body_retention_seconds = parse_duration(body_retention)
+    except ValueError as error:
+        problems.append(f"BODY_RETENTION: {error}")
+        body_retention_seconds = 0.0
+
+    config = Config(
+        simulate=simulate,
+        account_sid=account_sid or "",
+        auth_token=auth_token or "",
+        phone_number=phone_number,
+        messaging_service_sid=messaging_service_sid,
+        base_url=base_url,
+        api_key=api_key,
+        database_path=_database_path(env.get("DATABASE_URL"), problems),
+        twilio_timeout=_number(env, "TWILIO_TIMEOUT", 10.0, problems, float, 0.001, 600),
+        store_message_body=_flag(env, "STORE_MESSAGE_BODY", problems),
+        port=port,
+        log_level=log_level,
+        sqlite_synchronous=synchronous,
+        allowed_destinations=_destinations(env.get("ALLOWED_DESTINATIONS"), problems),
+        max_sends_per_recipient_per_hour=_number(
+            env, "MAX_SENDS_PER_RECIPIENT_PER_HOUR", 10, problems, int, 0
+        ),
+        webhook_signing_key=text("TWILIO_WEBHOOK_SIGNING_KEY"),
+        body_retention_seconds=body_retention_seconds,
+        simulate_latency=_number(env, "TWILIO_SIMULATE_LATENCY_MS", 0, problems, int, 0, 60000)
+        / 1000,
+    )
+    if problems:
+        raise ConfigError(problems)
+    return config

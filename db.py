@@ -1,0 +1,229 @@
+"""SQLite storage: connections, schema migrations, and the message and status records.
+
+Connections are kept open, one per thread and database file, instead of one per
+request: in WAL mode closing the last connection checkpoints and deletes the WAL, and
+a connection per commit is many times slower. `get_db()` is the only way request
+code reaches the database, so how connections are held can change in one place.
+"""
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from flask import current_app
+
+from rules import status_moves_forward
+
+BUSY_TIMEOUT_MS = 5000
+
+# Each entry moves the schema from version N to N+1; PRAGMA user_version records
+# how far a database has come, so a live database is migrated in place at start.
+MIGRATIONS = [
+    """
+    CREATE TABLE messages (
+        sid TEXT PRIMARY KEY,
+        account_sid TEXT,
+        to_number TEXT,
+        from_number TEXT,
+        body TEXT,
+        initial_status TEXT,
+        latest_status TEXT NOT NULL,
+        error_code INTEGER,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        sent_at TEXT
+    );
+    CREATE TABLE status_events (
+        id INTEGER PRIMARY KEY,
+        message_sid TEXT NOT NULL REFERENCES messages(sid) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        error_code INTEGER,
+        received_at TEXT NOT NULL,
+        UNIQUE (message_sid, status)
+    );
+    CREATE INDEX messages_by_recipient ON messages (to_number, sent_at);
+    CREATE INDEX messages_by_update ON messages (updated_at);
+    CREATE TABLE health_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT);
+    """,
+]
+
+_local = threading.local()
+_all_connections = []
+_all_connections_lock = threading.Lock()
+
+
+def utc_now_iso(timestamp=None):
+    """UTC time as ISO 8601 with milliseconds, e.g. 2026-11-26T20:01:41.123Z."""
+    moment = (
+        datetime.now(timezone.utc)
+        if timestamp is None
+        else datetime.fromtimestamp(timestamp, timezone.utc)
+    )
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def open_connection(path, synchronous="NORMAL"):
+    """Opens a connection with the service's settings (autocommit; transactions are explicit)."""
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+    )
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    # NORMAL in WAL mode: a commit survives a crash of the process, not a power loss.
+    conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+    return conn
+
+
+def connection_for(path, synchronous="NORMAL"):
+    """This thread's kept connection to `path`, opened on first use."""
+    connections = getattr(_local, "connections", None)
+    if connections is None:
+        connections = _local.connections = {}
+    conn = connections.get(path)
+    if conn is None:
+        conn = connections[path] = open_connection(path, synchronous)
+        with _all_connections_lock:
+            _all_connections.append(conn)
+    return conn
+
+
+def get_db():
+    """The current thread's connection to the app's database."""
+    config = current_app.config["SERVICE"]
+    return connection_for(config.database_path, config.sqlite_synchronous)
+
+
+def close_all():
+    """Closes every kept connection (at worker exit and between tests)."""
+    with _all_connections_lock:
+        connections = list(_all_connections)
+        _all_connections.clear()
+    for conn in connections:
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+    _local.__dict__.clear()
+
+
+def migrate(path):
+    """Creates or upgrades the schema in place and switches the database to WAL mode."""
+    conn = open_connection(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;"
+            )
+        return len(MIGRATIONS)
+    finally:
+        conn.close()
+
+
+@contextmanager
+def write_transaction(conn):
+    """BEGIN IMMEDIATE takes the write lock up front, so the busy timeout applies to it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _apply_status(conn, sid, status, error_code, at):
+    """Adds (sid, status) to the history once and moves latestStatus only forward."""
+    inserted = conn.execute(
+        "INSERT OR IGNORE INTO status_events (message_sid, status, error_code, received_at)"
+        " VALUES (?, ?, ?, ?)",
+        (sid, status, error_code, at),
+    ).rowcount
+    if not inserted:
+        return False
+    current = conn.execute("SELECT latest_status FROM messages WHERE sid = ?", (sid,)).fetchone()
+    if status_moves_forward(current["latest_status"], status):
+        conn.execute(
+            "UPDATE messages SET latest_status = ?, error_code = ?, updated_at = ? WHERE sid = ?",
+            (status, error_code, at, sid),
+        )
+    else:
+        conn.execute("UPDATE messages SET updated_at = ? WHERE sid = ?", (at, sid))
+    return True
+
+
+def record_status(conn, sid, status, error_code=None, to=None, from_=None, account_sid=None,
+                  at=None):
+    """Stores one status update (callback or reconciliation); False when it was a repeat.
+
+    A callback may arrive before /send-sms stored its message, or be about a message
+    sent by other software: the message record is then created from the callback.
+    """
+    at = at or utc_now_iso()
+    with write_transaction(conn):
+        conn.execute(
+            "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
+            " error_code, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (sid) DO NOTHING",
+            (sid, account_sid, to, from_, status, error_code, at, at),
+        )
+        return _apply_status(conn, sid, status, error_code, at)
+
+
+def record_sent_message(conn, sid, account_sid, to, from_, body, status, created_at, now=None):
+    """Stores a message Twilio accepted; its create-time status is the first history entry.
+
+    Callbacks may already have stored later statuses, which this never moves back.
+    """
+    now = now or utc_now_iso()
+    with write_transaction(conn):
+        conn.execute(
+            "INSERT INTO messages (sid, account_sid, to_number, from_number, body,"
+            " initial_status, latest_status, created_at, updated_at, sent_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (sid) DO UPDATE SET account_sid = excluded.account_sid,"
+            " to_number = excluded.to_number, from_number = excluded.from_number,"
+            " body = excluded.body, initial_status = excluded.initial_status,"
+            " created_at = min(created_at, excluded.created_at), sent_at = excluded.sent_at",
+            (sid, account_sid, to, from_, body, status, status, created_at, now, now),
+        )
+        _apply_status(conn, sid, status, None, created_at)
+
+
+def message_with_history(conn, sid):
+    """The message and its history (oldest first) as the API shows them, or None."""
+    message = conn.execute("SELECT * FROM messages WHERE sid = ?", (sid,)).fetchone()
+    if message is None:
+        return None
+    events = conn.execute(
+        "SELECT status, error_code, received_at FROM status_events WHERE message_sid = ?"
+        " ORDER BY received_at, id",
+        (sid,),
+    ).fetchall()
+    return {
+        "sid": message["sid"],
+        "to": message["to_number"],
+        "from": message["from_number"],
+        "latestStatus": message["latest_status"],
+        "errorCode": message["error_code"],
+        "createdAt": message["created_at"],
+        "updatedAt": message["updated_at"],
+        "history": [
+            {"status": e["status"], "errorCode": e["error_code"], "timestamp": e["received_at"]}
+            for e in events
+        ],
+    }
+
+
+def check_writable(conn):
+    """Commits a one-row write, so a health check fails when statuses could not be stored."""
+    with write_transaction(conn):
+        conn.execute(
+            "INSERT INTO health_checks (id, checked_at) VALUES (1, ?)"
+            " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+            (utc_now_iso(),),
+        )

@@ -1,0 +1,105 @@
+"""Pure rules of the service: phone numbers, the status lifecycle, durations, API keys.
+
+Nothing here touches Flask, SQLite or the network, so each rule is tested directly.
+"""
+
+import re
+import secrets
+
+E164_PATTERN = re.compile(r"\+[1-9][0-9]{1,14}")
+MAX_BODY_LENGTH = 1600
+
+# Twilio's outbound message lifecycle. A status may only move latestStatus forward;
+# the final ones share a rank, so a late final status never replaces an earlier one.
+STATUS_RANK = {
+    "accepted": 0,
+    "scheduled": 0,
+    "queued": 1,
+    "sending": 2,
+    "sent": 3,
+    "delivered": 4,
+    "undelivered": 4,
+    "failed": 4,
+    "canceled": 4,
+    "read": 5,
+}
+FINAL_STATUSES = ("delivered", "undelivered", "failed", "canceled", "read")
+
+DURATION_PATTERN = re.compile(r"([0-9]+)([smhd])")
+DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def is_e164(number):
+    """True when `number` is +, then 2 to 15 digits, the first not 0."""
+    return isinstance(number, str) and E164_PATTERN.fullmatch(number) is not None
+
+
+def send_request_problem(payload):
+    """Returns what is wrong with a /send-sms body, or None when it can be sent."""
+    if not isinstance(payload, dict):
+        return 'The request body must be a JSON object like {"to": "+15558675309", "body": "Hello"}'
+    to = payload.get("to")
+    if to is None:
+        return "Field 'to' is required: the recipient in E.164 format, like +15558675309"
+    if not is_e164(to):
+        return (
+            "Field 'to' must be a phone number in E.164 format: +, country code and number, "
+            "2 to 15 digits, like +15558675309"
+        )
+    body = payload.get("body")
+    if body is None:
+        return "Field 'body' is required: the text of the message"
+    if not isinstance(body, str):
+        return "Field 'body' must be a string"
+    if not body.strip():
+        return "Field 'body' must not be blank"
+    if len(body) > MAX_BODY_LENGTH:
+        return f"Field 'body' is {len(body)} characters; at most {MAX_BODY_LENGTH} are allowed"
+    return None
+
+
+def status_moves_forward(current, new):
+    """True when `new` is later in the lifecycle than `current` (unknown statuses never are)."""
+    if new not in STATUS_RANK:
+        return current is None
+    if current not in STATUS_RANK:
+        return True
+    return STATUS_RANK[new] > STATUS_RANK[current]
+
+
+def is_final(status):
+    return status in FINAL_STATUSES
+
+
+def mask_phone(number):
+    """Hides all but the last four digits: +15558675309 -> +*******5309."""
+    if not number:
+        return "-"
+    text = str(number)
+    if len(text) <= 4:
+        return "*" * len(text)
+    head = "+" if text.startswith("+") else ""
+    return head + "*" * (len(text) - len(head) - 4) + text[-4:]
+
+
+def parse_duration(text):
+    """Seconds in a duration written <number><s|m|h|d>, like 90d or 10m; ValueError otherwise."""
+    match = DURATION_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"durations are written <number><s|m|h|d>, like 90d, 10m or 0s; got {text!r}"
+        )
+    return int(match.group(1)) * DURATION_SECONDS[match.group(2)]
+
+
+def bearer_token_matches(authorization_header, api_key):
+    """Checks an `Authorization: Bearer <key>` header in constant time."""
+    scheme, _, token = (authorization_header or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return secrets.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def destination_allowed(number, allowed_prefixes):
+    """True when no prefixes are configured or `number` starts with one of them."""
+    return not allowed_prefixes or any(number.startswith(p) for p in allowed_prefixes)

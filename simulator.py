@@ -1,0 +1,193 @@
+"""A simulated Twilio: a transport for the real twilio library, and status callbacks.
+
+`SimulatedTwilio` is a `twilio.http.HttpClient`, so every API call still goes through
+the twilio library; only the HTTP exchange is answered here, the way Twilio's
+Messages API answers it. After a create it delivers the message's status callbacks
+over real HTTP to the given StatusCallback URL, signed with the configured auth
+token like Twilio's, from a background thread that never holds up the request.
+
+The recipient decides the outcome (see OUTCOMES and SEND_ERRORS). The outcome is also
+written into the last character of the message SID, so that a fetch in another
+process (reconciliation) can answer with the final status the recipient determined.
+"""
+
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from datetime import datetime, timezone
+from email.utils import format_datetime
+
+import requests
+from twilio.http import HttpClient
+from twilio.http.response import Response
+from twilio.request_validator import RequestValidator
+
+log = logging.getLogger("sms_status")
+
+# Twilio's test-credential numbers that fail at send time, with Twilio's errors.
+SEND_ERRORS = {
+    "+15005550001": (21211, "The 'To' number +15005550001 is not a valid phone number."),
+    "+15005550002": (21612, "The 'To' phone number is not currently reachable via SMS."),
+    "+15005550003": (21408, "Permission to send an SMS has not been enabled for the region "
+                            "indicated by the 'To' number: +15005550003."),
+    "+15005550004": (21610, "Attempt to send to unsubscribed recipient"),
+    "+15005550009": (21614, "'To' number is not a valid mobile number"),
+}
+
+# Final status and error code by recipient; every other number is delivered.
+OUTCOMES = {
+    "0": ("delivered", None),
+    "1": ("undelivered", 30003),
+    "2": ("failed", 30008),
+}
+OUTCOME_BY_NUMBER = {"+15005551003": "1", "+15005551008": "2"}
+
+CALLBACK_STEP_SECONDS = 0.25
+CALLBACK_TIMEOUT_SECONDS = 10
+
+MESSAGES_PATH = re.compile(r"/Accounts/(AC[0-9a-fA-F]{32})/Messages(?:/(\w+))?\.json$")
+
+
+def _rfc2822_now():
+    return format_datetime(datetime.now(timezone.utc).replace(microsecond=0))
+
+
+def _json_response(status, payload):
+    return Response(status, json.dumps(payload), {"Content-Type": "application/json"})
+
+
+def _error(status, code, message):
+    return _json_response(status, {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    })
+
+
+def _message_resource(account_sid, sid, status, to, from_, body, service_sid, error_code=None):
+    now = _rfc2822_now()
+    return {
+        "account_sid": account_sid,
+        "api_version": "2010-04-01",
+        "body": body,
+        "date_created": now,
+        "date_sent": None,
+        "date_updated": now,
+        "direction": "outbound-api",
+        "error_code": error_code,
+        "error_message": None,
+        "from": from_,
+        "messaging_service_sid": service_sid,
+        "num_media": "0",
+        "num_segments": "1",
+        "price": None,
+        "price_unit": "USD",
+        "sid": sid,
+        "status": status,
+        "subresource_uris": {
+            "media": f"/2010-04-01/Accounts/{account_sid}/Messages/{sid}/Media.json"
+        },
+        "to": to,
+        "uri": f"/2010-04-01/Accounts/{account_sid}/Messages/{sid}.json",
+    }
+
+
+class SimulatedTwilio(HttpClient):
+    """Answers the Messages API like Twilio and sends signed status callbacks."""
+
+    def __init__(self, account_sid, auth_token, latency=0.0, step_seconds=CALLBACK_STEP_SECONDS,
+                 send_callbacks=True):
+        super().__init__(logging.getLogger("sms_status.simulator"), is_async=False)
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.latency = latency
+        self.step_seconds = step_seconds
+        self.send_callbacks = send_callbacks
+        self.validator = RequestValidator(auth_token)
+
+    def request(self, method, uri, params=None, data=None, headers=None, auth=None,
+                timeout=None, allow_redirects=False):
+        if self.latency:
+            time.sleep(self.latency)
+        if auth != (self.account_sid, self.auth_token):
+            return _error(401, 20003, "Authenticate")
+        match = MESSAGES_PATH.search(uri)
+        if match is None or match.group(1) != self.account_sid:
+            return _error(404, 20404, "The requested resource was not found")
+        if method.upper() == "POST" and match.group(2) is None:
+            return self._create(data or {})
+        if method.upper() == "GET" and match.group(2):
+            return self._fetch(match.group(2))
+        return _error(405, 20004, "Method not allowed")
+
+    def _create(self, data):
+        to = data.get("To")
+        body = data.get("Body")
+        from_ = data.get("From")
+        service_sid = data.get("MessagingServiceSid")
+        if not to:
+            return _error(400, 21604, "A 'To' phone number is required.")
+        if not body:
+            return _error(400, 21602, "Message body is required.")
+        if not from_ and not service_sid:
+            return _error(400, 21603, "A 'From' phone number is required.")
+        if to in SEND_ERRORS:
+            code, message = SEND_ERRORS[to]
+            return _error(400, code, message)
+        outcome = OUTCOME_BY_NUMBER.get(to, "0")
+        sid = "SM" + secrets.token_hex(16)[:31] + outcome
+        initial = "accepted" if service_sid else "queued"
+        resource = _message_resource(
+            self.account_sid, sid, initial, to, from_, body, service_sid
+        )
+        callback_url = data.get("StatusCallback")
+        if callback_url and self.send_callbacks:
+            threading.Thread(
+                target=self._deliver_callbacks,
+                args=(callback_url, sid, to, from_ or service_sid, initial, outcome),
+                daemon=True,
+            ).start()
+        return _json_response(201, resource)
+
+    def _fetch(self, sid):
+        outcome = OUTCOMES.get(sid[-1:])
+        if not sid.startswith("SM") or len(sid) != 34 or outcome is None:
+            return _error(404, 20404, f"The requested resource /Messages/{sid}.json was not found")
+        status, error_code = outcome
+        return _json_response(200, _message_resource(
+            self.account_sid, sid, status, None, None, None, None, error_code
+        ))
+
+    def _deliver_callbacks(self, url, sid, to, from_, initial, outcome):
+        final_status, error_code = OUTCOMES[outcome]
+        steps = (["queued"] if initial == "accepted" else []) + ["sent", final_status]
+        for status in steps:
+            time.sleep(self.step_seconds)
+            params = {
+                "MessageSid": sid,
+                "SmsSid": sid,
+                "MessageStatus": status,
+                "SmsStatus": status,
+                "AccountSid": self.account_sid,
+                "From": from_,
+                "To": to,
+                "ApiVersion": "2010-04-01",
+            }
+            if status == final_status and error_code:
+                params["ErrorCode"] = str(error_code)
+            signature = self.validator.compute_signature(url, params)
+            try:
+                answer = requests.post(
+                    url, data=params, headers={"X-Twilio-Signature": signature},
+                    timeout=CALLBACK_TIMEOUT_SECONDS,
+                )
+                if answer.status_code != 200:
+                    log.warning("Simulated callback %s %s answered %s",
+                                sid, status, answer.status_code)
+            except requests.RequestException as exc:
+                log.warning("Simulated callback %s %s failed: %s",
+                            sid, status, exc.__class__.__name__)

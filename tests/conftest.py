@@ -1,0 +1,199 @@
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from twilio.request_validator import RequestValidator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# `app.py` builds an app from the environment when imported; give that one a throwaway
+# database and the simulator, so importing it never needs credentials.
+os.environ.setdefault("TWILIO_SIMULATE", "true")
+os.environ.setdefault("DATABASE_URL", "sqlite:///" + os.path.join(tempfile.mkdtemp(), "import.db"))
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+
+import db  # noqa: E402
+from app import create_app  # noqa: E402
+from twilio_fakes import FakeTwilio  # noqa: E402
+
+ACCOUNT_SID = "AC" + "a1" * 16
+AUTH_TOKEN = "test-auth-token-5f2c9a"
+API_KEY = "test-api-key-0123456789"
+BASE_URL = "https://sms.example.com"
+SENDER = "+15551234567"
+CALLBACK_URL = BASE_URL + "/message-status"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def live_env(tmp_path, **overrides):
+    env = {
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_PHONE_NUMBER": SENDER,
+        "BASE_URL": BASE_URL,
+        "API_KEY": API_KEY,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/test.db",
+        "LOG_LEVEL": "INFO",
+    }
+    env.update(overrides)
+    return {key: value for key, value in env.items() if value is not None}
+
+
+def sign(url, params, token=AUTH_TOKEN):
+    return RequestValidator(token).compute_signature(url, params)
+
+
+def callback(sid, status, **extra):
+    params = {
+        "MessageSid": sid, "SmsSid": sid, "MessageStatus": status, "SmsStatus": status,
+        "AccountSid": ACCOUNT_SID, "From": SENDER, "To": "+15558675309",
+        "ApiVersion": "2010-04-01",
+    }
+    params.update(extra)
+    return params
+
+
+@pytest.fixture
+def fake_twilio():
+    return FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
+
+
+@pytest.fixture
+def make_app(tmp_path, fake_twilio):
+    def make(**overrides):
+        return create_app(live_env(tmp_path, **overrides), http_client=fake_twilio)
+
+    yield make
+    db.close_all()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def post_callback(client):
+    """Posts a status callback signed like Twilio's for the URL Twilio would call."""
+
+    def post(params, url=CALLBACK_URL, token=AUTH_TOKEN, path="/message-status"):
+        return client.post(path, data=params,
+                           headers={"X-Twilio-Signature": sign(url, params, token)})
+
+    return post
+
+
+@pytest.fixture
+def send(client):
+    def send_sms(to="+15558675309", body="Your code is 123456", headers=AUTH, **kwargs):
+        return client.post("/send-sms", json={"to": to, "body": body}, headers=headers, **kwargs)
+
+    return send_sms
+
+
+# --- real gunicorn processes -------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def procfile_command():
+    """The Procfile's web command, with gunicorn taken from this Python's environment."""
+    line = (ROOT / "Procfile").read_text().strip()
+    argv = shlex.split(line.split(":", 1)[1])
+    argv[0] = str(Path(sys.executable).parent / argv[0])
+    return argv
+
+
+class Service:
+    """The service run as the Procfile runs it, on a free local port."""
+
+    def __init__(self, env, log_path):
+        self.env = env
+        self.port = int(env["PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process = None
+
+    def start(self, timeout=20):
+        self.log = open(self.log_path, "ab")
+        # its own session and process group, so a SIGKILL can reach the workers too
+        self.process = subprocess.Popen(procfile_command(), cwd=ROOT, env=self.env,
+                                        stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited: {self.log_path.read_text()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"service did not start: {self.log_path.read_text()}")
+
+    def kill(self):
+        """SIGKILLs master and workers at once, as a crash or power cut of the host would."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self.log.close()
+
+    def stop(self):
+        """Stops it the way a platform does on deploy: SIGTERM, then wait."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+        self.log.close()
+
+    def logs(self):
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def service_env(tmp_path):
+    """A clean environment for a service process (nothing inherited but PATH)."""
+
+    def make(simulate=True, **overrides):
+        port = free_port()
+        env = {"PATH": os.environ.get("PATH", ""), "PORT": str(port), "LOG_LEVEL": "INFO",
+               "DATABASE_URL": f"sqlite:///{tmp_path}/service.db", "WEB_CONCURRENCY": "2"}
+        if simulate:
+            env["TWILIO_SIMULATE"] = "true"
+        else:
+            env.update(live_env(tmp_path))
+            env["DATABASE_URL"] = f"sqlite:///{tmp_path}/service.db"
+        env.update({key: str(value) for key, value in overrides.items()})
+        return env
+
+    return make
+
+
+@pytest.fixture
+def start_service(tmp_path):
+    services = []
+
+    def start(env):
+        service = Service(env, tmp_path / f"service-{len(services)}.log")
+        services.append(service)
+        return service.start()
+
+    yield start
+    for service in services:
+        if service.process and service.process.poll() is None:
+            service.kill()

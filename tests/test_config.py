@@ -1,0 +1,102 @@
+import subprocess
+import sys
+
+import pytest
+
+from config import ConfigError, load_config
+from conftest import ROOT, live_env, procfile_command
+
+
+def problems(env):
+    with pytest.raises(ConfigError) as caught:
+        load_config(env)
+    return caught.value.problems
+
+
+def test_every_missing_variable_is_named_at_once():
+    found = "\n".join(problems({}))
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER",
+                 "TWILIO_MESSAGING_SERVICE_SID", "BASE_URL", "API_KEY"):
+        assert name in found
+
+
+@pytest.mark.parametrize("overrides, name", [
+    pytest.param({"TWILIO_ACCOUNT_SID": "AC123"}, "TWILIO_ACCOUNT_SID", id="short-sid"),
+    pytest.param({"TWILIO_PHONE_NUMBER": "555-1234"}, "TWILIO_PHONE_NUMBER", id="bad-sender"),
+    pytest.param({"TWILIO_MESSAGING_SERVICE_SID": "MG" + "0" * 32},
+                 "only one of TWILIO_PHONE_NUMBER", id="two-senders"),
+    pytest.param({"BASE_URL": "sms.example.com"}, "BASE_URL", id="no-scheme"),
+    pytest.param({"BASE_URL": "https://x.com/?a=1"}, "BASE_URL", id="query"),
+    pytest.param({"API_KEY": "short"}, "API_KEY", id="short-key"),
+    pytest.param({"DATABASE_URL": "postgres://db/x"}, "DATABASE_URL", id="postgres"),
+    pytest.param({"TWILIO_TIMEOUT": "soon"}, "TWILIO_TIMEOUT", id="timeout-word"),
+    pytest.param({"TWILIO_TIMEOUT": "0"}, "TWILIO_TIMEOUT", id="timeout-zero"),
+    pytest.param({"STORE_MESSAGE_BODY": "maybe"}, "STORE_MESSAGE_BODY", id="flag"),
+    pytest.param({"PORT": "70000"}, "PORT", id="port"),
+    pytest.param({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", id="log-level"),
+])
+def test_malformed_variables_are_named(tmp_path, overrides, name):
+    assert any(name in problem for problem in problems(live_env(tmp_path, **overrides)))
+
+
+def test_defaults_and_parsing(tmp_path):
+    config = load_config(live_env(tmp_path, BASE_URL="https://sms.example.com/",
+                                  DATABASE_URL=None))
+    assert config.base_url == "https://sms.example.com"
+    assert config.status_callback_url == "https://sms.example.com/message-status"
+    assert config.twilio_timeout == 10.0
+    assert config.store_message_body is False
+    assert config.port == 3000
+    assert config.database_path.endswith("sms_status.db")
+
+
+@pytest.mark.parametrize("url, path", [
+    ("sqlite:///relative.db", "relative.db"),
+    ("sqlite:////abs/dir/x.db", "/abs/dir/x.db"),
+])
+def test_database_url_forms(tmp_path, url, path):
+    assert load_config(live_env(tmp_path, DATABASE_URL=url)).database_path.endswith(path)
+
+
+def test_secrets_stay_strings(tmp_path):
+    config = load_config(live_env(tmp_path, TWILIO_AUTH_TOKEN="1234e5678",
+                                  API_KEY="1234e56781234567"))
+    assert config.auth_token == "1234e5678" and config.api_key == "1234e56781234567"
+
+
+def test_simulation_ignores_real_credentials(tmp_path):
+    config = load_config({"TWILIO_SIMULATE": "true", "TWILIO_ACCOUNT_SID": "AC" + "9" * 32,
+                          "TWILIO_AUTH_TOKEN": "real-token", "PORT": "4100"})
+    assert config.auth_token != "real-token" and config.account_sid != "AC" + "9" * 32
+    assert config.base_url == "http://127.0.0.1:4100"
+    assert config.api_key is None and config.mode == "simulated"
+
+
+def clean_env(tmp_path, **extra):
+    return {"PATH": "/usr/bin:/bin", "DATABASE_URL": f"sqlite:///{tmp_path}/x.db", **extra}
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param("procfile", id="gunicorn"),
+    pytest.param([sys.executable, "app.py"], id="python-app"),
+])
+def test_bad_configuration_stops_the_whole_server_with_one_message(tmp_path, command):
+    argv = procfile_command() if command == "procfile" else command
+    env = clean_env(tmp_path, TWILIO_ACCOUNT_SID="nonsense", PORT="0")
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    assert output.count("Configuration error") == 1
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "BASE_URL", "API_KEY"):
+        assert name in output
+    assert "Booting worker" not in output
+
+
+def test_unusable_database_path_is_a_clear_start_error(tmp_path):
+    env = clean_env(tmp_path, TWILIO_SIMULATE="true",
+                    DATABASE_URL=f"sqlite:///{tmp_path}/missing/dir/x.db")
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "DATABASE_URL" in result.stderr and "Traceback" not in result.stderr

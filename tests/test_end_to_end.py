@@ -1,0 +1,125 @@
+"""The service as it is deployed: the Procfile's gunicorn command, real HTTP, a real SQLite file."""
+
+import sqlite3
+import threading
+import time
+
+import pytest
+import requests
+
+from config import SIMULATED_AUTH_TOKEN
+from conftest import API_KEY, AUTH_TOKEN, Service, callback, free_port, sign
+from simulator import SEND_ERRORS
+
+
+@pytest.fixture(scope="module")
+def simulated_service(tmp_path_factory):
+    import os
+    tmp = tmp_path_factory.mktemp("simulated")
+    env = {"PATH": os.environ["PATH"], "PORT": str(free_port()), "TWILIO_SIMULATE": "true",
+           "DATABASE_URL": f"sqlite:///{tmp}/service.db", "WEB_CONCURRENCY": "2"}
+    service = Service(env, tmp / "service.log").start()
+    yield service
+    service.kill()
+
+
+def wait_for_final(service, sid, final, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = requests.get(f"{service.url}/get-status/{sid}", timeout=5).json()
+        if answer.get("latestStatus") == final:
+            return answer
+        time.sleep(0.1)
+    raise AssertionError(f"{sid} did not reach {final}: {answer}")
+
+
+@pytest.mark.parametrize("to, final, error_code", [
+    pytest.param("+15558675309", "delivered", None, id="delivered"),
+    pytest.param("+15005551003", "undelivered", 30003, id="undelivered"),
+    pytest.param("+15005551008", "failed", 30008, id="failed"),
+])
+def test_simulated_message_reaches_its_final_status_through_signed_callbacks(
+        simulated_service, to, final, error_code):
+    started = time.monotonic()
+    response = requests.post(f"{simulated_service.url}/send-sms",
+                             json={"to": to, "body": "Hello"}, timeout=10)
+    assert response.status_code == 200, response.text
+    assert time.monotonic() - started < 1, "callbacks never hold up the send"
+    sid = response.json()["messageSid"]
+    answer = wait_for_final(simulated_service, sid, final)
+    assert [e["status"] for e in answer["history"]] == ["queued", "sent", final]
+    assert answer["errorCode"] == error_code
+    assert answer["history"][-1]["errorCode"] == error_code
+    assert "invalid Twilio signature" not in simulated_service.logs()
+
+
+@pytest.mark.parametrize("to", sorted(SEND_ERRORS))
+def test_simulated_send_time_failures_answer_400_with_twilio_code(simulated_service, to):
+    response = requests.post(f"{simulated_service.url}/send-sms",
+                             json={"to": to, "body": "Hello"}, timeout=10)
+    assert response.status_code == 400
+    assert response.json()["code"] == SEND_ERRORS[to][0]
+
+
+def test_simulated_mode_is_reported_and_announced(simulated_service):
+    assert requests.get(simulated_service.url + "/healthz", timeout=5).json()["mode"] == \
+        "simulated"
+    assert requests.get(simulated_service.url + "/", timeout=5).json()["mode"] == "simulated"
+    assert "SIMULATION MODE" in simulated_service.logs()
+
+
+def test_simulated_callbacks_are_signed_like_twilio(simulated_service):
+    params = callback("SM" + "e5" * 16, "sent")
+    url = simulated_service.url + "/message-status"
+    forged = requests.post(url, data=params, headers={"X-Twilio-Signature": sign(url, params)},
+                           timeout=5)
+    assert forged.status_code == 403, "the test token is not the simulator's"
+    signed = requests.post(url, data=params, timeout=5, headers={
+        "X-Twilio-Signature": sign(url, params, SIMULATED_AUTH_TOKEN)})
+    assert signed.status_code == 200
+
+
+def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_service, tmp_path):
+    env = service_env(simulate=False, BASE_URL="http://127.0.0.1:0")
+    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
+    service = start_service(env)
+    url = service.url + "/message-status"
+    acknowledged, lock, stop = [], threading.Lock(), threading.Event()
+
+    def post_many(worker):
+        session = requests.Session()
+        for n in range(400):
+            if stop.is_set():
+                return
+            params = callback(f"SM{worker:02x}{n:030x}", "delivered")
+            try:
+                answer = session.post(url, data=params, timeout=5, headers={
+                    "X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status", params,
+                                               AUTH_TOKEN)})
+            except requests.RequestException:
+                return
+            if answer.status_code == 200:
+                with lock:
+                    acknowledged.append(params["MessageSid"])
+
+    threads = [threading.Thread(target=post_many, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    while len(acknowledged) < 200:
+        time.sleep(0.01)
+    service.kill()
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    restarted = start_service(env)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    conn = sqlite3.connect(env["DATABASE_URL"][len("sqlite:///"):])
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = {row[0] for row in conn.execute("SELECT message_sid FROM status_events")}
+    conn.close()
+    assert len(acknowledged) >= 200
+    assert set(acknowledged) <= stored
+    sample = acknowledged[-1]
+    answer = requests.get(f"{restarted.url}/get-status/{sample}", headers=auth, timeout=5)
+    assert answer.json()["latestStatus"] == "delivered"

@@ -1,0 +1,218 @@
+import base64
+import hashlib
+import hmac
+import sqlite3
+import threading
+
+import pytest
+from werkzeug.datastructures import MultiDict
+
+from conftest import AUTH, AUTH_TOKEN, BASE_URL, CALLBACK_URL, callback, sign
+
+SID = "SM" + "d4" * 16
+
+
+def history(client, sid=SID):
+    answer = client.get(f"/get-status/{sid}", headers=AUTH)
+    assert answer.status_code == 200, answer.get_json()
+    return answer.get_json()
+
+
+def count_events(app):
+    conn = sqlite3.connect(app.config["SERVICE"].database_path)
+    try:
+        return conn.execute("SELECT count(*) FROM status_events").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def twilio_documented_signature(url, params, token):
+    """Twilio's documented algorithm, written out: HMAC-SHA1 over the URL followed by each
+    parameter name and value, sorted by name, base64-encoded."""
+    text = url + "".join(name + value for name, value in sorted(params.items()))
+    digest = hmac.new(token.encode(), text.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def test_fixed_signature_matches_twilio_documented_algorithm():
+    params = {"MessageSid": "SM123", "MessageStatus": "sent", "To": "+15558675309"}
+    expected = "s+/n+v+G71rejTwyTHeaRVoF1ns="  # openssl dgst -sha1 -hmac 12345 -binary | base64
+    assert twilio_documented_signature("https://sms.example.com/message-status", params,
+                                       "12345") == expected
+    assert sign("https://sms.example.com/message-status", params, "12345") == expected
+
+
+QUERY = "tenant=7&b=2"
+
+
+@pytest.mark.parametrize("path, params, signature, status", [
+    pytest.param("/message-status", callback(SID, "sent"),
+                 sign(CALLBACK_URL, callback(SID, "sent")), 200, id="valid"),
+    pytest.param("/message-status", callback(SID, "sent"),
+                 twilio_documented_signature(CALLBACK_URL, callback(SID, "sent"), AUTH_TOKEN),
+                 200, id="valid-by-documented-algorithm"),
+    pytest.param("/message-status", callback(SID, "sent"), None, 403, id="missing"),
+    pytest.param("/message-status", callback(SID, "sent"), "", 403, id="empty"),
+    pytest.param("/message-status", callback(SID, "sent"),
+                 sign(CALLBACK_URL, callback(SID, "sent"), "another-token"), 403,
+                 id="wrong-token"),
+    pytest.param("/message-status", callback(SID, "sent"),
+                 sign("https://evil.example.com/message-status", callback(SID, "sent")), 403,
+                 id="other-url"),
+    pytest.param("/message-status", callback(SID, "sent"),
+                 sign(CALLBACK_URL, callback(SID, "delivered")), 403, id="tampered-status"),
+    pytest.param(f"/message-status?{QUERY}", callback(SID, "sent"),
+                 sign(f"{CALLBACK_URL}?{QUERY}", callback(SID, "sent")), 200,
+                 id="query-string"),
+    pytest.param(f"/message-status?{QUERY}", callback(SID, "sent"),
+                 sign(CALLBACK_URL, callback(SID, "sent")), 403, id="query-string-not-signed"),
+    pytest.param("/message-status", callback(SID, "sent", NewField="added by Twilio"),
+                 sign(CALLBACK_URL, callback(SID, "sent", NewField="added by Twilio")), 200,
+                 id="unknown-extra-field"),
+    pytest.param("/message-status", callback(SID, "sent", NewField="x"),
+                 sign(CALLBACK_URL, callback(SID, "sent")), 403, id="unsigned-extra-field"),
+])
+def test_signature_checks(client, app, path, params, signature, status):
+    headers = {} if signature is None else {"X-Twilio-Signature": signature}
+    response = client.post(path, data=params, headers=headers)
+    assert response.status_code == status
+    assert count_events(app) == (1 if status == 200 else 0)
+    if status == 403:
+        assert response.get_json() == {"error": "Invalid Twilio signature"}
+
+
+def test_repeated_parameters_are_all_signed(client, app):
+    params = MultiDict(list(callback(SID, "sent").items()) + [("Tag", "a"), ("Tag", "b")])
+    signature = sign(CALLBACK_URL, params)
+    assert client.post("/message-status", data=params,
+                       headers={"X-Twilio-Signature": signature}).status_code == 200
+    only_one = MultiDict(list(callback(SID, "sent").items()) + [("Tag", "a")])
+    assert client.post("/message-status", data=only_one,
+                       headers={"X-Twilio-Signature": signature}).status_code == 403
+
+
+def test_base_url_with_trailing_slash_is_tolerated(make_app):
+    app = make_app(BASE_URL=BASE_URL + "/")
+    params = callback(SID, "sent")
+    response = app.test_client().post("/message-status", data=params,
+                                      headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+    assert response.status_code == 200
+
+
+def test_rejected_signature_is_logged_with_the_checked_url(client, caplog):
+    client.post("/message-status?x=1", data=callback(SID, "sent"),
+                headers={"X-Twilio-Signature": "bogus"})
+    assert f"invalid Twilio signature for {CALLBACK_URL}?x=1" in caplog.text
+
+
+@pytest.mark.parametrize("missing", ["MessageSid", "MessageStatus"])
+def test_signed_callback_without_sid_or_status_is_400(post_callback, app, missing):
+    params = callback(SID, "sent")
+    del params[missing]
+    response = post_callback(params)
+    assert response.status_code == 400
+    assert "MessageSid and MessageStatus" in response.get_json()["error"]
+    assert count_events(app) == 0
+
+
+def test_callbacks_build_the_history_and_latest_status(post_callback, client):
+    for status in ("sent", "delivered"):
+        assert post_callback(callback(SID, status)).status_code == 200
+    answer = history(client)
+    assert answer["latestStatus"] == "delivered"
+    assert [e["status"] for e in answer["history"]] == ["sent", "delivered"]
+    assert answer["errorCode"] is None
+
+
+def test_repeated_callback_is_a_no_op_answered_200(post_callback, client, app):
+    first = post_callback(callback(SID, "sent"))
+    again = post_callback(callback(SID, "sent"))
+    assert first.status_code == again.status_code == 200
+    assert again.get_json()["duplicate"] is True
+    assert count_events(app) == 1
+    assert [e["status"] for e in history(client)["history"]] == ["sent"]
+
+
+def test_late_status_is_kept_in_history_but_never_moves_latest_back(post_callback, client):
+    post_callback(callback(SID, "delivered"))
+    post_callback(callback(SID, "sent"))
+    post_callback(callback(SID, "queued"))
+    answer = history(client)
+    assert answer["latestStatus"] == "delivered"
+    assert sorted(e["status"] for e in answer["history"]) == ["delivered", "queued", "sent"]
+
+
+def test_error_code_is_kept_with_the_status_that_carried_it(post_callback, client):
+    post_callback(callback(SID, "sent"))
+    post_callback(callback(SID, "undelivered", ErrorCode="30003"))
+    answer = history(client)
+    assert answer["latestStatus"] == "undelivered"
+    assert answer["errorCode"] == 30003
+    assert {e["status"]: e["errorCode"] for e in answer["history"]} == {
+        "sent": None, "undelivered": 30003}
+
+
+def test_callback_for_an_unknown_message_creates_it(post_callback, client):
+    post_callback(callback(SID, "delivered", To="+447700900123", From="+15550001111"))
+    answer = history(client)
+    assert answer["to"] == "+447700900123" and answer["from"] == "+15550001111"
+    assert answer["latestStatus"] == "delivered"
+
+
+def test_callback_before_send_then_send_keeps_latest(post_callback, send, fake_twilio, client):
+    from twilio.http.response import Response
+    post_callback(callback(SID, "delivered"))
+    fake_twilio.answer_next(Response(201, '{"sid": "%s", "status": "queued",'
+                                          ' "date_created": "Thu, 26 Nov 2026 20:00:00 +0000"}'
+                                     % SID))
+    assert send().status_code == 200
+    answer = history(client)
+    assert answer["latestStatus"] == "delivered"
+    assert [e["status"] for e in answer["history"]] == ["queued", "delivered"]
+    assert answer["history"][0]["timestamp"] == "2026-11-26T20:00:00.000Z"
+
+
+def test_concurrent_callbacks_lose_nothing(app):
+    """Threads each with their own kept connection write at once; every update lands."""
+    statuses = ["queued", "sending", "sent", "delivered"]
+    sids = [f"SM{n:032x}" for n in range(25)]
+    failures = []
+
+    def post_all(sid):
+        client = app.test_client()
+        for status in statuses:
+            params = callback(sid, status)
+            response = client.post("/message-status", data=params,
+                                   headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+            if response.status_code != 200:
+                failures.append(response.status_code)
+
+    threads = [threading.Thread(target=post_all, args=(sid,)) for sid in sids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert count_events(app) == len(sids) * len(statuses)
+    client = app.test_client()
+    assert {history(client, sid)["latestStatus"] for sid in sids} == {"delivered"}
+
+
+def test_storage_failure_answers_503_never_200(app, post_callback):
+    conn = sqlite3.connect(app.config["SERVICE"].database_path)
+    conn.execute("BEGIN EXCLUSIVE")  # another writer holds the database past the busy timeout
+    try:
+        import db
+        db.BUSY_TIMEOUT_MS, saved = 100, db.BUSY_TIMEOUT_MS
+        db.close_all()
+        try:
+            response = post_callback(callback(SID, "sent"))
+        finally:
+            db.BUSY_TIMEOUT_MS = saved
+    finally:
+        conn.rollback()
+        conn.close()
+    assert response.status_code == 503
+    assert "nothing was stored" in response.get_json()["error"]
+    assert response.headers["Retry-After"]
+    assert post_callback(callback(SID, "sent")).status_code == 200

@@ -1,0 +1,107 @@
+import pytest
+
+import rules
+
+
+@pytest.mark.parametrize("number, valid", [
+    pytest.param("+15558675309", True, id="us"),
+    pytest.param("+447700900123", True, id="uk"),
+    pytest.param("+12", True, id="two-digits"),
+    pytest.param("+123456789012345", True, id="fifteen-digits"),
+    pytest.param("+1234567890123456", False, id="sixteen-digits"),
+    pytest.param("+1", False, id="one-digit"),
+    pytest.param("+05558675309", False, id="leading-zero"),
+    pytest.param("15558675309", False, id="no-plus"),
+    pytest.param("+1 555 867 5309", False, id="spaces"),
+    pytest.param("+1555867530x", False, id="letter"),
+    pytest.param("+15558675309\n", False, id="trailing-newline"),
+    pytest.param(15558675309, False, id="not-a-string"),
+    pytest.param(None, False, id="none"),
+])
+def test_is_e164(number, valid):
+    assert rules.is_e164(number) is valid
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    pytest.param([], "JSON object", id="list"),
+    pytest.param("hi", "JSON object", id="string"),
+    pytest.param(None, "JSON object", id="none"),
+    pytest.param({"body": "x"}, "'to' is required", id="no-to"),
+    pytest.param({"to": "5558675309", "body": "x"}, "'to' must be", id="bad-to"),
+    pytest.param({"to": 15558675309, "body": "x"}, "'to' must be", id="numeric-to"),
+    pytest.param({"to": "+15558675309"}, "'body' is required", id="no-body"),
+    pytest.param({"to": "+15558675309", "body": 5}, "'body' must be a string", id="numeric-body"),
+    pytest.param({"to": "+15558675309", "body": " \n\t"}, "must not be blank", id="blank-body"),
+    pytest.param({"to": "+15558675309", "body": "x" * 1601}, "at most 1600", id="long-body"),
+])
+def test_send_request_problem_names_the_field(payload, fragment):
+    assert fragment in rules.send_request_problem(payload)
+
+
+def test_send_request_problem_accepts_a_good_request():
+    assert rules.send_request_problem({"to": "+15558675309", "body": "x" * 1600}) is None
+
+
+@pytest.mark.parametrize("current, new, forward", [
+    pytest.param("queued", "sent", True, id="queued-sent"),
+    pytest.param("accepted", "queued", True, id="accepted-queued"),
+    pytest.param("sent", "delivered", True, id="sent-delivered"),
+    pytest.param("delivered", "sent", False, id="late-sent"),
+    pytest.param("delivered", "queued", False, id="late-queued"),
+    pytest.param("delivered", "undelivered", False, id="final-after-final"),
+    pytest.param("delivered", "read", True, id="read"),
+    pytest.param("sent", "sent", False, id="same"),
+    pytest.param("sent", "receiving", False, id="unknown-new"),
+    pytest.param(None, "receiving", True, id="unknown-first"),
+    pytest.param("mystery", "queued", True, id="unknown-current"),
+])
+def test_status_moves_forward(current, new, forward):
+    assert rules.status_moves_forward(current, new) is forward
+
+
+@pytest.mark.parametrize("number, masked", [
+    ("+15558675309", "+*******5309"),
+    ("15558675309", "*******5309"),
+    ("+123", "****"),
+    (None, "-"),
+])
+def test_mask_phone_keeps_only_last_four_digits(number, masked):
+    assert rules.mask_phone(number) == masked
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("0s", 0), ("45s", 45), ("10m", 600), ("2h", 7200), ("90d", 90 * 86400),
+])
+def test_parse_duration(text, seconds):
+    assert rules.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10", "m", "-1d", "1.5h", "10 m", "1w", None, "10mm"])
+def test_parse_duration_refuses_malformed(text):
+    with pytest.raises(ValueError, match="<number><s\\|m\\|h\\|d>"):
+        rules.parse_duration(text)
+
+
+@pytest.mark.parametrize("header, matches", [
+    pytest.param("Bearer secret-key-123456", True, id="right"),
+    pytest.param("bearer secret-key-123456", True, id="scheme-case"),
+    pytest.param("Bearer secret-key-12345", False, id="prefix"),
+    pytest.param("Bearer wrong", False, id="wrong"),
+    pytest.param("Basic secret-key-123456", False, id="other-scheme"),
+    pytest.param("secret-key-123456", False, id="no-scheme"),
+    pytest.param("", False, id="empty"),
+    pytest.param(None, False, id="missing"),
+    pytest.param("Bearer sécret", False, id="non-ascii"),
+])
+def test_bearer_token_matches(header, matches):
+    assert rules.bearer_token_matches(header, "secret-key-123456") is matches
+
+
+@pytest.mark.parametrize("number, prefixes, allowed", [
+    ("+15558675309", (), True),
+    ("+15558675309", ("+1", "+44"), True),
+    ("+447700900123", ("+1", "+44"), True),
+    ("+2348012345678", ("+1", "+44"), False),
+])
+def test_destination_allowed(number, prefixes, allowed):
+    assert rules.destination_allowed(number, prefixes) is allowed
