@@ -46,6 +46,18 @@ MIGRATIONS = [
     CREATE INDEX messages_by_update ON messages (updated_at);
     CREATE TABLE health_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT);
     """,
+    """
+    CREATE TABLE idempotency_keys (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        status_code INTEGER,
+        response TEXT,
+        PRIMARY KEY (scope, key)
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
+    """,
 ]
 
 _local = threading.local()
@@ -61,6 +73,12 @@ def utc_now_iso(timestamp=None):
         else datetime.fromtimestamp(timestamp, timezone.utc)
     )
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def iso_to_timestamp(text):
+    """The inverse of utc_now_iso: seconds since the epoch."""
+    moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def open_connection(path, synchronous="NORMAL"):
@@ -217,6 +235,61 @@ def message_with_history(conn, sid):
             for e in events
         ],
     }
+
+
+def reserve_idempotency_key(conn, scope, key, fingerprint, now, expire_before, stale_before):
+    """Claims `key` for one request, atomically across workers and threads.
+
+    Returns ("new", None) when this request may go ahead, or one of ("replay", (status,
+    response)), ("mismatch", None), ("in_flight", None), ("stale", None). Expired keys are
+    deleted on the way, so no separate clean-up job is needed.
+    """
+    with write_transaction(conn):
+        conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (expire_before,))
+        row = conn.execute(
+            "SELECT fingerprint, created_at, status_code, response FROM idempotency_keys"
+            " WHERE scope = ? AND key = ?",
+            (scope, key),
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (scope, key, fingerprint, now),
+            )
+            return "new", None
+    if row["fingerprint"] != fingerprint:
+        return "mismatch", None
+    if row["status_code"] is not None:
+        return "replay", (row["status_code"], row["response"])
+    if row["created_at"] < stale_before:
+        return "stale", None
+    return "in_flight", None
+
+
+def save_idempotent_response(conn, scope, key, status_code, response):
+    """Keeps the answer under the key, for replays."""
+    with write_transaction(conn):
+        conn.execute(
+            "UPDATE idempotency_keys SET status_code = ?, response = ? WHERE scope = ? AND key = ?",
+            (status_code, response, scope, key),
+        )
+
+
+def release_idempotency_key(conn, scope, key):
+    """Forgets a key whose answer said "try again later", so a retry can go through."""
+    with write_transaction(conn):
+        conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key))
+
+
+def recent_sends(conn, to, since):
+    """How many messages this service sent to `to` since `since`, and the oldest one's time."""
+    row = conn.execute(
+        "SELECT count(*) AS sends, min(sent_at) AS oldest FROM messages"
+        " WHERE to_number = ? AND sent_at > ?",
+        (to, since),
+    ).fetchone()
+    return row["sends"], row["oldest"]
 
 
 def check_writable(conn):

@@ -123,3 +123,46 @@ def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_ser
     sample = acknowledged[-1]
     answer = requests.get(f"{restarted.url}/get-status/{sample}", headers=auth, timeout=5)
     assert answer.json()["latestStatus"] == "delivered"
+
+
+def test_one_key_from_many_threads_and_workers_sends_once_and_replays_after_restart(
+        service_env, start_service):
+    env = service_env(TWILIO_SIMULATE_LATENCY_MS=300, WEB_CONCURRENCY=3)
+    service = start_service(env)
+    barrier = threading.Barrier(16)
+    answers = []
+
+    def post():
+        barrier.wait()
+        answers.append(requests.post(
+            f"{service.url}/send-sms", json={"to": "+15558675309", "body": "Your code is 4821"},
+            headers={"Idempotency-Key": "signup-4821"}, timeout=10))
+
+    threads = [threading.Thread(target=post) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    statuses = sorted(answer.status_code for answer in answers)
+    assert set(statuses) <= {200, 409}, statuses
+    originals = [a for a in answers if a.status_code == 200
+                 and "Idempotent-Replayed" not in a.headers]
+    assert len(originals) == 1
+    sid = originals[0].json()["messageSid"]
+    assert {a.json()["messageSid"] for a in answers if a.status_code == 200} == {sid}
+    assert service.logs().count("Sent SM") == 1, "exactly one Twilio create"
+    conn = sqlite3.connect(env["DATABASE_URL"][len("sqlite:///"):])
+    assert conn.execute("SELECT count(*) FROM messages WHERE sent_at IS NOT NULL").fetchone() \
+        == (1,)
+    conn.close()
+
+    service.kill()
+    restarted = start_service(env)
+    replay = requests.post(f"{restarted.url}/send-sms",
+                           json={"to": "+15558675309", "body": "Your code is 4821"},
+                           headers={"Idempotency-Key": "signup-4821"}, timeout=10)
+    assert replay.status_code == 200
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json()["messageSid"] == sid
+    assert "Sent SM" not in restarted.logs()

@@ -26,7 +26,8 @@ class FakeTwilio(HttpClient):
         self.script = []
 
     def answer_next(self, *answers):
-        """Queues answers (a Response, or an exception to raise) for the next requests."""
+        """Queues answers for the next requests: a Response, an exception to raise, or a
+        function called first (to hold the request), then answered like Twilio."""
         self.script.extend(answers)
 
     @property
@@ -41,6 +42,8 @@ class FakeTwilio(HttpClient):
             answer = self.script.pop(0)
             if isinstance(answer, BaseException):
                 raise answer
-            return answer
+            if not callable(answer):
+                return answer
+            answer()
         return self.simulated.request(method, uri, params, data, headers, auth, timeout,
                                       allow_redirects)

@@ -1,0 +1,215 @@
+import threading
+
+import pytest
+import requests
+
+from app import create_app
+from conftest import API_KEY, AUTH, callback, live_env
+from twilio_fakes import twilio_error
+
+
+class Clock:
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def make_app(tmp_path, fake_twilio, clock):
+    import db
+
+    def make(**overrides):
+        return create_app(live_env(tmp_path, **overrides), http_client=fake_twilio, clock=clock)
+
+    yield make
+    db.close_all()
+
+
+def keyed(client, key, to="+15558675309", body="Your code is 123456", headers=AUTH):
+    return client.post("/send-sms", json={"to": to, "body": body},
+                       headers={**headers, "Idempotency-Key": key})
+
+
+def test_repeat_with_same_key_replays_the_answer_and_sends_nothing(client, fake_twilio):
+    first = keyed(client, "order-1")
+    again = keyed(client, "order-1")
+    assert first.status_code == again.status_code == 200
+    assert again.get_json() == first.get_json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert len(fake_twilio.creates) == 1
+
+
+def test_same_key_with_a_different_request_is_422(client, fake_twilio):
+    keyed(client, "order-1", body="one")
+    for changed in ({"body": "two"}, {"to": "+15558670000", "body": "one"}):
+        response = keyed(client, "order-1", **changed)
+        assert response.status_code == 422
+        assert "different request" in response.get_json()["error"]
+    assert len(fake_twilio.creates) == 1
+
+
+def test_keys_are_separate_per_api_key(make_app, fake_twilio):
+    keyed(make_app().test_client(), "order-1")
+    other_key = "another-api-key-987654321"
+    other = make_app(API_KEY=other_key).test_client()
+    response = keyed(other, "order-1", headers={"Authorization": f"Bearer {other_key}"})
+    assert "Idempotent-Replayed" not in response.headers
+    assert len(fake_twilio.creates) == 2
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256])
+def test_key_length_is_checked(client, fake_twilio, key):
+    response = keyed(client, key)
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.get_json()["error"]
+    assert fake_twilio.creates == []
+
+
+@pytest.mark.parametrize("answer, status", [
+    pytest.param(twilio_error(400, 21211), 400, id="twilio-400"),
+    pytest.param(requests.ReadTimeout("slow"), 504, id="timeout-unknown-outcome"),
+    pytest.param(requests.ConnectionError("reset"), 502, id="connection-unknown-outcome"),
+    pytest.param(twilio_error(500, 20500), 502, id="twilio-5xx-unknown-outcome"),
+])
+def test_final_and_unknown_answers_are_kept_and_never_resent(client, fake_twilio, answer,
+                                                              status):
+    fake_twilio.answer_next(answer)
+    first = keyed(client, "k")
+    again = keyed(client, "k")
+    assert first.status_code == again.status_code == status
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json() == first.get_json()
+    assert len(fake_twilio.creates) == 1
+
+
+def test_validation_400_is_kept(client, fake_twilio):
+    first = keyed(client, "k", to="12345")
+    again = keyed(client, "k", to="12345")
+    assert first.status_code == again.status_code == 400
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert fake_twilio.creates == []
+
+
+@pytest.mark.parametrize("answer, status", [
+    pytest.param(twilio_error(429, 20429), 503, id="twilio-rate-limit"),
+    pytest.param(twilio_error(401, 20003), 502, id="credentials"),
+])
+def test_try_again_later_answers_are_not_kept(client, fake_twilio, answer, status):
+    fake_twilio.answer_next(answer)
+    assert keyed(client, "k").status_code == status
+    retry = keyed(client, "k")
+    assert retry.status_code == 200
+    assert "Idempotent-Replayed" not in retry.headers
+    assert len(fake_twilio.creates) == 2
+
+
+def test_in_flight_key_gets_409_then_stale_key_is_an_unknown_outcome(make_app, fake_twilio,
+                                                                      clock):
+    app = make_app(TWILIO_TIMEOUT="10")
+    entered, release = threading.Event(), threading.Event()
+    fake_twilio.answer_next(lambda: (entered.set(), release.wait(10)))
+    answers = {}
+    first = threading.Thread(target=lambda: answers.update(first=keyed(app.test_client(), "k")))
+    first.start()
+    assert entered.wait(10)
+
+    busy = keyed(app.test_client(), "k")
+    assert busy.status_code == 409 and "still being processed" in busy.get_json()["error"]
+
+    clock.now += 21  # past twice TWILIO_TIMEOUT: the first request counts as dead
+    stale = keyed(app.test_client(), "k")
+    assert stale.status_code == 504
+    assert "may or may not have been sent" in stale.get_json()["details"]
+    assert keyed(app.test_client(), "k").status_code == 504
+
+    release.set()
+    first.join(10)
+    assert answers["first"].status_code == 200
+    assert len(fake_twilio.creates) == 1, "a stale key is never re-sent"
+
+
+def test_keys_expire_after_24_hours(client, fake_twilio, clock):
+    keyed(client, "k")
+    clock.now += 24 * 3600 - 1
+    assert keyed(client, "k").headers.get("Idempotent-Replayed") == "true"
+    clock.now += 2
+    fresh = keyed(client, "k")
+    assert fresh.status_code == 200 and "Idempotent-Replayed" not in fresh.headers
+    assert len(fake_twilio.creates) == 2
+
+
+def test_destination_rule_refuses_with_403_and_sends_nothing(make_app, fake_twilio, caplog):
+    client = make_app(ALLOWED_DESTINATIONS="+1,+44").test_client()
+    response = client.post("/send-sms", json={"to": "+2348012345678", "body": "hi"},
+                           headers=AUTH)
+    assert response.status_code == 403
+    assert "ALLOWED_DESTINATIONS=+1,+44" in response.get_json()["error"]
+    assert fake_twilio.creates == []
+    assert "Refused send to +*********5678: outside ALLOWED_DESTINATIONS" in caplog.text
+    ok = client.post("/send-sms", json={"to": "+447700900123", "body": "hi"}, headers=AUTH)
+    assert ok.status_code == 200
+
+
+def test_per_recipient_limit_answers_429_with_retry_after(make_app, fake_twilio, clock, caplog):
+    client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="2").test_client()
+    send = lambda to="+15558675309": client.post(  # noqa: E731
+        "/send-sms", json={"to": to, "body": "hi"}, headers=AUTH)
+    assert send().status_code == 200
+    clock.now += 600
+    assert send().status_code == 200
+    clock.now += 600
+    refused = send()
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "2400"
+    assert "MAX_SENDS_PER_RECIPIENT_PER_HOUR=2" in refused.get_json()["error"]
+    assert len(fake_twilio.creates) == 2
+    assert "Refused send to +*******5309: MAX_SENDS_PER_RECIPIENT_PER_HOUR" in caplog.text
+    assert send("+15558670000").status_code == 200, "other recipients are not limited"
+    clock.now += 2400
+    assert send().status_code == 200
+
+
+def test_limit_counts_only_messages_this_service_sent(make_app, fake_twilio, post_callback):
+    app = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1")
+    client = app.test_client()
+    from conftest import CALLBACK_URL, sign
+    params = callback("SM" + "f6" * 16, "delivered", To="+15558675309")
+    client.post("/message-status", data=params,
+                headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+    fake_twilio.answer_next(twilio_error(400, 21610))
+    assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
+                       headers=AUTH).status_code == 400
+    assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
+                       headers=AUTH).status_code == 200
+
+
+def test_limit_0_turns_it_off(make_app, fake_twilio):
+    client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="0").test_client()
+    for _ in range(12):
+        assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
+                           headers=AUTH).status_code == 200
+
+
+def test_per_recipient_429_is_not_kept_and_replays_skip_the_limits(make_app, fake_twilio, clock):
+    client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1").test_client()
+    assert keyed(client, "a").status_code == 200
+    assert keyed(client, "a").headers["Idempotent-Replayed"] == "true"
+    assert keyed(client, "b", body="other").status_code == 429
+    clock.now += 3600
+    assert keyed(client, "b", body="other").status_code == 200
+    assert len(fake_twilio.creates) == 2
+
+
+def test_api_key_is_never_stored(client, app):
+    import sqlite3
+    keyed(client, "k")
+    dump = "\n".join(sqlite3.connect(app.config["SERVICE"].database_path).iterdump())
+    assert API_KEY not in dump and "Your code is 123456" not in dump
