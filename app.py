@@ -17,12 +17,17 @@ from functools import wraps
 
 from dotenv import load_dotenv
 from flask import Flask, current_app, jsonify, request
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import (
+    SIGNATURE_SETTINGS_HEADER,
+    RequestValidator,
+    get_signature_algorithm,
+)
 from werkzeug.exceptions import HTTPException
 
 import db
 import rules
 import twilio_api
+from commands import register_commands
 from config import ConfigError, load_config
 
 log = logging.getLogger("sms_status")
@@ -54,8 +59,11 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.config["SERVICE"] = config
     app.config["CLOCK"] = clock
+    app.config["SLEEP"] = time.sleep
     app.extensions["twilio"] = twilio_api.build_client(config, http_client)
     app.extensions["validator"] = RequestValidator(config.auth_token)
+    if config.webhook_signing_key:
+        app.extensions["shared_key_validator"] = RequestValidator(config.webhook_signing_key)
     try:
         db.migrate(config.database_path)
     except sqlite3.Error as error:
@@ -65,6 +73,7 @@ def create_app(test_config=None, http_client=None, clock=time.time):
 
     register_error_handlers(app)
     register_routes(app)
+    register_commands(app)
 
     if config.simulate:
         log.warning("SIMULATION MODE: Twilio is simulated, no SMS will be sent to any phone.")
@@ -179,13 +188,7 @@ def register_routes(app):
 
     @app.post("/message-status")
     def message_status():
-        config = current_app.config["SERVICE"]
-        url = config.base_url + request.path
-        if request.query_string:
-            url += "?" + request.query_string.decode("utf-8", "replace")
-        signature = request.headers.get("X-Twilio-Signature", "")
-        if not current_app.extensions["validator"].validate(url, request.form, signature):
-            log.warning("Rejected status callback: invalid Twilio signature for %s", url)
+        if not signed_by_twilio():
             return json_error(403, "Invalid Twilio signature")
         sid = request.form.get("MessageSid", "").strip()
         status = request.form.get("MessageStatus", "").strip().lower()
@@ -208,6 +211,40 @@ def register_routes(app):
         if message is None:
             return json_error(404, f"No message with SID {sid} is known to this service")
         return message
+
+
+def signed_by_twilio():
+    """Checks X-Twilio-Signature for the exact URL Twilio called and every form parameter.
+
+    Signed with the auth token, or, when X-Twilio-Webhooks-Signature-Settings is present,
+    with the shared key in TWILIO_WEBHOOK_SIGNING_KEY and the algorithm the header names.
+    Fails closed: no setting skips the check.
+    """
+    url = current_app.config["SERVICE"].base_url + request.path
+    if request.query_string:
+        url += "?" + request.query_string.decode("utf-8", "replace")
+    signature = request.headers.get("X-Twilio-Signature", "")
+    settings = request.headers.get(SIGNATURE_SETTINGS_HEADER, "")
+    if not settings:
+        if current_app.extensions["validator"].validate(url, request.form, signature):
+            return True
+        log.warning("Rejected status callback: invalid Twilio signature for %s", url)
+        return False
+
+    key_id = next((part.strip()[4:] for part in settings.split(",")
+                   if part.strip().startswith("key=")), "?")
+    validator = current_app.extensions.get("shared_key_validator")
+    if validator is None:
+        log.warning("Rejected status callback signed with shared key %s: set "
+                    "TWILIO_WEBHOOK_SIGNING_KEY to that key's secret to accept it", key_id)
+        return False
+    algorithm = get_signature_algorithm(settings)
+    if validator.validate(url, request.form, signature, algorithm=algorithm):
+        log.debug("Status callback signed with shared key %s (%s)", key_id, algorithm)
+        return True
+    log.warning("Rejected status callback: invalid %s signature (shared key %s) for %s",
+                algorithm, key_id, url)
+    return False
 
 
 def parse_error_code(raw):

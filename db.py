@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from flask import current_app
 
-from rules import status_moves_forward
+from rules import FINAL_STATUSES, status_moves_forward
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -57,6 +57,9 @@ MIGRATIONS = [
         PRIMARY KEY (scope, key)
     );
     CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
+    """,
+    """
+    ALTER TABLE messages ADD COLUMN checked_at TEXT;
     """,
 ]
 
@@ -290,6 +293,42 @@ def recent_sends(conn, to, since):
         (to, since),
     ).fetchone()
     return row["sends"], row["oldest"]
+
+
+def messages_to_reconcile(conn, idle_before, limit):
+    """Non-final messages with no update since `idle_before`, least recently checked first."""
+    placeholders = ", ".join("?" for _ in FINAL_STATUSES)
+    return conn.execute(
+        "SELECT sid, latest_status FROM messages"
+        f" WHERE latest_status NOT IN ({placeholders}) AND updated_at < ?"
+        " AND (checked_at IS NULL OR checked_at < ?)"
+        " ORDER BY coalesce(checked_at, ''), updated_at LIMIT ?",
+        (*FINAL_STATUSES, idle_before, idle_before, limit),
+    ).fetchall()
+
+
+def mark_checked(conn, sid, at):
+    """Records that Twilio was asked, so messages stuck in one status take turns."""
+    with write_transaction(conn):
+        conn.execute("UPDATE messages SET checked_at = ? WHERE sid = ?", (at, sid))
+
+
+def prune(conn, updated_before, body_before):
+    """Deletes messages (and their history) idle since `updated_before`; clears old bodies."""
+    with write_transaction(conn):
+        events = conn.execute(
+            "SELECT count(*) FROM status_events WHERE message_sid IN"
+            " (SELECT sid FROM messages WHERE updated_at < ?)",
+            (updated_before,),
+        ).fetchone()[0]
+        messages = conn.execute(
+            "DELETE FROM messages WHERE updated_at < ?", (updated_before,)
+        ).rowcount
+        bodies = conn.execute(
+            "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND created_at < ?",
+            (body_before,),
+        ).rowcount
+    return messages, events, bodies
 
 
 def check_writable(conn):

@@ -80,7 +80,7 @@ def test_simulated_callbacks_are_signed_like_twilio(simulated_service):
 
 
 def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_service, tmp_path):
-    env = service_env(simulate=False, BASE_URL="http://127.0.0.1:0")
+    env = service_env(simulate=False, WEB_CONCURRENCY=3)
     env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     service = start_service(env)
     url = service.url + "/message-status"
@@ -105,8 +105,8 @@ def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_ser
     threads = [threading.Thread(target=post_many, args=(w,)) for w in range(8)]
     for thread in threads:
         thread.start()
-    while len(acknowledged) < 200:
-        time.sleep(0.01)
+    while len(acknowledged) < 300:
+        time.sleep(0.005)
     service.kill()
     stop.set()
     for thread in threads:
@@ -118,7 +118,7 @@ def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_ser
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     stored = {row[0] for row in conn.execute("SELECT message_sid FROM status_events")}
     conn.close()
-    assert len(acknowledged) >= 200
+    assert len(acknowledged) >= 300
     assert set(acknowledged) <= stored
     sample = acknowledged[-1]
     answer = requests.get(f"{restarted.url}/get-status/{sample}", headers=auth, timeout=5)

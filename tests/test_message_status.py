@@ -216,3 +216,49 @@ def test_storage_failure_answers_503_never_200(app, post_callback):
     assert "nothing was stored" in response.get_json()["error"]
     assert response.headers["Retry-After"]
     assert post_callback(callback(SID, "sent")).status_code == 200
+
+
+SIGNING_KEY = "shared-key-secret-7d1e"
+SETTINGS = "key=webhooks_sharedkey_1a2b,algorithm=HMAC_SHA256"
+
+
+def shared_key_signature(params, secret=SIGNING_KEY, algorithm="HMAC_SHA256"):
+    from twilio.request_validator import RequestValidator
+    return RequestValidator(secret).compute_signature(CALLBACK_URL, params, algorithm=algorithm)
+
+
+@pytest.mark.parametrize("configured, settings, signature, status", [
+    pytest.param(True, SETTINGS, shared_key_signature(callback(SID, "sent")), 200,
+                 id="valid-sha256"),
+    pytest.param(True, "key=k1,algorithm=HMAC_SHA1",
+                 shared_key_signature(callback(SID, "sent"), algorithm="HMAC_SHA1"), 200,
+                 id="valid-sha1-shared-key"),
+    pytest.param(True, SETTINGS, sign(CALLBACK_URL, callback(SID, "sent")), 403,
+                 id="auth-token-signature-under-shared-key-header"),
+    pytest.param(True, SETTINGS, shared_key_signature(callback(SID, "sent"), "wrong-secret"),
+                 403, id="wrong-secret"),
+    pytest.param(True, "key=k1,algorithm=HMAC_SHA512", shared_key_signature(
+        callback(SID, "sent")), 403, id="unsupported-algorithm"),
+    pytest.param(False, SETTINGS, shared_key_signature(callback(SID, "sent")), 403,
+                 id="no-key-configured"),
+    pytest.param(True, None, sign(CALLBACK_URL, callback(SID, "sent")), 200,
+                 id="auth-token-still-works"),
+])
+def test_shared_key_signatures(make_app, configured, settings, signature, status):
+    app = make_app(TWILIO_WEBHOOK_SIGNING_KEY=SIGNING_KEY if configured else None)
+    headers = {"X-Twilio-Signature": signature}
+    if settings:
+        headers["X-Twilio-Webhooks-Signature-Settings"] = settings
+    response = app.test_client().post("/message-status", data=callback(SID, "sent"),
+                                      headers=headers)
+    assert response.status_code == status
+    assert count_events(app) == (1 if status == 200 else 0)
+
+
+def test_shared_key_without_configuration_logs_what_to_set(client, caplog):
+    client.post("/message-status", data=callback(SID, "sent"), headers={
+        "X-Twilio-Signature": shared_key_signature(callback(SID, "sent")),
+        "X-Twilio-Webhooks-Signature-Settings": SETTINGS})
+    assert "shared key webhooks_sharedkey_1a2b" in caplog.text
+    assert "set TWILIO_WEBHOOK_SIGNING_KEY" in caplog.text
+    assert SIGNING_KEY not in caplog.text

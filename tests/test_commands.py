@@ -1,0 +1,189 @@
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from twilio.http.response import Response
+
+from conftest import AUTH, ROOT, callback
+from twilio_fakes import twilio_error
+
+FETCH_ANSWER = ('{"sid": "%s", "status": "%s", "error_code": %s,'
+                ' "date_created": "Thu, 26 Nov 2026 20:00:00 +0000"}')
+
+
+def fetched(sid, status, error_code="null"):
+    return Response(200, FETCH_ANSWER % (sid, status, error_code))
+
+
+@pytest.fixture
+def sleeps(app):
+    recorded = []
+    app.config["SLEEP"] = recorded.append
+    return recorded
+
+
+def run(app, *args):
+    return app.test_cli_runner().invoke(args=list(args))
+
+
+def sent_messages(send, count):
+    return [send().get_json()["messageSid"] for _ in range(count)]
+
+
+def latest(client, sid):
+    return client.get(f"/get-status/{sid}", headers=AUTH).get_json()
+
+
+def test_reconcile_records_what_twilio_says_through_the_forward_only_rules(
+        app, client, send, fake_twilio, post_callback):
+    delivered, undelivered, stuck = sent_messages(send, 3)
+    post_callback(callback(stuck, "sent"))
+    fake_twilio.answer_next(fetched(delivered, "delivered"),
+                            fetched(undelivered, "undelivered", "30003"),
+                            fetched(stuck, "queued"))
+    result = run(app, "reconcile", "--older-than", "0s")
+    assert result.exit_code == 0, result.output
+    assert f"{delivered} queued -> delivered" in result.output
+    assert f"{undelivered} queued -> undelivered (Twilio: undelivered, error 30003)" \
+        in result.output
+    assert "Checked 3 messages: 2 updated, 1 unchanged, 0 failed." in result.output
+    fetches = [r["uri"] for r in fake_twilio.requests if r["method"] == "GET"]
+    assert [uri.rsplit("/", 1)[1] for uri in fetches] == [
+        f"{delivered}.json", f"{undelivered}.json", f"{stuck}.json"]
+    assert latest(client, undelivered)["errorCode"] == 30003
+    assert latest(client, stuck)["latestStatus"] == "sent", "a fetched 'queued' never moves back"
+
+    post_callback(callback(delivered, "delivered"))
+    assert [e["status"] for e in latest(client, delivered)["history"]] == ["queued", "delivered"]
+
+
+def test_reconcile_skips_final_and_recent_messages_and_respects_limit(
+        app, send, fake_twilio, post_callback):
+    final, recent_a, recent_b = sent_messages(send, 3)
+    post_callback(callback(final, "delivered"))
+    result = run(app, "reconcile")  # default --older-than 10m: all are recent
+    assert "Checked 0 messages" in result.output
+    fake_twilio.answer_next(fetched(recent_a, "delivered"))
+    result = run(app, "reconcile", "--older-than", "0s", "--limit", "1")
+    assert "Checked 1 messages: 1 updated" in result.output
+    assert final not in result.output
+
+
+def test_one_failed_fetch_does_not_stop_the_run(app, send, fake_twilio):
+    first, second = sent_messages(send, 2)
+    fake_twilio.answer_next(twilio_error(404, 20404, "not found"), fetched(second, "delivered"))
+    result = run(app, "reconcile", "--older-than", "0s")
+    assert result.exit_code == 0
+    assert f"{first} queued: fetch failed" in result.output
+    assert "1 updated, 0 unchanged, 1 failed" in result.output
+
+
+def test_reconcile_backs_off_on_429(app, send, fake_twilio, sleeps):
+    [sid] = sent_messages(send, 1)
+    fake_twilio.answer_next(twilio_error(429, 20429), twilio_error(429, 20429),
+                            fetched(sid, "delivered"))
+    result = run(app, "reconcile", "--older-than", "0s")
+    assert sleeps == [1.0, 2.0]
+    assert "1 updated" in result.output
+
+
+def test_reconcile_stops_when_twilio_keeps_rate_limiting(app, send, fake_twilio, sleeps):
+    sent_messages(send, 2)
+    fake_twilio.answer_next(*[twilio_error(429, 20429)] * 4)
+    result = run(app, "reconcile", "--older-than", "0s")
+    assert result.exit_code == 0
+    assert sleeps == [1.0, 2.0, 4.0]
+    assert "the rest waits for the next run" in result.output
+    assert "0 updated, 0 unchanged, 1 failed" in result.output
+
+
+def test_stuck_messages_take_turns(app, send, fake_twilio):
+    first, second = sent_messages(send, 2)
+    fake_twilio.answer_next(fetched(first, "queued"))
+    assert first in run(app, "reconcile", "--older-than", "0s", "--limit", "1").output
+    time.sleep(0.002)
+    fake_twilio.answer_next(fetched(second, "queued"))
+    assert second in run(app, "reconcile", "--older-than", "0s", "--limit", "1").output
+
+
+@pytest.mark.parametrize("command", [
+    ["reconcile", "--older-than", "10"],
+    ["reconcile", "--older-than", "ten minutes"],
+    ["prune", "--older-than", "90 days"],
+    ["prune"],
+])
+def test_malformed_durations_are_refused(app, command):
+    result = run(app, *command)
+    assert result.exit_code != 0
+    assert "<number><s|m|h|d>" in result.output or "Missing option" in result.output
+
+
+def test_prune_deletes_old_messages_and_history(make_app, fake_twilio, post_callback):
+    app = make_app()
+    client = app.test_client()
+    old = client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
+                      headers=AUTH).get_json()["messageSid"]
+    post_callback(callback(old, "delivered"))
+    result = run(app, "prune", "--older-than", "90d")
+    assert "Removed 0 messages and 0 status events" in result.output
+    result = run(app, "prune", "--older-than", "0s")
+    assert result.exit_code == 0
+    assert "Removed 1 messages and 2 status events not updated for 0s" in result.output
+    assert client.get(f"/get-status/{old}", headers=AUTH).status_code == 404
+
+
+def test_prune_clears_bodies_after_body_retention(make_app, fake_twilio):
+    app = make_app(STORE_MESSAGE_BODY="true", BODY_RETENTION="1h")
+    client = app.test_client()
+    sid = client.post("/send-sms", json={"to": "+15558675309", "body": "code 5521"},
+                      headers=AUTH).get_json()["messageSid"]
+    database = app.config["SERVICE"].database_path
+    body = lambda: sqlite3.connect(database).execute(  # noqa: E731
+        "SELECT body FROM messages WHERE sid = ?", (sid,)).fetchone()[0]
+    assert "cleared 0 message bodies" in run(app, "prune", "--older-than", "90d").output
+    assert body() == "code 5521"
+    app.config["CLOCK"] = lambda: time.time() + 3601
+    assert "cleared 1 message bodies" in run(app, "prune", "--older-than", "90d").output
+    assert body() is None
+    assert client.get(f"/get-status/{sid}", headers=AUTH).status_code == 200
+
+
+def test_body_retention_is_checked_at_start(make_app):
+    from config import ConfigError
+    with pytest.raises(ConfigError, match="BODY_RETENTION"):
+        make_app(BODY_RETENTION="a week")
+
+
+def test_reconcile_command_in_simulation_settles_lost_callbacks(service_env, start_service,
+                                                                 tmp_path):
+    """Callbacks go to a port nobody listens on, so they are lost; reconciliation repairs it."""
+    from conftest import free_port
+    env = service_env(BASE_URL=f"http://127.0.0.1:{free_port()}")
+    service = start_service(env)
+    sids = {}
+    for to in ("+15558675309", "+15005551003"):
+        answer = requests.post(f"{service.url}/send-sms", json={"to": to, "body": "hi"},
+                               timeout=10)
+        sids[to] = answer.json()["messageSid"]
+    time.sleep(1)
+    flask = str(Path(sys.executable).parent / "flask")
+    result = subprocess.run([flask, "--app", "app", "reconcile", "--older-than", "0s"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"{sids['+15558675309']} queued -> delivered" in result.stdout
+    assert f"{sids['+15005551003']} queued -> undelivered" in result.stdout
+    status = requests.get(f"{service.url}/get-status/{sids['+15005551003']}", timeout=5).json()
+    assert status["latestStatus"] == "undelivered" and status["errorCode"] == 30003
+
+
+def test_prune_command_refuses_a_malformed_duration_with_exit_code(service_env):
+    flask = str(Path(sys.executable).parent / "flask")
+    result = subprocess.run([flask, "--app", "app", "prune", "--older-than", "3 months"],
+                            cwd=ROOT, env=service_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert "<number><s|m|h|d>" in result.stderr and "Traceback" not in result.stderr

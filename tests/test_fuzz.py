@@ -1,0 +1,136 @@
+"""Property tests: whatever arrives, the answer is JSON, never a 5xx, and nothing unsafe happens."""
+
+import json
+import sqlite3
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import db
+import rules
+from app import create_app
+from conftest import ACCOUNT_SID, AUTH, AUTH_TOKEN, CALLBACK_URL, live_env, sign
+from twilio_fakes import FakeTwilio
+
+FUZZ = settings(max_examples=100, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+phone_like = st.one_of(st.from_regex(r"\+[0-9]{0,17}", fullmatch=True), st.text(max_size=20))
+send_bodies = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"to": phone_like, "body": st.text(max_size=1700)}),
+    st.fixed_dictionaries({"to": st.just("+15558675309")},
+                          optional={"body": st.one_of(st.text(), json_values)}),
+)
+header_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+
+
+@pytest.fixture
+def fuzz_app(tmp_path):
+    twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
+    app = create_app(live_env(tmp_path, LOG_LEVEL="ERROR", MAX_SENDS_PER_RECIPIENT_PER_HOUR="0"),
+                     http_client=twilio)
+    yield app, twilio
+    db.close_all()
+
+
+def event_count(app):
+    conn = sqlite3.connect(app.config["SERVICE"].database_path)
+    try:
+        return conn.execute("SELECT count(*) FROM status_events").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def assert_json_and_no_5xx(response):
+    assert response.status_code < 500, response.data
+    assert response.is_json, response.data
+    json.loads(response.data)
+
+
+@FUZZ
+@given(payload=send_bodies, key=st.none() | header_text, auth=st.booleans(),
+       content_type=st.sampled_from(["application/json", "text/plain", None]))
+def test_send_sms_json_bodies(fuzz_app, payload, key, auth, content_type):
+    app, twilio = fuzz_app
+    creates = len(twilio.creates)
+    headers = dict(AUTH) if auth else {}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    response = app.test_client().post("/send-sms", data=json.dumps(payload), headers=headers,
+                                      content_type=content_type)
+    assert_json_and_no_5xx(response)
+    if not auth or rules.send_request_problem(payload) is not None:
+        assert len(twilio.creates) == creates, "no Twilio call for an invalid send"
+        assert response.status_code in (400, 401, 409, 422)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=2000) | st.binary(min_size=65000, max_size=70000),
+       headers=st.dictionaries(st.sampled_from(["Content-Type", "Idempotency-Key",
+                                                "Authorization", "X-Extra"]),
+                               header_text, max_size=3))
+def test_send_sms_arbitrary_bytes(fuzz_app, raw, headers):
+    app, twilio = fuzz_app
+    creates = len(twilio.creates)
+    response = app.test_client().post("/send-sms", data=raw, headers={**AUTH, **headers})
+    assert_json_and_no_5xx(response)
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = None
+    if rules.send_request_problem(payload) is not None or headers.get("Authorization"):
+        assert len(twilio.creates) == creates
+
+
+form_params = st.dictionaries(
+    st.sampled_from(["MessageSid", "MessageStatus", "ErrorCode", "To", "From", "AccountSid",
+                     "SmsSid", "Other"]) | st.text(max_size=10),
+    st.text(max_size=40), max_size=8)
+
+
+@FUZZ
+@given(params=form_params, query=st.none() | header_text, signature=st.none() | header_text,
+       settings_header=st.none() | header_text, sign_it=st.booleans())
+def test_message_status_never_stores_without_a_valid_signature(fuzz_app, params, query,
+                                                               signature, settings_header,
+                                                               sign_it):
+    app, _ = fuzz_app
+    before = event_count(app)
+    path = "/message-status" + (f"?{query}" if query else "")
+    headers = {}
+    if sign_it:
+        headers["X-Twilio-Signature"] = sign(CALLBACK_URL + (f"?{query}" if query else ""),
+                                             params)
+    elif signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    if settings_header is not None:
+        headers["X-Twilio-Webhooks-Signature-Settings"] = settings_header
+    response = app.test_client().post(path, data=params, headers=headers)
+    assert_json_and_no_5xx(response)
+    validly_signed = sign_it and not settings_header
+    if not validly_signed:
+        assert response.status_code == 403
+        assert event_count(app) == before
+    else:
+        complete = params.get("MessageSid", "").strip() and params.get("MessageStatus", "").strip()
+        assert response.status_code == (200 if complete else 400)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=3000), content_type=header_text | st.none())
+def test_message_status_arbitrary_bodies(fuzz_app, raw, content_type):
+    app, _ = fuzz_app
+    before = event_count(app)
+    response = app.test_client().post("/message-status", data=raw, content_type=content_type,
+                                      headers={"X-Twilio-Signature": "x"})
+    assert_json_and_no_5xx(response)
+    assert event_count(app) == before
