@@ -4,11 +4,7 @@ Served by `gunicorn app:app` (see gunicorn.conf.py); `python app.py` runs the de
 server. Configuration comes from the environment and an optional .env file (.env.example).
 """
 
-import hashlib
-import hmac
-import json
 import logging
-import math
 import os
 import sqlite3
 import sys
@@ -26,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 import db
 import rules
+import sending
 import twilio_api
 from commands import register_commands
 from config import ConfigError, load_config
@@ -34,8 +31,6 @@ log = logging.getLogger("sms_status")
 
 MAX_REQUEST_BYTES = 64 * 1024
 DATABASE_RETRY_AFTER_SECONDS = 2
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
-IDEMPOTENCY_KEY_LIFETIME_SECONDS = 24 * 3600
 HTTP_ERROR_MESSAGES = {
     404: "No such endpoint: {method} {path}. GET / lists the endpoints.",
     405: "{method} is not allowed on {path}; see the Allow header.",
@@ -129,9 +124,10 @@ def register_error_handlers(app):
             else error.description
         )
         response = json_error(error.code, message)
+        original_headers = error.get_response().headers
         for name in ("Allow", "Retry-After", "WWW-Authenticate"):
-            if name in error.get_response().headers:
-                response.headers[name] = error.get_response().headers[name]
+            if name in original_headers:
+                response.headers[name] = original_headers[name]
         return response
 
     @app.errorhandler(sqlite3.Error)
@@ -182,9 +178,9 @@ def register_routes(app):
         payload = request.get_json(force=True, silent=True)
         key = request.headers.get("Idempotency-Key")
         if key is None:
-            response, _ = checked_send(payload)
+            response, _ = sending.checked_send(payload)
             return response
-        return send_with_idempotency_key(key, payload)
+        return sending.send_with_idempotency_key(key, payload)
 
     @app.post("/message-status")
     def message_status():
@@ -251,148 +247,6 @@ def parse_error_code(raw):
     """Twilio's ErrorCode as an integer, or None when absent or not a number."""
     raw = (raw or "").strip()
     return int(raw) if raw.isdigit() else None
-
-
-def send_error(status, message, details=None, code=None, retry_after=None):
-    """The /send-sms failure shape: {"success": false, "error", "details" (if any), "code"}."""
-    extra = {"success": False, "code": code}
-    if details is not None:
-        extra["details"] = details
-    response = json_error(status, message, **extra)
-    if retry_after:
-        response.headers["Retry-After"] = str(retry_after)
-    return response
-
-
-def send_with_idempotency_key(key, payload):
-    """Answers a repeat of a keyed request from what was kept, and sends the first one once.
-
-    The key is claimed in SQLite before anything is sent, so two requests with one key
-    never both reach Twilio, whichever workers or threads they land on.
-    """
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
-        return send_error(400, f"The Idempotency-Key header must be 1 to "
-                               f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters")
-    config = current_app.config["SERVICE"]
-    now = current_app.config["CLOCK"]()
-    conn = db.get_db()
-    scope = hashlib.sha256((config.api_key or "").encode()).hexdigest()[:32]
-    state, kept = db.reserve_idempotency_key(
-        conn, scope, key, request_fingerprint(config, payload), now,
-        expire_before=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS,
-        stale_before=now - 2 * config.twilio_timeout,
-    )
-    if state == "replay":
-        return replayed(*kept)
-    if state == "mismatch":
-        return send_error(422, "This Idempotency-Key was already used for a different request "
-                               "(recipient or body); use a new key for a new message")
-    if state == "in_flight":
-        return send_error(409, "A request with this Idempotency-Key is still being processed; "
-                               "retry in a few seconds to get its answer")
-    if state == "stale":
-        response = send_error(
-            504, "The first request with this Idempotency-Key did not finish",
-            details="The message may or may not have been sent; it will not be sent again "
-                    "under this key. Check GET /get-status or let reconciliation settle it.",
-        )
-        db.save_idempotent_response(conn, scope, key, 504, response.get_data(as_text=True))
-        return replayed(504, response.get_data(as_text=True))
-
-    response, keep = checked_send(payload)
-    try:
-        if keep:
-            db.save_idempotent_response(conn, scope, key, response.status_code,
-                                        response.get_data(as_text=True))
-        else:
-            db.release_idempotency_key(conn, scope, key)
-    except sqlite3.Error as error:
-        # The key stays claimed, so a retry is answered as an unknown outcome, never re-sent.
-        log.error("Could not keep the answer for an Idempotency-Key: %s", error)
-    return response
-
-
-def request_fingerprint(config, payload):
-    """A keyed hash of recipient and body: bodies (one-time codes) are not kept in clear."""
-    if isinstance(payload, dict):
-        material = json.dumps([payload.get("to"), payload.get("body")], sort_keys=True)
-    else:
-        material = request.get_data(as_text=True)
-    return hmac.new(config.auth_token.encode(), material.encode(), hashlib.sha256).hexdigest()
-
-
-def replayed(status_code, body):
-    response = current_app.response_class(body, status=status_code, mimetype="application/json")
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
-
-
-def checked_send(payload):
-    """Validates, applies the abuse limits, then sends; returns (response, keep-for-replay).
-
-    Answers that say "try again later" are not kept under an idempotency key, so a later
-    retry with the same key can go through.
-    """
-    problem = rules.send_request_problem(payload)
-    if problem:
-        return send_error(400, problem), True
-    config = current_app.config["SERVICE"]
-    to = payload["to"]
-    if not rules.destination_allowed(to, config.allowed_destinations):
-        log.warning("Refused send to %s: outside ALLOWED_DESTINATIONS", rules.mask_phone(to))
-        return send_error(
-            403, "The recipient is outside this service's allowed destinations "
-                 f"(ALLOWED_DESTINATIONS={','.join(config.allowed_destinations)})",
-        ), True
-    limit = config.max_sends_per_recipient_per_hour
-    if limit:
-        now = current_app.config["CLOCK"]()
-        sends, oldest = db.recent_sends(db.get_db(), to, db.utc_now_iso(now - 3600))
-        if sends >= limit:
-            retry_after = max(1, math.ceil(db.iso_to_timestamp(oldest) + 3600 - now))
-            log.warning("Refused send to %s: MAX_SENDS_PER_RECIPIENT_PER_HOUR=%d reached",
-                        rules.mask_phone(to), limit)
-            return send_error(
-                429, f"This recipient already got {sends} messages in the last hour, the "
-                     f"limit (MAX_SENDS_PER_RECIPIENT_PER_HOUR={limit}); retry after "
-                     f"{retry_after} seconds", retry_after=retry_after,
-            ), False
-    return send_and_record(to, payload["body"])
-
-
-def send_and_record(to, body):
-    """Sends through Twilio, then stores the message; returns (response, keep-for-replay)."""
-    config = current_app.config["SERVICE"]
-    try:
-        message = twilio_api.send_message(current_app.extensions["twilio"], config, to, body)
-    except twilio_api.TwilioFailure as failure:
-        response = send_error(failure.http_status, failure.error, details=failure.details,
-                              code=failure.code, retry_after=failure.retry_after)
-        return response, not failure.safe_to_retry
-
-    created_at = (
-        db.utc_now_iso(message.date_created.timestamp())
-        if message.date_created else db.utc_now_iso()
-    )
-    answer = {"success": True, "messageSid": message.sid, "status": message.status}
-    now = db.utc_now_iso(current_app.config["CLOCK"]())
-    try:
-        db.record_sent_message(
-            db.get_db(), message.sid,
-            account_sid=message.account_sid or config.account_sid,
-            to=message.to or to,
-            from_=message.from_ or config.phone_number or config.messaging_service_sid,
-            body=body if config.store_message_body else None,
-            status=message.status, created_at=created_at, now=now,
-        )
-    except sqlite3.Error as error:
-        log.error("Message %s was sent but could not be stored: %s", message.sid, error)
-        answer["warning"] = (
-            "Twilio accepted the message but this service could not record it; do not send "
-            "it again. Its status callbacks are stored once the database recovers."
-        )
-    log.info("Sent %s to %s: %s", message.sid, rules.mask_phone(to), message.status)
-    return jsonify(answer), True
 
 
 def create_app_or_exit():
