@@ -12,7 +12,7 @@ import time
 from functools import wraps
 
 from dotenv import load_dotenv
-from flask import Flask, current_app, jsonify, request
+from flask import Flask, abort, current_app, jsonify, request
 from twilio.request_validator import (
     SIGNATURE_SETTINGS_HEADER,
     RequestValidator,
@@ -51,7 +51,8 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     configure_logging(config.log_level)
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    # One byte over the limit, so that a chunked body's length can be checked (below).
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES + 1
     app.config["SERVICE"] = config
     app.config["CLOCK"] = clock
     app.config["SLEEP"] = time.sleep
@@ -66,6 +67,7 @@ def create_app(test_config=None, http_client=None, clock=time.time):
             [f"DATABASE_URL: cannot open {config.database_path}: {error}"]
         ) from None
 
+    app.before_request(read_whole_body)
     register_error_handlers(app)
     register_routes(app)
     register_commands(app)
@@ -112,6 +114,13 @@ def require_api_key(view):
         return view(*args, **kwargs)
 
     return checked
+
+
+def read_whole_body():
+    """Reads the body before anything parses it: a chunked body has no Content-Length, and
+    Werkzeug stops reading it at the limit without an error, which would cut it silently."""
+    if request.method == "POST" and len(request.get_data(cache=True)) > MAX_REQUEST_BYTES:
+        abort(413)
 
 
 def register_error_handlers(app):
@@ -175,7 +184,10 @@ def register_routes(app):
     @app.post("/send-sms")
     @require_api_key
     def send_sms():
-        payload = request.get_json(force=True, silent=True)
+        try:
+            payload = request.get_json(force=True, silent=True)
+        except RecursionError:  # nested too deeply for the JSON parser
+            payload = None
         key = request.headers.get("Idempotency-Key")
         if key is None:
             response, _ = sending.checked_send(payload)
@@ -244,9 +256,9 @@ def signed_by_twilio():
 
 
 def parse_error_code(raw):
-    """Twilio's ErrorCode as an integer, or None when absent or not a number."""
+    """Twilio's ErrorCode as an integer, or None when absent or not a plain number."""
     raw = (raw or "").strip()
-    return int(raw) if raw.isdigit() else None
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None
 
 
 def create_app_or_exit():

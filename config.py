@@ -4,9 +4,11 @@ Every problem is collected before anything fails, so one start-up message lists
 every variable to fix instead of making the operator fix them one restart at a time.
 """
 
+import math
 import os
 import re
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 from rules import E164_PATTERN, parse_duration
 
@@ -19,6 +21,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off", "")
 MIN_API_KEY_LENGTH = 16
+# The placeholders of .env.example: a copied but unfilled file must not start.
+PLACEHOLDERS = {"your_auth_token", "change-me-to-a-long-random-string"}
 
 # Credentials of the simulated Twilio: they only sign simulated callbacks.
 SIMULATED_ACCOUNT_SID = "AC" + "0" * 32
@@ -99,6 +103,8 @@ def _number(env, name, default, problems, kind, minimum, maximum=None):
         return default
     try:
         value = kind(raw.strip())
+        if not math.isfinite(value):
+            raise ValueError(raw)
     except ValueError:
         problems.append(f"{name} must be a number, got {raw!r}")
         return default
@@ -107,6 +113,14 @@ def _number(env, name, default, problems, kind, minimum, maximum=None):
         problems.append(f"{name} must be {limits}, got {raw!r}")
         return default
     return value
+
+
+def _port_is_valid(url):
+    try:
+        port = urlparse(url).port
+    except ValueError:  # out of range or not a number
+        return False
+    return port is None or port > 0
 
 
 def _destinations(raw, problems):
@@ -180,6 +194,8 @@ def load_config(env):
             problems.append("TWILIO_ACCOUNT_SID must be AC followed by 32 hex characters")
         if not auth_token:
             problems.append("TWILIO_AUTH_TOKEN is required")
+        elif auth_token in PLACEHOLDERS:
+            problems.append("TWILIO_AUTH_TOKEN is still the placeholder from .env.example")
         _sender(phone_number, messaging_service_sid, problems)
 
     base_url = text("BASE_URL")
@@ -187,7 +203,7 @@ def load_config(env):
         base_url = f"http://127.0.0.1:{port}"
     if base_url is None:
         problems.append("BASE_URL is required: the public URL Twilio reaches this service at")
-    elif not BASE_URL_PATTERN.fullmatch(base_url):
+    elif not BASE_URL_PATTERN.fullmatch(base_url) or not _port_is_valid(base_url):
         problems.append(
             f"BASE_URL must be an http(s) URL without query string, like https://example.com, "
             f"got {base_url!r}"
@@ -202,6 +218,8 @@ def load_config(env):
         )
     elif api_key is not None and len(api_key) < MIN_API_KEY_LENGTH:
         problems.append(f"API_KEY must be at least {MIN_API_KEY_LENGTH} characters long")
+    elif api_key in PLACEHOLDERS:
+        problems.append("API_KEY is still the placeholder from .env.example; make a random one")
 
     log_level = (text("LOG_LEVEL") or "INFO").upper()
     if log_level not in LOG_LEVELS:

@@ -8,6 +8,7 @@ code reaches the database, so how connections are held can change in one place.
 
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -61,6 +62,14 @@ MIGRATIONS = [
     """
     ALTER TABLE messages ADD COLUMN checked_at TEXT;
     """,
+    """
+    CREATE TABLE send_reservations (
+        id INTEGER PRIMARY KEY,
+        to_number TEXT NOT NULL,
+        reserved_at REAL NOT NULL
+    );
+    CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number);
+    """,
 ]
 
 _local = threading.local()
@@ -106,8 +115,18 @@ def connection_for(path, synchronous="NORMAL"):
     if conn is None:
         conn = connections[path] = open_connection(path, synchronous)
         with _all_connections_lock:
-            _all_connections.append(conn)
+            _close_connections_of_finished_threads()
+            _all_connections.append((threading.current_thread(), conn))
     return conn
+
+
+def _close_connections_of_finished_threads():
+    """A server that starts a thread per request (the development server) would leak one."""
+    for entry in list(_all_connections):
+        thread, conn = entry
+        if not thread.is_alive():
+            conn.close()
+            _all_connections.remove(entry)
 
 
 def get_db():
@@ -121,7 +140,7 @@ def close_all():
     with _all_connections_lock:
         connections = list(_all_connections)
         _all_connections.clear()
-    for conn in connections:
+    for _, conn in connections:
         try:
             conn.close()
         except sqlite3.Error:
@@ -133,15 +152,32 @@ def migrate(path):
     """Creates or upgrades the schema in place and switches the database to WAL mode."""
     conn = open_connection(path)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;"
-            )
+        _switch_to_wal(conn)
+        # The version is read under the write lock, so processes starting together
+        # (gunicorn and a scheduled command) never apply one migration twice.
+        with write_transaction(conn):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for script in MIGRATIONS[version:]:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
         return len(MIGRATIONS)
     finally:
         conn.close()
+
+
+def _switch_to_wal(conn, attempts=100):
+    """Changing the journal mode ignores the busy timeout, so retry while another process
+    starting at the same moment holds the database."""
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
 
 
 @contextmanager
@@ -169,11 +205,13 @@ def _apply_status(conn, sid, status, error_code, at):
     current = conn.execute("SELECT latest_status FROM messages WHERE sid = ?", (sid,)).fetchone()
     if status_moves_forward(current["latest_status"], status):
         conn.execute(
-            "UPDATE messages SET latest_status = ?, error_code = ?, updated_at = ? WHERE sid = ?",
+            "UPDATE messages SET latest_status = ?, error_code = ?,"
+            " updated_at = max(updated_at, ?) WHERE sid = ?",
             (status, error_code, at, sid),
         )
     else:
-        conn.execute("UPDATE messages SET updated_at = ? WHERE sid = ?", (at, sid))
+        conn.execute("UPDATE messages SET updated_at = max(updated_at, ?) WHERE sid = ?",
+                     (at, sid))
     return True
 
 
@@ -195,13 +233,16 @@ def record_status(conn, sid, status, error_code=None, to=None, from_=None, accou
         return _apply_status(conn, sid, status, error_code, at)
 
 
-def record_sent_message(conn, sid, account_sid, to, from_, body, status, created_at, now=None):
+def record_sent_message(conn, sid, account_sid, to, from_, body, status, created_at, now=None,
+                        reservation=None):
     """Stores a message Twilio accepted; its create-time status is the first history entry.
 
-    Callbacks may already have stored later statuses, which this never moves back.
+    Callbacks may already have stored later statuses, which this never moves back. The
+    send's reservation under the per-recipient limit is replaced by the stored message.
     """
     now = now or utc_now_iso()
     with write_transaction(conn):
+        conn.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
         conn.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, body,"
             " initial_status, latest_status, created_at, updated_at, sent_at)"
@@ -285,14 +326,35 @@ def release_idempotency_key(conn, scope, key):
         conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key))
 
 
-def recent_sends(conn, to, since):
-    """How many messages this service sent to `to` since `since`, and the oldest one's time."""
-    row = conn.execute(
-        "SELECT count(*) AS sends, min(sent_at) AS oldest FROM messages"
-        " WHERE to_number = ? AND sent_at > ?",
-        (to, since),
-    ).fetchone()
-    return row["sends"], row["oldest"]
+def reserve_send(conn, to, now, limit, stale_before):
+    """Claims one of the `limit` sends to `to` allowed per hour, atomically across workers.
+
+    Counts the messages sent in the last hour and the sends still waiting on Twilio.
+    Returns (reservation id, None), or (None, seconds until the oldest leaves the hour).
+    A reservation older than `stale_before` belonged to a request that died; it is dropped.
+    """
+    with write_transaction(conn):
+        conn.execute("DELETE FROM send_reservations WHERE reserved_at < ?", (stale_before,))
+        sent = conn.execute(
+            "SELECT sent_at FROM messages WHERE to_number = ? AND sent_at > ?",
+            (to, utc_now_iso(now - 3600)),
+        ).fetchall()
+        pending = conn.execute(
+            "SELECT reserved_at FROM send_reservations WHERE to_number = ?", (to,)
+        ).fetchall()
+        times = [iso_to_timestamp(row[0]) for row in sent] + [row[0] for row in pending]
+        if len(times) >= limit:
+            return None, min(times) + 3600 - now
+        reservation = conn.execute(
+            "INSERT INTO send_reservations (to_number, reserved_at) VALUES (?, ?)", (to, now)
+        ).lastrowid
+        return reservation, None
+
+
+def release_send(conn, reservation):
+    """Gives a reservation back: Twilio did not accept the message."""
+    with write_transaction(conn):
+        conn.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
 
 
 def messages_to_reconcile(conn, idle_before, limit):
@@ -300,8 +362,8 @@ def messages_to_reconcile(conn, idle_before, limit):
     placeholders = ", ".join("?" for _ in FINAL_STATUSES)
     return conn.execute(
         "SELECT sid, latest_status FROM messages"
-        f" WHERE latest_status NOT IN ({placeholders}) AND updated_at < ?"
-        " AND (checked_at IS NULL OR checked_at < ?)"
+        f" WHERE latest_status NOT IN ({placeholders}) AND updated_at <= ?"
+        " AND (checked_at IS NULL OR checked_at <= ?)"
         " ORDER BY coalesce(checked_at, ''), updated_at LIMIT ?",
         (*FINAL_STATUSES, idle_before, idle_before, limit),
     ).fetchall()

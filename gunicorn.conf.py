@@ -1,15 +1,29 @@
 """gunicorn settings for `gunicorn app:app` (read automatically from the working directory)."""
 
 import os
+import sys
+
+from dotenv import load_dotenv
+
+# The same .env the app reads, so PORT and the worker settings in it apply here too.
+load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
+
+
+def _whole_number(name, default):
+    raw = os.environ.get(name, "").strip() or default
+    if not raw.isdigit() or int(raw) < 1:
+        sys.exit(f"Configuration error: {name} must be a whole number of at least 1, got {raw!r}")
+    return int(raw)
+
 
 # Heroku-style hosts give the port in $PORT; 3000 matches `python app.py`.
-bind = f"0.0.0.0:{os.environ.get('PORT', '3000')}"
+bind = f"0.0.0.0:{_whole_number('PORT', '3000')}"
 # Threaded workers: /send-sms waits on Twilio's API, and a waiting thread must not block a worker.
 worker_class = "gthread"
 # Heroku sets WEB_CONCURRENCY from the dyno size.
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = _whole_number("WEB_CONCURRENCY", "2")
 # Threads per worker: how many Twilio calls one worker can wait on at once.
-threads = int(os.environ.get("GUNICORN_THREADS", "32"))
+threads = _whole_number("GUNICORN_THREADS", "32")
 # Load the app in the master, so a configuration error stops the whole server once,
 # instead of every worker failing to boot and being restarted forever.
 preload_app = True

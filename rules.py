@@ -27,6 +27,7 @@ FINAL_STATUSES = ("delivered", "undelivered", "failed", "canceled", "read")
 
 DURATION_PATTERN = re.compile(r"([0-9]+)([smhd])")
 DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_SECONDS = 100 * 365 * 86400
 
 
 def is_e164(number):
@@ -89,7 +90,10 @@ def parse_duration(text):
         raise ValueError(
             f"durations are written <number><s|m|h|d>, like 90d, 10m or 0s; got {text!r}"
         )
-    return int(match.group(1)) * DURATION_SECONDS[match.group(2)]
+    seconds = int(match.group(1)) * DURATION_SECONDS[match.group(2)]
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"durations are at most 100 years; got {text!r}")
+    return seconds
 
 
 def bearer_token_matches(authorization_header, api_key):

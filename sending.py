@@ -11,7 +11,7 @@ import logging
 import math
 import sqlite3
 
-from flask import current_app, jsonify, request
+from flask import current_app, g, jsonify, request
 
 import db
 import rules
@@ -24,11 +24,8 @@ IDEMPOTENCY_KEY_LIFETIME_SECONDS = 24 * 3600
 
 
 def send_error(status, message, details=None, code=None, retry_after=None):
-    """The /send-sms failure shape: {"success": false, "error", "details" (if any), "code"}."""
-    extra = {"success": False, "code": code}
-    if details is not None:
-        extra["details"] = details
-    response = jsonify({"error": message, **extra})
+    """The /send-sms failure shape: {"success": false, "error", "details", "code"}."""
+    response = jsonify({"success": False, "error": message, "details": details, "code": code})
     response.status_code = status
     if retry_after:
         response.headers["Retry-After"] = str(retry_after)
@@ -70,7 +67,13 @@ def send_with_idempotency_key(key, payload):
         db.save_idempotent_response(conn, scope, key, 504, response.get_data(as_text=True))
         return replayed(504, response.get_data(as_text=True))
 
-    response, keep = checked_send(payload)
+    try:
+        response, keep = checked_send(payload)
+    except Exception:
+        if not g.get("twilio_called"):
+            # Nothing was sent (a database error, say): free the key so a retry can go ahead.
+            db.release_idempotency_key(conn, scope, key)
+        raise
     try:
         if keep:
             db.save_idempotent_response(conn, scope, key, response.status_code,
@@ -115,28 +118,37 @@ def checked_send(payload):
             403, "The recipient is outside this service's allowed destinations "
                  f"(ALLOWED_DESTINATIONS={','.join(config.allowed_destinations)})",
         ), True
+    reservation = None
     limit = config.max_sends_per_recipient_per_hour
     if limit:
         now = current_app.config["CLOCK"]()
-        sends, oldest = db.recent_sends(db.get_db(), to, db.utc_now_iso(now - 3600))
-        if sends >= limit:
-            retry_after = max(1, math.ceil(db.iso_to_timestamp(oldest) + 3600 - now))
+        reservation, wait = db.reserve_send(db.get_db(), to, now, limit,
+                                            stale_before=now - 2 * config.twilio_timeout)
+        if reservation is None:
+            retry_after = max(1, math.ceil(wait))
             log.warning("Refused send to %s: MAX_SENDS_PER_RECIPIENT_PER_HOUR=%d reached",
                         rules.mask_phone(to), limit)
             return send_error(
-                429, f"This recipient already got {sends} messages in the last hour, the "
+                429, f"This recipient already got {limit} messages in the last hour, the "
                      f"limit (MAX_SENDS_PER_RECIPIENT_PER_HOUR={limit}); retry after "
                      f"{retry_after} seconds", retry_after=retry_after,
             ), False
-    return send_and_record(to, payload["body"])
+    return send_and_record(to, payload["body"], reservation)
 
 
-def send_and_record(to, body):
-    """Sends through Twilio, then stores the message; returns (response, keep-for-replay)."""
+def send_and_record(to, body, reservation=None):
+    """Sends through Twilio, then stores the message; returns (response, keep-for-replay).
+
+    `reservation` is this send's place under the per-recipient limit: stored with the
+    message on success, given back when Twilio refused or failed.
+    """
     config = current_app.config["SERVICE"]
+    g.twilio_called = True
     try:
         message = twilio_api.send_message(current_app.extensions["twilio"], config, to, body)
     except twilio_api.TwilioFailure as failure:
+        if reservation is not None:
+            db.release_send(db.get_db(), reservation)
         response = send_error(failure.http_status, failure.error, details=failure.details,
                               code=failure.code, retry_after=failure.retry_after)
         return response, not failure.safe_to_retry
@@ -154,7 +166,7 @@ def send_and_record(to, body):
             to=message.to or to,
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
             body=body if config.store_message_body else None,
-            status=message.status, created_at=created_at, now=now,
+            status=message.status, created_at=created_at, now=now, reservation=reservation,
         )
     except sqlite3.Error as error:
         log.error("Message %s was sent but could not be stored: %s", message.sid, error)

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from config import ConfigError, load_config
-from conftest import ROOT, live_env, procfile_command
+from conftest import ROOT, free_port, live_env, procfile_command
 
 
 def problems(env):
@@ -34,6 +34,13 @@ def test_every_missing_variable_is_named_at_once():
     pytest.param({"STORE_MESSAGE_BODY": "maybe"}, "STORE_MESSAGE_BODY", id="flag"),
     pytest.param({"PORT": "70000"}, "PORT", id="port"),
     pytest.param({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", id="log-level"),
+    pytest.param({"BASE_URL": "https://sms.example.com:99999"}, "BASE_URL", id="port-range"),
+    pytest.param({"BASE_URL": "https://sms.example.com:abc"}, "BASE_URL", id="port-word"),
+    pytest.param({"TWILIO_TIMEOUT": "nan"}, "TWILIO_TIMEOUT", id="timeout-nan"),
+    pytest.param({"API_KEY": "change-me-to-a-long-random-string"}, "placeholder",
+                 id="placeholder-key"),
+    pytest.param({"TWILIO_AUTH_TOKEN": "your_auth_token"}, "placeholder",
+                 id="placeholder-token"),
 ])
 def test_malformed_variables_are_named(tmp_path, overrides, name):
     assert any(name in problem for problem in problems(live_env(tmp_path, **overrides)))
@@ -82,7 +89,7 @@ def clean_env(tmp_path, **extra):
 ])
 def test_bad_configuration_stops_the_whole_server_with_one_message(tmp_path, command):
     argv = procfile_command() if command == "procfile" else command
-    env = clean_env(tmp_path, TWILIO_ACCOUNT_SID="nonsense", PORT="0")
+    env = clean_env(tmp_path, TWILIO_ACCOUNT_SID="nonsense", PORT=str(free_port()))
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -100,3 +107,28 @@ def test_unusable_database_path_is_a_clear_start_error(tmp_path):
                             text=True, timeout=60)
     assert result.returncode != 0
     assert "DATABASE_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dotenv_file_is_read_and_the_real_environment_wins(tmp_path):
+    (tmp_path / ".env").write_text("TWILIO_SIMULATE=true\nPORT=4321\nLOG_LEVEL=DEBUG\n"
+                                   f"DATABASE_URL=sqlite:///{tmp_path}/from-dotenv.db\n")
+    probe = ("import app; c = app.app.config['SERVICE']; "
+             "print(c.mode, c.port, c.log_level, c.database_path)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
+                                 "LOG_LEVEL": "WARNING"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].split() == [
+        "simulated", "4321", "WARNING", f"{tmp_path}/from-dotenv.db"]
+
+
+def test_gunicorn_reads_port_from_dotenv_too(tmp_path):
+    """gunicorn.conf.py reads the same .env, so the server binds where the app thinks it is."""
+    port = free_port()
+    (tmp_path / ".env").write_text(f"PORT={port}\n")
+    probe = f"import runpy; print(runpy.run_path({str(ROOT / 'gunicorn.conf.py')!r})['bind'])"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"0.0.0.0:{port}"

@@ -50,7 +50,7 @@ def test_simulated_message_reaches_its_final_status_through_signed_callbacks(
     assert [e["status"] for e in answer["history"]] == ["queued", "sent", final]
     assert answer["errorCode"] == error_code
     assert answer["history"][-1]["errorCode"] == error_code
-    assert "invalid Twilio signature" not in simulated_service.logs()
+    assert f"Simulated callback {sid}" not in simulated_service.logs(), "a callback was refused"
 
 
 @pytest.mark.parametrize("to", sorted(SEND_ERRORS))
@@ -84,7 +84,7 @@ def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_ser
     env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     service = start_service(env)
     url = service.url + "/message-status"
-    acknowledged, lock, stop = [], threading.Lock(), threading.Event()
+    acknowledged, refused, lock, stop = [], [], threading.Lock(), threading.Event()
 
     def post_many(worker):
         session = requests.Session()
@@ -98,9 +98,11 @@ def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_ser
                                                AUTH_TOKEN)})
             except requests.RequestException:
                 return
-            if answer.status_code == 200:
-                with lock:
+            with lock:
+                if answer.status_code == 200:
                     acknowledged.append(params["MessageSid"])
+                elif not stop.is_set():
+                    refused.append(answer.status_code)
 
     threads = [threading.Thread(target=post_many, args=(w,)) for w in range(8)]
     for thread in threads:
@@ -119,6 +121,7 @@ def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_ser
     stored = {row[0] for row in conn.execute("SELECT message_sid FROM status_events")}
     conn.close()
     assert len(acknowledged) >= 300
+    assert refused == [], "every callback before the kill is stored, none locked out"
     assert set(acknowledged) <= stored
     sample = acknowledged[-1]
     answer = requests.get(f"{restarted.url}/get-status/{sample}", headers=auth, timeout=5)
@@ -166,3 +169,65 @@ def test_one_key_from_many_threads_and_workers_sends_once_and_replays_after_rest
     assert replay.headers["Idempotent-Replayed"] == "true"
     assert replay.json()["messageSid"] == sid
     assert "Sent SM" not in restarted.logs()
+
+
+def test_per_recipient_limit_holds_under_concurrent_sends(service_env, start_service):
+    service = start_service(service_env(TWILIO_SIMULATE_LATENCY_MS=300,
+                                        MAX_SENDS_PER_RECIPIENT_PER_HOUR=2, WEB_CONCURRENCY=3))
+    barrier = threading.Barrier(12)
+    statuses = []
+
+    def post(n):
+        barrier.wait()
+        statuses.append(requests.post(f"{service.url}/send-sms", timeout=10,
+                                      json={"to": "+15558675309", "body": f"alert {n}"}
+                                      ).status_code)
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [200] * 2 + [429] * 10
+    assert service.logs().count("Sent SM") == 2
+
+
+def test_chunked_body_over_64_kib_is_413_and_sends_nothing(service_env, start_service):
+    import http.client
+    service = start_service(service_env())
+    body = b'{"to": "+15558675309", "body": "hi"}' + b" " * 70000
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    conn.request("POST", "/send-sms", body=iter([body[i:i + 8192]
+                                                 for i in range(0, len(body), 8192)]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    answer = conn.getresponse()
+    assert answer.status == 413
+    assert "64 KiB" in answer.read().decode()
+    conn.close()
+    assert "Sent SM" not in service.logs()
+
+
+def test_development_server_keeps_a_bounded_number_of_connections(service_env, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    env = service_env()
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{env['PORT']}/healthz"
+        for _ in range(100):
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        for _ in range(300):
+            assert requests.get(url, timeout=5).status_code == 200
+        open_files = len(os.listdir(f"/proc/{process.pid}/fd"))
+        assert open_files < 40, f"{open_files} open files after 300 requests"
+    finally:
+        process.kill()
+        process.wait()

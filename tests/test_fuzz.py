@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import db
 import rules
 from app import create_app
-from conftest import ACCOUNT_SID, AUTH, AUTH_TOKEN, CALLBACK_URL, live_env, sign
+from conftest import ACCOUNT_SID, AUTH, AUTH_TOKEN, BASE_URL, CALLBACK_URL, live_env, sign
 from twilio_fakes import FakeTwilio
 
 FUZZ = settings(max_examples=100, deadline=None,
@@ -31,12 +31,17 @@ send_bodies = st.one_of(
                           optional={"body": st.one_of(st.text(), json_values)}),
 )
 header_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+# A query string as Twilio could call it ('#' would start a fragment, which is never sent).
+query_text = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126,
+                                            exclude_characters="#"), max_size=40)
+SIGNING_KEY = "fuzz-shared-key-secret"
 
 
 @pytest.fixture
 def fuzz_app(tmp_path):
     twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
-    app = create_app(live_env(tmp_path, LOG_LEVEL="ERROR", MAX_SENDS_PER_RECIPIENT_PER_HOUR="0"),
+    app = create_app(live_env(tmp_path, LOG_LEVEL="ERROR", MAX_SENDS_PER_RECIPIENT_PER_HOUR="0",
+                              TWILIO_WEBHOOK_SIGNING_KEY=SIGNING_KEY),
                      http_client=twilio)
     yield app, twilio
     db.close_all()
@@ -98,25 +103,31 @@ form_params = st.dictionaries(
 
 
 @FUZZ
-@given(params=form_params, query=st.none() | header_text, signature=st.none() | header_text,
-       settings_header=st.none() | header_text, sign_it=st.booleans())
+@given(params=form_params, query=st.none() | query_text, signature=st.none() | header_text,
+       settings_header=st.none() | header_text,
+       signed_with=st.sampled_from(["auth-token", "shared-key", "nothing"]))
 def test_message_status_never_stores_without_a_valid_signature(fuzz_app, params, query,
                                                                signature, settings_header,
-                                                               sign_it):
+                                                               signed_with):
+    from twilio.request_validator import RequestValidator
     app, _ = fuzz_app
     before = event_count(app)
-    path = "/message-status" + (f"?{query}" if query else "")
+    url = CALLBACK_URL + (f"?{query}" if query else "")
     headers = {}
-    if sign_it:
-        headers["X-Twilio-Signature"] = sign(CALLBACK_URL + (f"?{query}" if query else ""),
-                                             params)
+    if signed_with == "auth-token":
+        headers["X-Twilio-Signature"] = sign(url, params)
+        if settings_header:
+            headers["X-Twilio-Webhooks-Signature-Settings"] = settings_header
+    elif signed_with == "shared-key":
+        headers["X-Twilio-Signature"] = RequestValidator(SIGNING_KEY).compute_signature(
+            url, params, algorithm="HMAC_SHA256")
+        headers["X-Twilio-Webhooks-Signature-Settings"] = "key=k1,algorithm=HMAC_SHA256"
     elif signature is not None:
         headers["X-Twilio-Signature"] = signature
-    if settings_header is not None:
-        headers["X-Twilio-Webhooks-Signature-Settings"] = settings_header
-    response = app.test_client().post(path, data=params, headers=headers)
+    response = app.test_client().post(url[len(BASE_URL):], data=params, headers=headers)
     assert_json_and_no_5xx(response)
-    validly_signed = sign_it and not settings_header
+    validly_signed = signed_with == "shared-key" or (
+        signed_with == "auth-token" and not settings_header)
     if not validly_signed:
         assert response.status_code == 403
         assert event_count(app) == before

@@ -262,3 +262,15 @@ def test_shared_key_without_configuration_logs_what_to_set(client, caplog):
     assert "shared key webhooks_sharedkey_1a2b" in caplog.text
     assert "set TWILIO_WEBHOOK_SIGNING_KEY" in caplog.text
     assert SIGNING_KEY not in caplog.text
+
+
+@pytest.mark.parametrize("raw", ["²", "9" * 25, "30003x", "-1", ""])
+def test_odd_error_codes_are_stored_as_null(post_callback, client, raw):
+    assert post_callback(callback(SID, "failed", ErrorCode=raw)).status_code == 200
+    assert history(client)["errorCode"] is None
+
+
+def test_callbacks_are_logged_with_sid_status_and_error_code(post_callback, caplog):
+    post_callback(callback(SID, "undelivered", ErrorCode="30003", To="+15558675309"))
+    assert f"Status callback {SID} undelivered error=30003" in caplog.text
+    assert "+15558675309" not in caplog.text

@@ -213,3 +213,19 @@ def test_api_key_is_never_stored(client, app):
     keyed(client, "k")
     dump = "\n".join(sqlite3.connect(app.config["SERVICE"].database_path).iterdump())
     assert API_KEY not in dump and "Your code is 123456" not in dump
+
+
+def test_key_is_released_when_the_send_fails_before_reaching_twilio(app, client, fake_twilio):
+    import sqlite3
+
+    import db
+    conn = sqlite3.connect(app.config["SERVICE"].database_path)
+    conn.execute("DROP TABLE send_reservations")  # the limit check will fail
+    failed = keyed(client, "k")
+    assert failed.status_code == 503
+    assert fake_twilio.creates == []
+    conn.executescript(db.MIGRATIONS[3])
+    conn.close()
+    retry = keyed(client, "k")
+    assert retry.status_code == 200 and "Idempotent-Replayed" not in retry.headers
+    assert len(fake_twilio.creates) == 1

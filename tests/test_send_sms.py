@@ -36,6 +36,7 @@ def test_send_needs_the_api_key(send, fake_twilio, headers):
     pytest.param(b"not json", "JSON object", id="not-json"),
     pytest.param(b"", "JSON object", id="empty"),
     pytest.param(b"[1, 2]", "JSON object", id="array"),
+    pytest.param(b"[" * 30000 + b"]" * 30000, "JSON object", id="nested-too-deep"),
     pytest.param(b'{"body": "hi"}', "'to'", id="no-to"),
     pytest.param(b'{"to": "555", "body": "hi"}', "'to'", id="bad-to"),
     pytest.param(b'{"to": "+15558675309"}', "'body'", id="no-body"),
@@ -126,7 +127,7 @@ def test_default_transport_has_a_timeout(tmp_path):
     pytest.param(twilio_error(429, 20429, "Too many requests"), 503, 20429, "5", id="rate-limit"),
     pytest.param(twilio_error(500, 20500, "Internal error"), 502, 20500, None, id="server-error"),
     pytest.param(twilio_error(503, 20503, "Unavailable"), 502, 20503, None, id="unavailable"),
-    pytest.param(Response(502, "<html>Bad gateway</html>"), 502, 502, None, id="html-error"),
+    pytest.param(Response(502, "<html>Bad gateway</html>"), 502, None, None, id="html-error"),
     pytest.param(Response(201, "{not json"), 502, None, None, id="malformed-json"),
     pytest.param(Response(201, "[]"), 502, None, None, id="not-a-resource"),
     pytest.param(Response(201, "{}"), 502, None, None, id="no-sid"),
@@ -184,3 +185,22 @@ def test_send_is_stored_even_if_a_callback_already_moved_it_forward(app, send, f
     row = stored_message(app, sid)
     assert row["latest_status"] == "sent"
     assert row["initial_status"] == "queued"
+
+
+def test_message_sent_but_not_stored_says_so_and_must_not_be_resent(app, send, caplog):
+    conn = sqlite3.connect(app.config["SERVICE"].database_path)
+    conn.execute("DROP TABLE status_events")  # the store fails after Twilio accepted
+    conn.close()
+    response = send()
+    assert response.status_code == 200
+    answer = response.get_json()
+    assert answer["success"] is True and answer["messageSid"].startswith("SM")
+    assert "do not send it again" in answer["warning"]
+    assert f"Message {answer['messageSid']} was sent but could not be stored" in caplog.text
+
+
+def test_twilio_errors_are_logged_with_code_and_status(send, fake_twilio, caplog):
+    fake_twilio.answer_next(twilio_error(401, 20003, "Authenticate"))
+    send()
+    assert "status=401 code=20003 answered=502" in caplog.text
+    assert "credentials" in caplog.text
