@@ -87,12 +87,16 @@ def send_with_idempotency_key(key, payload):
 
 
 def request_fingerprint(config, payload):
-    """A keyed hash of recipient and body: bodies (one-time codes) are not kept in clear."""
+    """A keyed hash of recipient and body: bodies (one-time codes) are not kept in clear.
+
+    Keyed with the API key, whose change starts a new key scope anyway.
+    """
     if isinstance(payload, dict):
         material = json.dumps([payload.get("to"), payload.get("body")], sort_keys=True)
     else:
         material = request.get_data(as_text=True)
-    return hmac.new(config.auth_token.encode(), material.encode(), hashlib.sha256).hexdigest()
+    secret = (config.api_key or config.auth_token).encode()
+    return hmac.new(secret, material.encode(), hashlib.sha256).hexdigest()
 
 
 def replayed(status_code, body):

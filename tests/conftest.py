@@ -165,14 +165,29 @@ class Service:
         return self.log_path.read_text()
 
 
+# Every variable the service reads. A service process gets each of them explicitly (empty
+# means unset), so a developer's .env in the repository cannot leak into a test. PORT,
+# WEB_CONCURRENCY and GUNICORN_THREADS are always given real values (gunicorn itself parses
+# WEB_CONCURRENCY).
+SERVICE_VARIABLES = [
+    "TWILIO_SIMULATE", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER",
+    "TWILIO_MESSAGING_SERVICE_SID", "BASE_URL", "API_KEY", "DATABASE_URL", "TWILIO_TIMEOUT",
+    "STORE_MESSAGE_BODY", "LOG_LEVEL", "SQLITE_SYNCHRONOUS", "ALLOWED_DESTINATIONS",
+    "MAX_SENDS_PER_RECIPIENT_PER_HOUR", "TWILIO_WEBHOOK_SIGNING_KEY", "BODY_RETENTION",
+    "TWILIO_SIMULATE_LATENCY_MS",
+]
+
+
 @pytest.fixture
 def service_env(tmp_path):
     """A clean environment for a service process (nothing inherited but PATH)."""
 
     def make(simulate=True, **overrides):
         port = free_port()
-        env = {"PATH": os.environ.get("PATH", ""), "PORT": str(port), "LOG_LEVEL": "INFO",
-               "DATABASE_URL": f"sqlite:///{tmp_path}/service.db", "WEB_CONCURRENCY": "2"}
+        env = dict.fromkeys(SERVICE_VARIABLES, "")
+        env.update({"PATH": os.environ.get("PATH", ""), "PORT": str(port), "LOG_LEVEL": "INFO",
+                    "DATABASE_URL": f"sqlite:///{tmp_path}/service.db", "WEB_CONCURRENCY": "2",
+                    "GUNICORN_THREADS": "32"})
         if simulate:
             env["TWILIO_SIMULATE"] = "true"
         else:

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from config import ConfigError, load_config
-from conftest import ROOT, free_port, live_env, procfile_command
+from conftest import ROOT, SERVICE_VARIABLES, free_port, live_env, procfile_command
 
 
 def problems(env):
@@ -80,7 +80,10 @@ def test_simulation_ignores_real_credentials(tmp_path):
 
 
 def clean_env(tmp_path, **extra):
-    return {"PATH": "/usr/bin:/bin", "DATABASE_URL": f"sqlite:///{tmp_path}/x.db", **extra}
+    """Every service variable set (empty means unset), so no .env can fill one in."""
+    return {**dict.fromkeys(SERVICE_VARIABLES, ""), "PATH": "/usr/bin:/bin",
+            "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4", "PORT": str(free_port()),
+            "DATABASE_URL": f"sqlite:///{tmp_path}/x.db", **extra}
 
 
 @pytest.mark.parametrize("command", [
@@ -89,7 +92,7 @@ def clean_env(tmp_path, **extra):
 ])
 def test_bad_configuration_stops_the_whole_server_with_one_message(tmp_path, command):
     argv = procfile_command() if command == "procfile" else command
-    env = clean_env(tmp_path, TWILIO_ACCOUNT_SID="nonsense", PORT=str(free_port()))
+    env = clean_env(tmp_path, TWILIO_ACCOUNT_SID="nonsense")
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode != 0

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from config import SIMULATED_AUTH_TOKEN
-from conftest import API_KEY, AUTH_TOKEN, Service, callback, free_port, sign
+from conftest import API_KEY, AUTH_TOKEN, SERVICE_VARIABLES, Service, callback, free_port, sign
 from simulator import SEND_ERRORS
 
 
@@ -16,8 +16,10 @@ from simulator import SEND_ERRORS
 def simulated_service(tmp_path_factory):
     import os
     tmp = tmp_path_factory.mktemp("simulated")
-    env = {"PATH": os.environ["PATH"], "PORT": str(free_port()), "TWILIO_SIMULATE": "true",
-           "DATABASE_URL": f"sqlite:///{tmp}/service.db", "WEB_CONCURRENCY": "2"}
+    env = dict.fromkeys(SERVICE_VARIABLES, "")
+    env.update({"PATH": os.environ["PATH"], "PORT": str(free_port()), "TWILIO_SIMULATE": "true",
+                "DATABASE_URL": f"sqlite:///{tmp}/service.db", "WEB_CONCURRENCY": "2",
+                "GUNICORN_THREADS": "32"})
     service = Service(env, tmp / "service.log").start()
     yield service
     service.kill()
