@@ -77,7 +77,9 @@ def translate(exc):
         )
     status = getattr(exc, "status", None)
     code = getattr(exc, "code", None)
-    code = code if isinstance(code, int) else None
+    # Twilio's error codes have five digits; for a non-JSON error the library puts the
+    # HTTP status there instead, which is not a Twilio code.
+    code = code if isinstance(code, int) and code >= 10000 else None
     message = _twilio_message(exc)
     if status in (400, 422):
         return TwilioFailure(400, "Twilio rejected the message", message, code)
@@ -107,9 +109,9 @@ def _call(action, what):
             AttributeError) as exc:
         failure = translate(exc)
         log.warning(
-            "Twilio %s failed: status=%s code=%s answered=%s (%s)",
+            "Twilio %s failed: status=%s code=%s answered=%s (%s): %s",
             what, getattr(exc, "status", None), failure.code, failure.http_status,
-            exc.__class__.__name__,
+            exc.__class__.__name__, failure.error,
         )
         raise failure from exc
 
