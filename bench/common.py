@@ -1,0 +1,191 @@
+"""Helpers shared by the benchmarks: starting servers, running wrk, reading gunicorn settings.
+
+Every process is started in its own session, so stopping it also stops its children
+(gunicorn's workers), and `Processes` stops all of them on exit, error or Ctrl-C.
+"""
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WRK_INSTALL = "apt-get install -y wrk   (Debian/Ubuntu, as root; brew install wrk on macOS)"
+# Settings a user may set to benchmark other values; everything else is set by the benchmark.
+PASSED_THROUGH = ("WEB_CONCURRENCY", "GUNICORN_THREADS", "SQLITE_SYNCHRONOUS", "LOG_LEVEL")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_env(port, database, **settings):
+    """A clean environment for the service: PATH, the passed-through settings, then `settings`."""
+    env = {"PATH": os.environ.get("PATH", ""), "PORT": str(port),
+           "DATABASE_URL": f"sqlite:///{database}"}
+    env.update({name: os.environ[name] for name in PASSED_THROUGH if name in os.environ})
+    env.update({name: str(value) for name, value in settings.items()})
+    return env
+
+
+def procfile_command(repo):
+    """The Procfile's web command, with gunicorn taken from this Python's environment."""
+    line = next(line for line in (repo / "Procfile").read_text().splitlines()
+                if line.startswith("web:"))
+    argv = shlex.split(line.split(":", 1)[1])
+    argv[0] = str(Path(sys.executable).parent / argv[0])
+    return argv
+
+
+def gunicorn_settings(repo, env):
+    """workers, threads and worker_class as the repository's gunicorn.conf.py sets them in `env`."""
+    code = ("import json, runpy; c = runpy.run_path('gunicorn.conf.py'); "
+            "print(json.dumps({k: c.get(k) for k in ('workers', 'threads', 'worker_class')}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, check=True,
+                         capture_output=True, text=True, timeout=30).stdout
+    settings = json.loads(out)
+    settings["threads"] = settings["threads"] or 1
+    return settings
+
+
+class Processes:
+    """Starts servers and stops every one of them (and their process groups) on exit."""
+
+    def __init__(self, workdir):
+        self.workdir = Path(workdir)
+        self.running = []
+
+    def __enter__(self):
+        # SIGTERM ends the benchmark like Ctrl-C does, so the finally blocks stop everything.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        return self
+
+    def __exit__(self, *exc):
+        for process in reversed(self.running):
+            stop(process)
+        for process in self.running:
+            process.log.close()
+
+    def start_server(self, name, argv, cwd, env, ready_url, timeout=30):
+        log_path = self.workdir / f"{name}.log"
+        log = open(log_path, "ab")
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process.log, process.log_path = log, log_path
+        self.running.append(process)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"{name} exited at start:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=1) as answer:
+                    if answer.status == 200:
+                        return process
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit(f"{name} did not answer {ready_url} within {timeout} s; see {log_path}")
+
+
+def stop(process, timeout=15):
+    """SIGTERM to the process group, SIGKILL if it has not ended after `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+
+
+def cpu_seconds(process):
+    """CPU time used so far by a server: its own and its direct children's (the workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    pids = [process.pid]
+    try:
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
+            pids += [int(pid) for pid in children.read().split()]
+    except OSError:
+        return float("nan")  # no /proc (macOS): the figure is left out
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / ticks
+
+
+def require_wrk():
+    path = shutil.which("wrk")
+    if path is None:
+        raise SystemExit(f"These benchmarks need the load generator wrk. Install it with:\n"
+                         f"  {WRK_INSTALL}")
+    return path
+
+
+def run_wrk(url, script, args, connections, duration, threads=2, timeout=10):
+    """Runs wrk with a Lua script; returns the JSON its done() printed and its other lines.
+
+    The scripts print one line `BENCH {...}` with the figures, and may print more lines.
+    """
+    threads = max(1, min(threads, connections))
+    argv = [require_wrk(), f"-t{threads}", f"-c{connections}", f"-d{duration}s",
+            f"--timeout={timeout}s", "-s", str(script), url, "--", *map(str, args)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=duration + timeout + 60)
+    finally:
+        stop(process, timeout=5)
+    lines = out.splitlines()
+    result = next((line for line in lines if line.startswith("BENCH ")), None)
+    if process.returncode != 0 or result is None:
+        raise SystemExit(f"wrk failed ({process.returncode}): {err.strip()}\n{out[-2000:]}")
+    return json.loads(result[6:]), lines
+
+
+def machine_summary():
+    """One line naming the machine and the tools, printed above the figures."""
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor() or "?")
+    wrk = subprocess.run([require_wrk(), "-v"], capture_output=True, text=True).stdout
+    return (f"machine: {os.cpu_count()} cores ({model}), Python {platform.python_version()}, "
+            f"SQLite {sqlite3.sqlite_version}, {wrk.splitlines()[0].split(' [')[0]}")
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values, p):
+    """The p-th percentile (nearest rank) of a list of numbers."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+def ms(microseconds):
+    return f"{microseconds / 1000:.1f}"
+
+
+def verdict(ok):
+    return "met" if ok else "MISSED"

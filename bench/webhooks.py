@@ -1,0 +1,310 @@
+"""Benchmark of status-callback ingestion: `python bench/webhooks.py [--smoke]`.
+
+Starts the service as the Procfile does (gunicorn with the repository's gunicorn.conf.py)
+in live mode with made-up credentials on a free 127.0.0.1 port and a fresh database, and
+a straightforward receiver (bench/baseline_app.py) beside it. Pre-signs distinct Twilio
+status callbacks (queued, sent, then delivered or undelivered, for thousands of SIDs) and
+fires them with wrk over a fixed number of keep-alive connections, never one twice.
+
+Each round measures, one after the other: the service storing callbacks; the same service
+rejecting them (wrong signature: 403, nothing stored), its ceiling without storage; the
+baseline receiver; and SQLite's raw single-row commit rate with the service's settings in
+the same directory. Medians over the rounds and the ratios are printed at the end.
+
+Exits non-zero if an acknowledged callback is missing from the database, a rejected one
+was stored, the service answered any 5xx, or the pre-signed pool ran out.
+"""
+
+import argparse
+import secrets
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+from common import (
+    BENCH,
+    ROOT,
+    Processes,
+    cpu_seconds,
+    free_port,
+    gunicorn_settings,
+    machine_summary,
+    median,
+    ms,
+    procfile_command,
+    require_wrk,
+    run_wrk,
+    service_env,
+    verdict,
+)
+from twilio.request_validator import RequestValidator
+
+ACCOUNT_SID = "AC" + secrets.token_hex(16)
+AUTH_TOKEN = secrets.token_hex(16)
+SENDER = "+15551234567"
+POOL_RATE = 4000  # pre-signed callbacks per second of a run; far above what Flask answers here
+SIDS_PER_BLOCK = 500  # a block's callbacks go out as queued for all, then sent, then final
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
+    parser.add_argument("--smoke", action="store_true",
+                        help="1 round of 2 s measurements: checks that it works, not how fast")
+    parser.add_argument("--keep", action="store_true", help="keep logs and databases")
+    parser.add_argument("--repo", type=Path, default=ROOT,
+                        help="benchmark the service in another checkout (default: this one)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.duration, args.rounds = 2, 1
+    return args
+
+
+def callback_params(sid, status, to):
+    params = {"MessageSid": sid, "SmsSid": sid, "MessageStatus": status, "SmsStatus": status,
+              "AccountSid": ACCOUNT_SID, "From": SENDER, "To": to, "ApiVersion": "2010-04-01"}
+    if status == "undelivered":
+        params["ErrorCode"] = "30003"
+    return params
+
+
+def write_pool(path, round_no, count, url):
+    """Writes `count` distinct signed callbacks, one "<signature>\\t<form body>" per line."""
+    validator = RequestValidator(AUTH_TOKEN)
+    with open(path, "w") as out:
+        written, block = 0, 0
+        while written < count:
+            sids = [(f"SM{round_no:02x}{block * SIDS_PER_BLOCK + i:030x}", f"+1555{i:07d}")
+                    for i in range(SIDS_PER_BLOCK)]
+            for step in ("queued", "sent", "final"):
+                for i, (sid, to) in enumerate(sids):
+                    status = step if step != "final" else (
+                        "undelivered" if i % 10 == 9 else "delivered")
+                    params = callback_params(sid, status, to)
+                    signature = validator.compute_signature(url, params)
+                    out.write(f"{signature}\t{urllib.parse.urlencode(params)}\n")
+            written += 3 * SIDS_PER_BLOCK
+            block += 1
+    return written
+
+
+def count_rows(database, table="status_events"):
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def settled_count(database, limit=15):
+    """The row count once requests cut off when wrk stopped have finished (stable for 0.5 s)."""
+    count, deadline = count_rows(database), time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        count, previous = count_rows(database), count
+        if count == previous:
+            break
+    return count
+
+
+def sqlite_commit_rate(repo, directory, synchronous, seconds):
+    """Single-row commits per second on one kept connection opened as the service opens it."""
+    sys.path.insert(0, str(repo))
+    import db  # the service's module: same PRAGMAs, same BEGIN IMMEDIATE transactions
+
+    path = Path(directory) / f"raw-{synchronous.lower()}.db"
+    conn = db.open_connection(str(path), synchronous)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS events (sid TEXT, status TEXT, at TEXT)")
+    count, start = 0, time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        with db.write_transaction(conn):
+            conn.execute("INSERT INTO events VALUES (?, 'sent', ?)",
+                         (f"SM{count}", db.utc_now_iso()))
+        count += 1
+    rate = count / (time.perf_counter() - start)
+    conn.close()
+    return rate
+
+
+def describe(name, r, key="acked"):
+    """One measurement on one line; `key` is the answer counted (acked, or rejected for 403)."""
+    return (f"{name:<14} {rate(r, key):6.0f}/s  p50 {ms(r['p50_us']):>5}  p90 {ms(r['p90_us']):>6}"
+            f"  p99 {ms(r['p99_us']):>6}  max {ms(r['max_us']):>6} ms  {r['cores']:.2f} cores  "
+            f"other answers {r['responses'] - r[key]}  5xx {r['server_errors']}  "
+            f"socket errors {r['socket_errors']}  timeouts {r['timeouts']}")
+
+
+def main():
+    args = parse_args()
+    require_wrk()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
+    failures = ["interrupted"]
+    try:
+        with Processes(workdir) as processes:
+            failures = run(args, workdir, processes)
+    finally:
+        if failures or args.keep:
+            print(f"logs and databases kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if failures:
+        print("FAILED: " + "; ".join(failures))
+        sys.exit(1)
+
+
+def run(args, workdir, processes):
+    port, baseline_port = free_port(), free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    service_db, baseline_db = workdir / "service.db", workdir / "baseline.db"
+    env = service_env(port, service_db, TWILIO_SIMULATE="false",
+                      TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+                      TWILIO_PHONE_NUMBER=SENDER, API_KEY=secrets.token_urlsafe(24),
+                      BASE_URL=base_url)
+    synchronous = env.get("SQLITE_SYNCHRONOUS", "NORMAL").upper()
+    gunicorn = gunicorn_settings(args.repo, env)
+    print(machine_summary())
+    print(f"service: {' '.join(procfile_command(args.repo)[1:])} in {args.repo}: "
+          f"{gunicorn['worker_class']}, {gunicorn['workers']} workers x {gunicorn['threads']} "
+          f"threads, SQLite WAL synchronous={synchronous}")
+    print(f"load: wrk, {args.connections} keep-alive connections, {args.duration} s per "
+          f"measurement, {args.rounds} interleaved rounds")
+
+    per_round = POOL_RATE * args.duration
+    started = time.perf_counter()
+    pools = [workdir / f"pool-{r}.tsv" for r in range(args.rounds)]
+    signed = sum(write_pool(pool, r, per_round, base_url + "/message-status")
+                 for r, pool in enumerate(pools))
+    print(f"pre-signed {signed} distinct callbacks ({signed // 3} SIDs x 3 statuses) "
+          f"in {time.perf_counter() - started:.1f} s")
+    wrong_signature = RequestValidator("not-" + AUTH_TOKEN).compute_signature(base_url, {})
+
+    service = processes.start_server("service", procfile_command(args.repo), args.repo, env,
+                                     base_url + "/healthz")
+    with sqlite3.connect(baseline_db) as conn:
+        conn.execute("CREATE TABLE status_events (message_sid TEXT, status TEXT, received_at TEXT)")
+    gunicorn_bin = Path(sys.executable).parent / "gunicorn"
+    baseline = processes.start_server(
+        "baseline",
+        [str(gunicorn_bin), "-k", "sync", "-w", "2", "-b", f"127.0.0.1:{baseline_port}",
+         "baseline_app:app"],
+        BENCH, {"PATH": env["PATH"], "BASELINE_DB": str(baseline_db),
+                "BASELINE_URL": base_url + "/message-status", "BASELINE_TOKEN": AUTH_TOKEN},
+        f"http://127.0.0.1:{baseline_port}/healthz")
+
+    other_sync = "FULL" if synchronous == "NORMAL" else "NORMAL"
+    raw_seconds = min(args.duration, 3)
+    results = {"service": [], "403 ceiling": [], "baseline": []}
+    raw = {synchronous: [], other_sync: []}
+    failures = []
+    acked_total = sent_upper_bound = baseline_acked = 0
+    script = BENCH / "callbacks.lua"
+
+    def wrk(server, url, pool, *extra):
+        """One measurement; adds the cores the server used to wrk's figures."""
+        cpu = cpu_seconds(server)
+        threads = min(2, args.connections)
+        result = run_wrk(url, script, [pool, threads, *extra], args.connections, args.duration,
+                         threads=threads)[0]
+        result["cores"] = (cpu_seconds(server) - cpu) / (result["duration_us"] / 1e6)
+        if server.poll() is not None:
+            raise SystemExit(f"FAILED: a server stopped during the run; see {server.log_path}")
+        return result
+
+    for r, pool in enumerate(pools):
+        print(f"\nround {r + 1} of {args.rounds}")
+        result = wrk(service, base_url, pool)
+        results["service"].append(result)
+        print("  " + describe("service", result))
+        acked_total += result["acked"]
+        sent_upper_bound += result["issued"] - result["exhausted"]
+        failures += check_run("service", result)
+        stored = settled_count(service_db)
+        missing = acked_total - stored
+        print(f"  {'':<14} stored {stored} in all, acknowledged {acked_total} in all: "
+              f"{'none missing' if missing <= 0 else f'MISSING {missing}'}")
+        if missing > 0:
+            failures.append(f"{missing} acknowledged callbacks missing")
+        if stored > sent_upper_bound:
+            failures.append(f"{stored} rows stored but at most {sent_upper_bound} sent")
+
+        result = wrk(service, base_url, pool, wrong_signature)
+        results["403 ceiling"].append(result)
+        print("  " + describe("403 ceiling", result, "rejected"))
+        failures += check_run("403 run", result, expect=403)
+        if settled_count(service_db) != stored:
+            failures.append("callbacks with a wrong signature were stored")
+
+        result = wrk(baseline, f"http://127.0.0.1:{baseline_port}", pool)
+        results["baseline"].append(result)
+        baseline_acked += result["acked"]
+        print("  " + describe("baseline", result))
+
+        for level in raw:
+            raw[level].append(sqlite_commit_rate(args.repo, workdir, level, raw_seconds))
+            print(f"  {'sqlite ' + level:<14} {raw[level][-1]:6.0f} commits/s "
+                  f"(one kept connection, WAL, synchronous={level})")
+
+    baseline_stored = settled_count(baseline_db)
+    if baseline_stored < baseline_acked:
+        failures.append(f"baseline lost {baseline_acked - baseline_stored} callbacks")
+    report(args, results, raw, synchronous, other_sync, count_rows(service_db), acked_total)
+    return failures
+
+
+def check_run(name, result, expect=200):
+    problems = []
+    if result["exhausted"]:
+        problems.append(f"{name}: the pre-signed pool ran out ({result['exhausted']} requests "
+                        f"over); raise POOL_RATE")
+    if result["server_errors"]:
+        problems.append(f"{name}: {result['server_errors']} answers 5xx")
+    if result["duplicates"]:
+        problems.append(f"{name}: {result['duplicates']} callbacks answered as repeats")
+    wrong = result["other"] + (result["rejected"] if expect == 200 else result["acked"])
+    if wrong:
+        problems.append(f"{name}: {wrong} unexpected answers (expected {expect})")
+    return problems
+
+
+def rate(result, key="acked"):
+    return result[key] / (result["duration_us"] / 1e6)
+
+
+def report(args, results, raw, synchronous, other_sync, stored, acked):
+    keys = {"service": "acked", "403 ceiling": "rejected", "baseline": "acked"}
+    rates = {name: median([rate(r, keys[name]) for r in runs]) for name, runs in results.items()}
+    print(f"\nmedians of {args.rounds} rounds, {args.connections} connections, "
+          f"{args.duration} s each")
+    print(f"{'':<30} {'per s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}"
+          f" {'cores':>6}")
+    labels = {"service": "service (stored)", "403 ceiling": "service 403 ceiling",
+              "baseline": "baseline receiver"}
+    for name, runs in results.items():
+        print(f"{labels[name]:<30} {rates[name]:7.0f}" + "".join(
+            f" {ms(median([r[k] for r in runs])):>7}" for k in ("p50_us", "p90_us", "p99_us",
+                                                               "max_us"))
+            + f" {median([r['cores'] for r in runs]):6.2f}")
+    for level in (synchronous, other_sync):
+        label = f"sqlite commits, sync={level}" + (" *" if level == synchronous else "")
+        print(f"{label:<30} {median(raw[level]):7.0f}")
+    print("(* the service's setting; one kept connection, WAL, one row per commit)")
+
+    service, baseline, ceiling = rates["service"], rates["baseline"], rates["403 ceiling"]
+    p99 = median([r["p99_us"] for r in results["service"]]) / 1000
+    print(f"\nservice / baseline      = {service / baseline:5.2f}   "
+          f"(target >= 3: {verdict(service >= 3 * baseline)})")
+    print(f"service / 403 ceiling   = {service / ceiling:5.2f}   "
+          f"(target >= 0.60: {verdict(service >= 0.6 * ceiling)})")
+    print(f"service / sqlite commit = {service / median(raw[synchronous]):5.2f}")
+    print(f"service p99             = {p99:5.1f} ms (target < 50 ms: {verdict(p99 < 50)})")
+    print(f"stored {stored} status events for {acked} acknowledged callbacks: "
+          f"{'none lost' if stored >= acked else 'LOST ' + str(acked - stored)}")
+
+
+if __name__ == "__main__":
+    main()
