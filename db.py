@@ -6,6 +6,8 @@ a connection per commit is many times slower. `get_db()` is the only way request
 code reaches the database, so how connections are held can change in one place.
 """
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -93,11 +95,30 @@ def iso_to_timestamp(text):
     return moment.timestamp()
 
 
+class Connection(sqlite3.Connection):
+    """A connection that knows its database file, for the writers' queue."""
+
+
+# Writers queue here before BEGIN IMMEDIATE: threads on this lock, processes on an flock().
+_writers = threading.Lock()
+_writer_lock_files = {}
+
+
+def _writer_lock_file(path):
+    """This process's descriptor of `path`-lock, which the processes' writers queue on."""
+    key = (os.getpid(), path)  # opened after fork: each worker needs its own descriptor
+    if key not in _writer_lock_files:
+        _writer_lock_files[key] = os.open(path + "-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    return _writer_lock_files[key]
+
+
 def open_connection(path, synchronous="NORMAL"):
     """Opens a connection with the service's settings (autocommit; transactions are explicit)."""
     conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False,
+        factory=Connection,
     )
+    conn.path = path
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -182,15 +203,27 @@ def _switch_to_wal(conn, attempts=100):
 
 @contextmanager
 def write_transaction(conn):
-    """BEGIN IMMEDIATE takes the write lock up front, so the busy timeout applies to it."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    """BEGIN IMMEDIATE takes the write lock up front, so the busy timeout applies to it.
+
+    Writers first queue on a thread lock and an flock() shared by the workers, which hand
+    over as soon as they are free. Left to SQLite, waiting writers retry after sleeps of up
+    to 100 ms: with dozens of threads that starved some for the whole 5 s busy timeout
+    ("database is locked"). SQLite's lock still guards against every other writer.
+    """
+    with _writers:
+        lock_file = _writer_lock_file(conn.path)
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _apply_status(conn, sid, status, error_code, at):

@@ -11,12 +11,16 @@ written into the last character of the message SID, so that a fetch in another
 process (reconciliation) can answer with the final status the recipient determined.
 """
 
+import heapq
+import itertools
 import json
 import logging
+import os
 import re
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
@@ -47,6 +51,7 @@ OUTCOME_BY_NUMBER = {"+15005551003": "1", "+15005551008": "2"}
 
 CALLBACK_STEP_SECONDS = 0.25
 CALLBACK_TIMEOUT_SECONDS = 10
+CALLBACK_SENDERS = 8  # threads per process posting due callbacks
 
 MESSAGES_PATH = re.compile(r"/Accounts/(AC[0-9a-fA-F]{32})/Messages(?:/(\w+))?\.json$")
 
@@ -108,6 +113,13 @@ class SimulatedTwilio(HttpClient):
         self.step_seconds = step_seconds
         self.send_callbacks = send_callbacks
         self.validator = RequestValidator(auth_token)
+        # Callbacks wait in a schedule served by one thread and a few senders on one pooled
+        # session, not a thread and a new connection each: the simulator runs in the worker,
+        # sharing its CPU and GIL, while real Twilio sends callbacks from its own machines.
+        self.callbacks = requests.Session()
+        self.callbacks.trust_env = False  # no proxy or .netrc look-ups per callback
+        self._due, self._order, self._due_changed = [], itertools.count(), threading.Condition()
+        self._pid = None
 
     def request(self, method, uri, params=None, data=None, headers=None, auth=None,
                 timeout=None, allow_redirects=False):
@@ -146,11 +158,9 @@ class SimulatedTwilio(HttpClient):
         )
         callback_url = data.get("StatusCallback")
         if callback_url and self.send_callbacks:
-            threading.Thread(
-                target=self._deliver_callbacks,
-                args=(callback_url, sid, to, from_ or service_sid, initial, outcome),
-                daemon=True,
-            ).start()
+            final_status, _ = OUTCOMES[outcome]
+            steps = (["queued"] if initial == "accepted" else []) + ["sent", final_status]
+            self._schedule((callback_url, sid, to, from_ or service_sid, outcome, steps))
         return _json_response(201, resource)
 
     def _fetch(self, sid):
@@ -162,11 +172,35 @@ class SimulatedTwilio(HttpClient):
             self.account_sid, sid, status, None, None, None, None, error_code
         ))
 
-    def _deliver_callbacks(self, url, sid, to, from_, initial, outcome):
+    def _schedule(self, delivery):
+        """Posts the delivery's first callback in step_seconds, then schedules the rest."""
+        with self._due_changed:
+            if self._pid != os.getpid():  # first use in this process (gunicorn forks workers)
+                self._pid, self._due = os.getpid(), []
+                self._senders = ThreadPoolExecutor(CALLBACK_SENDERS)
+                threading.Thread(target=self._run_schedule, daemon=True).start()
+            due = time.monotonic() + self.step_seconds
+            heapq.heappush(self._due, (due, next(self._order), delivery))
+            self._due_changed.notify()
+
+    def _run_schedule(self):
+        while True:
+            with self._due_changed:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._due_changed.wait(
+                        self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, delivery = heapq.heappop(self._due)
+            self._senders.submit(self._deliver_next, delivery)
+
+    def _deliver_next(self, delivery):
+        url, sid, to, from_, outcome, steps = delivery
+        self._deliver_callbacks(url, sid, to, from_, outcome, steps[:1])
+        if steps[1:]:
+            self._schedule((url, sid, to, from_, outcome, steps[1:]))
+
+    def _deliver_callbacks(self, url, sid, to, from_, outcome, steps):
         final_status, error_code = OUTCOMES[outcome]
-        steps = (["queued"] if initial == "accepted" else []) + ["sent", final_status]
         for status in steps:
-            time.sleep(self.step_seconds)
             params = {
                 "MessageSid": sid,
                 "SmsSid": sid,
@@ -181,7 +215,7 @@ class SimulatedTwilio(HttpClient):
                 params["ErrorCode"] = str(error_code)
             signature = self.validator.compute_signature(url, params)
             try:
-                answer = requests.post(
+                answer = self.callbacks.post(
                     url, data=params, headers={"X-Twilio-Signature": signature},
                     timeout=CALLBACK_TIMEOUT_SECONDS,
                 )
