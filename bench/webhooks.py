@@ -296,11 +296,11 @@ def report(args, results, raw, synchronous, other_sync, stored, acked):
 
     service, baseline, ceiling = rates["service"], rates["baseline"], rates["403 ceiling"]
     p99 = median([r["p99_us"] for r in results["service"]]) / 1000
-    print(f"\nservice / baseline      = {service / baseline:5.2f}   "
+    print(f"\nservice / baseline      = {service / baseline:6.3f}   "
           f"(target >= 3: {verdict(service >= 3 * baseline)})")
-    print(f"service / 403 ceiling   = {service / ceiling:5.2f}   "
+    print(f"service / 403 ceiling   = {service / ceiling:6.3f}   "
           f"(target >= 0.60: {verdict(service >= 0.6 * ceiling)})")
-    print(f"service / sqlite commit = {service / median(raw[synchronous]):5.2f}")
+    print(f"service / sqlite commit = {service / median(raw[synchronous]):6.3f}")
     print(f"service p99             = {p99:5.1f} ms (target < 50 ms: {verdict(p99 < 50)})")
     print(f"stored {stored} status events for {acked} acknowledged callbacks: "
           f"{'none lost' if stored >= acked else 'LOST ' + str(acked - stored)}")
