@@ -72,6 +72,10 @@ MIGRATIONS = [
     );
     CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number);
     """,
+    """
+    ALTER TABLE send_reservations ADD COLUMN counts_until REAL;
+    UPDATE send_reservations SET counts_until = reserved_at + 3600;
+    """,
 ]
 
 _local = threading.local()
@@ -99,17 +103,63 @@ class Connection(sqlite3.Connection):
     """A connection that knows its database file, for the writers' queue."""
 
 
-# Writers queue here before BEGIN IMMEDIATE: threads on this lock, processes on an flock().
-_writers = threading.Lock()
-_writer_lock_files = {}
+# Writers of one database queue before BEGIN IMMEDIATE: the threads of a process on a
+# lock, the processes on an flock() of `<database>-lock`. Both are per process (gunicorn
+# forks workers after the app is loaded), so they are keyed by the process id.
+_writer_queues = {}
+_writer_queues_guard = threading.Lock()
+_held = threading.local()
 
 
-def _writer_lock_file(path):
-    """This process's descriptor of `path`-lock, which the processes' writers queue on."""
-    key = (os.getpid(), path)  # opened after fork: each worker needs its own descriptor
-    if key not in _writer_lock_files:
-        _writer_lock_files[key] = os.open(path + "-lock", os.O_RDWR | os.O_CREAT, 0o600)
-    return _writer_lock_files[key]
+def _writer_queue(path):
+    """This process's (thread lock, lock-file descriptor) for `path`."""
+    key = (os.getpid(), path)
+    with _writer_queues_guard:
+        if key not in _writer_queues:
+            try:
+                fd = os.open(path + "-lock", os.O_RDWR | os.O_CREAT, 0o666)
+                if os.geteuid() == 0:  # like SQLite's own files: owned as the database is
+                    stat = os.stat(path)
+                    os.fchown(fd, stat.st_uid, stat.st_gid)
+            except OSError as error:
+                raise sqlite3.OperationalError(f"cannot open {path}-lock: {error}") from None
+            _writer_queues[key] = (threading.Lock(), fd)
+        return _writer_queues[key]
+
+
+@contextmanager
+def _writer_turn(path):
+    """Waits for this database's write turn, for at most the busy timeout in all."""
+    if path in getattr(_held, "paths", set()):
+        raise sqlite3.OperationalError("cannot start a transaction within a transaction")
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    lock, fd = _writer_queue(path)
+    if not lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+        raise sqlite3.OperationalError("database is locked")
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise sqlite3.OperationalError("database is locked") from None
+                time.sleep(0.0005)
+        _held.paths = getattr(_held, "paths", set()) | {path}
+        try:
+            yield
+        finally:
+            _held.paths = _held.paths - {path}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        lock.release()
+
+
+def _close_writer_queues():
+    """Closes this process's lock-file descriptors; only when no write can be under way."""
+    with _writer_queues_guard:
+        for key in [k for k in _writer_queues if k[0] == os.getpid()]:
+            os.close(_writer_queues.pop(key)[1])
 
 
 def open_connection(path, synchronous="NORMAL"):
@@ -167,6 +217,7 @@ def close_all():
         except sqlite3.Error:
             pass
     _local.__dict__.clear()
+    _close_writer_queues()
 
 
 def migrate(path):
@@ -178,11 +229,18 @@ def migrate(path):
         # (gunicorn and a scheduled command) never apply one migration twice.
         with write_transaction(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise sqlite3.DatabaseError(
+                    f"its schema (version {version}) is newer than this code's "
+                    f"({len(MIGRATIONS)}); run the newer release"
+                )
+            # Statements are split on ';': the migrations hold no ';' inside a statement.
             for script in MIGRATIONS[version:]:
                 for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+            if version < len(MIGRATIONS):
+                conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
         return len(MIGRATIONS)
     finally:
         conn.close()
@@ -203,27 +261,35 @@ def _switch_to_wal(conn, attempts=100):
 
 @contextmanager
 def write_transaction(conn):
-    """BEGIN IMMEDIATE takes the write lock up front, so the busy timeout applies to it.
+    """One write transaction; BEGIN IMMEDIATE takes SQLite's write lock up front.
 
-    Writers first queue on a thread lock and an flock() shared by the workers, which hand
-    over as soon as they are free. Left to SQLite, waiting writers retry after sleeps of up
-    to 100 ms: with dozens of threads that starved some for the whole 5 s busy timeout
-    ("database is locked"). SQLite's lock still guards against every other writer.
+    Writers first take their turn in the queue above. Left to SQLite alone, waiting writers
+    retry after sleeps of up to 100 ms: with dozens of threads that starved some for the
+    whole busy timeout ("database is locked"). SQLite's lock still guards against any other
+    writer. Waiting in the queue and for SQLite's lock are each bounded by the busy timeout.
     """
-    with _writers:
-        lock_file = _writer_lock_file(conn.path)
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+    with _writer_turn(conn.path):
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+            except sqlite3.Error:
+                _discard(conn)  # stuck in its transaction: never use it again
+            raise
+
+
+def _discard(conn):
+    """Closes a broken kept connection; its thread opens a new one on next use."""
+    connections = getattr(_local, "connections", {})
+    if connections.get(conn.path) is conn:
+        del connections[conn.path]
+    with _all_connections_lock:
+        _all_connections[:] = [entry for entry in _all_connections if entry[1] is not conn]
+    conn.close()
 
 
 def _apply_status(conn, sid, status, error_code, at):
@@ -359,35 +425,46 @@ def release_idempotency_key(conn, scope, key):
         conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key))
 
 
-def reserve_send(conn, to, now, limit, stale_before):
+def reserve_send(conn, to, now, limit, in_flight_seconds):
     """Claims one of the `limit` sends to `to` allowed per hour, atomically across workers.
 
-    Counts the messages sent in the last hour and the sends still waiting on Twilio.
-    Returns (reservation id, None), or (None, seconds until the oldest leaves the hour).
-    A reservation older than `stale_before` belonged to a request that died; it is dropped.
+    Counts the messages sent in the last hour and the reservations still counting: sends
+    waiting on Twilio (for `in_flight_seconds` at most; a longer one belonged to a request
+    that died) and sends whose outcome is unknown. Returns (reservation id, None), or
+    (None, seconds until the first of those stops counting).
     """
     with write_transaction(conn):
-        conn.execute("DELETE FROM send_reservations WHERE reserved_at < ?", (stale_before,))
+        conn.execute("DELETE FROM send_reservations WHERE counts_until < ?", (now,))
         sent = conn.execute(
             "SELECT sent_at FROM messages WHERE to_number = ? AND sent_at > ?",
             (to, utc_now_iso(now - 3600)),
         ).fetchall()
-        pending = conn.execute(
-            "SELECT reserved_at FROM send_reservations WHERE to_number = ?", (to,)
+        reserved = conn.execute(
+            "SELECT counts_until FROM send_reservations WHERE to_number = ?", (to,)
         ).fetchall()
-        times = [iso_to_timestamp(row[0]) for row in sent] + [row[0] for row in pending]
-        if len(times) >= limit:
-            return None, min(times) + 3600 - now
+        stop_counting = [iso_to_timestamp(row[0]) + 3600 for row in sent]
+        stop_counting += [row[0] for row in reserved]
+        if len(stop_counting) >= limit:
+            return None, min(stop_counting) - now
         reservation = conn.execute(
-            "INSERT INTO send_reservations (to_number, reserved_at) VALUES (?, ?)", (to, now)
+            "INSERT INTO send_reservations (to_number, reserved_at, counts_until)"
+            " VALUES (?, ?, ?)",
+            (to, now, now + in_flight_seconds),
         ).lastrowid
         return reservation, None
 
 
 def release_send(conn, reservation):
-    """Gives a reservation back: Twilio did not accept the message."""
+    """Gives a reservation back: Twilio certainly did not send the message."""
     with write_transaction(conn):
         conn.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
+
+
+def keep_reservation(conn, reservation, until):
+    """Keeps counting a send whose outcome is unknown, as if it had gone out."""
+    with write_transaction(conn):
+        conn.execute("UPDATE send_reservations SET counts_until = ? WHERE id = ?",
+                     (until, reservation))
 
 
 def messages_to_reconcile(conn, idle_before, limit):

@@ -72,7 +72,10 @@ def send_with_idempotency_key(key, payload):
     except Exception:
         if not g.get("twilio_called"):
             # Nothing was sent (a database error, say): free the key so a retry can go ahead.
-            db.release_idempotency_key(conn, scope, key)
+            try:
+                db.release_idempotency_key(conn, scope, key)
+            except sqlite3.Error as error:
+                log.error("Could not release an Idempotency-Key: %s", error)
         raise
     try:
         if keep:
@@ -127,24 +130,38 @@ def checked_send(payload):
     if limit:
         now = current_app.config["CLOCK"]()
         reservation, wait = db.reserve_send(db.get_db(), to, now, limit,
-                                            stale_before=now - 2 * config.twilio_timeout)
+                                            in_flight_seconds=2 * config.twilio_timeout)
         if reservation is None:
             retry_after = max(1, math.ceil(wait))
             log.warning("Refused send to %s: MAX_SENDS_PER_RECIPIENT_PER_HOUR=%d reached",
                         rules.mask_phone(to), limit)
             return send_error(
-                429, f"This recipient already got {limit} messages in the last hour, the "
-                     f"limit (MAX_SENDS_PER_RECIPIENT_PER_HOUR={limit}); retry after "
-                     f"{retry_after} seconds", retry_after=retry_after,
+                429, f"This recipient already has {limit} messages sent or being sent in the "
+                     f"last hour, the limit (MAX_SENDS_PER_RECIPIENT_PER_HOUR={limit}); "
+                     f"retry after {retry_after} seconds", retry_after=retry_after,
             ), False
     return send_and_record(to, payload["body"], reservation)
+
+
+def settle_reservation(reservation, failure):
+    """After a failed send: free the place if nothing went out, else keep it counting."""
+    try:
+        if failure.http_status == 400 or failure.safe_to_retry:
+            db.release_send(db.get_db(), reservation)
+        else:
+            db.keep_reservation(db.get_db(), reservation,
+                                until=current_app.config["CLOCK"]() + 3600)
+    except sqlite3.Error as error:
+        # The answer about the send matters more; the reservation expires on its own.
+        log.error("Could not settle a per-recipient reservation: %s", error)
 
 
 def send_and_record(to, body, reservation=None):
     """Sends through Twilio, then stores the message; returns (response, keep-for-replay).
 
-    `reservation` is this send's place under the per-recipient limit: stored with the
-    message on success, given back when Twilio refused or failed.
+    `reservation` is this send's place under the per-recipient limit: replaced by the
+    stored message on success, given back when Twilio certainly sent nothing, and kept
+    for an hour when the outcome is unknown.
     """
     config = current_app.config["SERVICE"]
     g.twilio_called = True
@@ -152,7 +169,7 @@ def send_and_record(to, body, reservation=None):
         message = twilio_api.send_message(current_app.extensions["twilio"], config, to, body)
     except twilio_api.TwilioFailure as failure:
         if reservation is not None:
-            db.release_send(db.get_db(), reservation)
+            settle_reservation(reservation, failure)
         response = send_error(failure.http_status, failure.error, details=failure.details,
                               code=failure.code, retry_after=failure.retry_after)
         return response, not failure.safe_to_retry

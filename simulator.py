@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 
 import requests
+from requests.adapters import HTTPAdapter
 from twilio.http import HttpClient
 from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
@@ -116,8 +117,7 @@ class SimulatedTwilio(HttpClient):
         # Callbacks wait in a schedule served by one thread and a few senders on one pooled
         # session, not a thread and a new connection each: the simulator runs in the worker,
         # sharing its CPU and GIL, while real Twilio sends callbacks from its own machines.
-        self.callbacks = requests.Session()
-        self.callbacks.trust_env = False  # no proxy or .netrc look-ups per callback
+        # All of it is made on first use in each process, since gunicorn forks workers.
         self._due, self._order, self._due_changed = [], itertools.count(), threading.Condition()
         self._pid = None
 
@@ -173,10 +173,14 @@ class SimulatedTwilio(HttpClient):
         ))
 
     def _schedule(self, delivery):
-        """Posts the delivery's first callback in step_seconds, then schedules the rest."""
+        """Queues the delivery's next callback to be posted in step_seconds."""
         with self._due_changed:
-            if self._pid != os.getpid():  # first use in this process (gunicorn forks workers)
+            if self._pid != os.getpid():  # first use in this process
                 self._pid, self._due = os.getpid(), []
+                self._session = requests.Session()
+                self._session.trust_env = False  # no proxy or .netrc look-ups per callback
+                self._session.mount("http://", HTTPAdapter(pool_maxsize=CALLBACK_SENDERS))
+                self._session.mount("https://", HTTPAdapter(pool_maxsize=CALLBACK_SENDERS))
                 self._senders = ThreadPoolExecutor(CALLBACK_SENDERS)
                 threading.Thread(target=self._run_schedule, daemon=True).start()
             due = time.monotonic() + self.step_seconds
@@ -190,38 +194,51 @@ class SimulatedTwilio(HttpClient):
                     self._due_changed.wait(
                         self._due[0][0] - time.monotonic() if self._due else None)
                 _, _, delivery = heapq.heappop(self._due)
-            self._senders.submit(self._deliver_next, delivery)
+            try:
+                self._senders.submit(self._deliver_next, delivery)
+            except RuntimeError:  # the interpreter is shutting down
+                return
 
     def _deliver_next(self, delivery):
         url, sid, to, from_, outcome, steps = delivery
-        self._deliver_callbacks(url, sid, to, from_, outcome, steps[:1])
+        try:
+            self._post_callback(url, sid, to, from_, outcome, steps[0])
+        except Exception:  # never lose the rest of a message's callbacks silently
+            log.exception("Simulated callback %s %s could not be sent", sid, steps[0])
         if steps[1:]:
             self._schedule((url, sid, to, from_, outcome, steps[1:]))
 
-    def _deliver_callbacks(self, url, sid, to, from_, outcome, steps):
+    def _post_callback(self, url, sid, to, from_, outcome, status):
         final_status, error_code = OUTCOMES[outcome]
-        for status in steps:
-            params = {
-                "MessageSid": sid,
-                "SmsSid": sid,
-                "MessageStatus": status,
-                "SmsStatus": status,
-                "AccountSid": self.account_sid,
-                "From": from_,
-                "To": to,
-                "ApiVersion": "2010-04-01",
-            }
-            if status == final_status and error_code:
-                params["ErrorCode"] = str(error_code)
-            signature = self.validator.compute_signature(url, params)
+        params = {
+            "MessageSid": sid,
+            "SmsSid": sid,
+            "MessageStatus": status,
+            "SmsStatus": status,
+            "AccountSid": self.account_sid,
+            "From": from_,
+            "To": to,
+            "ApiVersion": "2010-04-01",
+        }
+        if status == final_status and error_code:
+            params["ErrorCode"] = str(error_code)
+        headers = {"X-Twilio-Signature": self.validator.compute_signature(url, params)}
+        for attempt in (1, 2):
             try:
-                answer = self.callbacks.post(
-                    url, data=params, headers={"X-Twilio-Signature": signature},
-                    timeout=CALLBACK_TIMEOUT_SECONDS,
-                )
-                if answer.status_code != 200:
-                    log.warning("Simulated callback %s %s answered %s",
-                                sid, status, answer.status_code)
+                answer = self._session.post(url, data=params, headers=headers,
+                                            timeout=CALLBACK_TIMEOUT_SECONDS)
+            except requests.ConnectionError as exc:
+                # A kept-alive connection the server had just closed: try once more.
+                if attempt == 1:
+                    continue
+                log.warning("Simulated callback %s %s failed: %s",
+                            sid, status, exc.__class__.__name__)
+                return
             except requests.RequestException as exc:
                 log.warning("Simulated callback %s %s failed: %s",
                             sid, status, exc.__class__.__name__)
+                return
+            if answer.status_code != 200:
+                log.warning("Simulated callback %s %s answered %s",
+                            sid, status, answer.status_code)
+            return

@@ -1,5 +1,8 @@
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -49,3 +52,55 @@ def test_processes_starting_together_migrate_once(tmp_path, attempt):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(db.MIGRATIONS)
     conn.close()
+
+
+def test_a_newer_schema_is_refused_not_downgraded(tmp_path):
+    path = str(tmp_path / "newer.db")
+    db.migrate(path)
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {len(db.MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(sqlite3.DatabaseError, match="newer than this code"):
+        db.migrate(path)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(db.MIGRATIONS) + 1
+    conn.close()
+
+
+def test_nested_write_transactions_fail_instead_of_hanging(tmp_path):
+    path = str(tmp_path / "nested.db")
+    db.migrate(path)
+    outer, inner = db.open_connection(path), db.open_connection(path)
+    try:
+        with db.write_transaction(outer):
+            with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+                with db.write_transaction(inner):
+                    pass
+    finally:
+        outer.close()
+        inner.close()
+        db.close_all()
+
+
+def test_a_stuck_writer_process_gives_locked_after_the_busy_timeout(tmp_path, monkeypatch):
+    """Another process holding the writers' turn (suspended, say) cannot block us forever."""
+    path = str(tmp_path / "stuck.db")
+    db.migrate(path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; "
+         f"fd = os.open({path + '-lock'!r}, os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 300)
+        conn = db.open_connection(path)
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            db.record_status(conn, "SM1", "sent")
+        assert time.monotonic() - started < 5
+        conn.close()
+    finally:
+        holder.kill()
+        holder.wait()
+        db.close_all()

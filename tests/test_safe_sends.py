@@ -224,8 +224,41 @@ def test_key_is_released_when_the_send_fails_before_reaching_twilio(app, client,
     failed = keyed(client, "k")
     assert failed.status_code == 503
     assert fake_twilio.creates == []
-    conn.executescript(db.MIGRATIONS[3])
+    conn.executescript(db.MIGRATIONS[3] + db.MIGRATIONS[4])
     conn.close()
     retry = keyed(client, "k")
     assert retry.status_code == 200 and "Idempotent-Replayed" not in retry.headers
     assert len(fake_twilio.creates) == 1
+
+
+def test_a_send_with_unknown_outcome_keeps_counting_against_the_limit(make_app, fake_twilio,
+                                                                       clock):
+    client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1").test_client()
+    fake_twilio.answer_next(requests.ReadTimeout("slow"))
+    assert keyed(client, "a").status_code == 504
+    refused = keyed(client, "b", body="other")
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "3600"
+    clock.now += 3601
+    assert keyed(client, "b", body="other").status_code == 200
+    assert len(fake_twilio.creates) == 2
+
+
+def test_a_send_twilio_refused_gives_its_place_back(make_app, fake_twilio):
+    client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1").test_client()
+    fake_twilio.answer_next(twilio_error(400, 21610))
+    assert keyed(client, "a").status_code == 400
+    assert keyed(client, "b", body="other").status_code == 200
+
+
+def test_an_in_flight_send_counts_with_a_short_retry_after(make_app, fake_twilio):
+    app = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1", TWILIO_TIMEOUT="10")
+    entered, release = threading.Event(), threading.Event()
+    fake_twilio.answer_next(lambda: (entered.set(), release.wait(10)))
+    first = threading.Thread(target=lambda: keyed(app.test_client(), "a"))
+    first.start()
+    assert entered.wait(10)
+    refused = keyed(app.test_client(), "b", body="other")
+    release.set()
+    first.join(10)
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) <= 20, "in flight for at most 2 x TWILIO_TIMEOUT"
