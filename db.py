@@ -144,7 +144,7 @@ def _writer_turn(path):
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise sqlite3.OperationalError("database is locked") from None
-                time.sleep(0.0005)
+                time.sleep(0.0001)
         _held.paths = getattr(_held, "paths", set()) | {path}
         try:
             yield
