@@ -15,6 +15,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -189,3 +190,23 @@ def ms(microseconds):
 
 def verdict(ok):
     return "met" if ok else "MISSED"
+
+
+def run_benchmark(prefix, args, run):
+    """Calls run(args, workdir, processes) in a fresh work folder; exits 1 if it failed.
+
+    The folder (logs, databases) is kept when the run failed or with --keep.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    failures = ["interrupted"]
+    try:
+        with Processes(workdir) as processes:
+            failures = run(args, workdir, processes)
+    finally:
+        if failures or args.keep:
+            print(f"logs and databases kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if failures:
+        print("FAILED: " + "; ".join(failures))
+        sys.exit(1)

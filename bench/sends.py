@@ -18,10 +18,7 @@ import argparse
 import http.client
 import json
 import secrets
-import shutil
 import sqlite3
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,7 +26,6 @@ from pathlib import Path
 from common import (
     BENCH,
     ROOT,
-    Processes,
     cpu_seconds,
     free_port,
     gunicorn_settings,
@@ -38,6 +34,7 @@ from common import (
     ms,
     percentile,
     procfile_command,
+    run_benchmark,
     run_wrk,
     service_env,
     verdict,
@@ -135,20 +132,7 @@ def settle(database):
 
 
 def main():
-    args = parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-sends-"))
-    failures = ["interrupted"]
-    try:
-        with Processes(workdir) as processes:
-            failures = run(args, workdir, processes)
-    finally:
-        if failures or args.keep:
-            print(f"logs and database kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if failures:
-        print("FAILED: " + "; ".join(failures))
-        sys.exit(1)
+    run_benchmark("bench-sends-", parse_args(), run)
 
 
 def run(args, workdir, processes):

@@ -17,10 +17,8 @@ was stored, the service answered any 5xx, or the pre-signed pool ran out.
 
 import argparse
 import secrets
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -28,7 +26,6 @@ from pathlib import Path
 from common import (
     BENCH,
     ROOT,
-    Processes,
     cpu_seconds,
     free_port,
     gunicorn_settings,
@@ -37,6 +34,7 @@ from common import (
     ms,
     procfile_command,
     require_wrk,
+    run_benchmark,
     run_wrk,
     service_env,
     verdict,
@@ -142,19 +140,7 @@ def describe(name, r, key="acked"):
 def main():
     args = parse_args()
     require_wrk()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
-    failures = ["interrupted"]
-    try:
-        with Processes(workdir) as processes:
-            failures = run(args, workdir, processes)
-    finally:
-        if failures or args.keep:
-            print(f"logs and databases kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if failures:
-        print("FAILED: " + "; ".join(failures))
-        sys.exit(1)
+    run_benchmark("bench-webhooks-", args, run)
 
 
 def run(args, workdir, processes):
