@@ -68,10 +68,6 @@ def status_moves_forward(current, new):
     return STATUS_RANK[new] > STATUS_RANK[current]
 
 
-def is_final(status):
-    return status in FINAL_STATUSES
-
-
 def mask_phone(number):
     """Hides all but the last four digits: +15558675309 -> +*******5309."""
     if not number:
