@@ -341,7 +341,8 @@ def record_sent_message(conn, sid, account_sid, to, from_, body, status, created
     """
     now = now or utc_now_iso()
     with write_transaction(conn):
-        conn.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
+        if reservation is not None:
+            conn.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
         conn.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, body,"
             " initial_status, latest_status, created_at, updated_at, sent_at)"

@@ -4,6 +4,7 @@ Every process is started in its own session, so stopping it also stops its child
 (gunicorn's workers), and `Processes` stops all of them on exit, error or Ctrl-C.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -210,3 +211,24 @@ def run_benchmark(prefix, args, run):
     if failures:
         print("FAILED: " + "; ".join(failures))
         sys.exit(1)
+
+
+def argument_parser(description, connections, connections_help):
+    """The options both benchmarks take; each adds its own before calling parse_args()."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians)")
+    parser.add_argument("--connections", type=int, default=connections, help=connections_help)
+    parser.add_argument("--smoke", action="store_true",
+                        help="1 round of 2 s measurements: checks that it works, not how fast")
+    parser.add_argument("--keep", action="store_true", help="keep logs and databases")
+    parser.add_argument("--repo", type=Path, default=ROOT,
+                        help="benchmark the service in another checkout (default: this one)")
+    return parser
+
+
+def parse_bench_args(parser):
+    args = parser.parse_args()
+    if args.smoke:
+        args.duration, args.rounds = 2, 1
+    return args

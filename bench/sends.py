@@ -14,24 +14,23 @@ stored exactly once with its three statuses; the benchmark exits non-zero otherw
 and on any 5xx.
 """
 
-import argparse
 import http.client
 import json
 import secrets
 import sqlite3
 import threading
 import time
-from pathlib import Path
 
 from common import (
     BENCH,
-    ROOT,
+    argument_parser,
     cpu_seconds,
     free_port,
     gunicorn_settings,
     machine_summary,
     median,
     ms,
+    parse_bench_args,
     percentile,
     procfile_command,
     run_benchmark,
@@ -45,20 +44,9 @@ SETTLE_LIMIT = 30  # seconds to wait for the last status callbacks of a round
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians)")
-    parser.add_argument("--connections", type=int, default=64, help="concurrent callers")
+    parser = argument_parser(__doc__.split("\n\n")[0], 64, "concurrent callers")
     parser.add_argument("--latency-ms", type=int, default=250, help="simulated Twilio latency")
-    parser.add_argument("--smoke", action="store_true",
-                        help="1 round of 2 s: checks that it works, not how fast")
-    parser.add_argument("--keep", action="store_true", help="keep logs and databases")
-    parser.add_argument("--repo", type=Path, default=ROOT,
-                        help="benchmark the service in another checkout (default: this one)")
-    args = parser.parse_args()
-    if args.smoke:
-        args.duration, args.rounds = 2, 1
-    return args
+    return parse_bench_args(parser)
 
 
 def post_send(port, api_key, to, timeout=30):

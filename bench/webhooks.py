@@ -15,7 +15,6 @@ Exits non-zero if an acknowledged callback is missing from the database, a rejec
 was stored, the service answered any 5xx, or the pre-signed pool ran out.
 """
 
-import argparse
 import secrets
 import sqlite3
 import sys
@@ -25,13 +24,14 @@ from pathlib import Path
 
 from common import (
     BENCH,
-    ROOT,
+    argument_parser,
     cpu_seconds,
     free_port,
     gunicorn_settings,
     machine_summary,
     median,
     ms,
+    parse_bench_args,
     procfile_command,
     require_wrk,
     run_benchmark,
@@ -49,19 +49,8 @@ SIDS_PER_BLOCK = 500  # a block's callbacks go out as queued for all, then sent,
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
-    parser.add_argument("--smoke", action="store_true",
-                        help="1 round of 2 s measurements: checks that it works, not how fast")
-    parser.add_argument("--keep", action="store_true", help="keep logs and databases")
-    parser.add_argument("--repo", type=Path, default=ROOT,
-                        help="benchmark the service in another checkout (default: this one)")
-    args = parser.parse_args()
-    if args.smoke:
-        args.duration, args.rounds = 2, 1
-    return args
+    return parse_bench_args(
+        argument_parser(__doc__.split("\n\n")[0], 32, "keep-alive connections"))
 
 
 def callback_params(sid, status, to):

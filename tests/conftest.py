@@ -2,6 +2,7 @@ import os
 import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,15 @@ def live_env(tmp_path, **overrides):
     }
     env.update(overrides)
     return {key: value for key, value in env.items() if value is not None}
+
+
+def count_rows(app, table):
+    """Rows in one table of the app's database, read through a connection of its own."""
+    conn = sqlite3.connect(app.config["SERVICE"].database_path)
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        conn.close()
 
 
 def sign(url, params, token=AUTH_TOKEN):
@@ -153,12 +163,6 @@ class Service:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
-        self.log.close()
-
-    def stop(self):
-        """Stops it the way a platform does on deploy: SIGTERM, then wait."""
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=30)
         self.log.close()
 
     def logs(self):

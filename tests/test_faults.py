@@ -13,7 +13,7 @@ from twilio.http.http_client import TwilioHttpClient
 
 import db
 from app import create_app
-from conftest import AUTH, callback, live_env, sign
+from conftest import AUTH, callback, count_rows, live_env, sign
 
 # --- the disk under the database fills up --------------------------------------------------
 
@@ -173,14 +173,6 @@ def broken_twilio_app(tmp_path, request):
     db.close_all()
 
 
-def count(app, table):
-    conn = sqlite3.connect(app.config["SERVICE"].database_path)
-    try:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("broken_twilio_app, status", MODES, indirect=["broken_twilio_app"])
 def test_sends_fail_clearly_and_store_nothing(broken_twilio_app, status):
     client = broken_twilio_app.test_client()
@@ -190,7 +182,7 @@ def test_sends_fail_clearly_and_store_nothing(broken_twilio_app, status):
     assert response.status_code == status
     answer = response.get_json()
     assert answer["success"] is False and answer["error"] and answer["details"]
-    assert count(broken_twilio_app, "messages") == 0
+    assert count_rows(broken_twilio_app, "messages") == 0
     assert client.get("/healthz").status_code == 200
 
 
@@ -207,7 +199,7 @@ def test_reconciliation_survives_each_failure(broken_twilio_app, status):
     assert result.exit_code == 0, result.output
     assert f"{sid} queued: fetch failed" in result.output
     assert "0 updated, 0 unchanged, 1 failed" in result.output
-    assert count(broken_twilio_app, "status_events") == 1
+    assert count_rows(broken_twilio_app, "status_events") == 1
     status_now = client.get(f"/get-status/{sid}", headers=AUTH).get_json()["latestStatus"]
     assert status_now == "queued"
 

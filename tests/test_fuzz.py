@@ -1,7 +1,6 @@
 """Property tests: whatever arrives, the answer is JSON, never a 5xx, and nothing unsafe happens."""
 
 import json
-import sqlite3
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +9,16 @@ from hypothesis import strategies as st
 import db
 import rules
 from app import create_app
-from conftest import ACCOUNT_SID, AUTH, AUTH_TOKEN, BASE_URL, CALLBACK_URL, live_env, sign
+from conftest import (
+    ACCOUNT_SID,
+    AUTH,
+    AUTH_TOKEN,
+    BASE_URL,
+    CALLBACK_URL,
+    count_rows,
+    live_env,
+    sign,
+)
 from twilio_fakes import FakeTwilio
 
 FUZZ = settings(max_examples=100, deadline=None,
@@ -48,14 +56,6 @@ def fuzz_app(tmp_path):
                      http_client=twilio)
     yield app, twilio
     db.close_all()
-
-
-def event_count(app):
-    conn = sqlite3.connect(app.config["SERVICE"].database_path)
-    try:
-        return conn.execute("SELECT count(*) FROM status_events").fetchone()[0]
-    finally:
-        conn.close()
 
 
 def assert_json_and_no_5xx(response):
@@ -114,7 +114,7 @@ def test_message_status_never_stores_without_a_valid_signature(fuzz_app, params,
                                                                signed_with):
     from twilio.request_validator import RequestValidator
     app, _ = fuzz_app
-    before = event_count(app)
+    before = count_rows(app, "status_events")
     url = CALLBACK_URL + (f"?{query}" if query else "")
     headers = {}
     if signed_with == "auth-token":
@@ -133,7 +133,7 @@ def test_message_status_never_stores_without_a_valid_signature(fuzz_app, params,
         signed_with == "auth-token" and not settings_header)
     if not validly_signed:
         assert response.status_code == 403
-        assert event_count(app) == before
+        assert count_rows(app, "status_events") == before
     else:
         complete = params.get("MessageSid", "").strip() and params.get("MessageStatus", "").strip()
         assert response.status_code == (200 if complete else 400)
@@ -143,8 +143,8 @@ def test_message_status_never_stores_without_a_valid_signature(fuzz_app, params,
 @given(raw=st.binary(max_size=3000), content_type=header_text | st.none())
 def test_message_status_arbitrary_bodies(fuzz_app, raw, content_type):
     app, _ = fuzz_app
-    before = event_count(app)
+    before = count_rows(app, "status_events")
     response = app.test_client().post("/message-status", data=raw, content_type=content_type,
                                       headers={"X-Twilio-Signature": "x"})
     assert_json_and_no_5xx(response)
-    assert event_count(app) == before
+    assert count_rows(app, "status_events") == before

@@ -7,7 +7,7 @@ import threading
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from conftest import AUTH, AUTH_TOKEN, BASE_URL, CALLBACK_URL, callback, sign
+from conftest import AUTH, AUTH_TOKEN, BASE_URL, CALLBACK_URL, callback, count_rows, sign
 
 SID = "SM" + "d4" * 16
 
@@ -16,14 +16,6 @@ def history(client, sid=SID):
     answer = client.get(f"/get-status/{sid}", headers=AUTH)
     assert answer.status_code == 200, answer.get_json()
     return answer.get_json()
-
-
-def count_events(app):
-    conn = sqlite3.connect(app.config["SERVICE"].database_path)
-    try:
-        return conn.execute("SELECT count(*) FROM status_events").fetchone()[0]
-    finally:
-        conn.close()
 
 
 def twilio_documented_signature(url, params, token):
@@ -76,7 +68,7 @@ def test_signature_checks(client, app, path, params, signature, status):
     headers = {} if signature is None else {"X-Twilio-Signature": signature}
     response = client.post(path, data=params, headers=headers)
     assert response.status_code == status
-    assert count_events(app) == (1 if status == 200 else 0)
+    assert count_rows(app, "status_events") == (1 if status == 200 else 0)
     if status == 403:
         assert response.get_json() == {"error": "Invalid Twilio signature"}
 
@@ -112,7 +104,7 @@ def test_signed_callback_without_sid_or_status_is_400(post_callback, app, missin
     response = post_callback(params)
     assert response.status_code == 400
     assert "MessageSid and MessageStatus" in response.get_json()["error"]
-    assert count_events(app) == 0
+    assert count_rows(app, "status_events") == 0
 
 
 def test_callbacks_build_the_history_and_latest_status(post_callback, client):
@@ -129,7 +121,7 @@ def test_repeated_callback_is_a_no_op_answered_200(post_callback, client, app):
     again = post_callback(callback(SID, "sent"))
     assert first.status_code == again.status_code == 200
     assert again.get_json()["duplicate"] is True
-    assert count_events(app) == 1
+    assert count_rows(app, "status_events") == 1
     assert [e["status"] for e in history(client)["history"]] == ["sent"]
 
 
@@ -193,7 +185,7 @@ def test_concurrent_callbacks_lose_nothing(app):
     for thread in threads:
         thread.join()
     assert failures == []
-    assert count_events(app) == len(sids) * len(statuses)
+    assert count_rows(app, "status_events") == len(sids) * len(statuses)
     client = app.test_client()
     assert {history(client, sid)["latestStatus"] for sid in sids} == {"delivered"}
 
@@ -252,7 +244,7 @@ def test_shared_key_signatures(make_app, configured, settings, signature, status
     response = app.test_client().post("/message-status", data=callback(SID, "sent"),
                                       headers=headers)
     assert response.status_code == status
-    assert count_events(app) == (1 if status == 200 else 0)
+    assert count_rows(app, "status_events") == (1 if status == 200 else 0)
 
 
 def test_shared_key_without_configuration_logs_what_to_set(client, caplog):
