@@ -6,7 +6,6 @@ server. Configuration comes from the environment and an optional .env file (.env
 
 import logging
 import os
-import sqlite3
 import sys
 import time
 from functools import wraps
@@ -60,11 +59,12 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     app.extensions["validator"] = RequestValidator(config.auth_token)
     if config.webhook_signing_key:
         app.extensions["shared_key_validator"] = RequestValidator(config.webhook_signing_key)
+    storage = app.extensions["storage"] = db.open_storage(config)
     try:
-        db.migrate(config.database_path)
-    except sqlite3.Error as error:
+        storage.migrate()
+    except db.DATABASE_ERRORS as error:
         raise ConfigError(
-            [f"DATABASE_URL: cannot open {config.database_path}: {error}"]
+            [f"DATABASE_URL: cannot open {storage.label}: {storage.describe_error(error)}"]
         ) from None
 
     app.before_request(read_whole_body)
@@ -75,7 +75,7 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     if config.simulate:
         log.warning("SIMULATION MODE: Twilio is simulated, no SMS will be sent to any phone.")
     log.info("Ready (%s mode): database %s, status callbacks to %s",
-             config.mode, config.database_path, config.status_callback_url)
+             config.mode, storage.label, config.status_callback_url)
     return app
 
 
@@ -139,14 +139,17 @@ def register_error_handlers(app):
                 response.headers[name] = original_headers[name]
         return response
 
-    @app.errorhandler(sqlite3.Error)
     def database_error(error):
-        log.error("Database error on %s %s: %s", request.method, request.path, error)
+        log.error("Database error on %s %s: %s", request.method, request.path,
+                  db.describe_error(error))
         response = json_error(
             503, "The database could not complete the request; nothing was stored. Try again."
         )
         response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
         return response
+
+    for error_class in db.DATABASE_ERRORS:
+        app.register_error_handler(error_class, database_error)
 
     @app.errorhandler(Exception)
     def unexpected_error(error):
@@ -175,8 +178,9 @@ def register_routes(app):
         mode = current_app.config["SERVICE"].mode
         try:
             db.check_writable(db.get_db())
-        except sqlite3.Error as error:
-            log.error("Health check failed: the database cannot store updates: %s", error)
+        except db.DATABASE_ERRORS as error:
+            log.error("Health check failed: the database cannot store updates: %s",
+                      db.describe_error(error))
             return {"status": "unavailable", "mode": mode,
                     "error": "The database cannot store status updates."}, 503
         return {"status": "ok", "mode": mode}

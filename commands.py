@@ -1,11 +1,14 @@
-"""Maintenance commands: `flask --app app reconcile` and `flask --app app prune`.
+"""Maintenance commands: `flask --app app reconcile`, `prune` and `copy-database`.
 
 Status callbacks get lost (a deploy, a proxy, a network blip); reconciliation asks Twilio
 for the status of every message still waiting for a final one. Pruning keeps the
-database, and the message bodies kept at rest, from growing forever.
+database, and the message bodies kept at rest, from growing forever. Copying moves a
+SQLite history into PostgreSQL (or any database DATABASE_URL names) without losing it.
 """
 
-import sqlite3
+
+import os
+from dataclasses import replace
 
 import click
 from flask import current_app
@@ -14,6 +17,8 @@ from flask.cli import with_appcontext
 import db
 import rules
 import twilio_api
+from config import parse_database_url
+from sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
 
 RATE_LIMIT_RETRIES = 3
 FIRST_BACKOFF_SECONDS = 1.0
@@ -30,6 +35,7 @@ def parse_duration_option(ctx, param, value):
 def register_commands(app):
     app.cli.add_command(reconcile)
     app.cli.add_command(prune)
+    app.cli.add_command(copy_database)
 
 
 def fetch_with_backoff(client, sid, sleep):
@@ -77,8 +83,8 @@ def reconcile(older_than, limit):
             counts["updated" if new else "unchanged"] += 1
             click.echo(f"{sid} {before} -> {after} (Twilio: {message.status}"
                        f"{f', error {message.error_code}' if message.error_code else ''})")
-    except sqlite3.Error as error:
-        raise click.ClickException(f"database error: {error}") from None
+    except db.DATABASE_ERRORS as error:
+        raise click.ClickException(f"database error: {db.describe_error(error)}") from None
     click.echo(f"Checked {sum(counts.values())} messages: {counts['updated']} updated, "
                f"{counts['unchanged']} unchanged, {counts['failed']} failed.")
 
@@ -96,8 +102,46 @@ def prune(older_than):
             db.get_db(),
             updated_before=db.utc_now_iso(now - older_than[1]),
             body_before=db.utc_now_iso(now - config.body_retention_seconds),
+            now=now,
         )
-    except sqlite3.Error as error:
-        raise click.ClickException(f"database error: {error}") from None
+    except db.DATABASE_ERRORS as error:
+        raise click.ClickException(f"database error: {db.describe_error(error)}") from None
     click.echo(f"Removed {messages} messages and {events} status events not updated for "
                f"{older_than[0]}; cleared {bodies} message bodies older than BODY_RETENTION.")
+
+
+@click.command("copy-database")
+@click.option("--from", "source_url", required=True, metavar="URL",
+              help="The database to copy from, e.g. sqlite:///path/to/old.db.")
+@with_appcontext
+def copy_database(source_url):
+    """Copy messages, their status history and unexpired idempotency keys from another
+    database into the one DATABASE_URL names. Running it again copies nothing twice."""
+    config = current_app.config["SERVICE"]
+    target = db.get_db()
+    try:
+        engine, location = parse_database_url(source_url)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--from") from None
+    source = db.open_storage(replace(config, database_engine=engine,
+                                     database_path=location if engine == "sqlite" else "",
+                                     database_url=location if engine == "postgres" else ""))
+    if source.identity() == target.identity():
+        raise click.ClickException(
+            f"--from names the database DATABASE_URL names ({target.label}); "
+            "nothing to copy onto itself")
+    if engine == "sqlite" and not os.path.exists(location):
+        raise click.ClickException(f"--from: no database file at {location}")
+    now = current_app.config["CLOCK"]()
+    try:
+        source.migrate()  # an older file is brought to the current schema first
+        copied = db.copy_history(
+            source, target, keys_created_after=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS)
+    except db.DATABASE_ERRORS as error:
+        raise click.ClickException(
+            f"database error: {target.describe_error(source.describe_error(error))}") from None
+    finally:
+        source.close()
+    click.echo(f"Copied {copied['messages']} messages, {copied['events']} status events and "
+               f"{copied['keys']} idempotency keys from {source.label} to {target.label} "
+               "(what was there already was left as it was).")

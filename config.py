@@ -7,7 +7,7 @@ every variable to fix instead of making the operator fix them one restart at a t
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from rules import E164_PATTERN, parse_duration
@@ -42,14 +42,19 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Config:
+    """The checked configuration; secrets are left out of its repr."""
+
     simulate: bool
     account_sid: str
-    auth_token: str
+    auth_token: str = field(repr=False)
     phone_number: str | None
     messaging_service_sid: str | None
     base_url: str
-    api_key: str | None
+    api_key: str | None = field(repr=False)
+    database_engine: str
     database_path: str
+    database_url: str = field(repr=False)
+    database_pool_size: int
     twilio_timeout: float
     store_message_body: bool
     port: int
@@ -57,7 +62,7 @@ class Config:
     sqlite_synchronous: str
     allowed_destinations: tuple
     max_sends_per_recipient_per_hour: int
-    webhook_signing_key: str | None
+    webhook_signing_key: str | None = field(repr=False)
     body_retention_seconds: float
     simulate_latency: float
 
@@ -83,18 +88,31 @@ def _flag(env, name, problems, default=False):
     return default
 
 
-def _database_path(raw, problems):
-    """Turns `sqlite:///relative.db` or `sqlite:////absolute/path.db` into a file path."""
+def parse_database_url(raw):
+    """("sqlite", absolute path) or ("postgres", the URL as given) for a DATABASE_URL value.
+
+    Raises ValueError with a message that never repeats the value: it may hold a password.
+    """
     if raw is None or raw.strip() == "":
-        return os.path.abspath("sms_status.db")
+        return "sqlite", os.path.abspath("sms_status.db")
+    raw = raw.strip()
+    if raw.startswith(("postgres://", "postgresql://")):
+        return "postgres", raw
     prefix = "sqlite:///"
     if not raw.startswith(prefix) or raw == prefix:
-        problems.append(
-            "DATABASE_URL must look like sqlite:///relative.db or sqlite:////absolute/path.db "
-            "(only SQLite is supported)"
+        raise ValueError(
+            "must be sqlite:///relative.db, sqlite:////absolute/path.db, or a PostgreSQL URL "
+            "like postgres://user:password@host:5432/dbname"
         )
-        return ""
-    return os.path.abspath(raw[len(prefix):])
+    return "sqlite", os.path.abspath(raw[len(prefix):])
+
+
+def _database(raw, problems):
+    try:
+        return parse_database_url(raw)
+    except ValueError as error:
+        problems.append(f"DATABASE_URL {error}")
+        return "sqlite", ""
 
 
 def _number(env, name, default, problems, kind, minimum, maximum=None):
@@ -238,6 +256,8 @@ def load_config(env):
         problems.append(f"BODY_RETENTION: {error}")
         body_retention_seconds = 0.0
 
+    database_engine, database_location = _database(env.get("DATABASE_URL"), problems)
+
     config = Config(
         simulate=simulate,
         account_sid=account_sid or "",
@@ -246,7 +266,10 @@ def load_config(env):
         messaging_service_sid=messaging_service_sid,
         base_url=base_url,
         api_key=api_key,
-        database_path=_database_path(env.get("DATABASE_URL"), problems),
+        database_engine=database_engine,
+        database_path=database_location if database_engine == "sqlite" else "",
+        database_url=database_location if database_engine == "postgres" else "",
+        database_pool_size=_number(env, "DATABASE_POOL_SIZE", 4, problems, int, 1, 1000),
         twilio_timeout=_number(env, "TWILIO_TIMEOUT", 10.0, problems, float, 0.001, 600),
         store_message_body=_flag(env, "STORE_MESSAGE_BODY", problems),
         port=port,

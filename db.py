@@ -1,86 +1,31 @@
-"""SQLite storage: connections, schema migrations, and the message and status records.
+"""The storage API: the message and status records, the same on SQLite and PostgreSQL.
 
-Connections are kept open, one per thread and database file, instead of one per
-request: in WAL mode closing the last connection checkpoints and deletes the WAL, and
-a connection per commit is many times slower. `get_db()` is the only way request
-code reaches the database, so how connections are held can change in one place.
+`get_db()` is the only way request code reaches the database: it returns the app's engine
+(engines.py), whose `transaction()` and `query()` run the SQL written once below. Every
+query here is in the SQL both engines agree on; what differs lives in engines.py.
+
+Each write is one transaction, and the statements of concurrent writers of one message
+touch its rows in the same order (the message row if missing, then the history, then the
+message's latest status), so concurrent updates queue instead of deadlocking on PostgreSQL.
 """
 
-import fcntl
-import os
-import sqlite3
-import threading
-import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from flask import current_app
 
-from rules import FINAL_STATUSES, status_moves_forward
+import engines
+from engines import DATABASE_ERRORS  # noqa: F401 (re-exported for the app)
+from rules import FINAL_STATUSES, STATUS_RANK
 
-BUSY_TIMEOUT_MS = 5000
-
-# Each entry moves the schema from version N to N+1; PRAGMA user_version records
-# how far a database has come, so a live database is migrated in place at start.
-MIGRATIONS = [
-    """
-    CREATE TABLE messages (
-        sid TEXT PRIMARY KEY,
-        account_sid TEXT,
-        to_number TEXT,
-        from_number TEXT,
-        body TEXT,
-        initial_status TEXT,
-        latest_status TEXT NOT NULL,
-        error_code INTEGER,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        sent_at TEXT
-    );
-    CREATE TABLE status_events (
-        id INTEGER PRIMARY KEY,
-        message_sid TEXT NOT NULL REFERENCES messages(sid) ON DELETE CASCADE,
-        status TEXT NOT NULL,
-        error_code INTEGER,
-        received_at TEXT NOT NULL,
-        UNIQUE (message_sid, status)
-    );
-    CREATE INDEX messages_by_recipient ON messages (to_number, sent_at);
-    CREATE INDEX messages_by_update ON messages (updated_at);
-    CREATE TABLE health_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT);
-    """,
-    """
-    CREATE TABLE idempotency_keys (
-        scope TEXT NOT NULL,
-        key TEXT NOT NULL,
-        fingerprint TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        status_code INTEGER,
-        response TEXT,
-        PRIMARY KEY (scope, key)
-    );
-    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
-    """,
-    """
-    ALTER TABLE messages ADD COLUMN checked_at TEXT;
-    """,
-    """
-    CREATE TABLE send_reservations (
-        id INTEGER PRIMARY KEY,
-        to_number TEXT NOT NULL,
-        reserved_at REAL NOT NULL
-    );
-    CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number);
-    """,
-    """
-    ALTER TABLE send_reservations ADD COLUMN counts_until REAL;
-    UPDATE send_reservations SET counts_until = reserved_at + 3600;
-    """,
-]
-
-_local = threading.local()
-_all_connections = []
-_all_connections_lock = threading.Lock()
+# The rank of a message's stored latest status, for the forward-only rule in SQL; a status
+# this code does not know ranks below every known one, so any known status replaces it.
+LATEST_STATUS_RANK = (
+    "CASE latest_status "
+    + " ".join(f"WHEN '{status}' THEN {rank}" for status, rank in STATUS_RANK.items())
+    + " ELSE -1 END"
+)
+# An unknown new status never replaces anything (it still goes into the history).
+UNKNOWN_STATUS_RANK = -2
 
 
 def utc_now_iso(timestamp=None):
@@ -99,222 +44,51 @@ def iso_to_timestamp(text):
     return moment.timestamp()
 
 
-class Connection(sqlite3.Connection):
-    """A connection that knows its database file, for the writers' queue."""
-
-
-# Writers of one database queue before BEGIN IMMEDIATE: the threads of a process on a
-# lock, the processes on an flock() of `<database>-lock`. Both are per process (gunicorn
-# forks workers after the app is loaded), so they are keyed by the process id.
-_writer_queues = {}
-_writer_queues_guard = threading.Lock()
-_held = threading.local()
-
-
-def _writer_queue(path):
-    """This process's (thread lock, lock-file descriptor) for `path`."""
-    key = (os.getpid(), path)
-    with _writer_queues_guard:
-        if key not in _writer_queues:
-            try:
-                fd = os.open(path + "-lock", os.O_RDWR | os.O_CREAT, 0o666)
-                if os.geteuid() == 0:  # like SQLite's own files: owned as the database is
-                    stat = os.stat(path)
-                    os.fchown(fd, stat.st_uid, stat.st_gid)
-            except OSError as error:
-                raise sqlite3.OperationalError(f"cannot open {path}-lock: {error}") from None
-            _writer_queues[key] = (threading.Lock(), fd)
-        return _writer_queues[key]
-
-
-@contextmanager
-def _writer_turn(path):
-    """Waits for this database's write turn, for at most the busy timeout in all."""
-    if path in getattr(_held, "paths", set()):
-        raise sqlite3.OperationalError("cannot start a transaction within a transaction")
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    lock, fd = _writer_queue(path)
-    if not lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
-        raise sqlite3.OperationalError("database is locked")
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise sqlite3.OperationalError("database is locked") from None
-                time.sleep(0.0001)
-        _held.paths = getattr(_held, "paths", set()) | {path}
-        try:
-            yield
-        finally:
-            _held.paths = _held.paths - {path}
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        lock.release()
-
-
-def _close_writer_queues():
-    """Closes this process's lock-file descriptors; only when no write can be under way."""
-    with _writer_queues_guard:
-        for key in [k for k in _writer_queues if k[0] == os.getpid()]:
-            os.close(_writer_queues.pop(key)[1])
-
-
-def open_connection(path, synchronous="NORMAL"):
-    """Opens a connection with the service's settings (autocommit; transactions are explicit)."""
-    conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False,
-        factory=Connection,
-    )
-    conn.path = path
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    # NORMAL in WAL mode: a commit survives a crash of the process, not a power loss.
-    conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'FULL' else 'NORMAL'}")
-    return conn
-
-
-def connection_for(path, synchronous="NORMAL"):
-    """This thread's kept connection to `path`, opened on first use."""
-    connections = getattr(_local, "connections", None)
-    if connections is None:
-        connections = _local.connections = {}
-    conn = connections.get(path)
-    if conn is None:
-        conn = connections[path] = open_connection(path, synchronous)
-        with _all_connections_lock:
-            _close_connections_of_finished_threads()
-            _all_connections.append((threading.current_thread(), conn))
-    return conn
-
-
-def _close_connections_of_finished_threads():
-    """A server that starts a thread per request (the development server) would leak one."""
-    for entry in list(_all_connections):
-        thread, conn = entry
-        if not thread.is_alive():
-            conn.close()
-            _all_connections.remove(entry)
-
-
 def get_db():
-    """The current thread's connection to the app's database."""
-    config = current_app.config["SERVICE"]
-    return connection_for(config.database_path, config.sqlite_synchronous)
+    """The app's storage engine (SQLite or PostgreSQL, as DATABASE_URL says)."""
+    return current_app.extensions["storage"]
+
+
+def describe_error(error):
+    """A database error's text for logs and answers, never with DATABASE_URL's password."""
+    return get_db().describe_error(error)
 
 
 def close_all():
-    """Closes every kept connection (at worker exit and between tests)."""
-    with _all_connections_lock:
-        connections = list(_all_connections)
-        _all_connections.clear()
-    for _, conn in connections:
-        try:
-            conn.close()
-        except sqlite3.Error:
-            pass
-    _local.__dict__.clear()
-    _close_writer_queues()
+    """Closes this process's connections (at worker exit and between tests)."""
+    engines.close_all()
 
 
-def migrate(path):
-    """Creates or upgrades the schema in place and switches the database to WAL mode."""
-    conn = open_connection(path)
-    try:
-        _switch_to_wal(conn)
-        # The version is read under the write lock, so processes starting together
-        # (gunicorn and a scheduled command) never apply one migration twice.
-        with write_transaction(conn):
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
-                raise sqlite3.DatabaseError(
-                    f"its schema (version {version}) is newer than this code's "
-                    f"({len(MIGRATIONS)}); run the newer release"
-                )
-            # Statements are split on ';': the migrations hold no ';' inside a statement.
-            for script in MIGRATIONS[version:]:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-            if version < len(MIGRATIONS):
-                conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
-        return len(MIGRATIONS)
-    finally:
-        conn.close()
+def open_storage(config):
+    """The engine DATABASE_URL names, created unconnected: it connects on first use."""
+    return engines.open_engine(config)
 
 
-def _switch_to_wal(conn, attempts=100):
-    """Changing the journal mode ignores the busy timeout, so retry while another process
-    starting at the same moment holds the database."""
-    for attempt in range(attempts):
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as error:
-            if "locked" not in str(error) or attempt == attempts - 1:
-                raise
-            time.sleep(0.05)
+def _apply_status(tx, sid, status, error_code, at):
+    """Adds (sid, status) to the history once and moves latestStatus only forward.
 
-
-@contextmanager
-def write_transaction(conn):
-    """One write transaction; BEGIN IMMEDIATE takes SQLite's write lock up front.
-
-    Writers first take their turn in the queue above. Left to SQLite alone, waiting writers
-    retry after sleeps of up to 100 ms: with dozens of threads that starved some for the
-    whole busy timeout ("database is locked"). SQLite's lock still guards against any other
-    writer. Waiting in the queue and for SQLite's lock are each bounded by the busy timeout.
+    One UPDATE decides and writes, so concurrent callbacks for one message never lose an
+    update: PostgreSQL re-evaluates it on the newest row once the row's lock is free.
     """
-    with _writer_turn(conn.path):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                _discard(conn)  # stuck in its transaction: never use it again
-            raise
-
-
-def _discard(conn):
-    """Closes a broken kept connection; its thread opens a new one on next use."""
-    connections = getattr(_local, "connections", {})
-    if connections.get(conn.path) is conn:
-        del connections[conn.path]
-    with _all_connections_lock:
-        _all_connections[:] = [entry for entry in _all_connections if entry[1] is not conn]
-    conn.close()
-
-
-def _apply_status(conn, sid, status, error_code, at):
-    """Adds (sid, status) to the history once and moves latestStatus only forward."""
-    inserted = conn.execute(
-        "INSERT OR IGNORE INTO status_events (message_sid, status, error_code, received_at)"
-        " VALUES (?, ?, ?, ?)",
+    inserted = tx.execute(
+        "INSERT INTO status_events (message_sid, status, error_code, received_at)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT (message_sid, status) DO NOTHING",
         (sid, status, error_code, at),
     ).rowcount
     if not inserted:
         return False
-    current = conn.execute("SELECT latest_status FROM messages WHERE sid = ?", (sid,)).fetchone()
-    if status_moves_forward(current["latest_status"], status):
-        conn.execute(
-            "UPDATE messages SET latest_status = ?, error_code = ?,"
-            " updated_at = max(updated_at, ?) WHERE sid = ?",
-            (status, error_code, at, sid),
-        )
-    else:
-        conn.execute("UPDATE messages SET updated_at = max(updated_at, ?) WHERE sid = ?",
-                     (at, sid))
+    rank = STATUS_RANK.get(status, UNKNOWN_STATUS_RANK)
+    tx.execute(
+        f"UPDATE messages SET latest_status = CASE WHEN ? > {LATEST_STATUS_RANK}"
+        " THEN ? ELSE latest_status END,"
+        f" error_code = CASE WHEN ? > {LATEST_STATUS_RANK} THEN ? ELSE error_code END,"
+        " updated_at = CASE WHEN updated_at < ? THEN ? ELSE updated_at END WHERE sid = ?",
+        (rank, status, rank, error_code, at, at, sid),
+    )
     return True
 
 
-def record_status(conn, sid, status, error_code=None, to=None, from_=None, account_sid=None,
+def record_status(storage, sid, status, error_code=None, to=None, from_=None, account_sid=None,
                   at=None):
     """Stores one status update (callback or reconciliation); False when it was a repeat.
 
@@ -322,50 +96,52 @@ def record_status(conn, sid, status, error_code=None, to=None, from_=None, accou
     sent by other software: the message record is then created from the callback.
     """
     at = at or utc_now_iso()
-    with write_transaction(conn):
-        conn.execute(
+    with storage.transaction() as tx:
+        tx.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
             " error_code, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (sid) DO NOTHING",
             (sid, account_sid, to, from_, status, error_code, at, at),
         )
-        return _apply_status(conn, sid, status, error_code, at)
+        return _apply_status(tx, sid, status, error_code, at)
 
 
-def record_sent_message(conn, sid, account_sid, to, from_, body, status, created_at, now=None,
-                        reservation=None):
+def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
+                        now=None, reservation=None):
     """Stores a message Twilio accepted; its create-time status is the first history entry.
 
     Callbacks may already have stored later statuses, which this never moves back. The
     send's reservation under the per-recipient limit is replaced by the stored message.
     """
     now = now or utc_now_iso()
-    with write_transaction(conn):
+    with storage.transaction() as tx:
         if reservation is not None:
-            conn.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
-        conn.execute(
-            "INSERT INTO messages (sid, account_sid, to_number, from_number, body,"
-            " initial_status, latest_status, created_at, updated_at, sent_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (sid) DO UPDATE SET account_sid = excluded.account_sid,"
-            " to_number = excluded.to_number, from_number = excluded.from_number,"
-            " body = excluded.body, initial_status = excluded.initial_status,"
-            " created_at = min(created_at, excluded.created_at), sent_at = excluded.sent_at",
-            (sid, account_sid, to, from_, body, status, status, created_at, now, now),
+            tx.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
+        tx.execute(
+            "INSERT INTO messages (sid, latest_status, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (sid) DO NOTHING",
+            (sid, status, created_at, now),
         )
-        _apply_status(conn, sid, status, None, created_at)
+        _apply_status(tx, sid, status, None, created_at)
+        tx.execute(
+            "UPDATE messages SET account_sid = ?, to_number = ?, from_number = ?, body = ?,"
+            " initial_status = ?, sent_at = ?,"
+            " created_at = CASE WHEN created_at > ? THEN ? ELSE created_at END WHERE sid = ?",
+            (account_sid, to, from_, body, status, now, created_at, created_at, sid),
+        )
 
 
-def message_with_history(conn, sid):
+def message_with_history(storage, sid):
     """The message and its history (oldest first) as the API shows them, or None."""
-    message = conn.execute("SELECT * FROM messages WHERE sid = ?", (sid,)).fetchone()
-    if message is None:
+    messages = storage.query("SELECT * FROM messages WHERE sid = ?", (sid,))
+    if not messages:
         return None
-    events = conn.execute(
+    message = messages[0]
+    events = storage.query(
         "SELECT status, error_code, received_at FROM status_events WHERE message_sid = ?"
         " ORDER BY received_at, id",
         (sid,),
-    ).fetchall()
+    )
     return {
         "sid": message["sid"],
         "to": message["to_number"],
@@ -381,27 +157,33 @@ def message_with_history(conn, sid):
     }
 
 
-def reserve_idempotency_key(conn, scope, key, fingerprint, now, expire_before, stale_before):
-    """Claims `key` for one request, atomically across workers and threads.
+def reserve_idempotency_key(storage, scope, key, fingerprint, now, expire_before, stale_before):
+    """Claims `key` for one request, atomically across workers, threads and instances.
 
     Returns ("new", None) when this request may go ahead, or one of ("replay", (status,
     response)), ("mismatch", None), ("in_flight", None), ("stale", None). Expired keys are
-    deleted on the way, so no separate clean-up job is needed.
+    deleted as new ones arrive, so no separate clean-up job is needed.
     """
-    with write_transaction(conn):
-        conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (expire_before,))
-        row = conn.execute(
+    with storage.transaction() as tx:
+        tx.lock(f"idempotency-key {scope} {key}")
+        tx.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND created_at < ?",
+                   (scope, key, expire_before))
+        row = tx.execute(
             "SELECT fingerprint, created_at, status_code, response FROM idempotency_keys"
             " WHERE scope = ? AND key = ?",
             (scope, key),
         ).fetchone()
         if row is None:
-            conn.execute(
+            tx.execute(
                 "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at)"
                 " VALUES (?, ?, ?, ?)",
                 (scope, key, fingerprint, now),
             )
-            return "new", None
+    if row is None:
+        # Other keys' expiry is housekeeping: its own short transaction, outside the claim.
+        with storage.transaction() as tx:
+            tx.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (expire_before,))
+        return "new", None
     if row["fingerprint"] != fingerprint:
         return "mismatch", None
     if row["status_code"] is not None:
@@ -411,104 +193,156 @@ def reserve_idempotency_key(conn, scope, key, fingerprint, now, expire_before, s
     return "in_flight", None
 
 
-def save_idempotent_response(conn, scope, key, status_code, response):
+def save_idempotent_response(storage, scope, key, status_code, response):
     """Keeps the answer under the key, for replays."""
-    with write_transaction(conn):
-        conn.execute(
+    with storage.transaction() as tx:
+        tx.execute(
             "UPDATE idempotency_keys SET status_code = ?, response = ? WHERE scope = ? AND key = ?",
             (status_code, response, scope, key),
         )
 
 
-def release_idempotency_key(conn, scope, key):
+def release_idempotency_key(storage, scope, key):
     """Forgets a key whose answer said "try again later", so a retry can go through."""
-    with write_transaction(conn):
-        conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key))
+    with storage.transaction() as tx:
+        tx.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key))
 
 
-def reserve_send(conn, to, now, limit, in_flight_seconds):
-    """Claims one of the `limit` sends to `to` allowed per hour, atomically across workers.
+def reserve_send(storage, to, now, limit, in_flight_seconds):
+    """Claims one of the `limit` sends to `to` allowed per hour, atomically across workers
+    and instances (the recipient's lock serialises the count and the claim).
 
     Counts the messages sent in the last hour and the reservations still counting: sends
     waiting on Twilio (for `in_flight_seconds` at most; a longer one belonged to a request
     that died) and sends whose outcome is unknown. Returns (reservation id, None), or
     (None, seconds until the first of those stops counting).
     """
-    with write_transaction(conn):
-        conn.execute("DELETE FROM send_reservations WHERE counts_until < ?", (now,))
-        sent = conn.execute(
+    with storage.transaction() as tx:
+        tx.lock(f"recipient {to}")
+        tx.execute("DELETE FROM send_reservations WHERE to_number = ? AND counts_until < ?",
+                   (to, now))
+        sent = tx.execute(
             "SELECT sent_at FROM messages WHERE to_number = ? AND sent_at > ?",
             (to, utc_now_iso(now - 3600)),
         ).fetchall()
-        reserved = conn.execute(
+        reserved = tx.execute(
             "SELECT counts_until FROM send_reservations WHERE to_number = ?", (to,)
         ).fetchall()
-        stop_counting = [iso_to_timestamp(row[0]) + 3600 for row in sent]
-        stop_counting += [row[0] for row in reserved]
+        stop_counting = [iso_to_timestamp(row["sent_at"]) + 3600 for row in sent]
+        stop_counting += [row["counts_until"] for row in reserved]
         if len(stop_counting) >= limit:
             return None, min(stop_counting) - now
-        reservation = conn.execute(
+        return tx.execute(
             "INSERT INTO send_reservations (to_number, reserved_at, counts_until)"
-            " VALUES (?, ?, ?)",
+            " VALUES (?, ?, ?) RETURNING id",
             (to, now, now + in_flight_seconds),
-        ).lastrowid
-        return reservation, None
+        ).fetchone()["id"], None
 
 
-def release_send(conn, reservation):
+def release_send(storage, reservation):
     """Gives a reservation back: Twilio certainly did not send the message."""
-    with write_transaction(conn):
-        conn.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
+    with storage.transaction() as tx:
+        tx.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
 
 
-def keep_reservation(conn, reservation, until):
+def keep_reservation(storage, reservation, until):
     """Keeps counting a send whose outcome is unknown, as if it had gone out."""
-    with write_transaction(conn):
-        conn.execute("UPDATE send_reservations SET counts_until = ? WHERE id = ?",
-                     (until, reservation))
+    with storage.transaction() as tx:
+        tx.execute("UPDATE send_reservations SET counts_until = ? WHERE id = ?",
+                   (until, reservation))
 
 
-def messages_to_reconcile(conn, idle_before, limit):
+def messages_to_reconcile(storage, idle_before, limit):
     """Non-final messages with no update since `idle_before`, least recently checked first."""
     placeholders = ", ".join("?" for _ in FINAL_STATUSES)
-    return conn.execute(
+    return storage.query(
         "SELECT sid, latest_status FROM messages"
         f" WHERE latest_status NOT IN ({placeholders}) AND updated_at <= ?"
         " AND (checked_at IS NULL OR checked_at <= ?)"
         " ORDER BY coalesce(checked_at, ''), updated_at LIMIT ?",
         (*FINAL_STATUSES, idle_before, idle_before, limit),
-    ).fetchall()
+    )
 
 
-def mark_checked(conn, sid, at):
+def mark_checked(storage, sid, at):
     """Records that Twilio was asked, so messages stuck in one status take turns."""
-    with write_transaction(conn):
-        conn.execute("UPDATE messages SET checked_at = ? WHERE sid = ?", (at, sid))
+    with storage.transaction() as tx:
+        tx.execute("UPDATE messages SET checked_at = ? WHERE sid = ?", (at, sid))
 
 
-def prune(conn, updated_before, body_before):
-    """Deletes messages (and their history) idle since `updated_before`; clears old bodies."""
-    with write_transaction(conn):
-        events = conn.execute(
-            "SELECT count(*) FROM status_events WHERE message_sid IN"
+def prune(storage, updated_before, body_before, now):
+    """Deletes messages (and their history) idle since `updated_before`; clears old bodies.
+
+    Also drops the per-recipient reservations that stopped counting (each send clears only
+    its own recipient's).
+    """
+    with storage.transaction() as tx:
+        events = tx.execute(
+            "SELECT count(*) AS n FROM status_events WHERE message_sid IN"
             " (SELECT sid FROM messages WHERE updated_at < ?)",
             (updated_before,),
-        ).fetchone()[0]
-        messages = conn.execute(
+        ).fetchone()["n"]
+        messages = tx.execute(
             "DELETE FROM messages WHERE updated_at < ?", (updated_before,)
         ).rowcount
-        bodies = conn.execute(
+        bodies = tx.execute(
             "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND created_at < ?",
             (body_before,),
         ).rowcount
+        tx.execute("DELETE FROM send_reservations WHERE counts_until < ?", (now,))
     return messages, events, bodies
 
 
-def check_writable(conn):
+def check_writable(storage):
     """Commits a one-row write, so a health check fails when statuses could not be stored."""
-    with write_transaction(conn):
-        conn.execute(
+    with storage.transaction() as tx:
+        tx.execute(
             "INSERT INTO health_checks (id, checked_at) VALUES (1, ?)"
             " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
             (utc_now_iso(),),
         )
+
+
+# --- copying a history from one database to another ---------------------------------------
+
+COPY_BATCH = 1000
+MESSAGE_COLUMNS = ("sid", "account_sid", "to_number", "from_number", "body", "initial_status",
+                   "latest_status", "error_code", "created_at", "updated_at", "sent_at",
+                   "checked_at")
+KEY_COLUMNS = ("scope", "key", "fingerprint", "created_at", "status_code", "response")
+
+
+def _insert_new(tx, table, columns, rows):
+    """Inserts the rows not there yet; returns how many were new."""
+    statement = (f"INSERT INTO {table} ({', '.join(columns)})"
+                 f" VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT DO NOTHING")
+    return sum(tx.execute(statement, tuple(row[c] for c in columns)).rowcount for row in rows)
+
+
+def copy_history(source, target, keys_created_after):
+    """Copies messages with their status events, and the idempotency keys created after
+    `keys_created_after`, from `source` into `target`. What `target` has already is left
+    as it is, so copying twice copies nothing twice. Returns the counts copied."""
+    copied = {"messages": 0, "events": 0, "keys": 0}
+    last_sid = ""
+    while True:
+        messages = source.query(
+            f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages WHERE sid > ?"
+            " ORDER BY sid LIMIT ?", (last_sid, COPY_BATCH))
+        if not messages:
+            break
+        last_sid = messages[-1]["sid"]
+        events = source.query(
+            "SELECT message_sid, status, error_code, received_at FROM status_events"
+            " WHERE message_sid >= ? AND message_sid <= ? ORDER BY received_at, id",
+            (messages[0]["sid"], last_sid))
+        with target.transaction() as tx:
+            copied["messages"] += _insert_new(tx, "messages", MESSAGE_COLUMNS, messages)
+            copied["events"] += _insert_new(
+                tx, "status_events", ("message_sid", "status", "error_code", "received_at"),
+                events)
+    keys = source.query(f"SELECT {', '.join(KEY_COLUMNS)} FROM idempotency_keys"
+                        " WHERE created_at >= ?", (keys_created_after,))
+    with target.transaction() as tx:
+        copied["keys"] = _insert_new(tx, "idempotency_keys", KEY_COLUMNS, keys)
+    return copied

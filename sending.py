@@ -9,7 +9,6 @@ import hmac
 import json
 import logging
 import math
-import sqlite3
 
 from flask import current_app, g, jsonify, request
 
@@ -74,8 +73,8 @@ def send_with_idempotency_key(key, payload):
             # Nothing was sent (a database error, say): free the key so a retry can go ahead.
             try:
                 db.release_idempotency_key(conn, scope, key)
-            except sqlite3.Error as error:
-                log.error("Could not release an Idempotency-Key: %s", error)
+            except db.DATABASE_ERRORS as error:
+                log.error("Could not release an Idempotency-Key: %s", db.describe_error(error))
         raise
     try:
         if keep:
@@ -83,9 +82,10 @@ def send_with_idempotency_key(key, payload):
                                         response.get_data(as_text=True))
         else:
             db.release_idempotency_key(conn, scope, key)
-    except sqlite3.Error as error:
+    except db.DATABASE_ERRORS as error:
         # The key stays claimed, so a retry is answered as an unknown outcome, never re-sent.
-        log.error("Could not keep the answer for an Idempotency-Key: %s", error)
+        log.error("Could not keep the answer for an Idempotency-Key: %s",
+                  db.describe_error(error))
     return response
 
 
@@ -151,9 +151,9 @@ def settle_reservation(reservation, failure):
         else:
             db.keep_reservation(db.get_db(), reservation,
                                 until=current_app.config["CLOCK"]() + 3600)
-    except sqlite3.Error as error:
+    except db.DATABASE_ERRORS as error:
         # The answer about the send matters more; the reservation expires on its own.
-        log.error("Could not settle a per-recipient reservation: %s", error)
+        log.error("Could not settle a per-recipient reservation: %s", db.describe_error(error))
 
 
 def send_and_record(to, body, reservation=None):
@@ -189,8 +189,9 @@ def send_and_record(to, body, reservation=None):
             body=body if config.store_message_body else None,
             status=message.status, created_at=created_at, now=now, reservation=reservation,
         )
-    except sqlite3.Error as error:
-        log.error("Message %s was sent but could not be stored: %s", message.sid, error)
+    except db.DATABASE_ERRORS as error:
+        log.error("Message %s was sent but could not be stored: %s", message.sid,
+                  db.describe_error(error))
         answer["warning"] = (
             "Twilio accepted the message but this service could not record it; do not send "
             "it again. Its status callbacks are stored once the database recovers."

@@ -100,16 +100,17 @@ def settled_count(database, limit=15):
 def sqlite_commit_rate(repo, directory, synchronous, seconds):
     """Single-row commits per second on one kept connection opened as the service opens it."""
     sys.path.insert(0, str(repo))
-    import db  # the service's module: same PRAGMAs, same BEGIN IMMEDIATE transactions
+    import db  # the service's modules: same PRAGMAs, same BEGIN IMMEDIATE transactions
+    import engines
 
     path = Path(directory) / f"raw-{synchronous.lower()}.db"
-    conn = db.open_connection(str(path), synchronous)
+    conn = engines.open_sqlite(str(path), synchronous)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("CREATE TABLE IF NOT EXISTS events (sid TEXT, status TEXT, at TEXT)")
     count, start = 0, time.perf_counter()
     deadline = start + seconds
     while time.perf_counter() < deadline:
-        with db.write_transaction(conn):
+        with engines.sqlite_write_transaction(conn):
             conn.execute("INSERT INTO events VALUES (?, 'sent', ?)",
                          (f"SM{count}", db.utc_now_iso()))
         count += 1

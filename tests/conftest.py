@@ -7,10 +7,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
+from psycopg.rows import dict_row, tuple_row
 from twilio.request_validator import RequestValidator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +26,12 @@ os.environ.setdefault("LOG_LEVEL", "WARNING")
 
 import db  # noqa: E402
 from app import create_app  # noqa: E402
+from postgres import (  # noqa: E402
+    PostgresServer,
+    PostgresUnavailable,
+    create_database,
+    drop_database,
+)
 from twilio_fakes import FakeTwilio  # noqa: E402
 
 ACCOUNT_SID = "AC" + "a1" * 16
@@ -48,13 +57,67 @@ def live_env(tmp_path, **overrides):
     return {key: value for key, value in env.items() if value is not None}
 
 
+def app_database_url(app):
+    config = app.config["SERVICE"]
+    return config.database_url or "sqlite:///" + config.database_path
+
+
+def sql_rows(database_url, query, params=(), as_dicts=False):
+    """Rows (tuples, or dicts) of a query with `?` placeholders, run on a connection of its
+    own, not through the service's code."""
+    if database_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(database_url[len("sqlite:///"):])
+        conn.row_factory = sqlite3.Row
+        try:
+            cursor = conn.execute(query, params)
+            rows = cursor.fetchall() if cursor.description else []
+            conn.commit()
+            return [dict(row) if as_dicts else tuple(row) for row in rows]
+        finally:
+            conn.close()
+    with psycopg.connect(database_url, row_factory=dict_row if as_dicts else tuple_row) as conn:
+        cursor = conn.execute(query.replace("?", "%s"), params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def stored_message(app, sid):
+    """The message's row as stored, or None."""
+    rows = sql_rows(app_database_url(app), "SELECT * FROM messages WHERE sid = ?", (sid,),
+                    as_dicts=True)
+    return rows[0] if rows else None
+
+
+TABLES = ("messages", "status_events", "idempotency_keys", "send_reservations", "health_checks")
+
+
+@contextmanager
+def database_locked(app):
+    """Another connection holds every table of the app's database until the block ends, as
+    a stuck writer would; lower engines.BUSY_TIMEOUT_MS and close_all() first to wait less."""
+    url = app_database_url(app)
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url[len("sqlite:///"):])
+        conn.execute("BEGIN EXCLUSIVE")
+    else:
+        conn = psycopg.connect(url)
+        conn.execute(f"LOCK TABLE {', '.join(TABLES)} IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def database_text(app):
+    """Everything stored in the app's database, as one text."""
+    url = app_database_url(app)
+    return "\n".join(str(row) for table in TABLES
+                     for row in sql_rows(url, f"SELECT * FROM {table}"))
+
+
 def count_rows(app, table):
     """Rows in one table of the app's database, read through a connection of its own."""
-    conn = sqlite3.connect(app.config["SERVICE"].database_path)
-    try:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    finally:
-        conn.close()
+    return sql_rows(app_database_url(app), f"SELECT count(*) FROM {table}")[0][0]
 
 
 def sign(url, params, token=AUTH_TOKEN):
@@ -76,9 +139,56 @@ def fake_twilio():
     return FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
 
 
+# --- the two database engines ----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_admin_url():
+    """A superuser URL of a PostgreSQL server: TEST_DATABASE_URL, or a throwaway server.
+
+    Without PostgreSQL's binaries the PostgreSQL tests are skipped, except in CI (CI set),
+    where that fails the run.
+    """
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    server = PostgresServer()
+    try:
+        server.initdb().start()
+    except PostgresUnavailable as error:
+        server.remove()
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {error}")
+        pytest.skip(f"no PostgreSQL server: {error}")
+    yield server.url()
+    server.remove()
+
+
 @pytest.fixture
-def make_app(tmp_path, fake_twilio):
+def postgres_url(request):
+    """A fresh, empty PostgreSQL database for one test."""
+    admin_url = request.getfixturevalue("postgres_admin_url")
+    url = create_database(admin_url)
+    yield url
+    db.close_all()
+    drop_database(admin_url, url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path):
+    """Every test that stores anything runs on both engines, each with a fresh database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/test.db"
+    return request.getfixturevalue("postgres_url")
+
+
+# Tests of what only SQLite has (its file, its locks, its journal) run on SQLite alone.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def make_app(tmp_path, fake_twilio, database_url):
     def make(**overrides):
+        overrides.setdefault("DATABASE_URL", database_url)
         return create_app(live_env(tmp_path, **overrides), http_client=fake_twilio)
 
     yield make
@@ -178,25 +288,24 @@ SERVICE_VARIABLES = [
     "TWILIO_MESSAGING_SERVICE_SID", "BASE_URL", "API_KEY", "DATABASE_URL", "TWILIO_TIMEOUT",
     "STORE_MESSAGE_BODY", "LOG_LEVEL", "SQLITE_SYNCHRONOUS", "ALLOWED_DESTINATIONS",
     "MAX_SENDS_PER_RECIPIENT_PER_HOUR", "TWILIO_WEBHOOK_SIGNING_KEY", "BODY_RETENTION",
-    "TWILIO_SIMULATE_LATENCY_MS",
+    "TWILIO_SIMULATE_LATENCY_MS", "DATABASE_POOL_SIZE",
 ]
 
 
 @pytest.fixture
-def service_env(tmp_path):
+def service_env(tmp_path, database_url):
     """A clean environment for a service process (nothing inherited but PATH)."""
 
     def make(simulate=True, **overrides):
         port = free_port()
         env = dict.fromkeys(SERVICE_VARIABLES, "")
         env.update({"PATH": os.environ.get("PATH", ""), "PORT": str(port), "LOG_LEVEL": "INFO",
-                    "DATABASE_URL": f"sqlite:///{tmp_path}/service.db", "WEB_CONCURRENCY": "2",
-                    "GUNICORN_THREADS": "32"})
+                    "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "32"})
         if simulate:
             env["TWILIO_SIMULATE"] = "true"
         else:
             env.update(live_env(tmp_path))
-            env["DATABASE_URL"] = f"sqlite:///{tmp_path}/service.db"
+        env["DATABASE_URL"] = database_url
         env.update({key: str(value) for key, value in overrides.items()})
         return env
 

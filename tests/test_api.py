@@ -1,9 +1,10 @@
 import re
-import sqlite3
 
 import pytest
 
-from conftest import AUTH, callback
+import db
+import engines
+from conftest import AUTH, callback, database_locked
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -44,20 +45,11 @@ def test_healthz_needs_no_key_and_reports_the_mode(client):
     assert response.get_json() == {"status": "ok", "mode": "live"}
 
 
-def test_healthz_is_503_when_the_database_cannot_be_written(app, client):
-    import db
-    path = app.config["SERVICE"].database_path
+def test_healthz_is_503_when_the_database_cannot_be_written(app, client, monkeypatch):
+    monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 50)
     db.close_all()
-    blocker = sqlite3.connect(path)
-    blocker.execute("PRAGMA query_only = 0")
-    blocker.execute("BEGIN EXCLUSIVE")
-    saved, db.BUSY_TIMEOUT_MS = db.BUSY_TIMEOUT_MS, 50
-    try:
+    with database_locked(app):
         response = client.get("/healthz")
-    finally:
-        db.BUSY_TIMEOUT_MS = saved
-        blocker.rollback()
-        blocker.close()
     assert response.status_code == 503
     assert response.get_json()["status"] == "unavailable"
     db.close_all()

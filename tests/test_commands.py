@@ -1,4 +1,3 @@
-import sqlite3
 import subprocess
 import sys
 import time
@@ -8,7 +7,7 @@ import pytest
 import requests
 from twilio.http.response import Response
 
-from conftest import AUTH, ROOT, callback
+from conftest import AUTH, ROOT, callback, stored_message
 from twilio_fakes import twilio_error
 
 FETCH_ANSWER = ('{"sid": "%s", "status": "%s", "error_code": %s,'
@@ -141,9 +140,7 @@ def test_prune_clears_bodies_after_body_retention(make_app, fake_twilio):
     client = app.test_client()
     sid = client.post("/send-sms", json={"to": "+15558675309", "body": "code 5521"},
                       headers=AUTH).get_json()["messageSid"]
-    database = app.config["SERVICE"].database_path
-    body = lambda: sqlite3.connect(database).execute(  # noqa: E731
-        "SELECT body FROM messages WHERE sid = ?", (sid,)).fetchone()[0]
+    body = lambda: stored_message(app, sid)["body"]  # noqa: E731
     assert "cleared 0 message bodies" in run(app, "prune", "--older-than", "90d").output
     assert body() == "code 5521"
     app.config["CLOCK"] = lambda: time.time() + 3601

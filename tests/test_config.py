@@ -28,7 +28,8 @@ def test_every_missing_variable_is_named_at_once():
     pytest.param({"BASE_URL": "sms.example.com"}, "BASE_URL", id="no-scheme"),
     pytest.param({"BASE_URL": "https://x.com/?a=1"}, "BASE_URL", id="query"),
     pytest.param({"API_KEY": "short"}, "API_KEY", id="short-key"),
-    pytest.param({"DATABASE_URL": "postgres://db/x"}, "DATABASE_URL", id="postgres"),
+    pytest.param({"DATABASE_URL": "mysql://u:p@db/x"}, "DATABASE_URL", id="other-database"),
+    pytest.param({"DATABASE_POOL_SIZE": "0"}, "DATABASE_POOL_SIZE", id="pool-size"),
     pytest.param({"TWILIO_TIMEOUT": "soon"}, "TWILIO_TIMEOUT", id="timeout-word"),
     pytest.param({"TWILIO_TIMEOUT": "0"}, "TWILIO_TIMEOUT", id="timeout-zero"),
     pytest.param({"STORE_MESSAGE_BODY": "maybe"}, "STORE_MESSAGE_BODY", id="flag"),
@@ -63,6 +64,23 @@ def test_defaults_and_parsing(tmp_path):
 ])
 def test_database_url_forms(tmp_path, url, path):
     assert load_config(live_env(tmp_path, DATABASE_URL=url)).database_path.endswith(path)
+
+
+@pytest.mark.parametrize("url", [
+    "postgres://app:s3cret-pw@db.example.com:5432/status?sslmode=require",
+    "postgresql://app:s3cret-pw@db.example.com/status",
+])
+def test_postgres_urls_select_postgres_and_reach_libpq_unchanged(tmp_path, url):
+    config = load_config(live_env(tmp_path, DATABASE_URL=url))
+    assert (config.database_engine, config.database_url) == ("postgres", url)
+    assert config.database_pool_size == 4
+    assert "s3cret-pw" not in repr(config)
+
+
+def test_a_refused_database_url_is_never_repeated(tmp_path):
+    found = problems(live_env(tmp_path, DATABASE_URL="mysql://app:s3cret-pw@db/x"))
+    assert any("DATABASE_URL" in problem for problem in found)
+    assert not any("s3cret-pw" in problem for problem in found)
 
 
 def test_secrets_stay_strings(tmp_path):

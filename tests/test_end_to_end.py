@@ -1,6 +1,6 @@
-"""The service as it is deployed: the Procfile's gunicorn command, real HTTP, a real SQLite file."""
+"""The service as it is deployed: the Procfile's gunicorn command, real HTTP, a real SQLite
+file or PostgreSQL database."""
 
-import sqlite3
 import threading
 import time
 
@@ -8,21 +8,36 @@ import pytest
 import requests
 
 from config import SIMULATED_AUTH_TOKEN
-from conftest import API_KEY, AUTH_TOKEN, SERVICE_VARIABLES, Service, callback, free_port, sign
+from conftest import (
+    API_KEY,
+    AUTH_TOKEN,
+    SERVICE_VARIABLES,
+    Service,
+    callback,
+    free_port,
+    sign,
+    sql_rows,
+)
+from postgres import create_database, drop_database
 from simulator import SEND_ERRORS
 
 
-@pytest.fixture(scope="module")
-def simulated_service(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def simulated_service(request, tmp_path_factory):
     import os
     tmp = tmp_path_factory.mktemp("simulated")
+    if request.param == "sqlite":
+        database_url = f"sqlite:///{tmp}/service.db"
+    else:
+        database_url = create_database(request.getfixturevalue("postgres_admin_url"))
     env = dict.fromkeys(SERVICE_VARIABLES, "")
     env.update({"PATH": os.environ["PATH"], "PORT": str(free_port()), "TWILIO_SIMULATE": "true",
-                "DATABASE_URL": f"sqlite:///{tmp}/service.db", "WEB_CONCURRENCY": "2",
-                "GUNICORN_THREADS": "32"})
+                "DATABASE_URL": database_url, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "32"})
     service = Service(env, tmp / "service.log").start()
     yield service
     service.kill()
+    if request.param == "postgres":
+        drop_database(request.getfixturevalue("postgres_admin_url"), database_url)
 
 
 def wait_for_final(service, sid, final, timeout=10):
@@ -118,10 +133,10 @@ def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_ser
 
     restarted = start_service(env)
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    conn = sqlite3.connect(env["DATABASE_URL"][len("sqlite:///"):])
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    stored = {row[0] for row in conn.execute("SELECT message_sid FROM status_events")}
-    conn.close()
+    if env["DATABASE_URL"].startswith("sqlite:///"):
+        assert sql_rows(env["DATABASE_URL"], "PRAGMA integrity_check") == [("ok",)]
+    stored = {sid for (sid,) in sql_rows(env["DATABASE_URL"],
+                                         "SELECT message_sid FROM status_events")}
     assert len(acknowledged) >= 300
     assert refused == [], "every callback before the kill is stored, none locked out"
     assert set(acknowledged) <= stored
@@ -157,10 +172,8 @@ def test_one_key_from_many_threads_and_workers_sends_once_and_replays_after_rest
     sid = originals[0].json()["messageSid"]
     assert {a.json()["messageSid"] for a in answers if a.status_code == 200} == {sid}
     assert service.logs().count("Sent SM") == 1, "exactly one Twilio create"
-    conn = sqlite3.connect(env["DATABASE_URL"][len("sqlite:///"):])
-    assert conn.execute("SELECT count(*) FROM messages WHERE sent_at IS NOT NULL").fetchone() \
-        == (1,)
-    conn.close()
+    assert sql_rows(env["DATABASE_URL"],
+                    "SELECT count(*) FROM messages WHERE sent_at IS NOT NULL") == [(1,)]
 
     service.kill()
     restarted = start_service(env)

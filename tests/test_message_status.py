@@ -1,13 +1,23 @@
 import base64
 import hashlib
 import hmac
-import sqlite3
 import threading
 
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from conftest import AUTH, AUTH_TOKEN, BASE_URL, CALLBACK_URL, callback, count_rows, sign
+import db
+import engines
+from conftest import (
+    AUTH,
+    AUTH_TOKEN,
+    BASE_URL,
+    CALLBACK_URL,
+    callback,
+    count_rows,
+    database_locked,
+    sign,
+)
 
 SID = "SM" + "d4" * 16
 
@@ -190,20 +200,11 @@ def test_concurrent_callbacks_lose_nothing(app):
     assert {history(client, sid)["latestStatus"] for sid in sids} == {"delivered"}
 
 
-def test_storage_failure_answers_503_never_200(app, post_callback):
-    conn = sqlite3.connect(app.config["SERVICE"].database_path)
-    conn.execute("BEGIN EXCLUSIVE")  # another writer holds the database past the busy timeout
-    try:
-        import db
-        db.BUSY_TIMEOUT_MS, saved = 100, db.BUSY_TIMEOUT_MS
-        db.close_all()
-        try:
-            response = post_callback(callback(SID, "sent"))
-        finally:
-            db.BUSY_TIMEOUT_MS = saved
-    finally:
-        conn.rollback()
-        conn.close()
+def test_storage_failure_answers_503_never_200(app, post_callback, monkeypatch):
+    monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 100)
+    db.close_all()
+    with database_locked(app):  # another writer holds the database past the busy timeout
+        response = post_callback(callback(SID, "sent"))
     assert response.status_code == 503
     assert "nothing was stored" in response.get_json()["error"]
     assert response.headers["Retry-After"]

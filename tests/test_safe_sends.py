@@ -4,7 +4,7 @@ import pytest
 import requests
 
 from app import create_app
-from conftest import API_KEY, AUTH, callback, live_env
+from conftest import API_KEY, AUTH, app_database_url, callback, database_text, live_env, sql_rows
 from twilio_fakes import twilio_error
 
 
@@ -209,23 +209,18 @@ def test_per_recipient_429_is_not_kept_and_replays_skip_the_limits(make_app, fak
 
 
 def test_api_key_is_never_stored(client, app):
-    import sqlite3
     keyed(client, "k")
-    dump = "\n".join(sqlite3.connect(app.config["SERVICE"].database_path).iterdump())
+    dump = database_text(app)
     assert API_KEY not in dump and "Your code is 123456" not in dump
 
 
 def test_key_is_released_when_the_send_fails_before_reaching_twilio(app, client, fake_twilio):
-    import sqlite3
-
-    import db
-    conn = sqlite3.connect(app.config["SERVICE"].database_path)
-    conn.execute("DROP TABLE send_reservations")  # the limit check will fail
+    url = app_database_url(app)
+    sql_rows(url, "ALTER TABLE send_reservations RENAME TO away")  # the limit check will fail
     failed = keyed(client, "k")
     assert failed.status_code == 503
     assert fake_twilio.creates == []
-    conn.executescript(db.MIGRATIONS[3] + db.MIGRATIONS[4])
-    conn.close()
+    sql_rows(url, "ALTER TABLE away RENAME TO send_reservations")
     retry = keyed(client, "k")
     assert retry.status_code == 200 and "Idempotent-Replayed" not in retry.headers
     assert len(fake_twilio.creates) == 1

@@ -1,21 +1,20 @@
-import sqlite3
-
 import pytest
 import requests
 from twilio.http.response import Response
 
 import db
-from conftest import ACCOUNT_SID, API_KEY, AUTH, CALLBACK_URL, SENDER
+from conftest import (
+    ACCOUNT_SID,
+    API_KEY,
+    AUTH,
+    CALLBACK_URL,
+    SENDER,
+    app_database_url,
+    count_rows,
+    sql_rows,
+    stored_message,
+)
 from twilio_fakes import twilio_error
-
-
-def stored_message(app, sid):
-    conn = sqlite3.connect(app.config["SERVICE"].database_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM messages WHERE sid = ?", (sid,)).fetchone()
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize("headers", [
@@ -145,8 +144,7 @@ def test_twilio_failures_are_reported_with_whose_fault_it_is(app, send, fake_twi
     assert body["code"] == code
     assert response.headers.get("Retry-After") == retry_after
     assert len(fake_twilio.creates) == 1, "a failed create is never retried"
-    conn = sqlite3.connect(app.config["SERVICE"].database_path)
-    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    assert count_rows(app, "messages") == 0
 
 
 def test_twilio_service_exception_is_handled(send, fake_twilio):
@@ -188,9 +186,8 @@ def test_send_is_stored_even_if_a_callback_already_moved_it_forward(app, send, f
 
 
 def test_message_sent_but_not_stored_says_so_and_must_not_be_resent(app, send, caplog):
-    conn = sqlite3.connect(app.config["SERVICE"].database_path)
-    conn.execute("DROP TABLE status_events")  # the store fails after Twilio accepted
-    conn.close()
+    # the store fails after Twilio accepted
+    sql_rows(app_database_url(app), "ALTER TABLE status_events RENAME TO away")
     response = send()
     assert response.status_code == 200
     answer = response.get_json()
