@@ -86,6 +86,11 @@ def configure_logging(level):
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.propagate = False
+        # The PostgreSQL pool's warnings (a lost server, reconnection attempts), in the same form.
+        pool_log = logging.getLogger("psycopg.pool")
+        pool_log.addHandler(handler)
+        pool_log.propagate = False
+        pool_log.setLevel(logging.WARNING)
     log.setLevel(level)
 
 
@@ -182,7 +187,8 @@ def register_routes(app):
             log.error("Health check failed: the database cannot store updates: %s",
                       db.describe_error(error))
             return {"status": "unavailable", "mode": mode,
-                    "error": "The database cannot store status updates."}, 503
+                    "error": "The database cannot store status updates."}, 503, {
+                        "Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
         return {"status": "ok", "mode": mode}
 
     @app.post("/send-sms")

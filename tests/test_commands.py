@@ -7,7 +7,7 @@ import pytest
 import requests
 from twilio.http.response import Response
 
-from conftest import AUTH, ROOT, callback, stored_message
+from conftest import AUTH, CALLBACK_URL, ROOT, callback, count_rows, sign, stored_message
 from twilio_fakes import twilio_error
 
 FETCH_ANSWER = ('{"sid": "%s", "status": "%s", "error_code": %s,'
@@ -184,3 +184,59 @@ def test_prune_command_refuses_a_malformed_duration_with_exit_code(service_env):
                             timeout=60)
     assert result.returncode != 0
     assert "<number><s|m|h|d>" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def old_history(make_app, tmp_path, post_callback):
+    """A SQLite database with sent messages, their callbacks and a kept idempotency key."""
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = make_app(DATABASE_URL=url)
+    client = old.test_client()
+    sids = [client.post("/send-sms", json={"to": "+15558675309", "body": f"alert {n}"},
+                        headers=AUTH).get_json()["messageSid"] for n in range(3)]
+    client.post("/send-sms", json={"to": "+15558675309", "body": "code 1"},
+                headers={**AUTH, "Idempotency-Key": "k-1"})
+    for sid in sids:
+        for status in ("sent", "delivered"):
+            params = callback(sid, status)
+            client.post("/message-status", data=params,
+                        headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+    histories = {sid: latest(client, sid) for sid in sids}
+    return url, histories
+
+
+def test_copy_database_copies_the_history_once(app, old_history):
+    url, histories = old_history
+    first = run(app, "copy-database", "--from", url)
+    assert first.exit_code == 0, first.output
+    assert "Copied 4 messages, 10 status events and 1 idempotency keys" in first.output
+    client = app.test_client()
+    for sid, history in histories.items():
+        assert latest(client, sid) == history
+    replay = client.post("/send-sms", json={"to": "+15558675309", "body": "code 1"},
+                         headers={**AUTH, "Idempotency-Key": "k-1"})
+    assert replay.headers["Idempotent-Replayed"] == "true"
+
+    again = run(app, "copy-database", "--from", url)
+    assert again.exit_code == 0, again.output
+    assert "Copied 0 messages, 0 status events and 0 idempotency keys" in again.output
+    assert count_rows(app, "status_events") == 10
+
+
+def test_copy_database_refuses_to_copy_a_database_onto_itself(app):
+    config = app.config["SERVICE"]
+    itself = config.database_url or f"sqlite:///{config.database_path}"
+    result = run(app, "copy-database", "--from", itself)
+    assert result.exit_code != 0
+    assert "onto itself" in result.output
+
+
+@pytest.mark.parametrize("source, expected", [
+    pytest.param("mysql://app:s3cret-pw@db/x", "--from", id="other-engine"),
+    pytest.param("sqlite:////nowhere/old.db", "no database file", id="missing-file"),
+])
+def test_copy_database_refuses_a_bad_source_clearly(app, source, expected):
+    result = run(app, "copy-database", "--from", source)
+    assert result.exit_code != 0
+    assert expected in result.output and "s3cret-pw" not in result.output
+    assert "Traceback" not in result.output

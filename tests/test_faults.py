@@ -13,7 +13,7 @@ from twilio.http.http_client import TwilioHttpClient
 
 import db
 from app import create_app
-from conftest import AUTH, callback, count_rows, live_env, sign
+from conftest import AUTH, callback, count_rows, live_env, sign, sqlite_only
 
 # --- the disk under the database fills up --------------------------------------------------
 
@@ -51,6 +51,7 @@ def fill(directory):
     return [filler, directory / "filler2"]
 
 
+@sqlite_only
 def test_full_disk_answers_503_never_200_and_recovers_without_restart(
         small_disk, service_env, start_service):
     env = service_env(simulate=False, DATABASE_URL=f"sqlite:///{small_disk}/status.db")
@@ -164,10 +165,11 @@ MODES = [
 
 
 @pytest.fixture
-def broken_twilio_app(tmp_path, request):
+def broken_twilio_app(tmp_path, request, database_url):
     twilio = MisbehavingTwilio(request.param)
     transport = RedirectedTwilioHttpClient(f"http://127.0.0.1:{twilio.port}", timeout=0.5)
-    app = create_app(live_env(tmp_path, TWILIO_TIMEOUT="0.5"), http_client=transport)
+    app = create_app(live_env(tmp_path, TWILIO_TIMEOUT="0.5", DATABASE_URL=database_url),
+                     http_client=transport)
     yield app
     twilio.close()
     db.close_all()

@@ -49,10 +49,10 @@ SIGNING_KEY = "fuzz-shared-key-secret"
 
 
 @pytest.fixture
-def fuzz_app(tmp_path):
+def fuzz_app(tmp_path, database_url):
     twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
     app = create_app(live_env(tmp_path, LOG_LEVEL="ERROR", MAX_SENDS_PER_RECIPIENT_PER_HOUR="0",
-                              TWILIO_WEBHOOK_SIGNING_KEY=SIGNING_KEY),
+                              TWILIO_WEBHOOK_SIGNING_KEY=SIGNING_KEY, DATABASE_URL=database_url),
                      http_client=twilio)
     yield app, twilio
     db.close_all()

@@ -22,10 +22,11 @@ def clock():
 
 
 @pytest.fixture
-def make_app(tmp_path, fake_twilio, clock):
+def make_app(tmp_path, fake_twilio, clock, database_url):
     import db
 
     def make(**overrides):
+        overrides.setdefault("DATABASE_URL", database_url)
         return create_app(live_env(tmp_path, **overrides), http_client=fake_twilio, clock=clock)
 
     yield make

@@ -1,0 +1,319 @@
+"""Several instances of the service on one PostgreSQL database, and PostgreSQL going away.
+
+Each test runs real gunicorn processes as the Procfile does, on free local ports; two
+services on one database stand for two hosts.
+"""
+
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import (
+    API_KEY,
+    AUTH,
+    AUTH_TOKEN,
+    ROOT,
+    callback,
+    free_port,
+    procfile_command,
+    sign,
+    sql_rows,
+)
+from postgres import PostgresServer
+
+# Every test here is about PostgreSQL: service_env's database is the test's PostgreSQL one.
+pytestmark = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+
+STATUSES = ["queued", "sent", "delivered"]
+
+
+def post_callback(service, env, params, session=requests):
+    return session.post(service.url + "/message-status", data=params, timeout=15, headers={
+        "X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status", params, AUTH_TOKEN)})
+
+
+def live_pair(service_env, start_service, postgres_url, **settings):
+    """Two live services on one database; both check signatures for one public URL, as two
+    hosts behind one load balancer would."""
+    first = service_env(simulate=False, DATABASE_URL=postgres_url, **settings)
+    second = dict(first, PORT=str(free_port()))
+    first["BASE_URL"] = second["BASE_URL"] = "https://sms.example.com"
+    return (start_service(first), first), (start_service(second), second)
+
+
+def test_two_instances_store_split_repeated_out_of_order_callbacks_once(
+        postgres_url, service_env, start_service):
+    (one, env), (two, _) = live_pair(service_env, start_service, postgres_url)
+    sids = [f"SM{n:032x}" for n in range(40)]
+    deliveries = [(sid, status) for sid in sids for status in STATUSES for _ in range(2)]
+    random.Random(7).shuffle(deliveries)
+    answers, lock = [], threading.Lock()
+
+    def deliver(part):
+        session = requests.Session()
+        for n, (sid, status) in enumerate(part):
+            service = (one, two)[n % 2]
+            answer = post_callback(service, env, callback(sid, status), session)
+            with lock:
+                answers.append(answer.status_code)
+
+    threads = [threading.Thread(target=deliver, args=(deliveries[i::8],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert answers == [200] * len(deliveries)
+    assert sql_rows(postgres_url, "SELECT count(*) FROM status_events") == [(len(sids) * 3,)]
+    assert sql_rows(postgres_url, "SELECT DISTINCT latest_status FROM messages") == [
+        ("delivered",)]
+    history = requests.get(f"{two.url}/get-status/{sids[0]}", headers=AUTH, timeout=5).json()
+    assert sorted(entry["status"] for entry in history["history"]) == sorted(STATUSES)
+
+
+def test_one_idempotency_key_sent_to_both_instances_sends_once(
+        postgres_url, service_env, start_service):
+    env = service_env(DATABASE_URL=postgres_url, API_KEY=API_KEY,
+                      TWILIO_SIMULATE_LATENCY_MS=300)
+    one = start_service(env)
+    two = start_service(dict(env, PORT=str(free_port())))
+    barrier = threading.Barrier(16)
+    answers = []
+
+    def post(service):
+        barrier.wait()
+        answers.append(requests.post(
+            f"{service.url}/send-sms", json={"to": "+15558675309", "body": "code 4821"},
+            headers={**AUTH, "Idempotency-Key": "signup-4821"}, timeout=15))
+
+    threads = [threading.Thread(target=post, args=((one, two)[n % 2],)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert {answer.status_code for answer in answers} <= {200, 409}
+    assert one.logs().count("Sent SM") + two.logs().count("Sent SM") == 1
+    sids = {answer.json()["messageSid"] for answer in answers if answer.status_code == 200}
+    assert len(sids) == 1
+    assert sql_rows(postgres_url, "SELECT count(*) FROM messages WHERE sent_at IS NOT NULL") \
+        == [(1,)]
+
+
+def test_the_per_recipient_limit_holds_across_instances(postgres_url, service_env,
+                                                        start_service):
+    env = service_env(DATABASE_URL=postgres_url, API_KEY=API_KEY,
+                      MAX_SENDS_PER_RECIPIENT_PER_HOUR=2, TWILIO_SIMULATE_LATENCY_MS=200)
+    one = start_service(env)
+    two = start_service(dict(env, PORT=str(free_port())))
+    barrier = threading.Barrier(12)
+    statuses = []
+
+    def post(service, n):
+        barrier.wait()
+        statuses.append(requests.post(
+            f"{service.url}/send-sms", json={"to": "+15558675309", "body": f"alert {n}"},
+            headers=AUTH, timeout=15).status_code)
+
+    threads = [threading.Thread(target=post, args=((one, two)[n % 2], n)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [200] * 2 + [429] * 10
+
+
+def test_what_a_killed_instance_acknowledged_is_read_through_the_other(
+        postgres_url, service_env, start_service):
+    (doomed, env), (survivor, _) = live_pair(service_env, start_service, postgres_url)
+    acknowledged, lock, stop = [], threading.Lock(), threading.Event()
+
+    def post_many(worker):
+        session = requests.Session()
+        for n in range(400):
+            if stop.is_set():
+                return
+            params = callback(f"SM{worker:02x}{n:030x}", "delivered")
+            try:
+                answer = post_callback(doomed, env, params, session)
+            except requests.RequestException:
+                return
+            if answer.status_code == 200:
+                with lock:
+                    acknowledged.append(params["MessageSid"])
+
+    threads = [threading.Thread(target=post_many, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 200 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    doomed.kill()
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    assert len(acknowledged) >= 200
+    for sid in acknowledged:
+        answer = requests.get(f"{survivor.url}/get-status/{sid}", headers=AUTH, timeout=5)
+        assert answer.status_code == 200 and answer.json()["latestStatus"] == "delivered"
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server of this test's own, to stop and start."""
+    server = PostgresServer()
+    server.initdb().start()
+    yield server
+    server.remove()
+
+
+def test_a_postgres_outage_gives_503_never_200_and_the_service_recovers_by_itself(
+        own_postgres, service_env, start_service):
+    env = service_env(simulate=False, DATABASE_URL=own_postgres.url())
+    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
+    service = start_service(env)
+    acknowledged, others, lock, stop = [], [], threading.Lock(), threading.Event()
+
+    def post_many(worker):
+        session = requests.Session()
+        for n in range(100_000):
+            if stop.is_set():
+                return
+            params = callback(f"SM{worker:02x}{n:030x}", "sent")
+            answer = post_callback(service, env, params, session)
+            with lock:
+                if answer.status_code == 200:
+                    acknowledged.append(params["MessageSid"])
+                else:
+                    others.append(answer.status_code)
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=post_many, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        own_postgres.stop()
+        down_health = wait_for_health(service, 503, timeout=30)
+        assert down_health.json()["status"] == "unavailable"
+        assert down_health.headers.get("Retry-After")
+        time.sleep(2)
+        own_postgres.start()
+        wait_for_health(service, 200, timeout=60)
+        during = len(acknowledged)
+        time.sleep(1)
+        assert len(acknowledged) > during, "callbacks are stored again, with no restart"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    assert others and set(others) == {503}, "only 200 and 503 while the database was away"
+    stored = {sid for (sid,) in sql_rows(env["DATABASE_URL"], "SELECT sid FROM messages")}
+    assert set(acknowledged) <= stored, "nothing acknowledged is lost"
+    assert "Traceback" not in service.logs()
+    assert own_postgres.password not in service.logs()
+
+
+def wait_for_health(service, status, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = requests.get(service.url + "/healthz", timeout=15)
+        if answer.status_code == status:
+            return answer
+        time.sleep(0.2)
+    raise AssertionError(f"/healthz never answered {status}")
+
+
+def test_two_instances_starting_together_on_an_empty_database_migrate_once(
+        postgres_url, service_env, start_service):
+    env = service_env(DATABASE_URL=postgres_url)
+    results = []
+
+    def start(env):
+        results.append(start_service(env))
+
+    threads = [threading.Thread(target=start, args=(dict(env, PORT=str(free_port())),))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2
+    assert sql_rows(postgres_url, "SELECT version FROM schema_version") == [(5,)]
+
+
+@pytest.mark.parametrize("problem", ["unreachable", "wrong-password"])
+def test_a_database_that_cannot_be_reached_at_start_stops_with_one_clear_message(
+        postgres_url, service_env, problem):
+    if problem == "unreachable":
+        url = f"postgres://app:s3cret-pw@127.0.0.1:{free_port()}/statusdb"
+    else:
+        url = postgres_url.replace("@", "s3cret-pw@", 1)
+    env = service_env(DATABASE_URL=url)
+    result = subprocess.run(procfile_command(), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "DATABASE_URL" in output and "Traceback" not in output
+    assert "s3cret-pw" not in output
+    assert "127.0.0.1" in output
+    assert ("statusdb" if problem == "unreachable" else postgres_url.rsplit("/", 1)[1]) in output
+    assert "Booting worker" not in output
+
+
+def test_copy_database_moves_a_sqlite_history_into_postgres(
+        tmp_path, database_url, service_env, start_service):
+    old_env = service_env(DATABASE_URL=f"sqlite:///{tmp_path}/old.db", API_KEY=API_KEY)
+    old = start_service(old_env)
+    sids = [requests.post(f"{old.url}/send-sms", json={"to": "+15558675309", "body": "hi"},
+                          headers=AUTH, timeout=10).json()["messageSid"] for _ in range(3)]
+    histories = {sid: wait_for_status(old, sid, "delivered") for sid in sids}
+    old.kill()
+
+    env = dict(old_env, DATABASE_URL=database_url, PORT=str(free_port()))
+    flask = [str(Path(sys.executable).parent / "flask"), "--app", "app"]
+    for expected in ("Copied 3 messages, 9 status events", "Copied 0 messages, 0 status events"):
+        result = subprocess.run([*flask, "copy-database", "--from", old_env["DATABASE_URL"]],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert expected in result.stdout
+        assert database_url.split(":")[2].split("@")[0] not in result.stdout  # the password
+
+    new = start_service(env)
+    for sid, history in histories.items():
+        assert requests.get(f"{new.url}/get-status/{sid}", headers=AUTH,
+                            timeout=5).json() == history
+
+
+def wait_for_status(service, sid, status, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = requests.get(f"{service.url}/get-status/{sid}", headers=AUTH, timeout=5).json()
+        if answer.get("latestStatus") == status:
+            return answer
+        time.sleep(0.1)
+    raise AssertionError(f"{sid} never reached {status}")
+
+
+def test_the_database_password_never_shows(database_url, service_env, start_service):
+    password = database_url.split(":")[2].split("@")[0]
+    env = service_env(DATABASE_URL=database_url)
+    service = start_service(env)
+    seen = [requests.get(service.url + path, timeout=5).text for path in ("/", "/healthz")]
+    flask = [str(Path(sys.executable).parent / "flask"), "--app", "app"]
+    for command in (["reconcile", "--older-than", "0s"], ["prune", "--older-than", "90d"]):
+        result = subprocess.run([*flask, *command], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        seen += [result.stdout, result.stderr]
+    seen.append(service.logs())
+    assert "PostgreSQL database" in service.logs()
+    assert not [text for text in seen if password in text]
