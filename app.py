@@ -24,6 +24,7 @@ import db
 import rules
 import sending
 import twilio_api
+import twilio_errors
 from commands import register_commands
 from config import ConfigError, load_config
 
@@ -218,6 +219,7 @@ def register_routes(app):
         message = db.message_with_history(db.get_db(), sid)
         if message is None:
             return json_error(404, f"No message with SID {sid} is known to this service")
+        message["errorDescription"] = twilio_errors.description(message["errorCode"])
         return message
 
 
