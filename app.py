@@ -21,6 +21,7 @@ from twilio.request_validator import (
 from werkzeug.exceptions import HTTPException
 
 import db
+import queries
 import rules
 import sending
 import twilio_api
@@ -167,7 +168,12 @@ def register_routes(app):
                 "POST /message-status": "Twilio's status callbacks (signed by Twilio)",
                 "GET /get-status/<sid>": "a message's latest status and history "
                                          "(Authorization: Bearer <API_KEY>)",
+                "GET /messages": "messages newest first, filtered by to, status, errorCode, "
+                                 "since, until; paged by cursor (Authorization: Bearer <API_KEY>)",
+                "GET /stats": "delivery statistics of a time window, by default the last 24 "
+                              "hours (Authorization: Bearer <API_KEY>)",
                 "GET /healthz": "200 when statuses can be stored, 503 when not",
+                "GET /openapi.json": "the OpenAPI 3.1 description of this API",
             },
         }
 
@@ -221,6 +227,16 @@ def register_routes(app):
             return json_error(404, f"No message with SID {sid} is known to this service")
         message["errorDescription"] = twilio_errors.description(message["errorCode"])
         return message
+
+    @app.get("/messages")
+    @require_api_key
+    def messages():
+        return queries.list_messages(request.args)
+
+    @app.get("/stats")
+    @require_api_key
+    def stats():
+        return queries.delivery_stats(request.args, current_app.config["CLOCK"]())
 
 
 def signed_by_twilio():

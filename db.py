@@ -76,6 +76,14 @@ MIGRATIONS = [
     ALTER TABLE send_reservations ADD COLUMN counts_until REAL;
     UPDATE send_reservations SET counts_until = reserved_at + 3600;
     """,
+    # GET /messages pages (newest first, by itself or per recipient, status or error code)
+    # and the windows of GET /stats.
+    """
+    CREATE INDEX messages_by_creation ON messages (created_at, sid);
+    CREATE INDEX messages_by_recipient_and_creation ON messages (to_number, created_at, sid);
+    CREATE INDEX messages_by_status_and_creation ON messages (latest_status, created_at, sid);
+    CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, sid);
+    """,
 ]
 
 _local = threading.local()
