@@ -32,6 +32,7 @@ from config import ConfigError, load_config
 log = logging.getLogger("sms_status")
 
 MAX_REQUEST_BYTES = 64 * 1024
+OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 DATABASE_RETRY_AFTER_SECONDS = 2
 HTTP_ERROR_MESSAGES = {
     404: "No such endpoint: {method} {path}. GET / lists the endpoints.",
@@ -176,6 +177,11 @@ def register_routes(app):
                 "GET /openapi.json": "the OpenAPI 3.1 description of this API",
             },
         }
+
+    @app.get("/openapi.json")
+    def openapi():
+        with open(OPENAPI_DOCUMENT, "rb") as document:
+            return current_app.response_class(document.read(), mimetype="application/json")
 
     @app.get("/healthz")
     def healthz():

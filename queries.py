@@ -73,7 +73,7 @@ def parse_instant(name, text):
     moment = None
     if text.isascii() and len(text) <= 64:
         try:
-            moment = datetime.fromisoformat(text)
+            moment = datetime.fromisoformat(text.upper())  # RFC 3339 allows t and z
         except ValueError:
             pass
     if moment is None or moment.tzinfo is None or moment.utcoffset() is None:

@@ -128,6 +128,7 @@ def test_messages_filter_by_error_code(client, store):
     pytest.param({"since": "2026-11-26T19:00:00Z"}, ["at", "after"], id="since-inclusive"),
     pytest.param({"until": "2026-11-26T19:00:00Z"}, ["before"], id="until-exclusive"),
     pytest.param({"since": "2026-11-26T20:00:00+01:00"}, ["at", "after"], id="since-offset"),
+    pytest.param({"since": "2026-11-26t19:00:00z"}, ["at", "after"], id="since-lowercase"),
     pytest.param({"until": "2026-11-26T14:00:00-05:00"}, ["before"], id="until-offset"),
     pytest.param({"since": "2026-11-26T19:00:00.0001Z"}, ["after"], id="since-sub-ms"),
     pytest.param({"until": "2026-11-26T19:00:00.0001Z"}, ["before", "at"], id="until-sub-ms"),
