@@ -20,15 +20,18 @@ from twilio.request_validator import (
 from werkzeug.exceptions import HTTPException
 
 import db
+import queries
 import rules
 import sending
 import twilio_api
+import twilio_errors
 from commands import register_commands
 from config import ConfigError, load_config
 
 log = logging.getLogger("sms_status")
 
 MAX_REQUEST_BYTES = 64 * 1024
+OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 DATABASE_RETRY_AFTER_SECONDS = 2
 HTTP_ERROR_MESSAGES = {
     404: "No such endpoint: {method} {path}. GET / lists the endpoints.",
@@ -174,9 +177,19 @@ def register_routes(app):
                 "POST /message-status": "Twilio's status callbacks (signed by Twilio)",
                 "GET /get-status/<sid>": "a message's latest status and history "
                                          "(Authorization: Bearer <API_KEY>)",
+                "GET /messages": "messages newest first, filtered by to, status, errorCode, "
+                                 "since, until; paged by cursor (Authorization: Bearer <API_KEY>)",
+                "GET /stats": "delivery statistics of a time window, by default the last 24 "
+                              "hours (Authorization: Bearer <API_KEY>)",
                 "GET /healthz": "200 when statuses can be stored, 503 when not",
+                "GET /openapi.json": "the OpenAPI 3.1 description of this API",
             },
         }
+
+    @app.get("/openapi.json")
+    def openapi():
+        with open(OPENAPI_DOCUMENT, "rb") as document:
+            return current_app.response_class(document.read(), mimetype="application/json")
 
     @app.get("/healthz")
     def healthz():
@@ -228,7 +241,18 @@ def register_routes(app):
         message = db.message_with_history(db.get_db(), sid)
         if message is None:
             return json_error(404, f"No message with SID {sid} is known to this service")
+        message["errorDescription"] = twilio_errors.description(message["errorCode"])
         return message
+
+    @app.get("/messages")
+    @require_api_key
+    def messages():
+        return queries.list_messages(request.args)
+
+    @app.get("/stats")
+    @require_api_key
+    def stats():
+        return queries.delivery_stats(request.args, current_app.config["CLOCK"]())
 
 
 def signed_by_twilio():

@@ -36,7 +36,7 @@ DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 # The schema version both engines reach: SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version table. A database with a newer version is refused, never downgraded.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 BUSY_TIMEOUT_MS = 5000
 POOL_TIMEOUT_SECONDS = 5
@@ -48,6 +48,16 @@ def open_engine(config):
     if config.database_engine == "postgres":
         return PostgresEngine(config.database_url, config.database_pool_size)
     return SQLiteEngine(config.database_path, config.sqlite_synchronous)
+
+
+# GET /messages pages (newest first, by itself or per recipient, status or error code) and
+# the windows of GET /stats; the same statements on both engines.
+QUERY_INDEXES = """
+    CREATE INDEX messages_by_creation ON messages (created_at, sid);
+    CREATE INDEX messages_by_recipient_and_creation ON messages (to_number, created_at, sid);
+    CREATE INDEX messages_by_status_and_creation ON messages (latest_status, created_at, sid);
+    CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, sid);
+    """
 
 
 # --- SQLite --------------------------------------------------------------------------------
@@ -108,6 +118,7 @@ SQLITE_MIGRATIONS = [
     ALTER TABLE send_reservations ADD COLUMN counts_until REAL;
     UPDATE send_reservations SET counts_until = reserved_at + 3600;
     """),
+    (6, QUERY_INDEXES),
 ]
 
 _local = threading.local()
@@ -396,6 +407,7 @@ POSTGRES_MIGRATIONS = [
     );
     CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number);
     """),
+    (6, QUERY_INDEXES),
 ]
 
 # Key of the advisory lock under which instances starting together migrate one at a time.
@@ -513,7 +525,8 @@ class PostgresEngine:
 
     @staticmethod
     def seconds_between(start, end):
-        return f"extract(epoch FROM (({end})::timestamptz - ({start})::timestamptz))"
+        return (f"extract(epoch FROM (({end})::timestamptz - ({start})::timestamptz))"
+                "::double precision")
 
     def describe_error(self, error):
         """The error's text, never with the password of DATABASE_URL in it."""

@@ -35,9 +35,12 @@ def free_port():
 
 
 def service_env(port, database, **settings):
-    """A clean environment for the service: PATH, the passed-through settings, then `settings`."""
+    """A clean environment for the service: PATH, the passed-through settings, then `settings`.
+
+    `database` is a SQLite file's path or a database URL.
+    """
     env = {"PATH": os.environ.get("PATH", ""), "PORT": str(port),
-           "DATABASE_URL": f"sqlite:///{database}"}
+           "DATABASE_URL": database if isinstance(database, str) else f"sqlite:///{database}"}
     env.update({name: os.environ[name] for name in PASSED_THROUGH if name in os.environ})
     env.update({name: str(value) for name, value in settings.items()})
     return env
@@ -173,6 +176,55 @@ def machine_summary():
             f"SQLite {sqlite3.sqlite_version}, {wrk.splitlines()[0].split(' [')[0]}")
 
 
+def database_rows(database_url, sql):
+    """The rows of a read-only query, on SQLite or PostgreSQL."""
+    if database_url.startswith("sqlite:///"):
+        path = database_url[len("sqlite:///"):]
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as conn:
+            return conn.execute(sql).fetchall()
+    import psycopg
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(sql).fetchall()
+
+
+class PostgresDatabases:
+    """Fresh PostgreSQL databases for a run, dropped at its end: on the server of
+    --database-url (or DATABASE_URL; its user needs the CREATEDB privilege), or, with
+    --postgres, on a throwaway server started from the machine's PostgreSQL binaries."""
+
+    def __init__(self, args):
+        self.admin_url = args.database_url or os.environ.get("DATABASE_URL", "")
+        if not self.admin_url.startswith(("postgres://", "postgresql://")):
+            self.admin_url = ""
+        self.server = None
+        if args.postgres and not self.admin_url:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from postgres import PostgresServer  # the tests' throwaway server
+
+            self.server = PostgresServer().initdb().start()
+            self.admin_url = self.server.url()
+        self.created = []
+
+    def __bool__(self):
+        return bool(self.admin_url)
+
+    def new(self):
+        sys.path.insert(0, str(ROOT / "tests"))
+        from postgres import create_database
+
+        self.created.append(create_database(self.admin_url))
+        return self.created[-1]
+
+    def close(self):
+        sys.path.insert(0, str(ROOT / "tests"))
+        from postgres import drop_database
+
+        for url in self.created:
+            drop_database(self.admin_url, url)
+        if self.server:
+            self.server.remove()
+
+
 def median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -224,6 +276,12 @@ def argument_parser(description, connections, connections_help):
     parser.add_argument("--keep", action="store_true", help="keep logs and databases")
     parser.add_argument("--repo", type=Path, default=ROOT,
                         help="benchmark the service in another checkout (default: this one)")
+    parser.add_argument("--database-url", default=None,
+                        help="a PostgreSQL server to measure on as well (default: DATABASE_URL "
+                             "when it names one); fresh databases are made on it and dropped")
+    parser.add_argument("--postgres", action="store_true",
+                        help="measure on PostgreSQL as well, on a throwaway server started "
+                             "from the machine's PostgreSQL binaries")
     return parser
 
 

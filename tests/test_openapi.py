@@ -1,0 +1,27 @@
+import json
+
+from openapi_spec_validator import validate
+
+from app import OPENAPI_DOCUMENT
+
+ROUTES = {("/", "get"), ("/healthz", "get"), ("/openapi.json", "get"), ("/send-sms", "post"),
+          ("/message-status", "post"), ("/get-status/{sid}", "get"), ("/messages", "get"),
+          ("/stats", "get")}
+
+
+def test_openapi_document_is_served_without_a_key_and_is_valid_openapi_3_1(client):
+    response = client.get("/openapi.json")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    document = response.get_json()
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+
+
+def test_openapi_document_describes_every_route_of_the_app(app):
+    with open(OPENAPI_DOCUMENT) as source:
+        documented = {(path, method) for path, item in json.load(source)["paths"].items()
+                      for method in item}
+    served = {(rule.rule.replace("<sid>", "{sid}"), method.lower())
+              for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+              for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert documented == served == ROUTES

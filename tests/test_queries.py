@@ -1,0 +1,424 @@
+import base64
+import itertools
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import db
+import queries
+from app import create_app
+from conftest import AUTH, callback, live_env, sqlite_only
+
+NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
+_sids = itertools.count(1)
+
+
+def at(seconds_before_now):
+    """The stored timestamp of NOW minus `seconds_before_now`."""
+    return db.utc_now_iso(NOW - seconds_before_now)
+
+
+@pytest.fixture
+def clock():
+    return {"now": NOW}
+
+
+@pytest.fixture
+def app(tmp_path, fake_twilio, clock, database_url):
+    yield create_app(live_env(tmp_path, DATABASE_URL=database_url), http_client=fake_twilio,
+                     clock=lambda: clock["now"])
+    db.close_all()
+
+
+@pytest.fixture
+def store(app):
+    """Stores a message through the service's own storage, with explicit event times.
+
+    store(created, ("sent", 5), ("undelivered", 10, 30003), to=...) creates it `created`
+    seconds before NOW as queued, then adds each (status, seconds after creation[, code]).
+    """
+
+    def add(created, *events, to="+15558675309", sid=None):
+        sid = sid or f"SM{next(_sids):032x}"
+        with app.app_context():
+            conn = db.get_db()
+            db.record_status(conn, sid, "queued", to=to, from_="+15551234567",
+                             at=at(created))
+            for status, after, *code in events:
+                db.record_status(conn, sid, status, code[0] if code else None,
+                                 at=at(created - after))
+        return sid
+
+    return add
+
+
+def get(client, path, **params):
+    response = client.get(path, query_string=params, headers=AUTH)
+    return response.status_code, response.get_json()
+
+
+def sids(answer):
+    return [message["sid"] for message in answer["messages"]]
+
+
+# --- GET /messages ------------------------------------------------------------------------
+
+def test_messages_are_newest_first_with_the_documented_shape(client, store):
+    older = store(120, ("sent", 1), ("undelivered", 3, 30003))
+    newer = store(60, ("sent", 1), ("delivered", 2))
+    status, answer = get(client, "/messages")
+    assert status == 200
+    assert sids(answer) == [newer, older] and answer["nextCursor"] is None
+    item = answer["messages"][1]
+    assert item == {
+        "sid": older, "to": "+15558675309", "from": "+15551234567",
+        "latestStatus": "undelivered", "errorCode": 30003,
+        "errorDescription": item["errorDescription"],
+        "createdAt": at(120), "updatedAt": at(117),
+    }
+    assert item["errorDescription"].startswith("Unreachable handset")
+    assert answer["messages"][0]["errorDescription"] is None
+
+
+def test_messages_created_at_the_same_moment_are_ordered_by_sid(client, store):
+    made = [store(60, sid=f"SM{n}") for n in (3, 1, 2)]
+    assert sids(get(client, "/messages")[1]) == sorted(made, reverse=True)
+
+
+def test_messages_filter_by_recipient(client, store):
+    mine = store(60, to="+15550000001")
+    store(50, to="+15550000002")
+    store(40, to="+155500000011")
+    assert sids(get(client, "/messages", to="+15550000001")[1]) == [mine]
+
+
+def test_messages_filter_by_one_or_more_statuses(client, store):
+    delivered = store(50, ("delivered", 1))
+    failed = store(40, ("failed", 1, 30008))
+    queued = store(30)
+    undelivered = store(20, ("undelivered", 1, 30003))
+    assert sids(get(client, "/messages", status="delivered")[1]) == [delivered]
+    assert sids(get(client, "/messages", status="failed,undelivered")[1]) == [undelivered,
+                                                                               failed]
+    assert sids(get(client, "/messages", status="queued, delivered")[1]) == [queued, delivered]
+
+
+def test_messages_with_several_statuses_page_in_one_order(client, store):
+    made = [store(100 - n, ("delivered" if n % 3 else "failed", 1)) for n in range(10)]
+    status, first = get(client, "/messages", status="delivered,failed", limit=4)
+    assert status == 200 and sids(first) == made[::-1][:4]
+    _, second = get(client, "/messages", status="delivered,failed", limit=4,
+                    cursor=first["nextCursor"])
+    _, third = get(client, "/messages", status="delivered,failed", limit=4,
+                   cursor=second["nextCursor"])
+    assert sids(second) == made[::-1][4:8] and sids(third) == made[::-1][8:]
+    assert third["nextCursor"] is None
+
+
+def test_messages_filter_by_error_code(client, store):
+    filtered = store(50, ("undelivered", 1, 30007))
+    store(40, ("undelivered", 1, 30003))
+    store(30, ("delivered", 1))
+    status, answer = get(client, "/messages", errorCode="30007")
+    assert status == 200 and sids(answer) == [filtered]
+    assert answer["messages"][0]["errorDescription"].startswith("Carrier filtering")
+
+
+@pytest.mark.parametrize("params, expected", [
+    pytest.param({"since": "2026-11-26T19:00:00Z"}, ["at", "after"], id="since-inclusive"),
+    pytest.param({"until": "2026-11-26T19:00:00Z"}, ["before"], id="until-exclusive"),
+    pytest.param({"since": "2026-11-26T20:00:00+01:00"}, ["at", "after"], id="since-offset"),
+    pytest.param({"since": "2026-11-26t19:00:00z"}, ["at", "after"], id="since-lowercase"),
+    pytest.param({"until": "2026-11-26T14:00:00-05:00"}, ["before"], id="until-offset"),
+    pytest.param({"since": "2026-11-26T19:00:00.0001Z"}, ["after"], id="since-sub-ms"),
+    pytest.param({"until": "2026-11-26T19:00:00.0001Z"}, ["before", "at"], id="until-sub-ms"),
+    pytest.param({"since": "2026-11-26T19:00:00Z", "until": "2026-11-26T19:00:00.001Z"},
+                 ["at"], id="one-millisecond"),
+])
+def test_messages_window_compares_created_at(client, store, params, expected):
+    made = {"before": store(3600.001), "at": store(3600), "after": store(3599.999)}
+    answer = get(client, "/messages", **params)[1]
+    assert sorted(sids(answer)) == sorted(made[name] for name in expected)
+
+
+@pytest.mark.parametrize("limit, status", [
+    pytest.param("1", 200, id="1"), pytest.param("200", 200, id="200"),
+    pytest.param("0", 400, id="0"), pytest.param("201", 400, id="201"),
+    pytest.param("abc", 400, id="abc"), pytest.param("-1", 400, id="negative"),
+    pytest.param("1.5", 400, id="fraction"), pytest.param("", 400, id="empty"),
+])
+def test_messages_limit_bounds(client, store, limit, status):
+    for n in range(3):
+        store(60 + n)
+    code, answer = get(client, "/messages", limit=limit)
+    assert code == status
+    if status == 200:
+        assert len(answer["messages"]) == min(int(limit), 3)
+    else:
+        assert "'limit'" in answer["error"]
+
+
+def test_messages_default_to_pages_of_50(client, store):
+    for n in range(51):
+        store(600 - n)
+    first = get(client, "/messages")[1]
+    assert len(first["messages"]) == 50 and first["nextCursor"]
+    last = get(client, "/messages", cursor=first["nextCursor"])[1]
+    assert len(last["messages"]) == 1 and last["nextCursor"] is None
+
+
+def test_the_last_full_page_has_no_next_cursor(client, store):
+    for n in range(4):
+        store(60 + n)
+    answer = get(client, "/messages", limit=4)[1]
+    assert len(answer["messages"]) == 4 and answer["nextCursor"] is None
+
+
+def cursor_of(value):
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+
+
+@pytest.mark.parametrize("params, named", [
+    pytest.param({"stauts": "sent"}, "stauts", id="unknown-parameter"),
+    pytest.param({"to": "15558675309"}, "to", id="to-without-plus"),
+    pytest.param({"to": " 15558675309"}, "to", id="to-plus-as-space"),
+    pytest.param({"to": "+0123"}, "to", id="to-leading-zero"),
+    pytest.param({"status": "delivred"}, "status", id="status-typo"),
+    pytest.param({"status": ""}, "status", id="status-empty"),
+    pytest.param({"status": "sent,"}, "status", id="status-trailing-comma"),
+    pytest.param({"errorCode": "abc"}, "errorCode", id="error-code-text"),
+    pytest.param({"errorCode": "-30003"}, "errorCode", id="error-code-negative"),
+    pytest.param({"errorCode": "9" * 10}, "errorCode", id="error-code-huge"),
+    pytest.param({"since": "2026-11-26T19:00:00"}, "since", id="since-naive"),
+    pytest.param({"since": "2026-11-26"}, "since", id="since-date-only"),
+    pytest.param({"since": "yesterday"}, "since", id="since-text"),
+    pytest.param({"until": "2026-11-26T19:00:00"}, "until", id="until-naive"),
+    pytest.param({"until": "2026-13-01T00:00:00Z"}, "until", id="until-month-13"),
+    pytest.param({"until": "0001-01-01T00:00:00+01:00"}, "until", id="until-before-year-1"),
+    pytest.param({"since": "2026-11-26T20:00:00Z", "until": "2026-11-26T19:00:00Z"},
+                 "since", id="since-after-until"),
+    pytest.param({"cursor": "abc"}, "cursor", id="cursor-garbage"),
+    pytest.param({"cursor": "é"}, "cursor", id="cursor-not-ascii"),
+    pytest.param({"cursor": cursor_of({"a": 1})}, "cursor", id="cursor-object"),
+    pytest.param({"cursor": cursor_of(["2026-11-26", "SM1"])}, "cursor", id="cursor-bad-time"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 5])}, "cursor",
+                 id="cursor-bad-sid"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", "SM1", 3])}, "cursor",
+                 id="cursor-three-items"),
+    pytest.param({"cursor": base64.urlsafe_b64encode(b"[" * 5000).decode()}, "cursor",
+                 id="cursor-deeply-nested"),
+    pytest.param({"limit": ["1", "2"]}, "limit", id="repeated-parameter"),
+])
+def test_messages_refuse_bad_parameters_naming_them(client, params, named):
+    status, answer = get(client, "/messages", **params)
+    assert status == 400
+    assert set(answer) == {"error"} and f"'{named}'" in answer["error"]
+
+
+def test_messages_need_the_api_key(client):
+    response = client.get("/messages")
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_page_walk_never_repeats_or_skips_while_messages_arrive(client, store, send):
+    # Pairs created at the same moment, so that page boundaries fall between equal times.
+    existing = {store(1000 - n // 2) for n in range(40)}
+    seen, pages, cursor = [], 0, None
+    while True:
+        params = {"limit": 7} | ({"cursor": cursor} if cursor else {})
+        status, page = get(client, "/messages", **params)
+        assert status == 200
+        seen += sids(page)
+        pages += 1
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+        # Newer messages arrive between pages: two sent now, one stored a moment ago.
+        assert send(to=f"+1555000{pages:04d}").status_code == 200
+        assert send(to=f"+1555100{pages:04d}").status_code == 200
+        store(-pages)
+        assert pages < 20
+    assert len(seen) == len(set(seen)), "a message appeared on two pages"
+    assert existing <= set(seen), "a message that existed at the first page was skipped"
+    assert pages == 6
+
+
+# --- GET /stats ---------------------------------------------------------------------------
+
+def test_stats_arithmetic_over_a_window(client, store):
+    for delay in (2, 4, 6, 8, 10, 12, 14, 16, 18, 20):
+        store(7200, ("sent", 1), ("delivered", delay))
+    for _ in range(3):
+        store(7000, ("sent", 1), ("undelivered", 30, 30007))
+    store(6000, ("failed", 5, 30003))
+    store(5000, ("sent", 1))                      # stuck: sent, unchanged for over an hour
+    store(5000)                                   # stuck: queued since it was created
+    store(2000, ("sent", 1500))                   # not stuck: changed 500 s ago
+    store(3000, ("sent", 1), ("undelivered", 30, 99999))
+    store(90000, ("sent", 1), ("delivered", 1))   # created before the window
+
+    status, answer = get(client, "/stats", since="2026-11-26T17:00:00Z",
+                         until="2026-11-26T20:00:00Z")
+    assert status == 200
+    assert answer == {
+        "since": "2026-11-26T17:00:00.000Z",
+        "until": "2026-11-26T20:00:00.000Z",
+        "total": 18,
+        "byStatus": {"delivered": 10, "undelivered": 4, "failed": 1, "sent": 2, "queued": 1},
+        "deliveryRate": 10 / 15,
+        "errors": [
+            {"code": 30007, "count": 3, "description": answer["errors"][0]["description"]},
+            {"code": 30003, "count": 1, "description": answer["errors"][1]["description"]},
+            {"code": 99999, "count": 1, "description": None},
+        ],
+        "timeToDeliveredSeconds": {"p50": 10, "p90": 18},
+        "stuck": 2,
+    }
+    assert answer["errors"][0]["description"].startswith("Carrier filtering")
+    assert answer["errors"][1]["description"].startswith("Unreachable handset")
+
+
+@pytest.mark.parametrize("delays, p50, p90", [
+    pytest.param([7.5], 7.5, 7.5, id="one"),
+    pytest.param([1, 2], 1, 2, id="two"),
+    pytest.param([5, 1, 4, 2, 3], 3, 5, id="five-unordered"),
+    pytest.param([0.25 * n for n in range(1, 21)], 2.5, 4.5, id="twenty"),
+])
+def test_stats_time_to_delivered_percentiles_by_nearest_rank(client, store, delays, p50, p90):
+    for delay in delays:
+        store(600, ("sent", 0.1), ("delivered", delay))
+    store(600, ("sent", 0.1), ("failed", 0.2, 30008))
+    answer = get(client, "/stats")[1]
+    assert answer["timeToDeliveredSeconds"] == {"p50": p50, "p90": p90}
+
+
+def test_stats_time_to_delivered_counts_a_late_delivered_event(client, store):
+    # latestStatus stays failed (final statuses never replace each other), but the
+    # delivered event exists, and its time is what the percentile measures.
+    store(600, ("failed", 1, 30008), ("delivered", 9))
+    answer = get(client, "/stats")[1]
+    assert answer["byStatus"] == {"failed": 1}
+    assert answer["timeToDeliveredSeconds"] == {"p50": 9, "p90": 9}
+
+
+def test_stats_of_an_empty_window(client, store):
+    store(90000, ("delivered", 1))
+    assert get(client, "/stats")[1] == {
+        "since": "2026-11-25T20:00:00.000Z", "until": "2026-11-26T20:00:00.000Z",
+        "total": 0, "byStatus": {}, "deliveryRate": None, "errors": [],
+        "timeToDeliveredSeconds": None, "stuck": 0,
+    }
+
+
+def test_stats_delivery_rate_is_null_when_nothing_finished(client, store):
+    store(600, ("sent", 1))
+    store(600)
+    answer = get(client, "/stats")[1]
+    assert answer["total"] == 2 and answer["deliveryRate"] is None
+    assert answer["timeToDeliveredSeconds"] is None
+
+
+def test_stats_default_window_is_the_last_24_hours_of_the_clock(client, store, clock):
+    store(24 * 3600 - 1, ("delivered", 1))
+    store(24 * 3600, ("delivered", 1))      # exactly 24 h ago: since is inclusive
+    store(24 * 3600 + 1, ("delivered", 1))  # older: outside
+    answer = get(client, "/stats")[1]
+    assert answer["since"] == "2026-11-25T20:00:00.000Z"
+    assert answer["until"] == "2026-11-26T20:00:00.000Z"
+    assert answer["total"] == 2
+    clock["now"] = NOW + 1  # the window moves with the clock
+    assert get(client, "/stats")[1]["total"] == 1
+
+
+def test_stats_with_only_until_covers_the_24_hours_before_it(client, store):
+    store(48 * 3600 - 10, ("delivered", 1))
+    store(10, ("delivered", 1))
+    answer = get(client, "/stats", until="2026-11-25T21:00:00+01:00")[1]
+    assert answer["since"] == "2026-11-24T20:00:00.000Z" and answer["total"] == 1
+
+
+def test_stats_stuck_means_not_final_and_unchanged_for_over_an_hour(client, store, clock):
+    store(4000, ("sent", 399))      # last change 3601 s ago: stuck
+    store(4000, ("sent", 400))      # exactly an hour ago: not more than an hour
+    store(4000, ("sent", 401))      # 3599 s ago: not yet
+    store(9000, ("delivered", 1))   # final: never stuck
+    store(9000, ("undelivered", 1, 30003))
+    assert get(client, "/stats")[1]["stuck"] == 1
+    clock["now"] = NOW + 2
+    assert get(client, "/stats")[1]["stuck"] == 3
+
+
+@pytest.mark.parametrize("params, named", [
+    pytest.param({"from": "2026-11-26T19:00:00Z"}, "from", id="unknown-parameter"),
+    pytest.param({"since": "2026-11-26T19:00:00"}, "since", id="since-naive"),
+    pytest.param({"until": "now"}, "until", id="until-text"),
+    pytest.param({"since": "2026-11-26T19:00:00Z", "until": "2026-11-26T19:00:00Z"}, "since",
+                 id="empty-window"),
+    pytest.param({"since": ["2026-11-26T19:00:00Z"] * 2}, "since", id="repeated"),
+])
+def test_stats_refuse_bad_parameters_naming_them(client, params, named):
+    status, answer = get(client, "/stats", **params)
+    assert status == 400 and f"'{named}'" in answer["error"]
+
+
+def test_stats_need_the_api_key(client):
+    assert client.get("/stats").status_code == 401
+
+
+def test_stats_count_messages_sent_through_the_service(client, send, post_callback, clock):
+    clock["now"] = datetime.now(timezone.utc).timestamp()
+    sid = send().get_json()["messageSid"]
+    post_callback(callback(sid, "sent"))
+    post_callback(callback(sid, "delivered"))
+    answer = get(client, "/stats")[1]
+    assert answer["total"] == 1 and answer["byStatus"] == {"delivered": 1}
+    assert answer["deliveryRate"] == 1
+
+
+# --- the queries use the indexes ----------------------------------------------------------
+
+@pytest.mark.parametrize("path, params", [
+    pytest.param("/messages", {}, id="first-page"),
+    pytest.param("/messages", {"cursor": cursor_of(["2026-11-26T19:00:00.000Z", "SM5"])},
+                 id="deep-page"),
+    pytest.param("/messages", {"to": "+15558675309"}, id="to"),
+    pytest.param("/messages", {"status": "failed,undelivered"}, id="status"),
+    pytest.param("/messages", {"errorCode": "30007"}, id="error-code"),
+    pytest.param("/messages", {"since": "2026-11-26T19:00:00Z"}, id="since"),
+    pytest.param("/stats", {}, id="stats"),
+])
+@sqlite_only
+def test_queries_read_through_indexes_without_sorting(app, client, store, monkeypatch, path,
+                                                      params):
+    store(60, ("delivered", 1))
+    seen = []
+    original = queries._rows
+
+    def recording(sql, sql_params):
+        seen.append((sql, sql_params))
+        return original(sql, sql_params)
+
+    monkeypatch.setattr(queries, "_rows", recording)
+    assert get(client, path, **params)[0] == 200
+    with app.app_context():
+        for sql, sql_params in seen:
+            plan = [row["detail"] for row in db.get_db().query(
+                "EXPLAIN QUERY PLAN " + sql, sql_params)]
+            tables = [line for line in plan if "messages" in line or "status_events" in line]
+            assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
+            if path == "/messages":
+                assert not any("TEMP B-TREE" in line for line in plan), plan
+            if params:  # a filter or a cursor seeks into the index instead of scanning it
+                assert plan[0].startswith("SEARCH"), plan
+
+
+def test_timestamps_are_stored_in_the_format_the_queries_compare(app, store):
+    sid = store(60)
+    with app.app_context():
+        row = db.get_db().query("SELECT created_at FROM messages WHERE sid = ?", (sid,))[0]
+    assert queries.STORED_TIMESTAMP.fullmatch(row["created_at"])
+    assert queries.format_instant(
+        datetime.fromisoformat("2026-11-26T21:05:15.8961+01:00")) == "2026-11-26T20:05:15.897Z"
+    assert queries.format_instant(datetime(5, 1, 1, tzinfo=timezone.utc)
+                                  + timedelta(microseconds=5)) == "0005-01-01T00:00:00.001Z"

@@ -1,0 +1,46 @@
+import pytest
+
+from conftest import AUTH, callback
+from twilio_errors import ERRORS, description
+
+# The codes the service explains: those a sender of alerts and one-time codes meets.
+LISTED = [*range(30001, 30009), 30032, 30034, 21610, 21211, 21408, 21612, 21614, 63016]
+
+
+def test_exactly_the_listed_codes_are_explained():
+    assert sorted(ERRORS) == sorted(LISTED)
+
+
+@pytest.mark.parametrize("code", LISTED)
+def test_each_code_has_one_sentence_and_its_docs_link(code):
+    sentence, link = ERRORS[code]
+    assert link == f"https://www.twilio.com/docs/api/errors/{code}"
+    assert sentence.endswith(".") and sentence.count(". ") == 0 and len(sentence) < 160
+    assert description(code) == f"{sentence} {link}"
+
+
+@pytest.mark.parametrize("code", [
+    pytest.param(None, id="none"),
+    pytest.param(12345, id="unknown"),
+    pytest.param("30003", id="text"),
+])
+def test_unknown_or_missing_codes_have_no_description(code):
+    assert description(code) is None
+
+
+@pytest.mark.parametrize("status, error_code, expected", [
+    pytest.param("undelivered", "30007", "Carrier filtering", id="30007"),
+    pytest.param("failed", "63016", "Outside WhatsApp", id="63016"),
+    pytest.param("undelivered", "30999", None, id="unknown"),
+    pytest.param("delivered", None, None, id="none"),
+])
+def test_get_status_describes_the_error(client, send, post_callback, status, error_code,
+                                        expected):
+    sid = send().get_json()["messageSid"]
+    extra = {"ErrorCode": error_code} if error_code else {}
+    post_callback(callback(sid, status, **extra))
+    answer = client.get(f"/get-status/{sid}", headers=AUTH).get_json()
+    if expected is None:
+        assert answer["errorDescription"] is None
+    else:
+        assert answer["errorDescription"].startswith(expected)
