@@ -17,14 +17,15 @@ and on any 5xx.
 import http.client
 import json
 import secrets
-import sqlite3
 import threading
 import time
 
 from common import (
     BENCH,
+    PostgresDatabases,
     argument_parser,
     cpu_seconds,
+    database_rows,
     free_port,
     gunicorn_settings,
     machine_summary,
@@ -104,10 +105,9 @@ class HealthPoller(threading.Thread):
 
 def stored(database):
     """{sid: number of status events} for every message stored as sent by this service."""
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as conn:
-        return dict(conn.execute(
-            "SELECT m.sid, count(e.id) FROM messages m LEFT JOIN status_events e"
-            " ON e.message_sid = m.sid WHERE m.sent_at IS NOT NULL GROUP BY m.sid"))
+    return dict(database_rows(
+        database, "SELECT m.sid, count(e.id) FROM messages m LEFT JOIN status_events e"
+        " ON e.message_sid = m.sid WHERE m.sent_at IS NOT NULL GROUP BY m.sid"))
 
 
 def settle(database):
@@ -124,7 +124,17 @@ def main():
 
 
 def run(args, workdir, processes):
-    port, api_key, database = free_port(), secrets.token_urlsafe(24), workdir / "service.db"
+    """On a fresh SQLite file, or a fresh PostgreSQL database with --postgres/--database-url."""
+    postgres = PostgresDatabases(args)
+    try:
+        database = postgres.new() if postgres else f"sqlite:///{workdir / 'service.db'}"
+        return measure(args, processes, database)
+    finally:
+        postgres.close()
+
+
+def measure(args, processes, database):
+    port, api_key = free_port(), secrets.token_urlsafe(24)
     env = service_env(port, database, TWILIO_SIMULATE="true",
                       TWILIO_SIMULATE_LATENCY_MS=args.latency_ms, API_KEY=api_key)
     g = gunicorn_settings(args.repo, env)
@@ -133,7 +143,8 @@ def run(args, workdir, processes):
     print(machine_summary())
     print(f"service: {' '.join(procfile_command(args.repo)[1:])} in {args.repo}: "
           f"{g['worker_class']}, {g['workers']} workers x {g['threads']} threads, simulated "
-          f"Twilio latency {args.latency_ms} ms")
+          f"Twilio latency {args.latency_ms} ms, "
+          f"{'SQLite' if database.startswith('sqlite') else 'PostgreSQL'}")
     print(f"load: wrk, {args.connections} concurrent callers, {args.duration} s per round, "
           f"{args.rounds} rounds; /healthz polled every {HEALTH_INTERVAL * 1000:.0f} ms")
     service = processes.start_server("service", procfile_command(args.repo), args.repo, env,

@@ -18,14 +18,17 @@ was stored, the service answered any 5xx, or the pre-signed pool ran out.
 import secrets
 import sqlite3
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 from common import (
     BENCH,
+    PostgresDatabases,
     argument_parser,
     cpu_seconds,
+    database_rows,
     free_port,
     gunicorn_settings,
     machine_summary,
@@ -82,8 +85,9 @@ def write_pool(path, round_no, count, url):
 
 
 def count_rows(database, table="status_events"):
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as conn:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    """Rows in a table of a SQLite file (a path) or of any database (a URL)."""
+    url = database if isinstance(database, str) else f"sqlite:///{database}"
+    return database_rows(url, f"SELECT count(*) FROM {table}")[0][0]
 
 
 def settled_count(database, limit=15):
@@ -134,6 +138,23 @@ def main():
 
 
 def run(args, workdir, processes):
+    postgres = PostgresDatabases(args)
+    try:
+        return measure(args, workdir, processes, postgres)
+    finally:
+        postgres.close()
+
+
+def split_pool(pool):
+    """The pool's lines in two files, alternately: one per instance of a pair."""
+    halves = [pool.with_suffix(f".{half}.tsv") for half in "ab"]
+    with open(pool) as lines, open(halves[0], "w") as a, open(halves[1], "w") as b:
+        for n, line in enumerate(lines):
+            (a, b)[n % 2].write(line)
+    return halves
+
+
+def measure(args, workdir, processes, postgres):
     port, baseline_port = free_port(), free_port()
     base_url = f"http://127.0.0.1:{port}"
     service_db, baseline_db = workdir / "service.db", workdir / "baseline.db"
@@ -161,6 +182,22 @@ def run(args, workdir, processes):
 
     service = processes.start_server("service", procfile_command(args.repo), args.repo, env,
                                      base_url + "/healthz")
+    # On PostgreSQL: one instance, and a pair of instances on one database (two hosts).
+    # All check signatures for base_url, so the same pre-signed callbacks serve every one.
+    on_postgres = {}
+    if postgres:
+        single, shared = postgres.new(), postgres.new()
+        for name, url, count in (("postgres", single, 1), ("postgres x2", shared, 2)):
+            servers = []
+            for n in range(count):
+                server_port = free_port()
+                servers.append((processes.start_server(
+                    f"{name} {n}".replace(" ", "-"), procfile_command(args.repo), args.repo,
+                    dict(env, PORT=str(server_port), DATABASE_URL=url),
+                    f"http://127.0.0.1:{server_port}/healthz"), server_port))
+            on_postgres[name] = (servers, url)
+        print(f"also on PostgreSQL ({database_rows(single, 'SHOW server_version')[0][0]}): one "
+              "instance, and two instances on one database")
     with sqlite3.connect(baseline_db) as conn:
         conn.execute("CREATE TABLE status_events (message_sid TEXT, status TEXT, received_at TEXT)")
     gunicorn_bin = Path(sys.executable).parent / "gunicorn"
@@ -174,7 +211,9 @@ def run(args, workdir, processes):
 
     other_sync = "FULL" if synchronous == "NORMAL" else "NORMAL"
     raw_seconds = min(args.duration, 3)
-    results = {"service": [], "403 ceiling": [], "baseline": []}
+    results = {"service": [], "403 ceiling": [], "baseline": [],
+               **{name: [] for name in on_postgres}}
+    acked_on = dict.fromkeys(on_postgres, 0)
     raw = {synchronous: [], other_sync: []}
     failures = []
     acked_total = sent_upper_bound = baseline_acked = 0
@@ -190,6 +229,32 @@ def run(args, workdir, processes):
         if server.poll() is not None:
             raise SystemExit(f"FAILED: a server stopped during the run; see {server.log_path}")
         return result
+
+    def wrk_on_instances(servers, pool):
+        """One wrk per instance, at once, each with its share of connections and callbacks;
+        rates and counts add up, latencies are the worse instance's."""
+        if len(servers) == 1:
+            return wrk(servers[0][0], f"http://127.0.0.1:{servers[0][1]}", pool)
+        results = [None] * len(servers)
+        shares = split_pool(pool)
+
+        def one(n):
+            server, server_port = servers[n]
+            results[n] = run_wrk(f"http://127.0.0.1:{server_port}", script, [shares[n], 2],
+                                 args.connections // 2, args.duration, threads=2)[0]
+
+        cpu = sum(cpu_seconds(server) for server, _ in servers)
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(len(servers))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        combined = {key: max(r[key] for r in results) if key.endswith("_us")
+                    else sum(r[key] for r in results) for key in results[0]}
+        combined["duration_us"] = max(r["duration_us"] for r in results)
+        combined["cores"] = (sum(cpu_seconds(s) for s, _ in servers) - cpu) / (
+            combined["duration_us"] / 1e6)
+        return combined
 
     for r, pool in enumerate(pools):
         print(f"\nround {r + 1} of {args.rounds}")
@@ -214,6 +279,17 @@ def run(args, workdir, processes):
         failures += check_run("403 run", result, expect=403)
         if settled_count(service_db) != stored:
             failures.append("callbacks with a wrong signature were stored")
+
+        for name, (servers, url) in on_postgres.items():
+            result = wrk_on_instances(servers, pool)
+            results[name].append(result)
+            print("  " + describe(name, result))
+            failures += check_run(name, result)
+            acked_on[name] += result["acked"]
+            stored_there = settled_count(url)
+            if stored_there < acked_on[name]:
+                failures.append(f"{name}: {acked_on[name] - stored_there} acknowledged "
+                                "callbacks missing")
 
         result = wrk(baseline, f"http://127.0.0.1:{baseline_port}", pool)
         results["baseline"].append(result)
@@ -252,14 +328,16 @@ def rate(result, key="acked"):
 
 
 def report(args, results, raw, synchronous, other_sync, stored, acked):
-    keys = {"service": "acked", "403 ceiling": "rejected", "baseline": "acked"}
-    rates = {name: median([rate(r, keys[name]) for r in runs]) for name, runs in results.items()}
+    keys = {"403 ceiling": "rejected"}
+    rates = {name: median([rate(r, keys.get(name, "acked")) for r in runs])
+             for name, runs in results.items()}
     print(f"\nmedians of {args.rounds} rounds, {args.connections} connections, "
           f"{args.duration} s each")
     print(f"{'':<30} {'per s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}"
           f" {'cores':>6}")
     labels = {"service": "service (stored)", "403 ceiling": "service 403 ceiling",
-              "baseline": "baseline receiver"}
+              "baseline": "baseline receiver", "postgres": "service on PostgreSQL",
+              "postgres x2": "2 instances, one PostgreSQL"}
     for name, runs in results.items():
         print(f"{labels[name]:<30} {rates[name]:7.0f}" + "".join(
             f" {ms(median([r[k] for r in runs])):>7}" for k in ("p50_us", "p90_us", "p99_us",
@@ -278,6 +356,13 @@ def report(args, results, raw, synchronous, other_sync, stored, acked):
           f"(target >= 0.60: {verdict(service >= 0.6 * ceiling)})")
     print(f"service / sqlite commit = {service / median(raw[synchronous]):6.3f}")
     print(f"service p99             = {p99:5.1f} ms (target < 50 ms: {verdict(p99 < 50)})")
+    if "postgres" in rates:
+        p99_pg = median([r["p99_us"] for r in results["postgres"]]) / 1000
+        print(f"PostgreSQL / SQLite     = {rates['postgres'] / service:6.3f}   "
+              f"(target >= 0.80: {verdict(rates['postgres'] >= 0.8 * service)})")
+        print(f"PostgreSQL p99          = {p99_pg:5.1f} ms (target < 100 ms: "
+              f"{verdict(p99_pg < 100)})")
+        print(f"2 instances / 1, on PostgreSQL = {rates['postgres x2'] / rates['postgres']:6.3f}")
     print(f"stored {stored} status events for {acked} acknowledged callbacks: "
           f"{'none lost' if stored >= acked else 'LOST ' + str(acked - stored)}")
 
