@@ -64,11 +64,12 @@ def open_storage(config):
     return engines.open_engine(config)
 
 
-def _apply_status(tx, sid, status, error_code, at):
+def _apply_status(storage, tx, sid, status, error_code, at):
     """Adds (sid, status) to the history once and moves latestStatus only forward.
 
     One UPDATE decides and writes, so concurrent callbacks for one message never lose an
-    update: PostgreSQL re-evaluates it on the newest row once the row's lock is free.
+    update: PostgreSQL re-evaluates it on the newest row once the row's lock is free. The
+    `delivered` event also records the seconds since the message's creation, for /stats.
     """
     inserted = tx.execute(
         "INSERT INTO status_events (message_sid, status, error_code, received_at)"
@@ -82,8 +83,11 @@ def _apply_status(tx, sid, status, error_code, at):
         f"UPDATE messages SET latest_status = CASE WHEN ? > {LATEST_STATUS_RANK}"
         " THEN ? ELSE latest_status END,"
         f" error_code = CASE WHEN ? > {LATEST_STATUS_RANK} THEN ? ELSE error_code END,"
-        " updated_at = CASE WHEN updated_at < ? THEN ? ELSE updated_at END WHERE sid = ?",
-        (rank, status, rank, error_code, at, at, sid),
+        " updated_at = CASE WHEN updated_at < ? THEN ? ELSE updated_at END,"
+        " seconds_to_delivered = CASE WHEN ? = 'delivered'"
+        f" THEN {storage.seconds_between('created_at', '?')} ELSE seconds_to_delivered END"
+        " WHERE sid = ?",
+        (rank, status, rank, error_code, at, at, status, at, sid),
     )
     return True
 
@@ -103,7 +107,7 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
             " ON CONFLICT (sid) DO NOTHING",
             (sid, account_sid, to, from_, status, error_code, at, at),
         )
-        return _apply_status(tx, sid, status, error_code, at)
+        return _apply_status(storage, tx, sid, status, error_code, at)
 
 
 def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
@@ -122,12 +126,16 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             " VALUES (?, ?, ?, ?) ON CONFLICT (sid) DO NOTHING",
             (sid, status, created_at, now),
         )
-        _apply_status(tx, sid, status, None, created_at)
+        _apply_status(storage, tx, sid, status, None, created_at)
+        # A callback that came first created the message at its own, later, time.
         tx.execute(
             "UPDATE messages SET account_sid = ?, to_number = ?, from_number = ?, body = ?,"
             " initial_status = ?, sent_at = ?,"
+            " seconds_to_delivered = CASE WHEN created_at > ? THEN seconds_to_delivered"
+            f" + {storage.seconds_between('?', 'created_at')} ELSE seconds_to_delivered END,"
             " created_at = CASE WHEN created_at > ? THEN ? ELSE created_at END WHERE sid = ?",
-            (account_sid, to, from_, body, status, now, created_at, created_at, sid),
+            (account_sid, to, from_, body, status, now, created_at, created_at, created_at,
+             created_at, sid),
         )
 
 
@@ -308,7 +316,7 @@ def check_writable(storage):
 COPY_BATCH = 1000
 MESSAGE_COLUMNS = ("sid", "account_sid", "to_number", "from_number", "body", "initial_status",
                    "latest_status", "error_code", "created_at", "updated_at", "sent_at",
-                   "checked_at")
+                   "checked_at", "seconds_to_delivered")
 KEY_COLUMNS = ("scope", "key", "fingerprint", "created_at", "status_code", "response")
 
 

@@ -1,10 +1,9 @@
 """GET /messages and GET /stats: their parameters, their SQL and the shape of their answers.
 
-The SQL is written once for SQLite and PostgreSQL. It reaches the database only through
-the two functions below: `_rows` runs a query, and `_seconds_between` is the one piece of
-date arithmetic the engines spell differently (engines.py spells it for each). Timestamps
-are stored as text in one fixed format (`2026-11-26T20:05:15.896Z`), so they compare
-correctly as strings; every instant a caller gives is converted to that format first.
+The SQL is written once for SQLite and PostgreSQL, and reaches the database only through
+`_rows` below. Timestamps are stored as text in one fixed format
+(`2026-11-26T20:05:15.896Z`), so they compare correctly as strings; every instant a caller
+gives is converted to that format first.
 """
 
 import base64
@@ -27,9 +26,6 @@ def _rows(sql, params):
     return db.get_db().query(sql, params)
 
 
-def _seconds_between(start_expr, end_expr):
-    """An SQL expression: seconds from `start_expr` to `end_expr`, two timestamp columns."""
-    return db.get_db().seconds_between(start_expr, end_expr)
 
 
 DEFAULT_LIMIT = 50
@@ -244,7 +240,7 @@ def delivery_stats(args, now):
     refuse_empty_window(since, until)
     idle_before = format_instant(now_moment - STUCK_AFTER)
 
-    by_status, errors, stuck = status_counts(since, until, idle_before)
+    by_status, errors, stuck, delivered = status_counts(since, until, idle_before)
     total = sum(by_status.values())
     outcomes = sum(by_status.get(status, 0) for status in DELIVERY_OUTCOMES)
     return {
@@ -256,18 +252,19 @@ def delivery_stats(args, now):
         "errors": [{"code": code, "count": count,
                     "description": twilio_errors.description(code)}
                    for code, count in errors],
-        "timeToDeliveredSeconds": time_to_delivered(since, until),
+        "timeToDeliveredSeconds": time_to_delivered(since, until, delivered),
         "stuck": stuck,
     }
 
 
 def status_counts(since, until, idle_before):
-    """({status: count}, [(error code, count)] most frequent first, stuck count)."""
+    """({status: count}, [(error code, count)] most frequent first, stuck count, count of
+    messages with a `delivered` event)."""
     final = ", ".join("?" for _ in rules.FINAL_STATUSES)
     rows = _rows(
         "SELECT latest_status AS status, count(*) AS messages,"
         f" sum(CASE WHEN latest_status NOT IN ({final}) AND updated_at < ?"
-        " THEN 1 ELSE 0 END) AS stuck"
+        " THEN 1 ELSE 0 END) AS stuck, count(seconds_to_delivered) AS delivered"
         " FROM messages WHERE created_at >= ? AND created_at < ?"
         " GROUP BY latest_status ORDER BY latest_status",
         (*rules.FINAL_STATUSES, idle_before, since, until),
@@ -280,25 +277,23 @@ def status_counts(since, until, idle_before):
     )
     return ({row["status"]: row["messages"] for row in rows},
             [(row["code"], row["messages"]) for row in errors],
-            sum(row["stuck"] for row in rows))
+            sum(row["stuck"] for row in rows), sum(row["delivered"] for row in rows))
 
 
-def time_to_delivered(since, until):
-    """p50 and p90 (nearest rank) of the seconds from creation to the `delivered` event."""
-    delivered = (
-        " FROM messages JOIN status_events ON status_events.message_sid = messages.sid"
-        " AND status_events.status = 'delivered'"
-        " WHERE messages.created_at >= ? AND messages.created_at < ?"
-    )
-    count = _rows("SELECT count(*) AS n" + delivered, (since, until))[0]["n"]
+def time_to_delivered(since, until, count):
+    """p50 and p90 (nearest rank) of the seconds from creation to the `delivered` event of
+    the `count` messages of the window that have one; one sort, in SQL."""
     if not count:
         return None
-    seconds = _seconds_between("messages.created_at", "status_events.received_at")
-    percentiles = {}
-    for name, fraction in (("p50", 0.5), ("p90", 0.9)):
-        # Nearest rank: the smallest value with at least `fraction` of all at or below it.
-        offset = max(0, math.ceil(fraction * count) - 1)
-        value = _rows(f"SELECT {seconds} AS seconds" + delivered
-                      + " ORDER BY seconds LIMIT 1 OFFSET ?", (since, until, offset))
-        percentiles[name] = round(value[0]["seconds"], 3)
-    return percentiles
+    # Nearest rank: the smallest value with at least that fraction of all at or below it.
+    ranks = {name: max(1, math.ceil(fraction * count)) for name, fraction in
+             (("p50", 0.5), ("p90", 0.9))}
+    rows = _rows(
+        "SELECT position, seconds FROM (SELECT seconds_to_delivered AS seconds,"
+        " row_number() OVER (ORDER BY seconds_to_delivered) AS position FROM messages"
+        " WHERE created_at >= ? AND created_at < ? AND seconds_to_delivered IS NOT NULL)"
+        " AS ranked WHERE position IN (?, ?)",
+        (since, until, ranks["p50"], ranks["p90"]),
+    )
+    seconds = {row["position"]: row["seconds"] for row in rows}
+    return {name: round(seconds[rank], 3) for name, rank in ranks.items()}

@@ -129,13 +129,12 @@ def fill(engine, count, now, seed=10):
 
 
 def bulk_insert(engine, table, columns, rows):
-    if engine.name == "sqlite":
-        conn = engine.connection()
-        with conn:  # one transaction
-            conn.executemany(f"INSERT INTO {table} ({', '.join(columns)})"
-                             f" VALUES ({', '.join('?' for _ in columns)})", rows)
-        return
+    """One transaction of many rows (executemany on SQLite, COPY on PostgreSQL)."""
     with engine.transaction() as tx:
+        if engine.name == "sqlite":
+            tx.executemany(f"INSERT INTO {table} ({', '.join(columns)})"
+                           f" VALUES ({', '.join('?' for _ in columns)})", rows)
+            return
         with tx.conn.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)

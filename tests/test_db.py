@@ -155,3 +155,27 @@ def test_concurrent_updates_of_one_message_lose_nothing(database_url):
     assert sorted(results) == [False] * 15 + [True] * 5
     assert sql_rows(database_url, "SELECT latest_status FROM messages") == [("read",)]
     assert sql_rows(database_url, "SELECT count(*) FROM status_events") == [(5,)]
+
+
+def test_upgrading_to_version_6_records_the_time_to_delivered_of_stored_messages(database_url):
+    """Version 6 keeps each message's seconds to its `delivered` event; an older database
+    gets them computed from the history it has."""
+    if database_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(database_url[len("sqlite:///"):])
+        for _, script in engines.SQLITE_MIGRATIONS[:5]:
+            conn.executescript(script)
+        conn.execute("PRAGMA user_version = 5")
+        conn.commit()
+        conn.close()
+    else:
+        sql_rows(database_url, engines.POSTGRES_MIGRATIONS[0][1])
+        sql_rows(database_url, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        sql_rows(database_url, "INSERT INTO schema_version VALUES (5)")
+    sql_rows(database_url, "INSERT INTO messages (sid, latest_status, created_at, updated_at)"
+             " VALUES ('SM1', 'delivered', '2026-01-01T23:59:58.000Z', '2026-01-02T00:00:05.250Z')")
+    sql_rows(database_url, "INSERT INTO status_events (message_sid, status, received_at) VALUES"
+             " ('SM1', 'sent', '2026-01-02T00:00:01.000Z'),"
+             " ('SM1', 'delivered', '2026-01-02T00:00:05.250Z')")
+    engine_for(database_url).migrate()
+    [(seconds,)] = sql_rows(database_url, "SELECT seconds_to_delivered FROM messages")
+    assert seconds == pytest.approx(7.25, abs=0.001)

@@ -4,6 +4,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from twilio.http.response import Response
 
 import db
 import queries
@@ -374,6 +375,29 @@ def test_stats_count_messages_sent_through_the_service(client, send, post_callba
     answer = get(client, "/stats")[1]
     assert answer["total"] == 1 and answer["byStatus"] == {"delivered": 1}
     assert answer["deliveryRate"] == 1
+
+
+def test_time_to_delivered_counts_from_the_send_even_when_callbacks_came_first(
+        client, fake_twilio, post_callback, clock):
+    """Twilio may call back before the create call returns: the message is then first
+    stored at the callback's time, and the send moves its creation back."""
+    clock["now"] = datetime.now(timezone.utc).timestamp()
+    sid = "SM" + "d4" * 16
+    assert post_callback(callback(sid, "delivered")).status_code == 200
+    created = datetime.now(timezone.utc) - timedelta(seconds=42)
+    fake_twilio.answer_next(Response(201, json.dumps({
+        "sid": sid, "status": "queued", "to": "+15558675309", "from": "+15551234567",
+        "account_sid": "AC" + "a1" * 16,
+        "date_created": created.strftime("%a, %d %b %Y %H:%M:%S +0000")})))
+    assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
+                       headers=AUTH).status_code == 200
+    history = client.get(f"/get-status/{sid}", headers=AUTH).get_json()
+    delivered_at = next(e["timestamp"] for e in history["history"] if e["status"] == "delivered")
+    expected = round((datetime.fromisoformat(delivered_at) - datetime.fromisoformat(
+        history["createdAt"])).total_seconds(), 3)
+    assert expected > 40
+    answer = get(client, "/stats")[1]
+    assert answer["timeToDeliveredSeconds"] == {"p50": expected, "p90": expected}
 
 
 # --- the queries use the indexes ----------------------------------------------------------
