@@ -65,7 +65,7 @@ def postgres_seconds_between(start, end):
 # the seconds from its creation to its `delivered` event, so that /stats reads the time to
 # delivery from the messages of its window alone.
 QUERY_INDEXES = """
-    CREATE INDEX messages_by_creation ON messages (created_at, sid);
+    CREATE INDEX messages_by_creation ON messages (created_at, sid, seconds_to_delivered);
     CREATE INDEX messages_by_recipient_and_creation ON messages (to_number, created_at, sid);
     CREATE INDEX messages_by_status_and_creation ON messages (latest_status, created_at, sid);
     CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, sid);

@@ -91,7 +91,8 @@ def open_database(repo, database_url):
 
 
 MESSAGE_COLUMNS = ("sid", "account_sid", "to_number", "from_number", "initial_status",
-                   "latest_status", "error_code", "created_at", "updated_at", "sent_at")
+                   "latest_status", "error_code", "created_at", "updated_at", "sent_at",
+                   "seconds_to_delivered")
 EVENT_COLUMNS = ("message_sid", "status", "error_code", "received_at")
 
 
@@ -113,16 +114,18 @@ def fill(engine, count, now, seed=10):
             code = rng.choice(codes) if statuses and statuses[-1] in (
                 "undelivered", "failed") else None
             sid = f"SMf{n:031x}"  # never one of webhooks.write_pool's SIDs
-            at = created
+            at, to_delivered = created, None
             events.append((sid, "queued", None, iso(at)))
             for status in statuses:
                 at += timedelta(milliseconds=rng.randrange(200, 8000))
                 events.append((sid, status, code if status == statuses[-1] else None,
                                iso(at)))
+                if status == "delivered":  # as the service records it with the event
+                    to_delivered = (at - created).total_seconds()
             latest = statuses[-1] if statuses else "queued"
             messages.append((sid, webhooks.ACCOUNT_SID, rng.choice(recipients),
                              webhooks.SENDER, "queued", latest, code, iso(created),
-                             iso(at), iso(created)))
+                             iso(at), iso(created), to_delivered))
         bulk_insert(engine, "messages", MESSAGE_COLUMNS, messages)
         bulk_insert(engine, "status_events", EVENT_COLUMNS, events)
     return recipients

@@ -86,7 +86,7 @@ def write_pool(path, round_no, count, url):
 
 def count_rows(database, table="status_events"):
     """Rows in a table of a SQLite file (a path) or of any database (a URL)."""
-    url = database if isinstance(database, str) else f"sqlite:///{database}"
+    url = database if "://" in str(database) else f"sqlite:///{database}"
     return database_rows(url, f"SELECT count(*) FROM {table}")[0][0]
 
 
