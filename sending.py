@@ -90,14 +90,18 @@ def send_with_idempotency_key(key, payload):
 
 
 def request_fingerprint(config, payload):
-    """A keyed hash of recipient and body: bodies (one-time codes) are not kept in clear.
+    """A keyed hash of the request's shape, recipient and body: bodies (one-time codes) are
+    not kept in clear.
 
-    Keyed with the API key, whose change starts a new key scope anyway.
+    The shape (a JSON object and its field names, or the raw body) is part of it, so a raw
+    body like `["+15558675309", "hi"]` never matches the object with those values. Keyed
+    with the API key, whose change starts a new key scope anyway.
     """
     if isinstance(payload, dict):
-        material = json.dumps([payload.get("to"), payload.get("body")], sort_keys=True)
+        material = json.dumps(["object", sorted(payload), payload.get("to"),
+                               payload.get("body")])
     else:
-        material = request.get_data(as_text=True)
+        material = json.dumps(["raw", request.get_data(as_text=True)])
     secret = (config.api_key or config.auth_token).encode()
     return hmac.new(secret, material.encode(), hashlib.sha256).hexdigest()
 
@@ -184,7 +188,9 @@ def send_and_record(to, body, reservation=None):
         db.record_sent_message(
             db.get_db(), message.sid,
             account_sid=message.account_sid or config.account_sid,
-            to=message.to or to,
+            # The number the caller asked for, as the per-recipient limit checked it: Twilio
+            # may answer with another form of it, which the limit would not count.
+            to=to,
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
             body=body if config.store_message_body else None,
             status=message.status, created_at=created_at, now=now, reservation=reservation,

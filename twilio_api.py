@@ -12,6 +12,7 @@ from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
+from rules import mask_phone
 from simulator import SimulatedTwilio
 
 log = logging.getLogger("sms_status")
@@ -130,7 +131,7 @@ def send_message(client, config, to, body):
         lambda: client.messages.create(
             to=to, body=body, status_callback=config.status_callback_url, **sender
         ),
-        "message create",
+        f"message create to {mask_phone(to)}",
     )
     if not isinstance(message.sid, str) or not isinstance(message.status, str):
         raise translate(ValueError("no sid or status in Twilio's answer"))

@@ -2,9 +2,20 @@ import threading
 
 import pytest
 import requests
+from twilio.http.response import Response
 
 from app import create_app
-from conftest import API_KEY, AUTH, app_database_url, callback, database_text, live_env, sql_rows
+from conftest import (
+    ACCOUNT_SID,
+    API_KEY,
+    AUTH,
+    SENDER,
+    app_database_url,
+    callback,
+    database_text,
+    live_env,
+    sql_rows,
+)
 from twilio_fakes import twilio_error
 
 
@@ -258,3 +269,34 @@ def test_an_in_flight_send_counts_with_a_short_retry_after(make_app, fake_twilio
     first.join(10)
     assert refused.status_code == 429
     assert int(refused.headers["Retry-After"]) <= 20, "in flight for at most 2 x TWILIO_TIMEOUT"
+
+
+def test_a_raw_array_and_an_object_with_the_same_values_are_different_requests(client,
+                                                                              fake_twilio):
+    raw = client.post("/send-sms", data='["+15558675309", "hi"]', content_type="application/json",
+                      headers={**AUTH, "Idempotency-Key": "k"})
+    assert raw.status_code == 400
+    response = keyed(client, "k", body="hi")
+    assert response.status_code == 422 and "Idempotent-Replayed" not in response.headers
+    assert fake_twilio.creates == []
+
+
+def test_the_limit_counts_the_number_it_checked_even_if_twilio_answers_another_form(
+        make_app, fake_twilio):
+    client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1").test_client()
+    fake_twilio.answer_next(Response(201, (
+        '{"sid": "SM%s", "status": "queued", "to": "+15558675300", "from": "%s",'
+        ' "account_sid": "%s", "date_created": "Thu, 26 Nov 2026 20:00:00 +0000"}'
+    ) % ("d4" * 16, SENDER, ACCOUNT_SID)))
+    assert keyed(client, "a").status_code == 200
+    assert keyed(client, "b", body="other").status_code == 429
+    assert len(fake_twilio.creates) == 1
+
+
+def test_an_unsendable_body_is_400_and_takes_no_place_under_the_limit(make_app, fake_twilio):
+    client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1").test_client()
+    response = client.post("/send-sms", data='{"to": "+15558675309", "body": "\\ud800"}',
+                           content_type="application/json", headers=AUTH)
+    assert response.status_code == 400 and "'body'" in response.get_json()["error"]
+    assert fake_twilio.creates == []
+    assert keyed(client, "b").status_code == 200

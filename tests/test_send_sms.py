@@ -43,6 +43,13 @@ def test_send_needs_the_api_key(send, fake_twilio, headers):
     pytest.param(b'{"to": "+15558675309", "body": ["hi"]}', "'body'", id="list-body"),
     pytest.param(('{"to": "+15558675309", "body": "%s"}' % ("x" * 1601)).encode(), "'body'",
                  id="long-body"),
+    pytest.param(b'{"to": "+15558675309", "body": "\\ud800"}', "'body'", id="lone-surrogate"),
+    pytest.param(b'{"to": "+15558675309", "body": "hi", "mediaUrl": "https://x.io/a.png"}',
+                 "Unknown field 'mediaUrl'", id="media-url"),
+    pytest.param(b'{"to": "+15558675309", "body": "hi", "sendAt": "2030-01-01T00:00:00Z"}',
+                 "Unknown field 'sendAt'", id="send-at"),
+    pytest.param(b'{"to": "+15558675309", "bdoy": "hi", "body": "hi"}',
+                 "Unknown field 'bdoy'", id="typo"),
 ])
 def test_invalid_sends_get_400_naming_the_field_and_reach_no_twilio(client, fake_twilio, body,
                                                                     fragment):
@@ -198,6 +205,8 @@ def test_message_sent_but_not_stored_says_so_and_must_not_be_resent(app, send, c
 
 def test_twilio_errors_are_logged_with_code_and_status(send, fake_twilio, caplog):
     fake_twilio.answer_next(twilio_error(401, 20003, "Authenticate"))
-    send()
+    send(to="+15558675309")
     assert "status=401 code=20003 answered=502" in caplog.text
     assert "credentials" in caplog.text
+    assert "message create to +*******5309 failed" in caplog.text
+    assert "+15558675309" not in caplog.text
