@@ -74,6 +74,10 @@ def create_app(test_config=None, http_client=None, clock=time.time):
 
     if config.simulate:
         log.warning("SIMULATION MODE: Twilio is simulated, no SMS will be sent to any phone.")
+    elif not config.allowed_destinations:
+        log.warning("ALLOWED_DESTINATIONS is unset: /send-sms may send to any country, which "
+                    "a leaked API key can use for SMS pumping; set it to the prefixes you "
+                    "send to, like ALLOWED_DESTINATIONS=+1,+44")
     log.info("Ready (%s mode): database %s, status callbacks to %s",
              config.mode, storage.label, config.status_callback_url)
     return app

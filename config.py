@@ -62,6 +62,7 @@ class Config:
     sqlite_synchronous: str
     allowed_destinations: tuple
     max_sends_per_recipient_per_hour: int
+    max_sends_per_hour: int
     webhook_signing_key: str | None = field(repr=False)
     body_retention_seconds: float
     simulate_latency: float
@@ -279,6 +280,7 @@ def load_config(env):
         max_sends_per_recipient_per_hour=_number(
             env, "MAX_SENDS_PER_RECIPIENT_PER_HOUR", 10, problems, int, 0
         ),
+        max_sends_per_hour=_number(env, "MAX_SENDS_PER_HOUR", 1000, problems, int, 0),
         webhook_signing_key=text("TWILIO_WEBHOOK_SIGNING_KEY"),
         body_retention_seconds=body_retention_seconds,
         simulate_latency=_number(env, "TWILIO_SIMULATE_LATENCY_MS", 0, problems, int, 0, 60000)

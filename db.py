@@ -208,48 +208,66 @@ def release_idempotency_key(storage, scope, key):
         tx.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key))
 
 
-def reserve_send(storage, to, now, limit, in_flight_seconds):
-    """Claims one of the `limit` sends to `to` allowed per hour, atomically across workers
-    and instances (the recipient's lock serialises the count and the claim).
+def reserve_send(storage, to, now, recipient_limit, total_limit):
+    """Claims one place under the hourly limits, for one recipient (`recipient_limit`) and
+    for the whole service (`total_limit`; 0 turns either off), atomically across workers
+    and instances: the locks serialise each count with its claim.
 
-    Counts the messages sent in the last hour and the reservations still counting: sends
-    waiting on Twilio (for `in_flight_seconds` at most; a longer one belonged to a request
-    that died) and sends whose outcome is unknown. Returns (reservation id, None), or
-    (None, seconds until the first of those stops counting).
+    Counts the messages this service sent in the last hour and the reservations still
+    counting. A reservation counts for an hour from the start, as if its message went
+    out: a request that dies mid-send (its worker killed) never settles it, and its
+    message may have gone out. It is replaced by the stored message on success and given
+    back when Twilio certainly sent nothing.
+
+    Returns (reservation id, None, None), or (None, the limit reached: "recipient" or
+    "total", seconds until the first of the sends it counted stops counting).
     """
+    hour_ago = utc_now_iso(now - 3600)
     with storage.transaction() as tx:
-        tx.lock(f"recipient {to}")
-        tx.execute("DELETE FROM send_reservations WHERE to_number = ? AND counts_until < ?",
-                   (to, now))
-        sent = tx.execute(
-            "SELECT sent_at FROM messages WHERE to_number = ? AND sent_at > ?",
-            (to, utc_now_iso(now - 3600)),
-        ).fetchall()
-        reserved = tx.execute(
-            "SELECT counts_until FROM send_reservations WHERE to_number = ?", (to,)
-        ).fetchall()
-        stop_counting = [iso_to_timestamp(row["sent_at"]) + 3600 for row in sent]
-        stop_counting += [row["counts_until"] for row in reserved]
-        if len(stop_counting) >= limit:
-            return None, min(stop_counting) - now
+        # Always "all sends" before a recipient, so two sends never wait on each other.
+        # Messages and reservations are read in one statement: PostgreSQL gives each
+        # statement its own snapshot, and a send stored in between (its reservation
+        # replaced by its message) would otherwise be missed by both reads.
+        if total_limit:
+            tx.lock("all sends")
+            tx.execute("DELETE FROM send_reservations WHERE counts_until < ?", (now,))
+            counted = tx.execute(
+                "SELECT (SELECT count(*) FROM messages WHERE sent_at > ?) AS sent,"
+                " (SELECT min(sent_at) FROM messages WHERE sent_at > ?) AS first_sent,"
+                " (SELECT count(*) FROM send_reservations) AS reserved,"
+                " (SELECT min(counts_until) FROM send_reservations) AS first_reserved",
+                (hour_ago, hour_ago),
+            ).fetchone()
+            if counted["sent"] + counted["reserved"] >= total_limit:
+                firsts = [counted["first_reserved"]] if counted["reserved"] else []
+                if counted["sent"]:
+                    firsts.append(iso_to_timestamp(counted["first_sent"]) + 3600)
+                return None, "total", min(firsts) - now
+        if recipient_limit:
+            tx.lock(f"recipient {to}")
+            tx.execute("DELETE FROM send_reservations WHERE to_number = ? AND counts_until < ?",
+                       (to, now))
+            rows = tx.execute(
+                "SELECT sent_at, NULL AS counts_until FROM messages"
+                " WHERE to_number = ? AND sent_at > ?"
+                " UNION ALL SELECT NULL, counts_until FROM send_reservations WHERE to_number = ?",
+                (to, hour_ago, to),
+            ).fetchall()
+            stop_counting = [iso_to_timestamp(row["sent_at"]) + 3600 if row["sent_at"]
+                             else row["counts_until"] for row in rows]
+            if len(stop_counting) >= recipient_limit:
+                return None, "recipient", min(stop_counting) - now
         return tx.execute(
             "INSERT INTO send_reservations (to_number, reserved_at, counts_until)"
             " VALUES (?, ?, ?) RETURNING id",
-            (to, now, now + in_flight_seconds),
-        ).fetchone()["id"], None
+            (to, now, now + 3600),
+        ).fetchone()["id"], None, None
 
 
 def release_send(storage, reservation):
     """Gives a reservation back: Twilio certainly did not send the message."""
     with storage.transaction() as tx:
         tx.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
-
-
-def keep_reservation(storage, reservation, until):
-    """Keeps counting a send whose outcome is unknown, as if it had gone out."""
-    with storage.transaction() as tx:
-        tx.execute("UPDATE send_reservations SET counts_until = ? WHERE id = ?",
-                   (until, reservation))
 
 
 def messages_to_reconcile(storage, idle_before, limit):

@@ -36,7 +36,7 @@ DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 # The schema version both engines reach: SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version table. A database with a newer version is refused, never downgraded.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 BUSY_TIMEOUT_MS = 5000
 POOL_TIMEOUT_SECONDS = 5
@@ -51,6 +51,13 @@ def open_engine(config):
 
 
 # --- SQLite --------------------------------------------------------------------------------
+
+# The indexes the service-wide hourly limit (MAX_SENDS_PER_HOUR) counts with; the same DDL
+# on both engines.
+SENDS_PER_HOUR_INDEXES = """
+    CREATE INDEX IF NOT EXISTS messages_by_sent_at ON messages (sent_at);
+    CREATE INDEX IF NOT EXISTS send_reservations_by_expiry ON send_reservations (counts_until);
+    """
 
 # Each entry (version, script) moves the schema to that version; PRAGMA user_version records
 # how far a database has come, so a live database is migrated in place at start.
@@ -108,6 +115,8 @@ SQLITE_MIGRATIONS = [
     ALTER TABLE send_reservations ADD COLUMN counts_until REAL;
     UPDATE send_reservations SET counts_until = reserved_at + 3600;
     """),
+    # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
+    (6, SENDS_PER_HOUR_INDEXES),
 ]
 
 _local = threading.local()
@@ -396,6 +405,8 @@ POSTGRES_MIGRATIONS = [
     );
     CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number);
     """),
+    # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
+    (6, SENDS_PER_HOUR_INDEXES),
 ]
 
 # Key of the advisory lock under which instances starting together migrate one at a time.

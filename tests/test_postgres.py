@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import engines
 from conftest import (
     API_KEY,
     AUTH,
@@ -247,7 +248,8 @@ def test_two_instances_starting_together_on_an_empty_database_migrate_once(
     for thread in threads:
         thread.join()
     assert len(results) == 2
-    assert sql_rows(postgres_url, "SELECT version FROM schema_version") == [(5,)]
+    assert sql_rows(postgres_url, "SELECT version FROM schema_version") == [
+        (engines.SCHEMA_VERSION,)]
 
 
 @pytest.mark.parametrize("problem", ["unreachable", "wrong-password"])
