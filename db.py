@@ -282,10 +282,19 @@ def messages_to_reconcile(storage, idle_before, limit):
     )
 
 
+# A checked_at later than any real time: reconciliation never picks the message again.
+NEVER_AGAIN = "9999-12-31T23:59:59.999Z"
+
+
 def mark_checked(storage, sid, at):
     """Records that Twilio was asked, so messages stuck in one status take turns."""
     with storage.transaction() as tx:
         tx.execute("UPDATE messages SET checked_at = ? WHERE sid = ?", (at, sid))
+
+
+def mark_unknown_at_twilio(storage, sid):
+    """Records that Twilio has no such message (404): asking again would never help."""
+    mark_checked(storage, sid, NEVER_AGAIN)
 
 
 def prune(storage, updated_before, body_before, now):
