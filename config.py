@@ -23,6 +23,8 @@ FALSE_WORDS = ("false", "0", "no", "off", "")
 MIN_API_KEY_LENGTH = 16
 # The placeholders of .env.example: a copied but unfilled file must not start.
 PLACEHOLDERS = {"your_auth_token", "change-me-to-a-long-random-string"}
+PLACEHOLDER_PHONE_NUMBER = "+15551234567"
+PLACEHOLDER_BASE_URL_HOST = "your-subdomain.ngrok-free.app"
 
 # Credentials of the simulated Twilio: they only sign simulated callbacks.
 SIMULATED_ACCOUNT_SID = "AC" + "0" * 32
@@ -163,7 +165,7 @@ def _sender(phone_number, messaging_service_sid, problems):
         )
     elif not phone_number and not messaging_service_sid:
         problems.append(
-            "TWILIO_PHONE_NUMBER (like +15551234567) or TWILIO_MESSAGING_SERVICE_SID "
+            "TWILIO_PHONE_NUMBER (like +15017122661) or TWILIO_MESSAGING_SERVICE_SID "
             "(MG...) is required"
         )
     elif phone_number and not (
@@ -172,7 +174,7 @@ def _sender(phone_number, messaging_service_sid, problems):
         or ALPHANUMERIC_SENDER_PATTERN.fullmatch(phone_number)
     ):
         problems.append(
-            "TWILIO_PHONE_NUMBER must be an E.164 number like +15551234567 "
+            "TWILIO_PHONE_NUMBER must be an E.164 number like +15017122661 "
             "(or a short code or alphanumeric sender ID)"
         )
     elif messaging_service_sid and not MESSAGING_SERVICE_SID_PATTERN.fullmatch(
@@ -216,6 +218,9 @@ def load_config(env):
         elif auth_token in PLACEHOLDERS:
             problems.append("TWILIO_AUTH_TOKEN is still the placeholder from .env.example")
         _sender(phone_number, messaging_service_sid, problems)
+        if phone_number == PLACEHOLDER_PHONE_NUMBER:
+            problems.append("TWILIO_PHONE_NUMBER is still the placeholder from .env.example; "
+                            "set your Twilio number")
 
     base_url = text("BASE_URL")
     if base_url is None and simulate:
@@ -227,6 +232,9 @@ def load_config(env):
             f"BASE_URL must be an http(s) URL without query string, like https://example.com, "
             f"got {base_url!r}"
         )
+    elif urlparse(base_url).hostname == PLACEHOLDER_BASE_URL_HOST:
+        problems.append("BASE_URL is still the placeholder from .env.example; set the public "
+                        "URL Twilio reaches this service at (your ngrok URL, when local)")
     base_url = (base_url or "").rstrip("/")
 
     api_key = text("API_KEY")

@@ -38,7 +38,7 @@ ACCOUNT_SID = "AC" + "a1" * 16
 AUTH_TOKEN = "test-auth-token-5f2c9a"
 API_KEY = "test-api-key-0123456789"
 BASE_URL = "https://sms.example.com"
-SENDER = "+15551234567"
+SENDER = "+15017122661"
 CALLBACK_URL = BASE_URL + "/message-status"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

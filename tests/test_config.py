@@ -42,6 +42,12 @@ def test_every_missing_variable_is_named_at_once():
                  id="placeholder-key"),
     pytest.param({"TWILIO_AUTH_TOKEN": "your_auth_token"}, "placeholder",
                  id="placeholder-token"),
+    pytest.param({"TWILIO_PHONE_NUMBER": "+15551234567"}, "TWILIO_PHONE_NUMBER is still the "
+                 "placeholder", id="placeholder-phone-number"),
+    pytest.param({"BASE_URL": "https://your-subdomain.ngrok-free.app"}, "BASE_URL is still the "
+                 "placeholder", id="placeholder-base-url"),
+    pytest.param({"BASE_URL": "https://your-subdomain.ngrok-free.app/"}, "BASE_URL is still the "
+                 "placeholder", id="placeholder-base-url-slash"),
 ])
 def test_malformed_variables_are_named(tmp_path, overrides, name):
     assert any(name in problem for problem in problems(live_env(tmp_path, **overrides)))
@@ -153,3 +159,12 @@ def test_gunicorn_reads_port_from_dotenv_too(tmp_path):
                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"0.0.0.0:{port}"
+
+
+def test_an_unfilled_copy_of_env_example_is_refused_for_each_placeholder(tmp_path):
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    found = "\n".join(problems(env))
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "BASE_URL",
+                 "API_KEY"):
+        assert name in found
