@@ -297,3 +297,22 @@ def load_config(env):
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def server_settings(env):
+    """(port, workers, threads) for gunicorn from PORT, WEB_CONCURRENCY and GUNICORN_THREADS.
+
+    Raises ConfigError when one of them is malformed, listing every other configuration
+    problem too: gunicorn reads these before it loads the app, and must not hide the rest.
+    """
+    problems = []
+    port = _number(env, "PORT", 3000, problems, int, 1, 65535)
+    workers = _number(env, "WEB_CONCURRENCY", 2, problems, int, 1)
+    threads = _number(env, "GUNICORN_THREADS", 64, problems, int, 1)
+    if problems:
+        try:
+            load_config(env)
+        except ConfigError as error:
+            problems += [p for p in error.problems if not p.startswith("PORT ")]
+        raise ConfigError(problems)
+    return port, workers, threads

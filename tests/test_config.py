@@ -127,6 +127,24 @@ def test_bad_configuration_stops_the_whole_server_with_one_message(tmp_path, com
     assert "Booting worker" not in output
 
 
+@pytest.mark.parametrize("name, value", [
+    pytest.param("PORT", "eighty", id="port"),
+    pytest.param("WEB_CONCURRENCY", "0", id="workers"),
+    pytest.param("GUNICORN_THREADS", "many", id="threads"),
+])
+def test_a_bad_gunicorn_setting_is_named_with_every_other_problem(tmp_path, name, value):
+    env = clean_env(tmp_path, TWILIO_ACCOUNT_SID="nonsense", **{name: value})
+    result = subprocess.run(procfile_command(), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("Configuration error") == 1 and "Traceback" not in output
+    for named in (name, "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "BASE_URL", "API_KEY"):
+        assert named in output
+    assert output.count("PORT") == (1 if name == "PORT" else 0)
+    assert "Booting worker" not in output
+
+
 def test_unusable_database_path_is_a_clear_start_error(tmp_path):
     env = clean_env(tmp_path, TWILIO_SIMULATE="true",
                     DATABASE_URL=f"sqlite:///{tmp_path}/missing/dir/x.db")
