@@ -103,7 +103,12 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
             " ON CONFLICT (sid) DO NOTHING",
             (sid, account_sid, to, from_, status, error_code, at, at),
         )
-        return _apply_status(tx, sid, status, error_code, at)
+        applied = _apply_status(tx, sid, status, error_code, at)
+        if from_ and not from_.startswith("MG"):
+            # Sent through a Messaging Service: the callback names the number it used.
+            tx.execute("UPDATE messages SET from_number = ? WHERE sid = ?"
+                       " AND from_number LIKE 'MG%'", (from_, sid))
+        return applied
 
 
 def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
@@ -123,11 +128,14 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             (sid, status, created_at, now),
         )
         _apply_status(tx, sid, status, None, created_at)
+        # A callback that came first may have stored the number a Messaging Service sent
+        # from; the service's MG SID never replaces it.
         tx.execute(
-            "UPDATE messages SET account_sid = ?, to_number = ?, from_number = ?, body = ?,"
-            " initial_status = ?, sent_at = ?,"
+            "UPDATE messages SET account_sid = ?, to_number = ?,"
+            " from_number = CASE WHEN ? LIKE 'MG%' AND from_number IS NOT NULL"
+            " THEN from_number ELSE ? END, body = ?, initial_status = ?, sent_at = ?,"
             " created_at = CASE WHEN created_at > ? THEN ? ELSE created_at END WHERE sid = ?",
-            (account_sid, to, from_, body, status, now, created_at, created_at, sid),
+            (account_sid, to, from_, from_, body, status, now, created_at, created_at, sid),
         )
 
 

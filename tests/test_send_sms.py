@@ -112,6 +112,37 @@ def test_send_through_a_messaging_service(make_app, fake_twilio):
     assert [entry["status"] for entry in history] == ["accepted"]
 
 
+def test_a_messaging_service_send_stores_the_number_a_callback_names(make_app, fake_twilio):
+    from conftest import callback, sign
+    service_sid = "MG" + "b2" * 16
+    app = make_app(TWILIO_PHONE_NUMBER=None, TWILIO_MESSAGING_SERVICE_SID=service_sid)
+    client = app.test_client()
+
+    def post_callback(sid, status, from_):
+        params = callback(sid, status, From=from_)
+        return client.post("/message-status", data=params,
+                           headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+
+    sid = client.post("/send-sms", json={"to": "+15558675309", "body": "Hi"},
+                      headers=AUTH).get_json()["messageSid"]
+    assert stored_message(app, sid)["from_number"] == service_sid, "all it knows at first"
+    assert post_callback(sid, "sent", "+15017122661").status_code == 200
+    assert client.get(f"/get-status/{sid}", headers=AUTH).get_json()["from"] == "+15017122661"
+
+    # A callback may come before the send is stored: the MG SID never replaces the number.
+    early = "SM" + "e5" * 16
+    assert post_callback(early, "sent", "+15017122662").status_code == 200
+    fake_twilio.answer_next(Response(201, (
+        '{"sid": "%s", "status": "accepted", "to": "+15558675309", "from": null,'
+        ' "messaging_service_sid": "%s", "account_sid": "%s",'
+        ' "date_created": "Thu, 26 Nov 2026 20:00:00 +0000"}') % (early, service_sid,
+                                                                  ACCOUNT_SID)))
+    assert client.post("/send-sms", json={"to": "+15558675309", "body": "Hi"},
+                       headers=AUTH).status_code == 200
+    assert stored_message(app, early)["from_number"] == "+15017122662"
+    assert stored_message(app, early)["initial_status"] == "accepted"
+
+
 def test_default_transport_has_a_timeout(tmp_path):
     from app import create_app
     from conftest import live_env
