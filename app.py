@@ -7,6 +7,7 @@ server. Configuration comes from the environment and an optional .env file (.env
 import logging
 import os
 import sys
+import threading
 import time
 from functools import wraps
 
@@ -27,12 +28,15 @@ import twilio_api
 import twilio_errors
 from commands import register_commands
 from config import ConfigError, load_config
+from rules import printable
 
 log = logging.getLogger("sms_status")
 
 MAX_REQUEST_BYTES = 64 * 1024
 OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 DATABASE_RETRY_AFTER_SECONDS = 2
+# Warnings about refused requests, per process: enough to see an attack, too few to flood.
+REJECTION_WARNINGS_PER_MINUTE = 30
 HTTP_ERROR_MESSAGES = {
     404: "No such endpoint: {method} {path}. GET / lists the endpoints.",
     405: "{method} is not allowed on {path}; see the Allow header.",
@@ -58,6 +62,7 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     app.config["SERVICE"] = config
     app.config["CLOCK"] = clock
     app.config["SLEEP"] = time.sleep
+    app.extensions["rejection_log"] = LogBudget(REJECTION_WARNINGS_PER_MINUTE, 60)
     app.extensions["twilio"] = twilio_api.build_client(config, http_client)
     app.extensions["validator"] = RequestValidator(config.auth_token)
     if config.webhook_signing_key:
@@ -77,6 +82,10 @@ def create_app(test_config=None, http_client=None, clock=time.time):
 
     if config.simulate:
         log.warning("SIMULATION MODE: Twilio is simulated, no SMS will be sent to any phone.")
+    elif not config.allowed_destinations:
+        log.warning("ALLOWED_DESTINATIONS is unset: /send-sms may send to any country, which "
+                    "a leaked API key can use for SMS pumping; set it to the prefixes you "
+                    "send to, like ALLOWED_DESTINATIONS=+1,+44")
     log.info("Ready (%s mode): database %s, status callbacks to %s",
              config.mode, storage.label, config.status_callback_url)
     return app
@@ -95,6 +104,42 @@ def configure_logging(level):
         pool_log.propagate = False
         pool_log.setLevel(logging.WARNING)
     log.setLevel(level)
+
+
+class LogBudget:
+    """At most `limit` lines per `window` seconds; the rest are counted, not written."""
+
+    def __init__(self, limit, window):
+        self.limit, self.window = limit, window
+        self.lock = threading.Lock()
+        self.window_start, self.used, self.dropped = float("-inf"), 0, 0
+
+    def take(self, now):
+        """None when this line must be dropped, else how many were dropped before it."""
+        with self.lock:
+            if now >= self.window_start + self.window:
+                self.window_start, self.used = now, 0
+            if self.used >= self.limit:
+                self.dropped += 1
+                return None
+            self.used += 1
+            dropped, self.dropped = self.dropped, 0
+            return dropped
+
+
+def warn_rejection(message, *args):
+    """Logs a refused request, within this process's budget of such warnings.
+
+    Unauthenticated callers choose how many of these there are: past the budget they are
+    counted, and the next warning written says how many were left out.
+    """
+    dropped = current_app.extensions["rejection_log"].take(current_app.config["CLOCK"]())
+    if dropped is None:
+        return
+    if dropped:
+        message += " (%d more refused requests were not logged before this one)"
+        args += (dropped,)
+    log.warning(message, *args)
 
 
 def json_error(status, message, **extra):
@@ -147,8 +192,17 @@ def register_error_handlers(app):
                 response.headers[name] = original_headers[name]
         return response
 
+    @app.after_request
+    def log_bad_request(response):
+        """Every 400 leaves a line saying what was wrong with the request."""
+        if response.status_code == 400:
+            answer = response.get_json(silent=True) or {}
+            warn_rejection("Refused %s %s with 400: %s", request.method,
+                           printable(request.path, 100), printable(answer.get("error"), 300))
+        return response
+
     def database_error(error):
-        log.error("Database error on %s %s: %s", request.method, request.path,
+        log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
                   db.describe_error(error))
         response = json_error(
             503, "The database could not complete the request; nothing was stored. Try again."
@@ -161,7 +215,7 @@ def register_error_handlers(app):
 
     @app.errorhandler(Exception)
     def unexpected_error(error):
-        log.exception("Unexpected error on %s %s", request.method, request.path)
+        log.exception("Unexpected error on %s %s", request.method, printable(request.path, 100))
         return json_error(500, "Internal server error; it has been logged.")
 
 
@@ -221,18 +275,21 @@ def register_routes(app):
     def message_status():
         if not signed_by_twilio():
             return json_error(403, "Invalid Twilio signature")
-        sid = request.form.get("MessageSid", "").strip()
-        status = request.form.get("MessageStatus", "").strip().lower()
+        form = request.form
+        # Older callbacks (and some Twilio products) send only SmsSid and SmsStatus.
+        sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
+        status = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
         if not sid or not status:
-            return json_error(400, "A status callback needs MessageSid and MessageStatus")
+            return json_error(400, "A status callback needs MessageSid and MessageStatus "
+                                   "(or the older SmsSid and SmsStatus)")
         error_code = parse_error_code(request.form.get("ErrorCode"))
         stored = db.record_status(
             db.get_db(), sid, status, error_code,
             to=request.form.get("To"), from_=request.form.get("From"),
             account_sid=request.form.get("AccountSid"),
         )
-        log.info("Status callback %s %s error=%s%s", sid, status, error_code,
-                 "" if stored else " (repeat, ignored)")
+        log.info("Status callback %s %s error=%s%s", printable(sid, 64), printable(status, 32),
+                 error_code, "" if stored else " (repeat, ignored)")
         return {"received": True, "duplicate": not stored}
 
     @app.get("/get-status/<sid>")
@@ -270,22 +327,25 @@ def signed_by_twilio():
     if not settings:
         if current_app.extensions["validator"].validate(url, request.form, signature):
             return True
-        log.warning("Rejected status callback: invalid Twilio signature for %s", url)
+        warn_rejection("Rejected status callback: invalid Twilio signature for %s",
+                       printable(url))
         return False
 
-    key_id = next((part.strip()[4:] for part in settings.split(",")
-                   if part.strip().startswith("key=")), "?")
+    # The header is the caller's: only shortened and escaped copies of it reach the log.
+    key_id = printable(next((part.strip()[4:] for part in settings.split(",")
+                             if part.strip().startswith("key=")), "?"), 60)
     validator = current_app.extensions.get("shared_key_validator")
     if validator is None:
-        log.warning("Rejected status callback signed with shared key %s: set "
-                    "TWILIO_WEBHOOK_SIGNING_KEY to that key's secret to accept it", key_id)
+        warn_rejection("Rejected status callback signed with shared key %s: set "
+                       "TWILIO_WEBHOOK_SIGNING_KEY to that key's secret to accept it", key_id)
         return False
     algorithm = get_signature_algorithm(settings)
     if validator.validate(url, request.form, signature, algorithm=algorithm):
-        log.debug("Status callback signed with shared key %s (%s)", key_id, algorithm)
+        log.debug("Status callback signed with shared key %s (%s)", key_id,
+                  printable(algorithm, 30))
         return True
-    log.warning("Rejected status callback: invalid %s signature (shared key %s) for %s",
-                algorithm, key_id, url)
+    warn_rejection("Rejected status callback: invalid %s signature (shared key %s) for %s",
+                   printable(algorithm, 30), key_id, printable(url))
     return False
 
 

@@ -61,7 +61,7 @@ def reconcile(older_than, limit):
     """Fetch messages whose final status never arrived from Twilio and record what it says."""
     client = current_app.extensions["twilio"]
     clock, sleep = current_app.config["CLOCK"], current_app.config["SLEEP"]
-    counts = {"updated": 0, "unchanged": 0, "failed": 0}
+    counts = {"updated": 0, "unchanged": 0, "not found": 0, "failed": 0}
     try:
         conn = db.get_db()
         waiting = db.messages_to_reconcile(conn, db.utc_now_iso(clock() - older_than[1]), limit)
@@ -70,8 +70,15 @@ def reconcile(older_than, limit):
             try:
                 message = fetch_with_backoff(client, sid, sleep)
             except twilio_api.TwilioFailure as failure:
+                code = f" (error {failure.code})" if failure.code else ""
+                if failure.not_found:
+                    counts["not found"] += 1
+                    db.mark_unknown_at_twilio(conn, sid)
+                    click.echo(f"{sid} {before}: unknown at Twilio{code}: {failure.details}")
+                    continue
                 counts["failed"] += 1
-                click.echo(f"{sid} {before}: fetch failed: {failure.error} ({failure.details})")
+                click.echo(f"{sid} {before}: fetch failed: {failure.error}{code}. "
+                           f"{failure.details}")
                 if failure.retry_after is not None:
                     click.echo("Twilio keeps rate limiting; the rest waits for the next run.")
                     break
@@ -86,7 +93,12 @@ def reconcile(older_than, limit):
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
     click.echo(f"Checked {sum(counts.values())} messages: {counts['updated']} updated, "
-               f"{counts['unchanged']} unchanged, {counts['failed']} failed.")
+               f"{counts['unchanged']} unchanged, {counts['not found']} not found at Twilio, "
+               f"{counts['failed']} failed.")
+    if counts["failed"] and counts["failed"] == sum(counts.values()):
+        # A scheduler notices only the exit code: a run that could check nothing must fail.
+        raise click.ClickException(
+            "no message could be checked with Twilio; see the failures above")
 
 
 @click.command()

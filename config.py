@@ -23,6 +23,8 @@ FALSE_WORDS = ("false", "0", "no", "off", "")
 MIN_API_KEY_LENGTH = 16
 # The placeholders of .env.example: a copied but unfilled file must not start.
 PLACEHOLDERS = {"your_auth_token", "change-me-to-a-long-random-string"}
+PLACEHOLDER_PHONE_NUMBER = "+15551234567"
+PLACEHOLDER_BASE_URL_HOST = "your-subdomain.ngrok-free.app"
 
 # Credentials of the simulated Twilio: they only sign simulated callbacks.
 SIMULATED_ACCOUNT_SID = "AC" + "0" * 32
@@ -62,6 +64,7 @@ class Config:
     sqlite_synchronous: str
     allowed_destinations: tuple
     max_sends_per_recipient_per_hour: int
+    max_sends_per_hour: int
     webhook_signing_key: str | None = field(repr=False)
     body_retention_seconds: float
     simulate_latency: float
@@ -162,7 +165,7 @@ def _sender(phone_number, messaging_service_sid, problems):
         )
     elif not phone_number and not messaging_service_sid:
         problems.append(
-            "TWILIO_PHONE_NUMBER (like +15551234567) or TWILIO_MESSAGING_SERVICE_SID "
+            "TWILIO_PHONE_NUMBER (like +15017122661) or TWILIO_MESSAGING_SERVICE_SID "
             "(MG...) is required"
         )
     elif phone_number and not (
@@ -171,7 +174,7 @@ def _sender(phone_number, messaging_service_sid, problems):
         or ALPHANUMERIC_SENDER_PATTERN.fullmatch(phone_number)
     ):
         problems.append(
-            "TWILIO_PHONE_NUMBER must be an E.164 number like +15551234567 "
+            "TWILIO_PHONE_NUMBER must be an E.164 number like +15017122661 "
             "(or a short code or alphanumeric sender ID)"
         )
     elif messaging_service_sid and not MESSAGING_SERVICE_SID_PATTERN.fullmatch(
@@ -215,6 +218,9 @@ def load_config(env):
         elif auth_token in PLACEHOLDERS:
             problems.append("TWILIO_AUTH_TOKEN is still the placeholder from .env.example")
         _sender(phone_number, messaging_service_sid, problems)
+        if phone_number == PLACEHOLDER_PHONE_NUMBER:
+            problems.append("TWILIO_PHONE_NUMBER is still the placeholder from .env.example; "
+                            "set your Twilio number")
 
     base_url = text("BASE_URL")
     if base_url is None and simulate:
@@ -226,6 +232,9 @@ def load_config(env):
             f"BASE_URL must be an http(s) URL without query string, like https://example.com, "
             f"got {base_url!r}"
         )
+    elif urlparse(base_url).hostname == PLACEHOLDER_BASE_URL_HOST:
+        problems.append("BASE_URL is still the placeholder from .env.example; set the public "
+                        "URL Twilio reaches this service at (your ngrok URL, when local)")
     base_url = (base_url or "").rstrip("/")
 
     api_key = text("API_KEY")
@@ -279,6 +288,7 @@ def load_config(env):
         max_sends_per_recipient_per_hour=_number(
             env, "MAX_SENDS_PER_RECIPIENT_PER_HOUR", 10, problems, int, 0
         ),
+        max_sends_per_hour=_number(env, "MAX_SENDS_PER_HOUR", 1000, problems, int, 0),
         webhook_signing_key=text("TWILIO_WEBHOOK_SIGNING_KEY"),
         body_retention_seconds=body_retention_seconds,
         simulate_latency=_number(env, "TWILIO_SIMULATE_LATENCY_MS", 0, problems, int, 0, 60000)
@@ -287,3 +297,22 @@ def load_config(env):
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def server_settings(env):
+    """(port, workers, threads) for gunicorn from PORT, WEB_CONCURRENCY and GUNICORN_THREADS.
+
+    Raises ConfigError when one of them is malformed, listing every other configuration
+    problem too: gunicorn reads these before it loads the app, and must not hide the rest.
+    """
+    problems = []
+    port = _number(env, "PORT", 3000, problems, int, 1, 65535)
+    workers = _number(env, "WEB_CONCURRENCY", 2, problems, int, 1)
+    threads = _number(env, "GUNICORN_THREADS", 64, problems, int, 1)
+    if problems:
+        try:
+            load_config(env)
+        except ConfigError as error:
+            problems += [p for p in error.problems if not p.startswith("PORT ")]
+        raise ConfigError(problems)
+    return port, workers, threads

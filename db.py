@@ -64,12 +64,13 @@ def open_storage(config):
     return engines.open_engine(config)
 
 
-def _apply_status(storage, tx, sid, status, error_code, at):
+def _apply_status(storage, tx, sid, status, error_code, at, from_=None):
     """Adds (sid, status) to the history once and moves latestStatus only forward.
 
     One UPDATE decides and writes, so concurrent callbacks for one message never lose an
     update: PostgreSQL re-evaluates it on the newest row once the row's lock is free. The
-    `delivered` event also records the seconds since the message's creation, for /stats.
+    `delivered` event also records the seconds since the message's creation, for /stats,
+    and a callback's sender number replaces a Messaging Service's MG SID.
     """
     inserted = tx.execute(
         "INSERT INTO status_events (message_sid, status, error_code, received_at)"
@@ -85,9 +86,11 @@ def _apply_status(storage, tx, sid, status, error_code, at):
         f" error_code = CASE WHEN ? > {LATEST_STATUS_RANK} THEN ? ELSE error_code END,"
         " updated_at = CASE WHEN updated_at < ? THEN ? ELSE updated_at END,"
         " seconds_to_delivered = CASE WHEN ? = 'delivered'"
-        f" THEN {storage.seconds_between('created_at', '?')} ELSE seconds_to_delivered END"
+        f" THEN {storage.seconds_between('created_at', '?')} ELSE seconds_to_delivered END,"
+        " from_number = CASE WHEN from_number LIKE 'MG%' AND ? NOT LIKE 'MG%'"
+        " THEN ? ELSE from_number END"
         " WHERE sid = ?",
-        (rank, status, rank, error_code, at, at, status, at, sid),
+        (rank, status, rank, error_code, at, at, status, at, from_, from_, sid),
     )
     return True
 
@@ -107,7 +110,7 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
             " ON CONFLICT (sid) DO NOTHING",
             (sid, account_sid, to, from_, status, error_code, at, at),
         )
-        return _apply_status(storage, tx, sid, status, error_code, at)
+        return _apply_status(storage, tx, sid, status, error_code, at, from_)
 
 
 def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
@@ -127,15 +130,18 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             (sid, status, created_at, now),
         )
         _apply_status(storage, tx, sid, status, None, created_at)
-        # A callback that came first created the message at its own, later, time.
+        # A callback that came first may have stored the number a Messaging Service sent
+        # from (the service's MG SID never replaces it), and created the message at its
+        # own, later, time.
         tx.execute(
-            "UPDATE messages SET account_sid = ?, to_number = ?, from_number = ?, body = ?,"
-            " initial_status = ?, sent_at = ?,"
+            "UPDATE messages SET account_sid = ?, to_number = ?,"
+            " from_number = CASE WHEN ? LIKE 'MG%' AND from_number IS NOT NULL"
+            " THEN from_number ELSE ? END, body = ?, initial_status = ?, sent_at = ?,"
             " seconds_to_delivered = CASE WHEN created_at > ? THEN seconds_to_delivered"
             f" + {storage.seconds_between('?', 'created_at')} ELSE seconds_to_delivered END,"
             " created_at = CASE WHEN created_at > ? THEN ? ELSE created_at END WHERE sid = ?",
-            (account_sid, to, from_, body, status, now, created_at, created_at, created_at,
-             created_at, sid),
+            (account_sid, to, from_, from_, body, status, now, created_at, created_at,
+             created_at, created_at, sid),
         )
 
 
@@ -216,48 +222,66 @@ def release_idempotency_key(storage, scope, key):
         tx.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key))
 
 
-def reserve_send(storage, to, now, limit, in_flight_seconds):
-    """Claims one of the `limit` sends to `to` allowed per hour, atomically across workers
-    and instances (the recipient's lock serialises the count and the claim).
+def reserve_send(storage, to, now, recipient_limit, total_limit):
+    """Claims one place under the hourly limits, for one recipient (`recipient_limit`) and
+    for the whole service (`total_limit`; 0 turns either off), atomically across workers
+    and instances: the locks serialise each count with its claim.
 
-    Counts the messages sent in the last hour and the reservations still counting: sends
-    waiting on Twilio (for `in_flight_seconds` at most; a longer one belonged to a request
-    that died) and sends whose outcome is unknown. Returns (reservation id, None), or
-    (None, seconds until the first of those stops counting).
+    Counts the messages this service sent in the last hour and the reservations still
+    counting. A reservation counts for an hour from the start, as if its message went
+    out: a request that dies mid-send (its worker killed) never settles it, and its
+    message may have gone out. It is replaced by the stored message on success and given
+    back when Twilio certainly sent nothing.
+
+    Returns (reservation id, None, None), or (None, the limit reached: "recipient" or
+    "total", seconds until the first of the sends it counted stops counting).
     """
+    hour_ago = utc_now_iso(now - 3600)
     with storage.transaction() as tx:
-        tx.lock(f"recipient {to}")
-        tx.execute("DELETE FROM send_reservations WHERE to_number = ? AND counts_until < ?",
-                   (to, now))
-        sent = tx.execute(
-            "SELECT sent_at FROM messages WHERE to_number = ? AND sent_at > ?",
-            (to, utc_now_iso(now - 3600)),
-        ).fetchall()
-        reserved = tx.execute(
-            "SELECT counts_until FROM send_reservations WHERE to_number = ?", (to,)
-        ).fetchall()
-        stop_counting = [iso_to_timestamp(row["sent_at"]) + 3600 for row in sent]
-        stop_counting += [row["counts_until"] for row in reserved]
-        if len(stop_counting) >= limit:
-            return None, min(stop_counting) - now
+        # Always "all sends" before a recipient, so two sends never wait on each other.
+        # Messages and reservations are read in one statement: PostgreSQL gives each
+        # statement its own snapshot, and a send stored in between (its reservation
+        # replaced by its message) would otherwise be missed by both reads.
+        if total_limit:
+            tx.lock("all sends")
+            tx.execute("DELETE FROM send_reservations WHERE counts_until < ?", (now,))
+            counted = tx.execute(
+                "SELECT (SELECT count(*) FROM messages WHERE sent_at > ?) AS sent,"
+                " (SELECT min(sent_at) FROM messages WHERE sent_at > ?) AS first_sent,"
+                " (SELECT count(*) FROM send_reservations) AS reserved,"
+                " (SELECT min(counts_until) FROM send_reservations) AS first_reserved",
+                (hour_ago, hour_ago),
+            ).fetchone()
+            if counted["sent"] + counted["reserved"] >= total_limit:
+                firsts = [counted["first_reserved"]] if counted["reserved"] else []
+                if counted["sent"]:
+                    firsts.append(iso_to_timestamp(counted["first_sent"]) + 3600)
+                return None, "total", min(firsts) - now
+        if recipient_limit:
+            tx.lock(f"recipient {to}")
+            tx.execute("DELETE FROM send_reservations WHERE to_number = ? AND counts_until < ?",
+                       (to, now))
+            rows = tx.execute(
+                "SELECT sent_at, NULL AS counts_until FROM messages"
+                " WHERE to_number = ? AND sent_at > ?"
+                " UNION ALL SELECT NULL, counts_until FROM send_reservations WHERE to_number = ?",
+                (to, hour_ago, to),
+            ).fetchall()
+            stop_counting = [iso_to_timestamp(row["sent_at"]) + 3600 if row["sent_at"]
+                             else row["counts_until"] for row in rows]
+            if len(stop_counting) >= recipient_limit:
+                return None, "recipient", min(stop_counting) - now
         return tx.execute(
             "INSERT INTO send_reservations (to_number, reserved_at, counts_until)"
             " VALUES (?, ?, ?) RETURNING id",
-            (to, now, now + in_flight_seconds),
-        ).fetchone()["id"], None
+            (to, now, now + 3600),
+        ).fetchone()["id"], None, None
 
 
 def release_send(storage, reservation):
     """Gives a reservation back: Twilio certainly did not send the message."""
     with storage.transaction() as tx:
         tx.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
-
-
-def keep_reservation(storage, reservation, until):
-    """Keeps counting a send whose outcome is unknown, as if it had gone out."""
-    with storage.transaction() as tx:
-        tx.execute("UPDATE send_reservations SET counts_until = ? WHERE id = ?",
-                   (until, reservation))
 
 
 def messages_to_reconcile(storage, idle_before, limit):
@@ -272,10 +296,19 @@ def messages_to_reconcile(storage, idle_before, limit):
     )
 
 
+# A checked_at later than any real time: reconciliation never picks the message again.
+NEVER_AGAIN = "9999-12-31T23:59:59.999Z"
+
+
 def mark_checked(storage, sid, at):
     """Records that Twilio was asked, so messages stuck in one status take turns."""
     with storage.transaction() as tx:
         tx.execute("UPDATE messages SET checked_at = ? WHERE sid = ?", (at, sid))
+
+
+def mark_unknown_at_twilio(storage, sid):
+    """Records that Twilio has no such message (404): asking again would never help."""
+    mark_checked(storage, sid, NEVER_AGAIN)
 
 
 def prune(storage, updated_before, body_before, now):

@@ -36,7 +36,7 @@ DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 # The schema version both engines reach: SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version table. A database with a newer version is refused, never downgraded.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 BUSY_TIMEOUT_MS = 5000
 POOL_TIMEOUT_SECONDS = 5
@@ -76,6 +76,13 @@ QUERY_INDEXES = """
 
 
 # --- SQLite --------------------------------------------------------------------------------
+
+# The indexes the service-wide hourly limit (MAX_SENDS_PER_HOUR) counts with; the same DDL
+# on both engines.
+SENDS_PER_HOUR_INDEXES = """
+    CREATE INDEX IF NOT EXISTS messages_by_sent_at ON messages (sent_at);
+    CREATE INDEX IF NOT EXISTS send_reservations_by_expiry ON send_reservations (counts_until);
+    """
 
 # Each entry (version, script) moves the schema to that version; PRAGMA user_version records
 # how far a database has come, so a live database is migrated in place at start.
@@ -135,6 +142,8 @@ SQLITE_MIGRATIONS = [
     """),
     (6, "ALTER TABLE messages ADD COLUMN seconds_to_delivered REAL;" + QUERY_INDEXES.format(
         seconds=sqlite_seconds_between("messages.created_at", "status_events.received_at"))),
+    # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
+    (7, SENDS_PER_HOUR_INDEXES),
 ]
 
 _local = threading.local()
@@ -424,6 +433,8 @@ POSTGRES_MIGRATIONS = [
     (6, "ALTER TABLE messages ADD COLUMN seconds_to_delivered DOUBLE PRECISION;"
         + QUERY_INDEXES.format(seconds=postgres_seconds_between(
             "messages.created_at", "status_events.received_at"))),
+    # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
+    (7, SENDS_PER_HOUR_INDEXES),
 ]
 
 # Key of the advisory lock under which instances starting together migrate one at a time.

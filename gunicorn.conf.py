@@ -7,25 +7,27 @@ from dotenv import load_dotenv
 
 # The same .env the app reads, so PORT and the worker settings in it apply here too.
 load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from config import ConfigError, server_settings  # noqa: E402
 
-def _whole_number(name, default):
-    raw = os.environ.get(name, "").strip() or default
-    if not raw.isdigit() or int(raw) < 1:
-        sys.exit(f"Configuration error: {name} must be a whole number of at least 1, got {raw!r}")
-    return int(raw)
-
+try:
+    _port, _workers, _threads = server_settings(os.environ)
+except ConfigError as error:
+    # One message with every problem, the app's included, as the app itself would print.
+    print(error, file=sys.stderr, flush=True)
+    sys.exit(2)
 
 # Heroku-style hosts give the port in $PORT; 3000 matches `python app.py`.
-bind = f"0.0.0.0:{_whole_number('PORT', '3000')}"
+bind = f"0.0.0.0:{_port}"
 # Threaded workers: /send-sms waits on Twilio's API, and a waiting thread must not block a worker.
 worker_class = "gthread"
 # Heroku sets WEB_CONCURRENCY from the dyno size.
-workers = _whole_number("WEB_CONCURRENCY", "2")
+workers = _workers
 # Threads per worker: how many Twilio calls one worker can wait on at once. A client's
 # kept-alive connections can all land on one worker, so one worker alone must be able to
 # wait on every send a busy client has in flight (bench/sends.py: 64 callers).
-threads = _whole_number("GUNICORN_THREADS", "64")
+threads = _threads
 # Load the app in the master, so a configuration error stops the whole server once,
 # instead of every worker failing to boot and being restarted forever.
 preload_app = True

@@ -8,6 +8,7 @@ import secrets
 
 E164_PATTERN = re.compile(r"\+[1-9][0-9]{1,14}")
 MAX_BODY_LENGTH = 1600
+SEND_FIELDS = ("to", "body")
 
 # Twilio's outbound message lifecycle. A status may only move latestStatus forward;
 # the final ones share a rank, so a late final status never replaces an earlier one.
@@ -39,6 +40,12 @@ def send_request_problem(payload):
     """Returns what is wrong with a /send-sms body, or None when it can be sent."""
     if not isinstance(payload, dict):
         return 'The request body must be a JSON object like {"to": "+15558675309", "body": "Hello"}'
+    unknown = sorted(set(payload) - set(SEND_FIELDS))
+    if unknown:
+        # Refused rather than ignored: a caller who sends mediaUrl or sendAt must not be
+        # told that a plain SMS, sent now, was what they asked for.
+        return (f"Unknown field {printable(unknown[0], 40)!r}: /send-sms takes only "
+                "'to' and 'body'")
     to = payload.get("to")
     if to is None:
         return "Field 'to' is required: the recipient in E.164 format, like +15558675309"
@@ -56,7 +63,28 @@ def send_request_problem(payload):
         return "Field 'body' must not be blank"
     if len(body) > MAX_BODY_LENGTH:
         return f"Field 'body' is {len(body)} characters; at most {MAX_BODY_LENGTH} are allowed"
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return (f"Field 'body' has an unpaired UTF-16 surrogate at character {error.start}, "
+                "which no SMS can carry; send the whole character (a \\ud83d\\ude00 pair, "
+                "or the character itself)")
     return None
+
+
+def printable(value, limit=200):
+    """`value` as one safe line of at most about `limit` characters, for logs and messages.
+
+    Control and line-break characters (U+0085 and U+2028 included, which some log tools
+    split lines on) are escaped, so an attacker-controlled value can neither forge a log
+    line nor flood the log.
+    """
+    text = str(value)
+    cut = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                  for c in text[:limit])
+    if len(text) > limit:
+        cut += f"...({len(text) - limit} more characters)"
+    return cut
 
 
 def status_moves_forward(current, new):

@@ -90,14 +90,18 @@ def send_with_idempotency_key(key, payload):
 
 
 def request_fingerprint(config, payload):
-    """A keyed hash of recipient and body: bodies (one-time codes) are not kept in clear.
+    """A keyed hash of the request's shape, recipient and body: bodies (one-time codes) are
+    not kept in clear.
 
-    Keyed with the API key, whose change starts a new key scope anyway.
+    The shape (a JSON object and its field names, or the raw body) is part of it, so a raw
+    body like `["+15558675309", "hi"]` never matches the object with those values. Keyed
+    with the API key, whose change starts a new key scope anyway.
     """
     if isinstance(payload, dict):
-        material = json.dumps([payload.get("to"), payload.get("body")], sort_keys=True)
+        material = json.dumps(["object", sorted(payload), payload.get("to"),
+                               payload.get("body")])
     else:
-        material = request.get_data(as_text=True)
+        material = json.dumps(["raw", request.get_data(as_text=True)])
     secret = (config.api_key or config.auth_token).encode()
     return hmac.new(secret, material.encode(), hashlib.sha256).hexdigest()
 
@@ -126,50 +130,57 @@ def checked_send(payload):
                  f"(ALLOWED_DESTINATIONS={','.join(config.allowed_destinations)})",
         ), True
     reservation = None
-    limit = config.max_sends_per_recipient_per_hour
-    if limit:
+    limit, total = config.max_sends_per_recipient_per_hour, config.max_sends_per_hour
+    if limit or total:
         now = current_app.config["CLOCK"]()
-        reservation, wait = db.reserve_send(db.get_db(), to, now, limit,
-                                            in_flight_seconds=2 * config.twilio_timeout)
+        reservation, reached, wait = db.reserve_send(db.get_db(), to, now, limit, total)
         if reservation is None:
-            retry_after = max(1, math.ceil(wait))
-            log.warning("Refused send to %s: MAX_SENDS_PER_RECIPIENT_PER_HOUR=%d reached",
-                        rules.mask_phone(to), limit)
-            return send_error(
-                429, f"This recipient already has {limit} messages sent or being sent in the "
-                     f"last hour, the limit (MAX_SENDS_PER_RECIPIENT_PER_HOUR={limit}); "
-                     f"retry after {retry_after} seconds", retry_after=retry_after,
-            ), False
+            return limit_reached(to, reached, limit if reached == "recipient" else total,
+                                 wait), False
     return send_and_record(to, payload["body"], reservation)
 
 
-def settle_reservation(reservation, failure):
-    """After a failed send: free the place if nothing went out, else keep it counting."""
+def limit_reached(to, reached, limit, wait):
+    """The 429 of an hourly limit, with the seconds until a place is free again."""
+    retry_after = max(1, math.ceil(wait))
+    if reached == "recipient":
+        log.warning("Refused send to %s: MAX_SENDS_PER_RECIPIENT_PER_HOUR=%d reached",
+                    rules.mask_phone(to), limit)
+        message = (f"This recipient already has {limit} messages sent or being sent in the "
+                   f"last hour, the limit (MAX_SENDS_PER_RECIPIENT_PER_HOUR={limit})")
+    else:
+        log.warning("Refused send to %s: MAX_SENDS_PER_HOUR=%d reached for the whole service",
+                    rules.mask_phone(to), limit)
+        message = (f"This service already has {limit} messages sent or being sent in the "
+                   f"last hour, its limit for all recipients (MAX_SENDS_PER_HOUR={limit})")
+    return send_error(429, f"{message}; retry after {retry_after} seconds",
+                      retry_after=retry_after)
+
+
+def release_reservation(reservation):
+    """Gives the place back after a send Twilio certainly did not make."""
     try:
-        if failure.http_status == 400 or failure.safe_to_retry:
-            db.release_send(db.get_db(), reservation)
-        else:
-            db.keep_reservation(db.get_db(), reservation,
-                                until=current_app.config["CLOCK"]() + 3600)
+        db.release_send(db.get_db(), reservation)
     except db.DATABASE_ERRORS as error:
-        # The answer about the send matters more; the reservation expires on its own.
-        log.error("Could not settle a per-recipient reservation: %s", db.describe_error(error))
+        # The answer about the send matters more; the reservation expires within the hour.
+        log.error("Could not give back a reservation under the hourly limits: %s",
+                  db.describe_error(error))
 
 
 def send_and_record(to, body, reservation=None):
     """Sends through Twilio, then stores the message; returns (response, keep-for-replay).
 
-    `reservation` is this send's place under the per-recipient limit: replaced by the
-    stored message on success, given back when Twilio certainly sent nothing, and kept
-    for an hour when the outcome is unknown.
+    `reservation` is this send's place under the hourly limits: replaced by the stored
+    message on success, given back when Twilio certainly sent nothing, and otherwise
+    left counting for the hour it was made for (the outcome is unknown).
     """
     config = current_app.config["SERVICE"]
     g.twilio_called = True
     try:
         message = twilio_api.send_message(current_app.extensions["twilio"], config, to, body)
     except twilio_api.TwilioFailure as failure:
-        if reservation is not None:
-            settle_reservation(reservation, failure)
+        if reservation is not None and (failure.http_status == 400 or failure.safe_to_retry):
+            release_reservation(reservation)
         response = send_error(failure.http_status, failure.error, details=failure.details,
                               code=failure.code, retry_after=failure.retry_after)
         return response, not failure.safe_to_retry
@@ -184,7 +195,9 @@ def send_and_record(to, body, reservation=None):
         db.record_sent_message(
             db.get_db(), message.sid,
             account_sid=message.account_sid or config.account_sid,
-            to=message.to or to,
+            # The number the caller asked for, as the per-recipient limit checked it: Twilio
+            # may answer with another form of it, which the limit would not count.
+            to=to,
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
             body=body if config.store_message_body else None,
             status=message.status, created_at=created_at, now=now, reservation=reservation,

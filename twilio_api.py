@@ -12,6 +12,7 @@ from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
+from rules import mask_phone
 from simulator import SimulatedTwilio
 
 log = logging.getLogger("sms_status")
@@ -28,7 +29,7 @@ class TwilioFailure(Exception):
     """
 
     def __init__(self, http_status, error, details, code=None, retry_after=None,
-                 safe_to_retry=False):
+                 safe_to_retry=False, not_found=False):
         super().__init__(details)
         self.http_status = http_status
         self.error = error
@@ -36,6 +37,7 @@ class TwilioFailure(Exception):
         self.code = code
         self.retry_after = retry_after
         self.safe_to_retry = safe_to_retry
+        self.not_found = not_found
 
 
 def build_client(config, http_client=None):
@@ -55,25 +57,28 @@ def _twilio_message(exc):
     return str(text or exc.__class__.__name__)
 
 
-def translate(exc):
-    """Maps an exception from a Twilio call to a TwilioFailure."""
+def translate(exc, fetching=False):
+    """Maps an exception from a Twilio call (a send, or with `fetching` a message fetch) to
+    a TwilioFailure."""
+    if fetching:
+        unknown = " The message's status was not read; the next run asks again."
+    else:
+        unknown = " The message may or may not have been sent: check before sending again."
     if isinstance(exc, requests.Timeout):
+        if not fetching:
+            unknown = (" The message may or may not have been sent: check GET /get-status or "
+                       "wait for its status callback before sending again.")
         return TwilioFailure(
-            504, "Twilio did not answer in time",
-            "No answer within TWILIO_TIMEOUT. The message may or may not have been sent: "
-            "check GET /get-status or wait for its status callback before sending again.",
+            504, "Twilio did not answer in time", "No answer within TWILIO_TIMEOUT." + unknown,
         )
     if isinstance(exc, requests.RequestException):
         return TwilioFailure(
-            502, "Could not reach Twilio",
-            "The connection to Twilio's API failed. The message may or may not have been "
-            "sent: check before sending again.",
+            502, "Could not reach Twilio", "The connection to Twilio's API failed." + unknown,
         )
     if isinstance(exc, (ValueError, TypeError, AttributeError)):
         return TwilioFailure(
             502, "Twilio's answer could not be read",
-            "Twilio answered with a body that is not a message resource. The message may "
-            "or may not have been sent: check before sending again.",
+            "Twilio answered with a body that is not a message resource." + unknown,
         )
     status = getattr(exc, "status", None)
     code = getattr(exc, "code", None)
@@ -81,6 +86,12 @@ def translate(exc):
     # HTTP status there instead, which is not a Twilio code.
     code = code if isinstance(code, int) and code >= 10000 else None
     message = _twilio_message(exc)
+    if status == 404 and fetching:
+        return TwilioFailure(
+            404, "Twilio has no such message",
+            "This account has no message with this SID (sent by another account?); it will "
+            "not be asked for again.", code, not_found=True,
+        )
     if status in (400, 422):
         return TwilioFailure(400, "Twilio rejected the message", message, code)
     if status in (401, 403, 404):
@@ -96,18 +107,16 @@ def translate(exc):
             retry_after=RETRY_AFTER_SECONDS, safe_to_retry=True,
         )
     return TwilioFailure(
-        502, "Twilio failed to process the request",
-        f"{message}. The message may or may not have been sent: check before sending again.",
-        code,
+        502, "Twilio failed to process the request", f"{message}.{unknown}", code,
     )
 
 
-def _call(action, what):
+def _call(action, what, fetching=False):
     try:
         return action()
     except (TwilioException, requests.RequestException, ValueError, TypeError,
             AttributeError) as exc:
-        failure = translate(exc)
+        failure = translate(exc, fetching)
         log.warning(
             "Twilio %s failed: status=%s code=%s answered=%s (%s): %s",
             what, getattr(exc, "status", None), failure.code, failure.http_status,
@@ -130,7 +139,7 @@ def send_message(client, config, to, body):
         lambda: client.messages.create(
             to=to, body=body, status_callback=config.status_callback_url, **sender
         ),
-        "message create",
+        f"message create to {mask_phone(to)}",
     )
     if not isinstance(message.sid, str) or not isinstance(message.status, str):
         raise translate(ValueError("no sid or status in Twilio's answer"))
@@ -139,7 +148,7 @@ def send_message(client, config, to, body):
 
 def fetch_message(client, sid):
     """Fetches one message resource from Twilio; raises TwilioFailure."""
-    message = _call(lambda: client.messages(sid).fetch(), "message fetch")
+    message = _call(lambda: client.messages(sid).fetch(), "message fetch", fetching=True)
     if not isinstance(message.status, str):
-        raise translate(ValueError("no status in Twilio's answer"))
+        raise translate(ValueError("no status in Twilio's answer"), fetching=True)
     return message

@@ -46,7 +46,7 @@ from twilio.request_validator import RequestValidator
 
 ACCOUNT_SID = "AC" + secrets.token_hex(16)
 AUTH_TOKEN = secrets.token_hex(16)
-SENDER = "+15551234567"
+SENDER = "+15017122661"
 POOL_RATE = 4000  # pre-signed callbacks per second of a run; far above what Flask answers here
 SIDS_PER_BLOCK = 500  # a block's callbacks go out as queued for all, then sent, then final
 

@@ -49,7 +49,8 @@ def test_reconcile_records_what_twilio_says_through_the_forward_only_rules(
     assert f"{delivered} queued -> delivered" in result.output
     assert f"{undelivered} queued -> undelivered (Twilio: undelivered, error 30003)" \
         in result.output
-    assert "Checked 3 messages: 2 updated, 1 unchanged, 0 failed." in result.output
+    assert "Checked 3 messages: 2 updated, 1 unchanged, 0 not found at Twilio, 0 failed." \
+        in result.output
     fetches = [r["uri"] for r in fake_twilio.requests if r["method"] == "GET"]
     assert [uri.rsplit("/", 1)[1] for uri in fetches] == [
         f"{delivered}.json", f"{undelivered}.json", f"{stuck}.json"]
@@ -74,11 +75,42 @@ def test_reconcile_skips_final_and_recent_messages_and_respects_limit(
 
 def test_one_failed_fetch_does_not_stop_the_run(app, send, fake_twilio):
     first, second = sent_messages(send, 2)
-    fake_twilio.answer_next(twilio_error(404, 20404, "not found"), fetched(second, "delivered"))
+    fake_twilio.answer_next(twilio_error(500, 20500, "Internal"), fetched(second, "delivered"))
     result = run(app, "reconcile", "--older-than", "0s")
     assert result.exit_code == 0
-    assert f"{first} queued: fetch failed" in result.output
-    assert "1 updated, 0 unchanged, 1 failed" in result.output
+    assert f"{first} queued: fetch failed: Twilio failed to process the request (error 20500)" \
+        in result.output
+    assert "The message's status was not read; the next run asks again." in result.output
+    assert "may or may not have been sent" not in result.output
+    assert "1 updated, 0 unchanged, 0 not found at Twilio, 1 failed" in result.output
+
+
+def test_a_message_twilio_does_not_have_is_reported_and_not_asked_for_again(app, send,
+                                                                           fake_twilio):
+    missing, other = sent_messages(send, 2)
+    fake_twilio.answer_next(twilio_error(404, 20404, "not found"), fetched(other, "queued"))
+    result = run(app, "reconcile", "--older-than", "0s")
+    assert result.exit_code == 0, result.output
+    assert f"{missing} queued: unknown at Twilio (error 20404): This account has no message" \
+        in result.output
+    assert "credentials" not in result.output
+    assert "0 updated, 1 unchanged, 1 not found at Twilio, 0 failed" in result.output
+    time.sleep(0.002)
+    fake_twilio.answer_next(fetched(other, "queued"))
+    result = run(app, "reconcile", "--older-than", "0s")
+    assert "Checked 1 messages" in result.output and missing not in result.output
+    fetched_sids = [r["uri"] for r in fake_twilio.requests if r["method"] == "GET"]
+    assert sum(missing in uri for uri in fetched_sids) == 1
+
+
+def test_a_run_that_could_check_nothing_exits_non_zero(app, send, fake_twilio):
+    sent_messages(send, 2)
+    fake_twilio.answer_next(requests.ConnectionError("refused"), twilio_error(401, 20003))
+    result = run(app, "reconcile", "--older-than", "0s")
+    assert result.exit_code == 1
+    assert "0 updated, 0 unchanged, 0 not found at Twilio, 2 failed" in result.output
+    assert "no message could be checked with Twilio" in result.output
+    assert run(app, "reconcile", "--older-than", "1h").exit_code == 0, "nothing to check is fine"
 
 
 def test_reconcile_backs_off_on_429(app, send, fake_twilio, sleeps):
@@ -94,10 +126,10 @@ def test_reconcile_stops_when_twilio_keeps_rate_limiting(app, send, fake_twilio,
     sent_messages(send, 2)
     fake_twilio.answer_next(*[twilio_error(429, 20429)] * 4)
     result = run(app, "reconcile", "--older-than", "0s")
-    assert result.exit_code == 0
+    assert result.exit_code == 1
     assert sleeps == [1.0, 2.0, 4.0]
     assert "the rest waits for the next run" in result.output
-    assert "0 updated, 0 unchanged, 1 failed" in result.output
+    assert "0 updated, 0 unchanged, 0 not found at Twilio, 1 failed" in result.output
 
 
 def test_stuck_messages_take_turns(app, send, fake_twilio):

@@ -42,6 +42,12 @@ def test_every_missing_variable_is_named_at_once():
                  id="placeholder-key"),
     pytest.param({"TWILIO_AUTH_TOKEN": "your_auth_token"}, "placeholder",
                  id="placeholder-token"),
+    pytest.param({"TWILIO_PHONE_NUMBER": "+15551234567"}, "TWILIO_PHONE_NUMBER is still the "
+                 "placeholder", id="placeholder-phone-number"),
+    pytest.param({"BASE_URL": "https://your-subdomain.ngrok-free.app"}, "BASE_URL is still the "
+                 "placeholder", id="placeholder-base-url"),
+    pytest.param({"BASE_URL": "https://your-subdomain.ngrok-free.app/"}, "BASE_URL is still the "
+                 "placeholder", id="placeholder-base-url-slash"),
 ])
 def test_malformed_variables_are_named(tmp_path, overrides, name):
     assert any(name in problem for problem in problems(live_env(tmp_path, **overrides)))
@@ -121,6 +127,24 @@ def test_bad_configuration_stops_the_whole_server_with_one_message(tmp_path, com
     assert "Booting worker" not in output
 
 
+@pytest.mark.parametrize("name, value", [
+    pytest.param("PORT", "eighty", id="port"),
+    pytest.param("WEB_CONCURRENCY", "0", id="workers"),
+    pytest.param("GUNICORN_THREADS", "many", id="threads"),
+])
+def test_a_bad_gunicorn_setting_is_named_with_every_other_problem(tmp_path, name, value):
+    env = clean_env(tmp_path, TWILIO_ACCOUNT_SID="nonsense", **{name: value})
+    result = subprocess.run(procfile_command(), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("Configuration error") == 1 and "Traceback" not in output
+    for named in (name, "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "BASE_URL", "API_KEY"):
+        assert named in output
+    assert output.count("PORT") == (1 if name == "PORT" else 0)
+    assert "Booting worker" not in output
+
+
 def test_unusable_database_path_is_a_clear_start_error(tmp_path):
     env = clean_env(tmp_path, TWILIO_SIMULATE="true",
                     DATABASE_URL=f"sqlite:///{tmp_path}/missing/dir/x.db")
@@ -153,3 +177,12 @@ def test_gunicorn_reads_port_from_dotenv_too(tmp_path):
                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"0.0.0.0:{port}"
+
+
+def test_an_unfilled_copy_of_env_example_is_refused_for_each_placeholder(tmp_path):
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    found = "\n".join(problems(env))
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "BASE_URL",
+                 "API_KEY"):
+        assert name in found

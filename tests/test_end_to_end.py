@@ -207,6 +207,30 @@ def test_per_recipient_limit_holds_under_concurrent_sends(service_env, start_ser
     assert service.logs().count("Sent SM") == 2
 
 
+def test_a_send_cut_off_by_sigkill_keeps_counting_after_restart(service_env, start_service):
+    """The worker dies while Twilio is creating the message: the message may have gone out,
+    so the recipient's place stays taken for the hour, well past twice TWILIO_TIMEOUT."""
+    env = service_env(TWILIO_SIMULATE_LATENCY_MS=5000, TWILIO_TIMEOUT=1,
+                      MAX_SENDS_PER_RECIPIENT_PER_HOUR=1)
+    service = start_service(env)
+    send = lambda url: requests.post(  # noqa: E731
+        f"{url}/send-sms", json={"to": "+15558675309", "body": "alert"}, timeout=10)
+    cut_off = threading.Thread(target=lambda: pytest.raises(requests.RequestException, send,
+                                                            service.url))
+    cut_off.start()
+    deadline = time.monotonic() + 5
+    while not sql_rows(env["DATABASE_URL"], "SELECT id FROM send_reservations"):
+        assert time.monotonic() < deadline, "the send never reached Twilio"
+        time.sleep(0.05)
+    service.kill()
+    cut_off.join(10)
+    time.sleep(2.5)  # past twice TWILIO_TIMEOUT
+
+    answer = send(start_service(env).url)
+    assert answer.status_code == 429
+    assert int(answer.headers["Retry-After"]) > 3500
+
+
 def test_chunked_body_over_64_kib_is_413_and_sends_nothing(service_env, start_service):
     import http.client
     service = start_service(service_env())

@@ -107,14 +107,54 @@ def test_rejected_signature_is_logged_with_the_checked_url(client, caplog):
     assert f"invalid Twilio signature for {CALLBACK_URL}?x=1" in caplog.text
 
 
-@pytest.mark.parametrize("missing", ["MessageSid", "MessageStatus"])
-def test_signed_callback_without_sid_or_status_is_400(post_callback, app, missing):
+@pytest.mark.parametrize("missing", [("MessageSid", "SmsSid"), ("MessageStatus", "SmsStatus")])
+def test_signed_callback_without_sid_or_status_is_400_and_logged(post_callback, app, missing,
+                                                                 caplog):
     params = callback(SID, "sent")
-    del params[missing]
+    for name in missing:
+        del params[name]
     response = post_callback(params)
     assert response.status_code == 400
     assert "MessageSid and MessageStatus" in response.get_json()["error"]
     assert count_rows(app, "status_events") == 0
+    assert "Refused POST /message-status with 400: A status callback needs" in caplog.text
+
+
+def test_legacy_callback_with_only_smssid_and_smsstatus_is_stored(post_callback, client):
+    params = {"SmsSid": SID, "SmsStatus": "delivered", "AccountSid": "AC" + "a1" * 16}
+    response = post_callback(params)
+    assert response.status_code == 200, response.get_json()
+    assert history(client)["latestStatus"] == "delivered"
+
+
+def test_rejections_cannot_flood_the_log(app, client, caplog):
+    now = [1_800_000_000.0]
+    app.config["CLOCK"] = lambda: now[0]
+    headers = {"X-Twilio-Signature": "bogus",
+               "X-Twilio-Webhooks-Signature-Settings": "key=" + "k" * 8000}
+    for _ in range(200):
+        assert client.post("/message-status?" + "q" * 4000, data=callback(SID, "sent"),
+                           headers=headers).status_code == 403
+    lines = [r.getMessage() for r in caplog.records if r.name == "sms_status"]
+    assert 0 < len(lines) <= 30
+    assert max(len(line) for line in lines) < 600
+    assert "more characters" in lines[0]
+    now[0] += 61
+    client.post("/message-status", data=callback(SID, "sent"), headers=headers)
+    assert "170 more refused requests were not logged" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.parametrize("character", ["\n", "\r", "\x85", "\u2028", "\u2029", "\x1b"])
+def test_line_breaks_in_logged_values_are_escaped(make_app, caplog, character):
+    app = make_app(TWILIO_WEBHOOK_SIGNING_KEY="a-shared-key-secret")
+    forged = f"x{character}2026-01-01 00:00:00.000 INFO Sent SM1 to +*******0000: queued"
+    raw = lambda text: text.encode().decode("latin-1")  # noqa: E731 (raw bytes, as WSGI has them)
+    app.test_client().post("/message-status", data=callback(SID, "sent"), environ_overrides={
+        "QUERY_STRING": raw(f"a={forged}"), "HTTP_X_TWILIO_SIGNATURE": "bogus",
+        "HTTP_X_TWILIO_WEBHOOKS_SIGNATURE_SETTINGS": raw(f"key=k{forged}")})
+    [line] = [r.getMessage() for r in caplog.records if "Rejected" in r.getMessage()]
+    assert character not in line
+    assert line.count("Sent SM1") == 2 and len(line.splitlines()) == 1
 
 
 def test_callbacks_build_the_history_and_latest_status(post_callback, client):

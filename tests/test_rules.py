@@ -105,3 +105,20 @@ def test_bearer_token_matches(header, matches):
 ])
 def test_destination_allowed(number, prefixes, allowed):
     assert rules.destination_allowed(number, prefixes) is allowed
+
+
+@pytest.mark.parametrize("value, expected", [
+    pytest.param("plain key_1", "plain key_1", id="plain"),
+    pytest.param("a\nb", "a\\nb", id="newline"),
+    pytest.param("a\x85b", "a\\x85b", id="next-line"),
+    pytest.param("a\u2028b\u2029c", "a\\u2028b\\u2029c", id="line-and-paragraph-separator"),
+    pytest.param("\ud800", "\\ud800", id="lone-surrogate"),
+    pytest.param("é✓", "é✓", id="printable-unicode"),
+])
+def test_printable_escapes_what_could_break_a_log_line(value, expected):
+    assert rules.printable(value) == expected
+
+
+def test_printable_shortens_and_says_by_how_much():
+    assert rules.printable("k" * 30, 10) == "k" * 10 + "...(20 more characters)"
+    assert rules.printable("\n" * 30, 10) == "\\n" * 10 + "...(20 more characters)"

@@ -2,9 +2,20 @@ import threading
 
 import pytest
 import requests
+from twilio.http.response import Response
 
 from app import create_app
-from conftest import API_KEY, AUTH, app_database_url, callback, database_text, live_env, sql_rows
+from conftest import (
+    ACCOUNT_SID,
+    API_KEY,
+    AUTH,
+    SENDER,
+    app_database_url,
+    callback,
+    database_text,
+    live_env,
+    sql_rows,
+)
 from twilio_fakes import twilio_error
 
 
@@ -246,15 +257,110 @@ def test_a_send_twilio_refused_gives_its_place_back(make_app, fake_twilio):
     assert keyed(client, "b", body="other").status_code == 200
 
 
-def test_an_in_flight_send_counts_with_a_short_retry_after(make_app, fake_twilio):
+def test_a_send_whose_request_died_keeps_counting_for_the_hour(make_app, fake_twilio, clock):
+    """A worker SIGKILLed mid-send never settles its reservation; the message may have gone
+    out, so it counts for the hour. Here the first request is still hanging in Twilio while
+    the clock passes twice TWILIO_TIMEOUT, as a dead one would be."""
     app = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1", TWILIO_TIMEOUT="10")
     entered, release = threading.Event(), threading.Event()
     fake_twilio.answer_next(lambda: (entered.set(), release.wait(10)))
     first = threading.Thread(target=lambda: keyed(app.test_client(), "a"))
     first.start()
-    assert entered.wait(10)
-    refused = keyed(app.test_client(), "b", body="other")
-    release.set()
-    first.join(10)
+    try:
+        assert entered.wait(10)
+        refused = keyed(app.test_client(), "b", body="other")
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "3600"
+        clock.now += 600
+        refused = keyed(app.test_client(), "b", body="other")
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "3000"
+        assert keyed(app.test_client(), "a").status_code == 504, "its key: unknown outcome"
+    finally:
+        release.set()
+        first.join(10)
+
+
+def test_the_service_wide_hourly_limit(make_app, fake_twilio, clock, caplog):
+    client = make_app(MAX_SENDS_PER_HOUR="3").test_client()
+    assert keyed(client, "a", to="+15558670001").status_code == 200
+    clock.now += 600
+    fake_twilio.answer_next(requests.ReadTimeout("slow"))  # unknown outcome: counts
+    assert keyed(client, "b", to="+15558670002").status_code == 504
+    fake_twilio.answer_next(twilio_error(400, 21610))  # certainly not sent: does not count
+    assert keyed(client, "c", to="+15558670003").status_code == 400
+    assert keyed(client, "d", to="+15558670004").status_code == 200
+    clock.now += 600
+    refused = keyed(client, "e", to="+15558670005")
     assert refused.status_code == 429
-    assert int(refused.headers["Retry-After"]) <= 20, "in flight for at most 2 x TWILIO_TIMEOUT"
+    assert refused.headers["Retry-After"] == "2400"
+    assert "MAX_SENDS_PER_HOUR=3" in refused.get_json()["error"]
+    assert "Refused send to +*******0005: MAX_SENDS_PER_HOUR=3" in caplog.text
+    assert keyed(client, "e", to="+15558670005").status_code == 429, "a 429 is not kept"
+    clock.now += 2400
+    assert keyed(client, "e", to="+15558670005").status_code == 200
+    assert len(fake_twilio.creates) == 5
+
+
+def test_the_service_wide_limit_defaults_to_1000_and_0_turns_it_off(make_app, fake_twilio):
+    assert make_app().config["SERVICE"].max_sends_per_hour == 1000
+    client = make_app(MAX_SENDS_PER_HOUR="0", MAX_SENDS_PER_RECIPIENT_PER_HOUR="0").test_client()
+    for n in range(5):
+        assert keyed(client, str(n), to=f"+1555867000{n}").status_code == 200
+
+
+def test_the_service_wide_limit_holds_for_concurrent_sends_of_two_instances(make_app,
+                                                                            fake_twilio):
+    instances = [make_app(MAX_SENDS_PER_HOUR="4") for _ in range(2)]
+    barrier = threading.Barrier(12)
+    statuses = []
+
+    def post(n):
+        client = instances[n % 2].test_client()
+        barrier.wait(10)
+        statuses.append(keyed(client, str(n), to=f"+155586701{n:02d}").status_code)
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(statuses) == [200] * 4 + [429] * 8
+    assert len(fake_twilio.creates) == 4
+
+
+def test_live_start_without_allowed_destinations_warns(make_app, caplog):
+    make_app()
+    assert "ALLOWED_DESTINATIONS is unset" in caplog.text
+    caplog.clear()
+    make_app(ALLOWED_DESTINATIONS="+1")
+    assert "ALLOWED_DESTINATIONS is unset" not in caplog.text
+
+
+def test_a_raw_array_and_an_object_with_the_same_values_are_different_requests(client,
+                                                                              fake_twilio):
+    raw = client.post("/send-sms", data='["+15558675309", "hi"]', content_type="application/json",
+                      headers={**AUTH, "Idempotency-Key": "k"})
+    assert raw.status_code == 400
+    response = keyed(client, "k", body="hi")
+    assert response.status_code == 422 and "Idempotent-Replayed" not in response.headers
+    assert fake_twilio.creates == []
+
+
+def test_the_limit_counts_the_number_it_checked_even_if_twilio_answers_another_form(
+        make_app, fake_twilio):
+    client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1").test_client()
+    fake_twilio.answer_next(Response(201, (
+        '{"sid": "SM%s", "status": "queued", "to": "+15558675300", "from": "%s",'
+        ' "account_sid": "%s", "date_created": "Thu, 26 Nov 2026 20:00:00 +0000"}'
+    ) % ("d4" * 16, SENDER, ACCOUNT_SID)))
+    assert keyed(client, "a").status_code == 200
+    assert keyed(client, "b", body="other").status_code == 429
+    assert len(fake_twilio.creates) == 1
+
+
+def test_an_unsendable_body_is_400_and_takes_no_place_under_the_limit(make_app, fake_twilio):
+    client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1").test_client()
+    response = client.post("/send-sms", data='{"to": "+15558675309", "body": "\\ud800"}',
+                           content_type="application/json", headers=AUTH)
+    assert response.status_code == 400 and "'body'" in response.get_json()["error"]
+    assert fake_twilio.creates == []
+    assert keyed(client, "b").status_code == 200

@@ -43,6 +43,13 @@ def test_send_needs_the_api_key(send, fake_twilio, headers):
     pytest.param(b'{"to": "+15558675309", "body": ["hi"]}', "'body'", id="list-body"),
     pytest.param(('{"to": "+15558675309", "body": "%s"}' % ("x" * 1601)).encode(), "'body'",
                  id="long-body"),
+    pytest.param(b'{"to": "+15558675309", "body": "\\ud800"}', "'body'", id="lone-surrogate"),
+    pytest.param(b'{"to": "+15558675309", "body": "hi", "mediaUrl": "https://x.io/a.png"}',
+                 "Unknown field 'mediaUrl'", id="media-url"),
+    pytest.param(b'{"to": "+15558675309", "body": "hi", "sendAt": "2030-01-01T00:00:00Z"}',
+                 "Unknown field 'sendAt'", id="send-at"),
+    pytest.param(b'{"to": "+15558675309", "bdoy": "hi", "body": "hi"}',
+                 "Unknown field 'bdoy'", id="typo"),
 ])
 def test_invalid_sends_get_400_naming_the_field_and_reach_no_twilio(client, fake_twilio, body,
                                                                     fragment):
@@ -103,6 +110,37 @@ def test_send_through_a_messaging_service(make_app, fake_twilio):
     history = app.test_client().get(f"/get-status/{response.get_json()['messageSid']}",
                                     headers=AUTH).get_json()["history"]
     assert [entry["status"] for entry in history] == ["accepted"]
+
+
+def test_a_messaging_service_send_stores_the_number_a_callback_names(make_app, fake_twilio):
+    from conftest import callback, sign
+    service_sid = "MG" + "b2" * 16
+    app = make_app(TWILIO_PHONE_NUMBER=None, TWILIO_MESSAGING_SERVICE_SID=service_sid)
+    client = app.test_client()
+
+    def post_callback(sid, status, from_):
+        params = callback(sid, status, From=from_)
+        return client.post("/message-status", data=params,
+                           headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+
+    sid = client.post("/send-sms", json={"to": "+15558675309", "body": "Hi"},
+                      headers=AUTH).get_json()["messageSid"]
+    assert stored_message(app, sid)["from_number"] == service_sid, "all it knows at first"
+    assert post_callback(sid, "sent", "+15017122661").status_code == 200
+    assert client.get(f"/get-status/{sid}", headers=AUTH).get_json()["from"] == "+15017122661"
+
+    # A callback may come before the send is stored: the MG SID never replaces the number.
+    early = "SM" + "e5" * 16
+    assert post_callback(early, "sent", "+15017122662").status_code == 200
+    fake_twilio.answer_next(Response(201, (
+        '{"sid": "%s", "status": "accepted", "to": "+15558675309", "from": null,'
+        ' "messaging_service_sid": "%s", "account_sid": "%s",'
+        ' "date_created": "Thu, 26 Nov 2026 20:00:00 +0000"}') % (early, service_sid,
+                                                                  ACCOUNT_SID)))
+    assert client.post("/send-sms", json={"to": "+15558675309", "body": "Hi"},
+                       headers=AUTH).status_code == 200
+    assert stored_message(app, early)["from_number"] == "+15017122662"
+    assert stored_message(app, early)["initial_status"] == "accepted"
 
 
 def test_default_transport_has_a_timeout(tmp_path):
@@ -198,6 +236,8 @@ def test_message_sent_but_not_stored_says_so_and_must_not_be_resent(app, send, c
 
 def test_twilio_errors_are_logged_with_code_and_status(send, fake_twilio, caplog):
     fake_twilio.answer_next(twilio_error(401, 20003, "Authenticate"))
-    send()
+    send(to="+15558675309")
     assert "status=401 code=20003 answered=502" in caplog.text
     assert "credentials" in caplog.text
+    assert "message create to +*******5309 failed" in caplog.text
+    assert "+15558675309" not in caplog.text
