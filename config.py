@@ -10,6 +10,9 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from rules import E164_PATTERN, parse_duration
 
 ACCOUNT_SID_PATTERN = re.compile(r"AC[0-9a-fA-F]{32}")
@@ -100,6 +103,14 @@ def parse_database_url(raw):
         return "sqlite", os.path.abspath("sms_status.db")
     raw = raw.strip()
     if raw.startswith(("postgres://", "postgresql://")):
+        try:
+            conninfo_to_dict(raw)
+        except psycopg.Error:
+            # libpq's message quotes the URL, password included: not repeated here.
+            raise ValueError(
+                "is not a URL libpq can read: check its form, "
+                "postgres://user:password@host:5432/dbname, its %-escapes and its parameters"
+            ) from None
         return "postgres", raw
     prefix = "sqlite:///"
     if not raw.startswith(prefix) or raw == prefix:

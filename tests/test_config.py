@@ -83,8 +83,14 @@ def test_postgres_urls_select_postgres_and_reach_libpq_unchanged(tmp_path, url):
     assert "s3cret-pw" not in repr(config)
 
 
-def test_a_refused_database_url_is_never_repeated(tmp_path):
-    found = problems(live_env(tmp_path, DATABASE_URL="mysql://app:s3cret-pw@db/x"))
+@pytest.mark.parametrize("url", [
+    "mysql://app:s3cret-pw@db/x",
+    "postgres://app:s3cret-pw@[::1/statusdb",
+    "postgres://app:s3cret-pw%ZZ@db/statusdb",
+    "postgres://app:s3cret-pw@db/statusdb?no_such_option=1",
+])
+def test_a_refused_database_url_is_never_repeated(tmp_path, url):
+    found = problems(live_env(tmp_path, DATABASE_URL=url))
     assert any("DATABASE_URL" in problem for problem in found)
     assert not any("s3cret-pw" in problem for problem in found)
 
