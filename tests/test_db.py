@@ -179,3 +179,24 @@ def test_upgrading_to_version_6_records_the_time_to_delivered_of_stored_messages
     engine_for(database_url).migrate()
     [(seconds,)] = sql_rows(database_url, "SELECT seconds_to_delivered FROM messages")
     assert seconds == pytest.approx(7.25, abs=0.001)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, make_app,
+                                                                 monkeypatch):
+    """The pool lends a connection for a bounded wait; past it: 503 with Retry-After."""
+    monkeypatch.setattr(engines, "POOL_TIMEOUT_SECONDS", 0.3)
+    app = make_app(DATABASE_URL=postgres_url, DATABASE_POOL_SIZE="1")
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    with app.app_context():
+        held = db.get_db()._pool().getconn()  # the pool's only connection, busy elsewhere
+    try:
+        started = time.monotonic()
+        answer = client.get("/healthz")
+        assert answer.status_code == 503 and answer.headers["Retry-After"]
+        assert time.monotonic() - started < 3
+    finally:
+        with app.app_context():
+            db.get_db()._pool().putconn(held)
+    assert client.get("/healthz").status_code == 200
