@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -225,6 +226,58 @@ def send(client):
 
 
 # --- real gunicorn processes -------------------------------------------------------------
+
+class CallbackLoad:
+    """Threads posting distinct signed status callbacks to a service, until the block ends or
+    each has posted `per_thread`; keeps the SIDs answered 200 and every other answer.
+
+    A thread stops at its first failed request (the service was killed, say), and answers
+    that arrive once the block is ending are not counted as refusals.
+    """
+
+    def __init__(self, service, signed_url, status="delivered", threads=8, per_thread=400,
+                 pause=0.0):
+        self.url = service.url + "/message-status"
+        self.signed_url, self.status = signed_url, status
+        self.per_thread, self.pause = per_thread, pause
+        self.acknowledged, self.others = [], []
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._threads = [threading.Thread(target=self._post, args=(n,)) for n in range(threads)]
+
+    def _post(self, worker):
+        session = requests.Session()
+        for n in range(self.per_thread):
+            if self._stop.is_set():
+                return
+            params = callback(f"SM{worker:02x}{n:030x}", self.status)
+            try:
+                answer = session.post(self.url, data=params, timeout=15, headers={
+                    "X-Twilio-Signature": sign(self.signed_url, params)})
+            except requests.RequestException:
+                return
+            with self._lock:
+                if answer.status_code == 200:
+                    self.acknowledged.append(params["MessageSid"])
+                elif not self._stop.is_set():
+                    self.others.append(answer.status_code)
+            time.sleep(self.pause)
+
+    def wait_for(self, count, timeout=60):
+        """Waits until `count` callbacks were acknowledged (or `timeout` seconds passed)."""
+        deadline = time.monotonic() + timeout
+        while len(self.acknowledged) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
 
 def free_port():
     with socket.socket() as sock:

@@ -10,8 +10,8 @@ import requests
 from config import SIMULATED_AUTH_TOKEN
 from conftest import (
     API_KEY,
-    AUTH_TOKEN,
     SERVICE_VARIABLES,
+    CallbackLoad,
     Service,
     callback,
     free_port,
@@ -100,36 +100,10 @@ def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_ser
     env = service_env(simulate=False, WEB_CONCURRENCY=3)
     env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     service = start_service(env)
-    url = service.url + "/message-status"
-    acknowledged, refused, lock, stop = [], [], threading.Lock(), threading.Event()
-
-    def post_many(worker):
-        session = requests.Session()
-        for n in range(400):
-            if stop.is_set():
-                return
-            params = callback(f"SM{worker:02x}{n:030x}", "delivered")
-            try:
-                answer = session.post(url, data=params, timeout=5, headers={
-                    "X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status", params,
-                                               AUTH_TOKEN)})
-            except requests.RequestException:
-                return
-            with lock:
-                if answer.status_code == 200:
-                    acknowledged.append(params["MessageSid"])
-                elif not stop.is_set():
-                    refused.append(answer.status_code)
-
-    threads = [threading.Thread(target=post_many, args=(w,)) for w in range(8)]
-    for thread in threads:
-        thread.start()
-    while len(acknowledged) < 300:
-        time.sleep(0.005)
-    service.kill()
-    stop.set()
-    for thread in threads:
-        thread.join()
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status") as load:
+        load.wait_for(300)
+        service.kill()
+    acknowledged, refused = load.acknowledged, load.others
 
     restarted = start_service(env)
     auth = {"Authorization": f"Bearer {API_KEY}"}

@@ -20,6 +20,7 @@ from conftest import (
     AUTH,
     AUTH_TOKEN,
     ROOT,
+    CallbackLoad,
     callback,
     free_port,
     procfile_command,
@@ -133,32 +134,10 @@ def test_the_per_recipient_limit_holds_across_instances(postgres_url, service_en
 def test_what_a_killed_instance_acknowledged_is_read_through_the_other(
         postgres_url, service_env, start_service):
     (doomed, env), (survivor, _) = live_pair(service_env, start_service, postgres_url)
-    acknowledged, lock, stop = [], threading.Lock(), threading.Event()
-
-    def post_many(worker):
-        session = requests.Session()
-        for n in range(400):
-            if stop.is_set():
-                return
-            params = callback(f"SM{worker:02x}{n:030x}", "delivered")
-            try:
-                answer = post_callback(doomed, env, params, session)
-            except requests.RequestException:
-                return
-            if answer.status_code == 200:
-                with lock:
-                    acknowledged.append(params["MessageSid"])
-
-    threads = [threading.Thread(target=post_many, args=(w,)) for w in range(8)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 60
-    while len(acknowledged) < 200 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    doomed.kill()
-    stop.set()
-    for thread in threads:
-        thread.join()
+    with CallbackLoad(doomed, env["BASE_URL"] + "/message-status") as load:
+        load.wait_for(200)
+        doomed.kill()
+    acknowledged = load.acknowledged
 
     assert len(acknowledged) >= 200
     for sid in acknowledged:
@@ -180,26 +159,8 @@ def test_a_postgres_outage_gives_503_never_200_and_the_service_recovers_by_itsel
     env = service_env(simulate=False, DATABASE_URL=own_postgres.url())
     env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     service = start_service(env)
-    acknowledged, others, lock, stop = [], [], threading.Lock(), threading.Event()
-
-    def post_many(worker):
-        session = requests.Session()
-        for n in range(100_000):
-            if stop.is_set():
-                return
-            params = callback(f"SM{worker:02x}{n:030x}", "sent")
-            answer = post_callback(service, env, params, session)
-            with lock:
-                if answer.status_code == 200:
-                    acknowledged.append(params["MessageSid"])
-                else:
-                    others.append(answer.status_code)
-            time.sleep(0.01)
-
-    threads = [threading.Thread(target=post_many, args=(w,)) for w in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", status="sent", threads=4,
+                      per_thread=100_000, pause=0.01) as load:
         time.sleep(1)
         own_postgres.stop()
         down_health = wait_for_health(service, 503, timeout=30)
@@ -208,13 +169,10 @@ def test_a_postgres_outage_gives_503_never_200_and_the_service_recovers_by_itsel
         time.sleep(2)
         own_postgres.start()
         wait_for_health(service, 200, timeout=60)
-        during = len(acknowledged)
+        during = len(load.acknowledged)
         time.sleep(1)
-        assert len(acknowledged) > during, "callbacks are stored again, with no restart"
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+        assert len(load.acknowledged) > during, "callbacks are stored again, with no restart"
+    acknowledged, others = load.acknowledged, load.others
 
     assert others and set(others) == {503}, "only 200 and 503 while the database was away"
     stored = {sid for (sid,) in sql_rows(env["DATABASE_URL"], "SELECT sid FROM messages")}
