@@ -311,26 +311,63 @@ def mark_unknown_at_twilio(storage, sid):
     mark_checked(storage, sid, NEVER_AGAIN)
 
 
-def prune(storage, updated_before, body_before, now):
+# Messages pruned per transaction: each batch is one short write, so callbacks keep landing
+# between batches instead of waiting (or failing) behind one long delete.
+PRUNE_BATCH = 500
+
+
+def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH):
     """Deletes messages (and their history) idle since `updated_before`; clears old bodies.
 
-    Also drops the per-recipient reservations that stopped counting (each send clears only
-    its own recipient's).
+    Works in batches of `batch` messages, one short transaction each. Also drops the
+    per-recipient reservations that stopped counting (each send clears only its own
+    recipient's). Returns the counts (messages, status events, bodies).
     """
+    messages = events = bodies = 0
+    while True:
+        with storage.transaction() as tx:
+            candidates = tx.execute(
+                "SELECT sid, (SELECT count(*) FROM status_events"
+                " WHERE status_events.message_sid = messages.sid) AS events"
+                " FROM messages WHERE updated_at < ? ORDER BY updated_at LIMIT ?",
+                (updated_before, batch),
+            ).fetchall()
+            events_of = {row["sid"]: row["events"] for row in candidates}
+            if events_of:
+                # updated_at is checked again: a callback may have revived a message since
+                # (PostgreSQL), and it must then keep its history. Events go by cascade.
+                deleted = tx.execute(
+                    f"DELETE FROM messages WHERE sid IN ({', '.join('?' for _ in events_of)})"
+                    " AND updated_at < ? RETURNING sid",
+                    (*events_of, updated_before),
+                ).fetchall()
+                messages += len(deleted)
+                events += sum(events_of[row["sid"]] for row in deleted)
+        if len(candidates) < batch:
+            break
+    # Bodies are cleared by walking the messages in creation order, so no row is read twice.
+    after = ("", "")
+    while True:
+        with storage.transaction() as tx:
+            page = tx.execute(
+                "SELECT sid, created_at FROM messages WHERE created_at < ?"
+                " AND (created_at > ? OR (created_at = ? AND sid > ?))"
+                " ORDER BY created_at, sid LIMIT ?",
+                (body_before, after[0], after[0], after[1], batch),
+            ).fetchall()
+            if page:
+                bodies += tx.execute(
+                    "UPDATE messages SET body = NULL WHERE body IS NOT NULL"
+                    f" AND sid IN ({', '.join('?' for _ in page)})",
+                    tuple(row["sid"] for row in page),
+                ).rowcount
+                after = (page[-1]["created_at"], page[-1]["sid"])
+        if len(page) < batch:
+            break
     with storage.transaction() as tx:
-        events = tx.execute(
-            "SELECT count(*) AS n FROM status_events WHERE message_sid IN"
-            " (SELECT sid FROM messages WHERE updated_at < ?)",
-            (updated_before,),
-        ).fetchone()["n"]
-        messages = tx.execute(
-            "DELETE FROM messages WHERE updated_at < ?", (updated_before,)
-        ).rowcount
-        bodies = tx.execute(
-            "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND created_at < ?",
-            (body_before,),
-        ).rowcount
         tx.execute("DELETE FROM send_reservations WHERE counts_until < ?", (now,))
+    # Give the space of the deleted rows' journal back (SQLite's WAL; nothing on PostgreSQL).
+    storage.compact()
     return messages, events, bodies
 
 

@@ -12,7 +12,8 @@ What differs between them lives here and only here:
 
 Both engines expose the same methods: `transaction()` (a context manager yielding `tx`
 with `tx.execute(sql, params)` and `tx.lock(name)`), `query(sql, params)` for reads,
-`migrate()`, `seconds_between(start, end)`, `describe_error(error)` and `close()`.
+`migrate()`, `compact()` (after a bulk delete), `seconds_between(start, end)`,
+`describe_error(error)` and `close()`.
 """
 
 import fcntl
@@ -39,6 +40,11 @@ DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 SCHEMA_VERSION = 7
 
 BUSY_TIMEOUT_MS = 5000
+# The WAL is cut back to this size whenever a checkpoint empties it: without a limit, one
+# large transaction (or a long read holding checkpoints back) leaves it that large forever.
+JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
+# How long compact() waits for readers to leave the WAL; writers wait while it does.
+CHECKPOINT_BUSY_TIMEOUT_MS = 200
 POOL_TIMEOUT_SECONDS = 5
 CONNECT_TIMEOUT_SECONDS = 5
 
@@ -229,6 +235,7 @@ def open_sqlite(path, synchronous="NORMAL"):
     conn.execute("PRAGMA foreign_keys = ON")
     # NORMAL in WAL mode: a commit survives a crash of the process, not a power loss.
     conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
     return conn
 
 
@@ -361,6 +368,19 @@ class SQLiteEngine:
             return SCHEMA_VERSION
         finally:
             conn.close()
+
+    def compact(self):
+        """After a bulk delete: copies the WAL into the database and truncates it to zero
+        bytes. Returns False when readers kept it from finishing (it shrinks at a later
+        checkpoint instead); waits for them only briefly, since writers wait meanwhile."""
+        conn = self.connection()
+        with _writer_turn(self.path):
+            conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return not busy
 
     seconds_between = staticmethod(sqlite_seconds_between)
 
@@ -549,6 +569,10 @@ class PostgresEngine:
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
                              (SCHEMA_VERSION,))
         return SCHEMA_VERSION
+
+    def compact(self):
+        """Nothing to do: PostgreSQL's autovacuum and its own WAL recycling reclaim space."""
+        return True
 
     seconds_between = staticmethod(postgres_seconds_between)
 
