@@ -2,12 +2,15 @@
 replaced under it, too few file descriptors, a flood of health checks."""
 
 import os
+import shutil
+import sqlite3
 import threading
 import time
 
 import requests
 
-from conftest import callback, sign, sql_rows
+from config import SIMULATED_AUTH_TOKEN
+from conftest import callback, sign, sql_rows, sqlite_only
 
 OLD = "2020-01-01T00:00:00.000Z"
 
@@ -92,3 +95,58 @@ def test_prune_of_a_large_table_lets_callbacks_through(
     if database_url.startswith("sqlite:///"):
         wal = database_url[len("sqlite:///"):] + "-wal"
         assert os.path.getsize(wal) < 1024 * 1024, "the WAL must be cut back after a prune"
+
+
+# --- the database file deleted or replaced under the running service ---------------------
+
+@sqlite_only
+def test_a_deleted_database_file_is_never_written_and_a_restored_one_is_reopened(
+        database_url, service_env, start_service, tmp_path):
+    path = database_url[len("sqlite:///"):]
+    env = service_env()
+    service = start_service(env)
+    session = requests.Session()
+    url = service.url + "/message-status"
+
+    def post(sid):
+        params = callback(sid, "delivered")
+        return session.post(url, data=params, timeout=10, headers={
+            "X-Twilio-Signature": sign(url, params, SIMULATED_AUTH_TOKEN)}).status_code
+
+    def health():
+        time.sleep(1.1)  # /healthz reuses its outcome for a second
+        return {session.get(service.url + "/healthz", timeout=10).status_code for _ in range(4)}
+
+    assert {post(f"SMbackedup{n}") for n in range(4)} == {200}
+    backup = tmp_path / "backup.db"
+    with sqlite3.connect(path) as live, sqlite3.connect(backup) as copy:
+        live.backup(copy)
+    assert post("SMafterbackup") == 200
+
+    os.remove(path)
+    assert health() == {503}
+    assert {post(f"SMlost{n}") for n in range(4)} == {503}
+    send = session.post(service.url + "/send-sms", timeout=10,
+                        json={"to": "+15558675309", "body": "hi"})
+    assert send.status_code == 503
+    assert not os.path.exists(path), "a deleted database must not be recreated empty"
+    assert "is missing" in service.logs()
+
+    # Moved into place while the old file's WAL is still there: not opened, said why.
+    shutil.copy(backup, path + ".new")
+    os.replace(path + ".new", path)
+    assert health() == {503}
+    assert post("SMstillrefused") == 503
+    assert f"{path}-wal and {path}-shm are still there" in service.logs()
+
+    for leftover in (path + "-wal", path + "-shm"):
+        os.remove(leftover)
+    assert health() == {200}
+    for n in range(4):
+        answer = session.get(f"{service.url}/get-status/SMbackedup{n}", timeout=10)
+        assert answer.status_code == 200 and answer.json()["latestStatus"] == "delivered"
+    assert post("SMafterrestore") == 200
+    stored = {row[0] for row in sql_rows(database_url, "SELECT sid FROM messages")}
+    assert {f"SMbackedup{n}" for n in range(4)} | {"SMafterrestore"} <= stored
+    assert not {sid for sid in stored if sid.startswith(("SMlost", "SMstill"))}
+    assert "Traceback" not in service.logs()
