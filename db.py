@@ -55,7 +55,7 @@ def describe_error(error):
 
 
 def close_all():
-    """Closes this process's connections (at worker exit and between tests)."""
+    """Closes this process's connections (between tests; only when none is in use)."""
     engines.close_all()
 
 

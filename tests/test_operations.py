@@ -4,11 +4,13 @@ replaced under it, too few file descriptors, a flood of health checks."""
 import os
 import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 
 import requests
 
+import conftest
 from config import SIMULATED_AUTH_TOKEN
 from conftest import callback, sign, sql_rows, sqlite_only
 
@@ -150,3 +152,54 @@ def test_a_deleted_database_file_is_never_written_and_a_restored_one_is_reopened
     assert {f"SMbackedup{n}" for n in range(4)} | {"SMafterrestore"} <= stored
     assert not {sid for sid in stored if sid.startswith(("SMlost", "SMstill"))}
     assert "Traceback" not in service.logs()
+
+
+# --- descriptors: more connections than a worker may open files ---------------------------
+
+def test_2000_connections_under_a_1024_file_limit_break_nothing(
+        database_url, service_env, start_service, monkeypatch):
+    # Soft and hard limit both 1024: the service can raise neither.
+    command = conftest.procfile_command()
+    monkeypatch.setattr(conftest, "procfile_command",
+                        lambda: ["sh", "-c", 'ulimit -n 1024 && exec "$@"', "sh", *command])
+    env = service_env()
+    service = start_service(env)
+    url = service.url + "/message-status"
+    acknowledged = []
+
+    def post_callbacks(stop):
+        session, n = requests.Session(), 0
+        while not stop.is_set() and n < 2000:
+            params = callback(f"SMfiles{n}", "delivered")
+            n += 1
+            try:
+                answer = session.post(url, data=params, timeout=10, headers={
+                    "X-Twilio-Signature": sign(url, params, SIMULATED_AUTH_TOKEN)})
+            except requests.RequestException:
+                continue  # not accepted in time: not acknowledged either
+            assert answer.status_code in (200, 503), answer.text
+            if answer.status_code == 200:
+                acknowledged.append(params["MessageSid"])
+
+    stop = threading.Event()
+    poster = threading.Thread(target=post_callbacks, args=(stop,))
+    poster.start()
+    try:
+        wrk = subprocess.run(["wrk", "-t2", "-c2000", "-d5s", "--timeout", "5s",
+                              service.url + "/healthz"], capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        stop.set()
+        poster.join(timeout=30)
+    assert wrk.returncode == 0, wrk.stderr
+    assert "Non-2xx" not in wrk.stdout, wrk.stdout
+    assert requests.get(service.url + "/healthz", timeout=10).status_code == 200
+    logs = service.logs()
+    for sign_of_trouble in ("Worker exiting", "WORKER TIMEOUT", "SIGSEGV", "signal 11",
+                            "Too many open files", "Traceback", "Bad file descriptor",
+                            "closed database"):
+        assert sign_of_trouble not in logs, logs[-3000:]
+    assert logs.count("Booting worker") == 2
+    assert acknowledged
+    stored = {row[0] for row in sql_rows(database_url, "SELECT message_sid FROM status_events")}
+    assert set(acknowledged) <= stored
