@@ -35,6 +35,8 @@ log = logging.getLogger("sms_status")
 MAX_REQUEST_BYTES = 64 * 1024
 OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 DATABASE_RETRY_AFTER_SECONDS = 2
+# /healthz writes to the database at most this often per process, and reuses the outcome.
+HEALTH_CHECK_INTERVAL_SECONDS = 1.0
 # Warnings about refused requests, per process: enough to see an attack, too few to flood.
 REJECTION_WARNINGS_PER_MINUTE = 30
 HTTP_ERROR_MESSAGES = {
@@ -63,6 +65,7 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     app.config["CLOCK"] = clock
     app.config["SLEEP"] = time.sleep
     app.extensions["rejection_log"] = LogBudget(REJECTION_WARNINGS_PER_MINUTE, 60)
+    app.extensions["health"] = HealthCheck(HEALTH_CHECK_INTERVAL_SECONDS)
     app.extensions["twilio"] = twilio_api.build_client(config, http_client)
     app.extensions["validator"] = RequestValidator(config.auth_token)
     if config.webhook_signing_key:
@@ -125,6 +128,35 @@ class LogBudget:
             self.used += 1
             dropped, self.dropped = self.dropped, 0
             return dropped
+
+
+class HealthCheck:
+    """The outcome of the last health write, reused for `interval` seconds.
+
+    /healthz needs no key: a flood of it must not become a flood of database writes that
+    slows the callbacks down. One thread at a time writes; the others reuse the previous
+    outcome meanwhile (only the very first check is waited for).
+    """
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.checked_at, self.problem = None, None
+
+    def current(self, clock, check):
+        """None when statuses can be stored, else what is wrong, as of at most `interval`
+        seconds ago; `check()` writes and returns the same."""
+        if self.checked_at is not None and 0 <= clock() - self.checked_at < self.interval:
+            return self.problem
+        if not self.lock.acquire(blocking=self.checked_at is None):
+            return self.problem
+        try:
+            if self.checked_at is None or not 0 <= clock() - self.checked_at < self.interval:
+                self.problem = check()
+                self.checked_at = clock()
+            return self.problem
+        finally:
+            self.lock.release()
 
 
 def warn_rejection(message, *args):
@@ -245,14 +277,20 @@ def register_routes(app):
         with open(OPENAPI_DOCUMENT, "rb") as document:
             return current_app.response_class(document.read(), mimetype="application/json")
 
-    @app.get("/healthz")
-    def healthz():
-        mode = current_app.config["SERVICE"].mode
+    def storage_problem():
         try:
             db.check_writable(db.get_db())
+            return None
         except db.DATABASE_ERRORS as error:
             log.error("Health check failed: the database cannot store updates: %s",
                       db.describe_error(error))
+            return db.describe_error(error) or type(error).__name__
+
+    @app.get("/healthz")
+    def healthz():
+        mode = current_app.config["SERVICE"].mode
+        if current_app.extensions["health"].current(current_app.config["CLOCK"],
+                                                    storage_problem):
             return {"status": "unavailable", "mode": mode,
                     "error": "The database cannot store status updates."}, 503, {
                         "Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}

@@ -12,7 +12,8 @@ What differs between them lives here and only here:
 
 Both engines expose the same methods: `transaction()` (a context manager yielding `tx`
 with `tx.execute(sql, params)` and `tx.lock(name)`), `query(sql, params)` for reads,
-`migrate()`, `seconds_between(start, end)`, `describe_error(error)` and `close()`.
+`migrate()`, `compact()` (after a bulk delete), `seconds_between(start, end)`,
+`describe_error(error)` and `close()`.
 """
 
 import fcntl
@@ -24,7 +25,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -39,6 +40,11 @@ DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 SCHEMA_VERSION = 7
 
 BUSY_TIMEOUT_MS = 5000
+# The WAL is cut back to this size whenever a checkpoint empties it: without a limit, one
+# large transaction (or a long read holding checkpoints back) leaves it that large forever.
+JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
+# How long compact() waits for readers to leave the WAL; writers wait while it does.
+CHECKPOINT_BUSY_TIMEOUT_MS = 200
 POOL_TIMEOUT_SECONDS = 5
 CONNECT_TIMEOUT_SECONDS = 5
 
@@ -217,11 +223,15 @@ def _close_writer_queues():
             os.close(_writer_queues.pop(key)[1])
 
 
-def open_sqlite(path, synchronous="NORMAL"):
-    """Opens a connection with the service's settings (autocommit; transactions are explicit)."""
+def open_sqlite(path, synchronous="NORMAL", create=True):
+    """Opens a connection with the service's settings (autocommit; transactions are explicit).
+
+    With `create=False` a missing file is an error instead of a new, empty database.
+    """
+    target = path if create else f"file:{quote(path)}?mode=rw"
     conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False,
-        factory=SQLiteConnection,
+        target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False,
+        factory=SQLiteConnection, uri=not create,
     )
     conn.path = path
     conn.row_factory = sqlite3.Row
@@ -229,6 +239,7 @@ def open_sqlite(path, synchronous="NORMAL"):
     conn.execute("PRAGMA foreign_keys = ON")
     # NORMAL in WAL mode: a commit survives a crash of the process, not a power loss.
     conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
     return conn
 
 
@@ -242,12 +253,78 @@ def _kept_connection(path, synchronous):
     if connections is None:
         connections = _local.connections = {}
     conn = connections.get(path)
+    if conn is not None and _file_ids(path)[0] != conn.file_ids[0]:
+        _retire(conn)
+        conn = None
     if conn is None:
-        conn = connections[path] = open_sqlite(path, synchronous)
+        _check_reopening(path)
+        try:
+            conn = open_sqlite(path, synchronous, create=False)
+        except sqlite3.OperationalError:
+            _check_reopening(path)  # gone in between: say so
+            raise
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")  # opens its WAL and index
+        conn.file_ids = _file_ids(path)
+        connections[path] = conn
         with _all_connections_lock:
             _close_connections_of_finished_threads()
             _all_connections.append((threading.current_thread(), conn))
     return conn
+
+
+# A database file deleted, or replaced by another (a restored backup), while the service
+# runs: connections opened on it keep writing into the old file, which nothing reads any
+# more, and a new connection would create an empty database. So each use of a kept
+# connection compares the file at the path with the one it opened (device and inode; an
+# os.stat() costs a few microseconds). A connection whose file is gone is retired: kept
+# open and unused until the process ends, because closing it would checkpoint its WAL and
+# delete `<database>-wal` by name, which may by then be the new file's.
+_retired = []
+
+
+def _file_ids(path):
+    """(device, inode) of the database file, its WAL and its WAL index; None where missing."""
+    ids = []
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            stat = os.stat(name)
+            ids.append((stat.st_dev, stat.st_ino))
+        except FileNotFoundError:
+            ids.append(None)
+    return tuple(ids)
+
+
+def _retire(conn):
+    connections = getattr(_local, "connections", {})
+    if connections.get(conn.path) is conn:
+        del connections[conn.path]
+    with _all_connections_lock:
+        _all_connections[:] = [entry for entry in _all_connections if entry[1] is not conn]
+        _retired.append(conn)
+    _replaced_files.add((os.getpid(), conn.path, conn.file_ids))
+
+
+# (process, path, file ids) of each database file this process had open and saw replaced.
+_replaced_files = set()
+
+
+def _check_reopening(path):
+    """Raises when `path` must not be opened: the file is missing (it is never recreated
+    while the service runs), or it replaced a file this process had open while that file's
+    WAL and index are still there (SQLite would read them as the new file's)."""
+    ids = _file_ids(path)
+    if ids[0] is None:
+        raise sqlite3.OperationalError(
+            f"the database file {path} is missing (deleted or moved while the service ran); "
+            "nothing is stored until it is back, and a new empty one is created only by a "
+            "restart")
+    for pid, old_path, old_ids in _replaced_files:
+        if pid == os.getpid() and old_path == path and (
+                (old_ids[1] and old_ids[1] == ids[1]) or (old_ids[2] and old_ids[2] == ids[2])):
+            raise sqlite3.OperationalError(
+                f"the database file {path} was replaced while the service ran, but the old "
+                f"file's {path}-wal and {path}-shm are still there; remove them (or restart "
+                "the service) to use the new file")
 
 
 def _close_connections_of_finished_threads():
@@ -361,6 +438,19 @@ class SQLiteEngine:
             return SCHEMA_VERSION
         finally:
             conn.close()
+
+    def compact(self):
+        """After a bulk delete: copies the WAL into the database and truncates it to zero
+        bytes. Returns False when readers kept it from finishing (it shrinks at a later
+        checkpoint instead); waits for them only briefly, since writers wait meanwhile."""
+        conn = self.connection()
+        with _writer_turn(self.path):
+            conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return not busy
 
     seconds_between = staticmethod(sqlite_seconds_between)
 
@@ -549,6 +639,10 @@ class PostgresEngine:
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
                              (SCHEMA_VERSION,))
         return SCHEMA_VERSION
+
+    def compact(self):
+        """Nothing to do: PostgreSQL's autovacuum and its own WAL recycling reclaim space."""
+        return True
 
     seconds_between = staticmethod(postgres_seconds_between)
 

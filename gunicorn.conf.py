@@ -1,6 +1,7 @@
 """gunicorn settings for `gunicorn app:app` (read automatically from the working directory)."""
 
 import os
+import resource
 import sys
 
 from dotenv import load_dotenv
@@ -42,8 +43,34 @@ control_socket_disable = True
 accesslog = None
 
 
-def worker_exit(server, worker):
-    """Closes the worker's kept SQLite connections cleanly."""
-    import db
+def _open_files_limit():
+    """Raises this process's soft limit on open files to the hard one (workers inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
-    db.close_all()
+
+_files = _open_files_limit()
+# Connections a worker holds at once (gthread counts kept-alive ones too), bounded by its
+# descriptors: past the limit, accept() failing with "Too many open files" killed workers.
+# Each thread needs up to four more (SQLite's database, WAL and index, or a pooled
+# PostgreSQL connection, and one to Twilio), plus a margin for logs, the listening socket
+# and the lock file. Connections beyond it wait in the listen backlog.
+worker_connections = max(_files - 4 * _threads - 64, 16)
+
+
+def on_starting(server):
+    server.log.info("Open files limit %d per process: up to %d connections per worker",
+                    _files, worker_connections)
+
+
+# No worker_exit hook closing the database connections: gthread's threads may still be
+# inside a request when it runs, and closing a SQLite connection under a running query
+# answered 500 or crashed the worker (SIGSEGV). The process ends right after; its
+# descriptors close with it, committed data is already in SQLite's WAL (or PostgreSQL),
+# and an uncommitted transaction is rolled back as after any crash.

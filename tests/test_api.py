@@ -1,10 +1,12 @@
 import re
+import threading
+import time
 
 import pytest
 
 import db
 import engines
-from conftest import AUTH, callback, database_locked
+from conftest import AUTH, app_database_url, callback, database_locked, sql_rows
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -55,7 +57,56 @@ def test_healthz_is_503_when_the_database_cannot_be_written(app, client, monkeyp
     assert response.status_code == 503
     assert response.get_json()["status"] == "unavailable"
     db.close_all()
+    # The outcome is reused for a second: a moment later the check is made again.
+    app.config["CLOCK"] = lambda: time.time() + 2
     assert client.get("/healthz").status_code == 200
+
+
+def count_health_writes(app):
+    """Makes the database count the health checks' writes, by a trigger of the test's own."""
+    url = app_database_url(app)
+    sql_rows(url, "CREATE TABLE health_writes (n INTEGER)")
+    if url.startswith("sqlite:///"):
+        for event in ("INSERT", "UPDATE"):
+            sql_rows(url, f"CREATE TRIGGER count_health_{event} AFTER {event} ON health_checks"
+                          " BEGIN INSERT INTO health_writes VALUES (1); END")
+    else:
+        sql_rows(url, "CREATE FUNCTION count_health_write() RETURNS trigger LANGUAGE plpgsql"
+                      " AS $$BEGIN INSERT INTO health_writes VALUES (1); RETURN NEW; END$$")
+        sql_rows(url, "CREATE TRIGGER count_health AFTER INSERT OR UPDATE ON health_checks"
+                      " FOR EACH ROW EXECUTE FUNCTION count_health_write()")
+    return lambda: sql_rows(url, "SELECT count(*) FROM health_writes")[0][0]
+
+
+def test_a_flood_of_healthz_writes_to_the_database_about_once_a_second(app):
+    writes = count_health_writes(app)
+    answers = []
+
+    def poll():
+        client = app.test_client()
+        for _ in range(25):
+            answers.append(client.get("/healthz").status_code)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=poll) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    seconds = time.monotonic() - started
+    assert answers == [200] * 200
+    assert 1 <= writes() <= 2 + seconds / 1.0, (writes(), seconds)
+
+
+def test_healthz_sees_a_failure_within_about_a_second(app, client, monkeypatch):
+    assert client.get("/healthz").status_code == 200
+    monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 50)
+    db.close_all()
+    with database_locked(app):
+        started = time.monotonic()
+        while client.get("/healthz").status_code == 200:
+            assert time.monotonic() - started < 1.5, "a failure went unseen for too long"
+            time.sleep(0.05)
 
 
 def test_index_describes_the_service(client):
