@@ -134,7 +134,8 @@ def decode_cursor(text):
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         created_at, sid = json.loads(raw)
         if (isinstance(created_at, str) and STORED_TIMESTAMP.fullmatch(created_at)
-                and isinstance(sid, str) and 0 < len(sid) <= MAX_SID_LENGTH):
+                and isinstance(sid, str) and 0 < len(sid) <= MAX_SID_LENGTH
+                and "\x00" not in sid):
             return created_at, sid
     except (binascii.Error, ValueError, TypeError, RecursionError):
         pass

@@ -63,6 +63,8 @@ def send_request_problem(payload):
         return "Field 'body' must not be blank"
     if len(body) > MAX_BODY_LENGTH:
         return f"Field 'body' is {len(body)} characters; at most {MAX_BODY_LENGTH} are allowed"
+    if "\x00" in body:
+        return "Field 'body' contains a NUL character (U+0000), which no SMS can carry"
     try:
         body.encode("utf-8")
     except UnicodeEncodeError as error:

@@ -139,7 +139,8 @@ def test_message_status_never_stores_without_a_valid_signature(fuzz_app, params,
         sid = (params.get("MessageSid") or params.get("SmsSid") or "").strip()
         status = (params.get("MessageStatus") or params.get("SmsStatus") or "").strip()
         complete = sid and status
-        assert response.status_code == (200 if complete else 400)
+        nul = any("\x00" in key + value for key, value in params.items())
+        assert response.status_code == (200 if complete and not nul else 400)
 
 
 @FUZZ

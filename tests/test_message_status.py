@@ -307,3 +307,14 @@ def test_callbacks_are_logged_with_sid_status_and_error_code(post_callback, capl
     post_callback(callback(SID, "undelivered", ErrorCode="30003", To="+15558675309"))
     assert f"Status callback {SID} undelivered error=30003" in caplog.text
     assert "+15558675309" not in caplog.text
+
+
+@pytest.mark.parametrize("field", ["MessageSid", "MessageStatus", "To", "From", "ErrorCode"])
+def test_a_nul_character_in_a_callback_is_refused_on_both_engines(app, post_callback, field):
+    """PostgreSQL's text cannot hold U+0000: refused with 400 everywhere, never a 503 that
+    Twilio would retry forever."""
+    params = callback(SID, "sent")
+    params[field] = params.get(field, "30003") + "\x00"
+    answer = post_callback(params)
+    assert answer.status_code == 400 and "NUL" in answer.get_json()["error"]
+    assert count_rows(app, "status_events") == 0

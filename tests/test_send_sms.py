@@ -1,3 +1,5 @@
+import base64
+
 import pytest
 import requests
 from twilio.http.response import Response
@@ -241,3 +243,15 @@ def test_twilio_errors_are_logged_with_code_and_status(send, fake_twilio, caplog
     assert "credentials" in caplog.text
     assert "message create to +*******5309 failed" in caplog.text
     assert "+15558675309" not in caplog.text
+
+
+def test_nul_characters_are_refused_wherever_they_come(app, send, fake_twilio):
+    client = app.test_client()
+    answer = send(body="code \x00 1234")
+    assert answer.status_code == 400 and "'body'" in answer.get_json()["error"]
+    assert client.get("/get-status/SM%00", headers=AUTH).status_code == 400
+    assert client.get("/messages?to=%2B1555%00", headers=AUTH).status_code == 400
+    cursor = base64.urlsafe_b64encode(b'["2026-11-26T19:00:00.000Z","SM\\u0000"]').decode()
+    answer = client.get(f"/messages?cursor={cursor}", headers=AUTH)
+    assert answer.status_code == 400 and "'cursor'" in answer.get_json()["error"]
+    assert fake_twilio.creates == []
