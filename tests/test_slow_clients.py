@@ -1,9 +1,12 @@
-"""Slow clients: the read deadline of gunicorn's threads (read_deadline.py), against the
-service run as the Procfile runs it."""
+"""Slow clients: the read deadline of gunicorn's threads (read_deadline.py), and the buffering
+nginx front of deploy/nginx.conf, each against the service run as the Procfile runs it."""
 
 import http.client
+import os
 import selectors
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from urllib.parse import urlencode
@@ -12,7 +15,7 @@ import pytest
 import requests
 
 from config import SIMULATED_AUTH_TOKEN
-from conftest import callback, sign, sql_rows, sqlite_only
+from conftest import BASE_URL, ROOT, callback, free_port, sign, sql_rows, sqlite_only
 
 pytestmark = sqlite_only
 
@@ -175,3 +178,117 @@ def test_slow_but_complete_requests_and_slow_answers_are_served(service_env, sta
         sent = session.post(service.url + "/send-sms", timeout=10,
                             json={"to": "+15558675309", "body": "Hello"})
         assert sent.status_code == 200, sent.text
+
+
+# --- (b) the buffering front: deploy/nginx.conf ---------------------------------------------
+
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+
+
+def nginx_binary():
+    return shutil.which("nginx") or next(
+        (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)),
+        None)
+
+
+@pytest.fixture
+def nginx_front(tmp_path):
+    """deploy/nginx.conf in front of a gunicorn port, run by nginx as our own child process
+    on a free local port, with every path in a temporary folder; nginx's URL."""
+    binary = nginx_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is required in CI (.ci/run installs it)")
+        pytest.skip("nginx is not installed")
+    processes = []
+
+    def start(upstream_port):
+        port = free_port()
+        prefix = tmp_path / "nginx"
+        prefix.mkdir()
+        site = NGINX_CONF.read_text()
+        assert site.count("listen 80;") == 1 and site.count("server 127.0.0.1:3000;") == 1
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+        site = site.replace("server 127.0.0.1:3000;", f"server 127.0.0.1:{upstream_port};")
+        (prefix / "site.conf").write_text(site)
+        temp_paths = "\n".join(f"    {name}_temp_path {prefix}/{name};"
+                               for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (prefix / "nginx.conf").write_text(f"""\
+# One process, a child of the test run, as the user running it.
+daemon off;
+master_process off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+{temp_paths}
+    include {prefix}/site.conf;
+}}
+""")
+        process = subprocess.Popen(
+            [binary, "-p", str(prefix), "-e", str(prefix / "error.log"),
+             "-c", str(prefix / "nginx.conf")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                    return url
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        error_log = prefix / "error.log"
+        raise RuntimeError("nginx did not start: "
+                           + (error_log.read_text() if error_log.exists() else "no log"))
+
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_nginx_front_keeps_the_service_answering_under_300_slow_clients(
+        service_env, start_service, nginx_front):
+    # Few threads and no deadline of its own to speak of: only the front can save it here.
+    env = service_env(simulate=False, WEB_CONCURRENCY=1, GUNICORN_THREADS=8,
+                      REQUEST_READ_TIMEOUT=60)
+    service = start_service(env)
+    front = nginx_front(service.port)
+    port = int(front.rsplit(":", 1)[1])
+    # One byte; a header line every 2 s; whole headers, then a byte of the body every 2 s.
+    groups = [
+        SlowClients(port, 100, b"P", limit=12),
+        SlowClients(port, 100, b"POST /message-status HTTP/1.1\r\nHost: x\r\n", b"X-Slow: 1\r\n",
+                    interval=2, limit=12),
+        SlowClients(port, 100, SLOW_REQUESTS["body"][0], b"1", interval=2, limit=12),
+    ]
+    try:
+        time.sleep(0.5)
+        session = requests.Session()
+        sids = []
+        for n in range(8):
+            started = time.monotonic()
+            health = session.get(front + "/healthz", timeout=1)
+            assert health.status_code == 200
+            params = callback(f"SM{n:032x}", "delivered")
+            # Signed for BASE_URL, whatever host and port the front is reached at.
+            answer = session.post(front + "/message-status", data=params, timeout=1, headers={
+                "X-Twilio-Signature": sign(BASE_URL + "/message-status", params)})
+            assert answer.status_code == 200, answer.text
+            assert time.monotonic() - started < 1
+            sids.append(params["MessageSid"])
+            time.sleep(0.5)
+        assert sum(group.still_open() for group in groups) >= 290, \
+            "the slow clients were still connected while the checks ran"
+    finally:
+        for group in groups:
+            group.close()
+    stored = {sid for (sid,) in sql_rows(env["DATABASE_URL"],
+                                         "SELECT message_sid FROM status_events")}
+    assert set(sids) <= stored
