@@ -18,7 +18,7 @@ from twilio.request_validator import (
     RequestValidator,
     get_signature_algorithm,
 )
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 import db
 import queries
@@ -42,6 +42,8 @@ REJECTION_WARNINGS_PER_MINUTE = 30
 HTTP_ERROR_MESSAGES = {
     404: "No such endpoint: {method} {path}. GET / lists the endpoints.",
     405: "{method} is not allowed on {path}; see the Allow header.",
+    408: "The request body did not fully arrive in time (REQUEST_READ_TIMEOUT); nothing was "
+         "done. Send it again.",
     413: f"The request body is larger than {MAX_REQUEST_BYTES // 1024} KiB.",
 }
 
@@ -205,7 +207,19 @@ def require_api_key(view):
 def read_whole_body():
     """Reads the body before anything parses it: a chunked body has no Content-Length, and
     Werkzeug stops reading it at the limit without an error, which would cut it silently."""
-    if request.method == "POST" and len(request.get_data(cache=True)) > MAX_REQUEST_BYTES:
+    if request.method != "POST":
+        return
+    try:
+        body = request.get_data(cache=True)
+    except ClientDisconnected as error:
+        # The body stopped short: the client went away, or under gunicorn the request's
+        # read deadline passed (REQUEST_READ_TIMEOUT, read_deadline.py), which Werkzeug
+        # reports as this error caused by the failed read.
+        warn_rejection("Gave up on %s %s: its body did not fully arrive (%s)", request.method,
+                       printable(request.path, 100),
+                       printable(str(error.__context__ or "the connection closed"), 100))
+        abort(408)
+    if len(body) > MAX_REQUEST_BYTES:
         abort(413)
 
 

@@ -311,7 +311,8 @@ def load_config(env):
 
 
 def server_settings(env):
-    """(port, workers, threads) for gunicorn from PORT, WEB_CONCURRENCY and GUNICORN_THREADS.
+    """(port, workers, threads, read timeout) for gunicorn from PORT, WEB_CONCURRENCY,
+    GUNICORN_THREADS and REQUEST_READ_TIMEOUT.
 
     Raises ConfigError when one of them is malformed, listing every other configuration
     problem too: gunicorn reads these before it loads the app, and must not hide the rest.
@@ -320,10 +321,11 @@ def server_settings(env):
     port = _number(env, "PORT", 3000, problems, int, 1, 65535)
     workers = _number(env, "WEB_CONCURRENCY", 2, problems, int, 1)
     threads = _number(env, "GUNICORN_THREADS", 64, problems, int, 1)
+    read_timeout = _number(env, "REQUEST_READ_TIMEOUT", 5.0, problems, float, 0.5)
     if problems:
         try:
             load_config(env)
         except ConfigError as error:
             problems += [p for p in error.problems if not p.startswith("PORT ")]
         raise ConfigError(problems)
-    return port, workers, threads
+    return port, workers, threads, read_timeout

@@ -11,9 +11,10 @@ load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from config import ConfigError, server_settings  # noqa: E402
+from read_deadline import ThreadWorker  # noqa: E402
 
 try:
-    _port, _workers, _threads = server_settings(os.environ)
+    _port, _workers, _threads, _read_timeout = server_settings(os.environ)
 except ConfigError as error:
     # One message with every problem, the app's included, as the app itself would print.
     print(error, file=sys.stderr, flush=True)
@@ -22,7 +23,10 @@ except ConfigError as error:
 # Heroku-style hosts give the port in $PORT; 3000 matches `python app.py`.
 bind = f"0.0.0.0:{_port}"
 # Threaded workers: /send-sms waits on Twilio's API, and a waiting thread must not block a worker.
-worker_class = "gthread"
+# gunicorn's gthread worker, except that a request not fully arrived within
+# REQUEST_READ_TIMEOUT seconds is given up on, so slow clients cannot hold every thread.
+worker_class = ThreadWorker
+ThreadWorker.read_timeout = _read_timeout
 # Heroku sets WEB_CONCURRENCY from the dyno size.
 workers = _workers
 # Threads per worker: how many Twilio calls one worker can wait on at once. A client's

@@ -56,9 +56,11 @@ def procfile_command(repo):
 
 
 def gunicorn_settings(repo, env):
-    """workers, threads and worker_class as the repository's gunicorn.conf.py sets them in `env`."""
+    """workers, threads and worker_class (a class is named by its module and name) as the
+    repository's gunicorn.conf.py sets them in `env`."""
     code = ("import json, runpy; c = runpy.run_path('gunicorn.conf.py'); "
-            "print(json.dumps({k: c.get(k) for k in ('workers', 'threads', 'worker_class')}))")
+            "print(json.dumps({k: c.get(k) for k in ('workers', 'threads', 'worker_class')}, "
+            "default=lambda cls: f'{cls.__module__}.{cls.__qualname__}'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, check=True,
                          capture_output=True, text=True, timeout=30).stdout
     settings = json.loads(out)

@@ -137,6 +137,7 @@ def test_bad_configuration_stops_the_whole_server_with_one_message(tmp_path, com
     pytest.param("PORT", "eighty", id="port"),
     pytest.param("WEB_CONCURRENCY", "0", id="workers"),
     pytest.param("GUNICORN_THREADS", "many", id="threads"),
+    pytest.param("REQUEST_READ_TIMEOUT", "0", id="read-timeout"),
 ])
 def test_a_bad_gunicorn_setting_is_named_with_every_other_problem(tmp_path, name, value):
     env = clean_env(tmp_path, TWILIO_ACCOUNT_SID="nonsense", **{name: value})

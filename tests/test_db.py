@@ -8,7 +8,7 @@ import pytest
 
 import db
 import engines
-from conftest import sql_rows, sqlite_only
+from conftest import AUTH, sql_rows, sqlite_only
 
 
 def engine_for(url):
@@ -188,15 +188,16 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
     monkeypatch.setattr(engines, "POOL_TIMEOUT_SECONDS", 0.3)
     app = make_app(DATABASE_URL=postgres_url, DATABASE_POOL_SIZE="1")
     client = app.test_client()
-    assert client.get("/healthz").status_code == 200
+    lookup = lambda: client.get("/get-status/SM1", headers=AUTH)  # noqa: E731
+    assert lookup().status_code == 404
     with app.app_context():
         held = db.get_db()._pool().getconn()  # the pool's only connection, busy elsewhere
     try:
         started = time.monotonic()
-        answer = client.get("/healthz")
+        answer = lookup()
         assert answer.status_code == 503 and answer.headers["Retry-After"]
         assert time.monotonic() - started < 3
     finally:
         with app.app_context():
             db.get_db()._pool().putconn(held)
-    assert client.get("/healthz").status_code == 200
+    assert lookup().status_code == 404
