@@ -294,12 +294,18 @@ def _file_ids(path):
     return tuple(ids)
 
 
-def _retire(conn):
+def _forget(conn):
+    """Takes a kept connection out of use: its thread opens a new one on next use."""
     connections = getattr(_local, "connections", {})
     if connections.get(conn.path) is conn:
         del connections[conn.path]
     with _all_connections_lock:
         _all_connections[:] = [entry for entry in _all_connections if entry[1] is not conn]
+
+
+def _retire(conn):
+    _forget(conn)
+    with _all_connections_lock:
         _retired.append(conn)
     _replaced_files.add((os.getpid(), conn.path, conn.file_ids))
 
@@ -374,11 +380,7 @@ def sqlite_write_transaction(conn):
 
 def _discard(conn):
     """Closes a broken kept connection; its thread opens a new one on next use."""
-    connections = getattr(_local, "connections", {})
-    if connections.get(conn.path) is conn:
-        del connections[conn.path]
-    with _all_connections_lock:
-        _all_connections[:] = [entry for entry in _all_connections if entry[1] is not conn]
+    _forget(conn)
     conn.close()
 
 
