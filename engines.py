@@ -253,7 +253,7 @@ def _kept_connection(path, synchronous):
     if connections is None:
         connections = _local.connections = {}
     conn = connections.get(path)
-    if conn is not None and _file_ids(path)[0] != conn.file_ids[0]:
+    if conn is not None and _file_id(path) != conn.file_ids[0]:  # one stat per use
         _retire(conn)
         conn = None
     if conn is None:
@@ -282,16 +282,18 @@ def _kept_connection(path, synchronous):
 _retired = []
 
 
+def _file_id(name):
+    """(device, inode) of a file, or None when it is missing."""
+    try:
+        stat = os.stat(name)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def _file_ids(path):
     """(device, inode) of the database file, its WAL and its WAL index; None where missing."""
-    ids = []
-    for name in (path, path + "-wal", path + "-shm"):
-        try:
-            stat = os.stat(name)
-            ids.append((stat.st_dev, stat.st_ino))
-        except FileNotFoundError:
-            ids.append(None)
-    return tuple(ids)
+    return tuple(_file_id(name) for name in (path, path + "-wal", path + "-shm"))
 
 
 def _forget(conn):

@@ -229,7 +229,8 @@ def send(client):
 
 class CallbackLoad:
     """Threads posting distinct signed status callbacks to a service, until the block ends or
-    each has posted `per_thread`; keeps the SIDs answered 200 and every other answer.
+    each has posted `per_thread`; keeps the SIDs answered 200, every other answer, and each
+    answer as (sid, status code, seconds).
 
     A thread stops at its first failed request (the service was killed, say), and answers
     that arrive once the block is ending are not counted as refusals.
@@ -240,7 +241,7 @@ class CallbackLoad:
         self.url = service.url + "/message-status"
         self.signed_url, self.status = signed_url, status
         self.per_thread, self.pause = per_thread, pause
-        self.acknowledged, self.others = [], []
+        self.acknowledged, self.others, self.answers = [], [], []
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._threads = [threading.Thread(target=self._post, args=(n,)) for n in range(threads)]
 
@@ -250,12 +251,15 @@ class CallbackLoad:
             if self._stop.is_set():
                 return
             params = callback(f"SM{worker:02x}{n:030x}", self.status)
+            started = time.monotonic()
             try:
                 answer = session.post(self.url, data=params, timeout=15, headers={
                     "X-Twilio-Signature": sign(self.signed_url, params)})
             except requests.RequestException:
                 return
             with self._lock:
+                self.answers.append((params["MessageSid"], answer.status_code,
+                                     time.monotonic() - started))
                 if answer.status_code == 200:
                     self.acknowledged.append(params["MessageSid"])
                 elif not self._stop.is_set():

@@ -12,7 +12,7 @@ import requests
 
 import conftest
 from config import SIMULATED_AUTH_TOKEN
-from conftest import callback, sign, sql_rows, sqlite_only
+from conftest import CallbackLoad, callback, sign, sql_rows, sqlite_only
 
 OLD = "2020-01-01T00:00:00.000Z"
 
@@ -22,41 +22,6 @@ def live_service(service_env, start_service, **overrides):
     env = service_env(simulate=False, **overrides)
     env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     return env, start_service(env)
-
-
-class CallbackLoad:
-    """Threads posting signed callbacks for new messages until stopped, timing each."""
-
-    def __init__(self, env, threads=4, prefix="SMload"):
-        self.env, self.prefix = env, prefix
-        self.stop = threading.Event()
-        self.answers = []  # (sid, status code, seconds)
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.run, args=(n,)) for n in range(threads)]
-
-    def run(self, n):
-        session = requests.Session()
-        url = self.env["BASE_URL"] + "/message-status"
-        i = 0
-        while not self.stop.is_set() and i < 5000:
-            sid = f"{self.prefix}{n}x{i}"
-            params = callback(sid, "delivered")
-            started = time.monotonic()
-            status = session.post(url, data=params, timeout=15,
-                                  headers={"X-Twilio-Signature": sign(url, params)}).status_code
-            with self.lock:
-                self.answers.append((sid, status, time.monotonic() - started))
-            i += 1
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
 
 
 def insert_old_messages(database_url, count):
@@ -81,7 +46,8 @@ def test_prune_of_a_large_table_lets_callbacks_through(
     app = make_app()  # creates the schema
     insert_old_messages(database_url, count)
     env, service = live_service(service_env, start_service)
-    with CallbackLoad(env) as load:
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", threads=4,
+                      per_thread=5000) as load:
         time.sleep(0.3)
         started = time.monotonic()
         result = app.test_cli_runner().invoke(args=["prune", "--older-than", "90d"])
