@@ -9,6 +9,7 @@ touch its rows in the same order (the message row if missing, then the history, 
 message's latest status), so concurrent updates queue instead of deadlocking on PostgreSQL.
 """
 
+import functools
 from datetime import datetime, timezone
 
 from flask import current_app
@@ -64,6 +65,22 @@ def open_storage(config):
     return engines.open_engine(config)
 
 
+# The functions below marked @writes, by name: what the writer process may be asked to run.
+WRITES = {}
+
+
+def writes(function):
+    """Marks a function that writes: the engine runs it, in the writer process when there
+    is one (writer.py, under gunicorn with SQLite) or else in the calling thread."""
+    WRITES[function.__name__] = function
+
+    @functools.wraps(function)
+    def write(storage, *args, **kwargs):
+        return storage.write(function, args, kwargs)
+
+    return write
+
+
 def _apply_status(storage, tx, sid, status, error_code, at, from_=None):
     """Adds (sid, status) to the history once and moves latestStatus only forward.
 
@@ -95,6 +112,7 @@ def _apply_status(storage, tx, sid, status, error_code, at, from_=None):
     return True
 
 
+@writes
 def record_status(storage, sid, status, error_code=None, to=None, from_=None, account_sid=None,
                   at=None):
     """Stores one status update (callback or reconciliation); False when it was a repeat.
@@ -113,6 +131,7 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
         return _apply_status(storage, tx, sid, status, error_code, at, from_)
 
 
+@writes
 def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
                         now=None, reservation=None):
     """Stores a message Twilio accepted; its create-time status is the first history entry.
@@ -171,6 +190,7 @@ def message_with_history(storage, sid):
     }
 
 
+@writes
 def reserve_idempotency_key(storage, scope, key, fingerprint, now, expire_before, stale_before):
     """Claims `key` for one request, atomically across workers, threads and instances.
 
@@ -207,6 +227,7 @@ def reserve_idempotency_key(storage, scope, key, fingerprint, now, expire_before
     return "in_flight", None
 
 
+@writes
 def save_idempotent_response(storage, scope, key, status_code, response):
     """Keeps the answer under the key, for replays."""
     with storage.transaction() as tx:
@@ -216,12 +237,14 @@ def save_idempotent_response(storage, scope, key, status_code, response):
         )
 
 
+@writes
 def release_idempotency_key(storage, scope, key):
     """Forgets a key whose answer said "try again later", so a retry can go through."""
     with storage.transaction() as tx:
         tx.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key))
 
 
+@writes
 def reserve_send(storage, to, now, recipient_limit, total_limit):
     """Claims one place under the hourly limits, for one recipient (`recipient_limit`) and
     for the whole service (`total_limit`; 0 turns either off), atomically across workers
@@ -278,6 +301,7 @@ def reserve_send(storage, to, now, recipient_limit, total_limit):
         ).fetchone()["id"], None, None
 
 
+@writes
 def release_send(storage, reservation):
     """Gives a reservation back: Twilio certainly did not send the message."""
     with storage.transaction() as tx:
@@ -300,12 +324,14 @@ def messages_to_reconcile(storage, idle_before, limit):
 NEVER_AGAIN = "9999-12-31T23:59:59.999Z"
 
 
+@writes
 def mark_checked(storage, sid, at):
     """Records that Twilio was asked, so messages stuck in one status take turns."""
     with storage.transaction() as tx:
         tx.execute("UPDATE messages SET checked_at = ? WHERE sid = ?", (at, sid))
 
 
+@writes
 def mark_unknown_at_twilio(storage, sid):
     """Records that Twilio has no such message (404): asking again would never help."""
     mark_checked(storage, sid, NEVER_AGAIN)
@@ -376,6 +402,7 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH):
 HEALTH_CHECK_SID = "health-check-probe-000000000000000"
 
 
+@writes
 def check_writable(storage):
     """Commits a write as large as a status update's, so a health check fails whenever a
     status could not be stored.

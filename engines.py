@@ -12,8 +12,8 @@ What differs between them lives here and only here:
 
 Both engines expose the same methods: `transaction()` (a context manager yielding `tx`
 with `tx.execute(sql, params)` and `tx.lock(name)`), `query(sql, params)` for reads,
-`migrate()`, `compact()` (after a bulk delete), `seconds_between(start, end)`,
-`describe_error(error)` and `close()`.
+`write(function, args, kwargs)` for db.py's writes, `migrate()`, `compact()` (after a bulk
+delete), `seconds_between(start, end)`, `describe_error(error)` and `close()`.
 """
 
 import fcntl
@@ -406,6 +406,15 @@ class SQLiteEngine:
         self.path = path
         self.synchronous = synchronous
         self.label = path
+        # Under gunicorn, the writer process's client (gunicorn.conf.py sets it before the
+        # workers start); None runs writes in the calling thread.
+        self.writer = None
+
+    def write(self, function, args, kwargs):
+        """Runs a db.py write: in the writer process when there is one."""
+        if self.writer is not None:
+            return self.writer.call(function.__name__, args, kwargs)
+        return function(self, *args, **kwargs)
 
     def identity(self):
         return ("sqlite", os.path.realpath(self.path))
@@ -622,6 +631,10 @@ class PostgresEngine:
     def query(self, sql, params=()):
         with self._pool().connection() as conn:
             return conn.execute(_pyformat(sql), params).fetchall()
+
+    def write(self, function, args, kwargs):
+        """Runs a db.py write in the calling thread: PostgreSQL's writers run side by side."""
+        return function(self, *args, **kwargs)
 
     def migrate(self):
         """Creates or upgrades the schema, one instance at a time, in one transaction."""

@@ -10,6 +10,7 @@ from dotenv import load_dotenv
 load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import writer  # noqa: E402
 from config import ConfigError, server_settings  # noqa: E402
 from read_deadline import ThreadWorker  # noqa: E402
 
@@ -78,3 +79,20 @@ def on_starting(server):
 # answered 500 or crashed the worker (SIGSEGV). The process ends right after; its
 # descriptors close with it, committed data is already in SQLite's WAL (or PostgreSQL),
 # and an uncommitted transaction is rolled back as after any crash.
+
+
+def when_ready(server):
+    """On SQLite, starts the writer process (writer.py) before the first worker: every write
+    goes through it, batched into one commit, off the workers' request threads."""
+    storage = server.app.wsgi().extensions["storage"]
+    if getattr(storage, "name", None) != "sqlite":
+        return
+    server.database_writer = writer.Supervisor(storage.path, storage.synchronous)
+    server.database_writer.start()
+    storage.writer = writer.Client(server.database_writer.socket_path)
+
+
+def on_exit(server):
+    """Stops the writer process after the workers, so their last writes are answered."""
+    if getattr(server, "database_writer", None) is not None:
+        server.database_writer.stop()

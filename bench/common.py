@@ -121,12 +121,15 @@ def stop(process, timeout=15):
 
 
 def cpu_seconds(process):
-    """CPU time used so far by a server: its own and its direct children's (the workers)."""
+    """CPU time used so far by a server: its own and its direct children's (the workers, and
+    the writer process)."""
     ticks = os.sysconf("SC_CLK_TCK")
     pids = [process.pid]
     try:
-        with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
-            pids += [int(pid) for pid in children.read().split()]
+        # The children of each of its threads (the writer process is started by one).
+        for task in os.listdir(f"/proc/{process.pid}/task"):
+            with open(f"/proc/{process.pid}/task/{task}/children") as children:
+                pids += [int(pid) for pid in children.read().split()]
     except OSError:
         return float("nan")  # no /proc (macOS): the figure is left out
     total = 0

@@ -1,5 +1,6 @@
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -352,13 +353,18 @@ SERVICE_VARIABLES = [
 
 @pytest.fixture
 def service_env(tmp_path, database_url):
-    """A clean environment for a service process (nothing inherited but PATH)."""
+    """A clean environment for a service process (nothing inherited but PATH).
+
+    Its TMPDIR, where the writer process's socket lives, is removed after the test: a
+    service killed with SIGKILL leaves its socket behind.
+    """
+    temporary = tempfile.mkdtemp(prefix="service-")
 
     def make(simulate=True, **overrides):
         port = free_port()
         env = dict.fromkeys(SERVICE_VARIABLES, "")
         env.update({"PATH": os.environ.get("PATH", ""), "PORT": str(port), "LOG_LEVEL": "INFO",
-                    "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "32"})
+                    "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "32", "TMPDIR": temporary})
         if simulate:
             env["TWILIO_SIMULATE"] = "true"
         else:
@@ -367,7 +373,8 @@ def service_env(tmp_path, database_url):
         env.update({key: str(value) for key, value in overrides.items()})
         return env
 
-    return make
+    yield make
+    shutil.rmtree(temporary, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,33 @@
+"""The service with nothing stored: the no-storage floor that webhooks.py measures.
+
+webhooks.py serves it as `gunicorn -c gunicorn.conf.py floor_app:app` in the service's
+folder, with this folder on the path: the service's own app, request handling, signature
+check, log line and JSON answer, but a storage engine whose writes do nothing (every
+callback reads as new). What the service costs above this floor is what storing costs.
+"""
+
+from contextlib import contextmanager
+
+from app import app
+
+
+class NothingStored:
+    name = "nothing stored"
+    label = "nothing (the no-storage floor)"
+
+    def write(self, function, args, kwargs):
+        return True
+
+    @contextmanager
+    def transaction(self):
+        """For checkouts whose writes open transactions themselves (--repo)."""
+        yield self
+
+    def execute(self, sql, params=()):
+        return self
+
+    rowcount = 1
+    seconds_between = staticmethod(lambda start, end: "0")
+
+
+app.extensions["storage"] = NothingStored()

@@ -1,0 +1,125 @@
+"""The writer process (writer.py): under gunicorn, SQLite's writes are batched into one
+commit each, one failing write never takes the others of its batch with it, and a killed
+writer is replaced while nothing acknowledged is lost."""
+
+import os
+import signal
+import time
+
+import db
+import engines
+import writer
+from conftest import CallbackLoad, app_database_url, database_locked, sql_rows, sqlite_only
+
+SID_A, SID_B = "SM" + "a" * 32, "SM" + "b" * 32
+
+
+def batch(app, *writes):
+    """Runs writes [(db.py function name, args)] as one batch of the writer process."""
+    engine = engines.SQLiteEngine(app_database_url(app)[len("sqlite:///"):])
+    try:
+        return writer.run_batch(engine, [(name, args, {}) for name, args in writes], db.WRITES)
+    finally:
+        engine.close()
+
+
+@sqlite_only
+def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(make_app):
+    app = make_app()
+    url = app_database_url(app)
+    now = time.time()
+    with app.app_context():
+        reservation, _, _ = db.reserve_send(db.get_db(), "+15558675309", now, 5, 0)
+    answers = batch(
+        app,
+        ("record_status", (SID_A, "sent")),
+        # Deletes its reservation, then fails: a message needs a status (NOT NULL).
+        ("record_sent_message", ("SM" + "c" * 32, "AC1", "+15558675309", "+15017122661",
+                                 None, None, db.utc_now_iso(now), None, reservation)),
+        ("record_status", (SID_B, "delivered")),
+    )
+    assert answers[0] == ("ok", True) and answers[2] == ("ok", True)
+    assert answers[1][0] == "error" and answers[1][1][0] == "IntegrityError", answers[1]
+    assert sql_rows(url, "SELECT message_sid, status FROM status_events ORDER BY 1") == [
+        (SID_A, "sent"), (SID_B, "delivered")]
+    assert sql_rows(url, "SELECT id FROM send_reservations") == [(reservation,)], \
+        "the failed write's own changes are undone"
+
+
+@sqlite_only
+def test_a_batch_that_cannot_commit_answers_every_write_with_the_error(make_app, monkeypatch):
+    app = make_app()
+    monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 300)
+    with database_locked(app):
+        answers = batch(app, ("record_status", (SID_A, "sent")),
+                        ("record_status", (SID_B, "sent")))
+    assert answers == [("error", ("OperationalError", "database is locked"))] * 2
+    assert sql_rows(app_database_url(app), "SELECT count(*) FROM status_events") == [(0,)]
+
+
+def writer_pid(service):
+    """The pid of the service's writer process (a child of a thread of gunicorn's master)."""
+    master = service.process.pid
+    for task in os.listdir(f"/proc/{master}/task"):
+        with open(f"/proc/{master}/task/{task}/children") as children:
+            for pid in children.read().split():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                        if b"writer.py" in cmdline.read():
+                            return int(pid)
+                except FileNotFoundError:
+                    pass
+    return None
+
+
+def live_service(service_env, start_service):
+    env = service_env(simulate=False)
+    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
+    return env, start_service(env)
+
+
+def wait_for(condition, timeout=15):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@sqlite_only
+def test_a_killed_writer_is_replaced_and_nothing_acknowledged_is_lost(
+        service_env, start_service):
+    env, service = live_service(service_env, start_service)
+    first = writer_pid(service)
+    assert first is not None
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", threads=8,
+                      per_thread=600) as load:
+        load.wait_for(300)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: writer_pid(service) not in (None, first))
+        acknowledged_before = len(load.acknowledged)
+        load.wait_for(acknowledged_before + 300)
+    assert len(load.acknowledged) >= acknowledged_before + 300, "writes resume"
+    statuses = {status for _, status, _ in load.answers}
+    assert statuses <= {200, 503}, statuses
+    stored = {sid for (sid,) in sql_rows(env["DATABASE_URL"],
+                                         "SELECT message_sid FROM status_events")}
+    assert set(load.acknowledged) <= stored
+    assert "The database writer (pid %d) stopped" % first in service.logs()
+
+
+@sqlite_only
+def test_sigterm_stops_the_workers_then_the_writer_and_removes_its_socket(
+        service_env, start_service):
+    env, service = live_service(service_env, start_service)
+    pid = writer_pid(service)
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        socket_path = cmdline.read().split(b"\0")[2].decode()
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", threads=4) as load:
+        load.wait_for(100)
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(timeout=30) == 0
+    assert not os.path.exists(f"/proc/{pid}"), "the writer stopped with the server"
+    assert not os.path.exists(os.path.dirname(socket_path))
+    stored = {sid for (sid,) in sql_rows(env["DATABASE_URL"],
+                                         "SELECT message_sid FROM status_events")}
+    assert set(load.acknowledged) <= stored

@@ -1,0 +1,301 @@
+"""The writer process: under gunicorn, one process per server stores every SQLite write.
+
+Why: a worker's request threads share one GIL. Each sqlite3 call gives it up and must win
+it back from the other threads, so a write transaction of a few statements held SQLite's
+write lock for many times the CPU it used, and every other writer queued behind it.
+This process has one thread and nothing else to do: the workers hand it their writes over
+a unix socket, and it commits all the writes that arrived meanwhile in one transaction.
+
+- Each write is one function of db.py marked `@writes`, sent as its name and arguments and
+  run here, each inside its own savepoint: one that fails is rolled back alone and its
+  caller gets the error; the others in the batch still commit.
+- A caller is answered only after the batch's COMMIT: a 200 still means committed. When the
+  commit fails (a full disk), every caller in the batch gets the error, so nothing
+  acknowledged is lost.
+- gunicorn's master starts it before the workers and restarts it when it dies
+  (`Supervisor`, from gunicorn.conf.py); meanwhile writes answer 503, never 200. It stops
+  after the workers, when the server shuts down.
+- Other processes that write the same file (a second server, `flask prune`) still take
+  turns with it through engines.py's writers' queue, one batch at a time.
+
+Outside gunicorn (`python app.py`, the flask commands, tests with Flask's test client),
+writes run in the calling thread, as before.
+"""
+
+import logging
+import os
+import pickle
+import selectors
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+
+from engines import DATABASE_ERRORS
+
+log = logging.getLogger("sms_status")
+
+HEADER = struct.Struct("!I")
+# How long a request thread waits for its batch to commit: a batch waits at most the busy
+# timeout for SQLite's lock, plus the batch before it. Twilio gives up after 15 s.
+ANSWER_TIMEOUT_SECONDS = 11
+START_TIMEOUT_SECONDS = 15
+RESTART_DELAY_SECONDS = 0.2
+
+
+def send_message(sock, message):
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(HEADER.pack(len(data)) + data)
+
+
+def receive_exactly(sock, size):
+    chunks = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def receive_message(sock):
+    (size,) = HEADER.unpack(receive_exactly(sock, HEADER.size))
+    return pickle.loads(receive_exactly(sock, size))
+
+
+# --- in the workers: hand a write to the writer and wait for its answer --------------------
+
+class Client:
+    """Sends writes to the writer process over one connection per thread.
+
+    Any failure to get an answer raises sqlite3.OperationalError, which the app answers
+    503 with Retry-After: the write may or may not have been stored, and Twilio retries
+    (a repeated callback is recognised and stored once).
+    """
+
+    def __init__(self, socket_path):
+        self.socket_path = socket_path
+        self._local = threading.local()
+
+    def call(self, name, args, kwargs):
+        sock = self._connection()
+        try:
+            send_message(sock, (name, args, kwargs))
+            outcome, value = receive_message(sock)
+        except (OSError, EOFError) as error:
+            self._drop()
+            reason = ("no answer within %d s" % ANSWER_TIMEOUT_SECONDS
+                      if isinstance(error, socket.timeout) else "it stopped before answering")
+            raise sqlite3.OperationalError(
+                f"the database writer process failed ({reason}); the write may not be "
+                "stored") from None
+        if outcome == "ok":
+            return value
+        error_class, message = value
+        raise getattr(sqlite3, error_class, sqlite3.OperationalError)(message)
+
+    def _connection(self):
+        sock = getattr(self._local, "sock", None)
+        if sock is not None and self._local.pid == os.getpid():
+            return sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(ANSWER_TIMEOUT_SECONDS)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise sqlite3.OperationalError(
+                "the database writer process is not running (it is restarted "
+                "automatically); nothing was stored") from None
+        self._local.sock, self._local.pid = sock, os.getpid()
+        return sock
+
+    def _drop(self):
+        sock, self._local.sock = self._local.sock, None
+        if sock is not None:
+            sock.close()
+
+
+# --- in the writer process: run the writes that arrived, one commit per batch --------------
+
+class BatchStorage:
+    """What a db.py write function sees in the writer: its transactions are the batch's."""
+
+    def __init__(self, engine, tx):
+        self.engine, self.tx = engine, tx
+        self.seconds_between = engine.seconds_between
+
+    @contextmanager
+    def transaction(self):
+        yield self.tx
+
+    def write(self, function, args, kwargs):
+        return function(self, *args, **kwargs)
+
+
+def run_batch(engine, writes, functions):
+    """Runs writes [(name, args, kwargs)] in one transaction; returns an answer for each:
+    ("ok", result) or ("error", (error class name, message)).
+
+    Each write has its own savepoint, so one that fails leaves the others in place. If the
+    transaction itself fails (its commit, or an error that ends it), every write gets that
+    error: none of them is stored.
+    """
+    answers = []
+    try:
+        with engine.transaction() as tx:
+            storage = BatchStorage(engine, tx)
+            for name, args, kwargs in writes:
+                tx.execute("SAVEPOINT write")
+                try:
+                    answers.append(("ok", functions[name](storage, *args, **kwargs)))
+                except Exception as error:
+                    if not isinstance(error, DATABASE_ERRORS):
+                        log.exception("Database writer: %s failed", name)
+                    # Raises, and so fails the whole batch, when the error ended the
+                    # transaction (SQLite rolls back by itself on a full disk, for one).
+                    tx.execute("ROLLBACK TO write")
+                    answers.append(("error", (type(error).__name__,
+                                              engine.describe_error(error))))
+                tx.execute("RELEASE write")
+    except DATABASE_ERRORS as error:
+        log.error("Database writer: a batch of %d writes failed, none stored: %s",
+                  len(writes), engine.describe_error(error))
+        return [("error", (type(error).__name__, engine.describe_error(error)))] * len(writes)
+    return answers
+
+
+def serve(engine, listener, functions):
+    """Answers the workers until SIGTERM, or until gunicorn's master is gone."""
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us
+    master = os.getppid()
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    received = {}  # per connection: bytes of a request not yet complete
+    while not stopping and os.getppid() == master:
+        batch = []
+        for key, _ in selector.select(timeout=0.5):
+            sock = key.fileobj
+            if sock is listener:
+                conn, _ = listener.accept()
+                selector.register(conn, selectors.EVENT_READ)
+                received[conn] = b""
+                continue
+            try:
+                data = sock.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:  # the worker closed it (its thread gave up, or it exited)
+                selector.unregister(sock)
+                sock.close()
+                del received[sock]
+                continue
+            received[sock] += data
+            while len(received[sock]) >= HEADER.size:
+                (size,) = HEADER.unpack_from(received[sock])
+                if len(received[sock]) < HEADER.size + size:
+                    break
+                batch.append((sock, pickle.loads(received[sock][HEADER.size:HEADER.size + size])))
+                received[sock] = received[sock][HEADER.size + size:]
+        if batch:
+            answers = run_batch(engine, [write for _, write in batch], functions)
+            for (sock, _), answer in zip(batch, answers, strict=True):
+                try:
+                    send_message(sock, answer)
+                except OSError:
+                    pass  # its thread gave up waiting; it answered 503 already
+    engine.close()
+
+
+def main(argv):
+    """`python writer.py <socket> <database path> <synchronous>`, run by Supervisor."""
+    socket_path, database_path, synchronous = argv
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+    import db  # the write functions, imported here only: the workers never need them twice
+    from engines import SQLiteEngine
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)  # left by a writer that was killed
+    listener.bind(socket_path)
+    listener.listen(1024)
+    log.info("Database writer %d ready for %s", os.getpid(), database_path)
+    serve(SQLiteEngine(database_path, synchronous), listener, db.WRITES)
+
+
+# --- in gunicorn's master: start the writer, restart it when it dies -----------------------
+
+class Supervisor:
+    """Keeps one writer process running for a SQLite database while gunicorn runs."""
+
+    def __init__(self, database_path, synchronous):
+        self.directory = tempfile.mkdtemp(prefix="sms-status-writer-")
+        self.socket_path = os.path.join(self.directory, "socket")
+        self.argv = [sys.executable, os.path.abspath(__file__), self.socket_path,
+                     database_path, synchronous]
+        self.process = None
+        self.stopping = False
+        self.lock = threading.Lock()  # no new writer is started once stop() has begun
+        self.thread = threading.Thread(target=self._keep_running, name="writer supervisor",
+                                       daemon=True)
+
+    def start(self):
+        """Starts the writer and waits until it takes connections."""
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(self.socket_path)
+                    return
+                except OSError:
+                    time.sleep(0.05)
+        log.error("The database writer did not start within %d s; writes answer 503 until "
+                  "it does", START_TIMEOUT_SECONDS)
+
+    def _keep_running(self):
+        while True:
+            with self.lock:
+                if self.stopping:
+                    break
+                self.process = subprocess.Popen(self.argv, cwd=os.path.dirname(self.argv[1]))
+            # gunicorn's master may reap it first (it waits for any child); wait() then
+            # returns all the same, without the exit status.
+            self.process.wait()
+            if self.stopping:
+                break
+            log.error("The database writer (pid %d) stopped (exit status %s); starting a new "
+                      "one. Writes answer 503 meanwhile.", self.process.pid,
+                      self.process.returncode)
+            time.sleep(RESTART_DELAY_SECONDS)
+
+    def stop(self):
+        """Stops the writer once the workers are gone: it finishes the batch it is on."""
+        with self.lock:
+            self.stopping = True
+            process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
