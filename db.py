@@ -122,12 +122,18 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
     """
     at = at or utc_now_iso()
     with storage.transaction() as tx:
-        tx.execute(
+        created = tx.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
-            " error_code, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (sid) DO NOTHING",
-            (sid, account_sid, to, from_, status, error_code, at, at),
-        )
+            " error_code, created_at, updated_at, seconds_to_delivered)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sid) DO NOTHING",
+            (sid, account_sid, to, from_, status, error_code, at, at,
+             0.0 if status == "delivered" else None),
+        ).rowcount
+        if created:
+            # The new message already holds this status: only its history is missing.
+            tx.execute("INSERT INTO status_events (message_sid, status, error_code, received_at)"
+                       " VALUES (?, ?, ?, ?)", (sid, status, error_code, at))
+            return True
         return _apply_status(storage, tx, sid, status, error_code, at, from_)
 
 
