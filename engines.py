@@ -223,10 +223,12 @@ def _close_writer_queues():
             os.close(_writer_queues.pop(key)[1])
 
 
-def open_sqlite(path, synchronous="NORMAL", create=True):
+def open_sqlite(path, synchronous="NORMAL", create=True, checkpoints=True):
     """Opens a connection with the service's settings (autocommit; transactions are explicit).
 
-    With `create=False` a missing file is an error instead of a new, empty database.
+    With `create=False` a missing file is an error instead of a new, empty database. With
+    `checkpoints=False` its commits never copy the WAL into the database (writer.py does
+    that beside its commits, with checkpoint()).
     """
     target = path if create else f"file:{quote(path)}?mode=rw"
     conn = sqlite3.connect(
@@ -240,10 +242,12 @@ def open_sqlite(path, synchronous="NORMAL", create=True):
     # NORMAL in WAL mode: a commit survives a crash of the process, not a power loss.
     conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'FULL' else 'NORMAL'}")
     conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+    if not checkpoints:
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
     return conn
 
 
-def _kept_connection(path, synchronous):
+def _kept_connection(path, synchronous, checkpoints=True):
     """This thread's kept connection to `path`, opened on first use.
 
     Kept open instead of one per request: in WAL mode closing the last connection
@@ -259,7 +263,7 @@ def _kept_connection(path, synchronous):
     if conn is None:
         _check_reopening(path)
         try:
-            conn = open_sqlite(path, synchronous, create=False)
+            conn = open_sqlite(path, synchronous, create=False, checkpoints=checkpoints)
         except sqlite3.OperationalError:
             _check_reopening(path)  # gone in between: say so
             raise
@@ -402,9 +406,10 @@ def _switch_to_wal(conn, attempts=100):
 class SQLiteEngine:
     name = "sqlite"
 
-    def __init__(self, path, synchronous="NORMAL"):
+    def __init__(self, path, synchronous="NORMAL", checkpoints=True):
         self.path = path
         self.synchronous = synchronous
+        self.checkpoints = checkpoints  # False: checkpoint() is called from elsewhere
         self.label = path
         # Under gunicorn, the writer process's client (gunicorn.conf.py sets it before the
         # workers start); None runs writes in the calling thread.
@@ -420,7 +425,12 @@ class SQLiteEngine:
         return ("sqlite", os.path.realpath(self.path))
 
     def connection(self):
-        return _kept_connection(self.path, self.synchronous)
+        return _kept_connection(self.path, self.synchronous, self.checkpoints)
+
+    def checkpoint(self):
+        """Copies the WAL's committed pages into the database, without waiting for readers
+        or writers, for an engine whose commits do not (`checkpoints=False`)."""
+        self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     @contextmanager
     def transaction(self):

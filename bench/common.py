@@ -206,7 +206,8 @@ class PostgresDatabases:
             sys.path.insert(0, str(ROOT / "tests"))
             from postgres import PostgresServer  # the tests' throwaway server
 
-            self.server = PostgresServer().initdb().start()
+            # With PostgreSQL's durability defaults, as a real server runs.
+            self.server = PostgresServer().initdb().start(durable=True)
             self.admin_url = self.server.url()
         self.created = []
 

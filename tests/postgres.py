@@ -78,11 +78,14 @@ class PostgresServer:
         os.remove(password_file)
         return self
 
-    def start(self):
-        # fsync off: a test server's data need not survive a power loss, and it is faster.
+    def start(self, durable=False):
+        """Starts the server. Not `durable` (for tests): fsync off, since a test server's
+        data need not survive a power loss, and it is faster. `durable` (for benchmarks):
+        PostgreSQL's own defaults, each commit flushed to disk before it is answered."""
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                    "-c max_connections=300")
+        if not durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run([find_binary("pg_ctl"), "-D", self.data, "-l",
                    os.path.join(self.folder, "server.log"), "-w", "-t", "60",
                    "-o", options, "start"], timeout=90)

@@ -123,3 +123,17 @@ def test_sigterm_stops_the_workers_then_the_writer_and_removes_its_socket(
     stored = {sid for (sid,) in sql_rows(env["DATABASE_URL"],
                                          "SELECT message_sid FROM status_events")}
     assert set(load.acknowledged) <= stored
+
+
+@sqlite_only
+def test_the_writer_copies_the_wal_into_the_database_beside_its_commits(
+        service_env, start_service):
+    env, service = live_service(service_env, start_service)
+    path = env["DATABASE_URL"][len("sqlite:///"):]
+    size_before = os.path.getsize(path)
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", threads=4,
+                      per_thread=500) as load:
+        load.wait_for(2000)
+    # Its commits leave the pages in the WAL; its checkpoints move them into the file.
+    wait_for(lambda: os.path.getsize(path) > size_before + 100_000, timeout=5)
+    assert len(load.acknowledged) >= 2000
