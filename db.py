@@ -70,13 +70,15 @@ WRITES = {}
 
 
 def writes(function):
-    """Marks a function that writes: the engine runs it, in the writer process when there
-    is one (writer.py, under gunicorn with SQLite) or else in the calling thread."""
+    """Marks a function that writes: it runs in the writer process when the engine has one
+    (writer.py, under gunicorn), batched with other requests' writes, or else here."""
     WRITES[function.__name__] = function
 
     @functools.wraps(function)
     def write(storage, *args, **kwargs):
-        return storage.write(function, args, kwargs)
+        if getattr(storage, "writer", None) is not None:
+            return storage.writer.call(function.__name__, args, kwargs)
+        return function(storage, *args, **kwargs)
 
     return write
 

@@ -12,8 +12,9 @@ What differs between them lives here and only here:
 
 Both engines expose the same methods: `transaction()` (a context manager yielding `tx`
 with `tx.execute(sql, params)` and `tx.lock(name)`), `query(sql, params)` for reads,
-`write(function, args, kwargs)` for db.py's writes, `migrate()`, `compact()` (after a bulk
-delete), `seconds_between(start, end)`, `describe_error(error)` and `close()`.
+`migrate()`, `compact()` (after a bulk delete), `checkpoint()`, `seconds_between(start,
+end)`, `describe_error(error)` and `close()`, and a `writer` attribute: under gunicorn, the
+client of the writer process (writer.py) that db.py's writes go through.
 """
 
 import fcntl
@@ -49,11 +50,14 @@ POOL_TIMEOUT_SECONDS = 5
 CONNECT_TIMEOUT_SECONDS = 5
 
 
-def open_engine(config):
-    """The engine the configuration names; nothing is connected until first use."""
+def open_engine(config, checkpoints=True):
+    """The engine the configuration names; nothing is connected until first use.
+
+    `checkpoints=False`: SQLite's commits leave the WAL for checkpoint() to copy.
+    """
     if config.database_engine == "postgres":
         return PostgresEngine(config.database_url, config.database_pool_size)
-    return SQLiteEngine(config.database_path, config.sqlite_synchronous)
+    return SQLiteEngine(config.database_path, config.sqlite_synchronous, checkpoints)
 
 
 def sqlite_seconds_between(start, end):
@@ -415,12 +419,6 @@ class SQLiteEngine:
         # workers start); None runs writes in the calling thread.
         self.writer = None
 
-    def write(self, function, args, kwargs):
-        """Runs a db.py write: in the writer process when there is one."""
-        if self.writer is not None:
-            return self.writer.call(function.__name__, args, kwargs)
-        return function(self, *args, **kwargs)
-
     def identity(self):
         return ("sqlite", os.path.realpath(self.path))
 
@@ -603,6 +601,7 @@ class PostgresEngine:
         self.connect_options = {} if "connect_timeout" in params else {
             "connect_timeout": CONNECT_TIMEOUT_SECONDS}
         self._key = next(_engine_numbers)
+        self.writer = None  # see SQLiteEngine
 
     def identity(self):
         return self._identity
@@ -642,9 +641,8 @@ class PostgresEngine:
         with self._pool().connection() as conn:
             return conn.execute(_pyformat(sql), params).fetchall()
 
-    def write(self, function, args, kwargs):
-        """Runs a db.py write in the calling thread: PostgreSQL's writers run side by side."""
-        return function(self, *args, **kwargs)
+    def checkpoint(self):
+        """Nothing to do: PostgreSQL's server checkpoints by itself."""
 
     def migrate(self):
         """Creates or upgrades the schema, one instance at a time, in one transaction."""

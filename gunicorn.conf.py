@@ -82,12 +82,12 @@ def on_starting(server):
 
 
 def when_ready(server):
-    """On SQLite, starts the writer process (writer.py) before the first worker: every write
-    goes through it, batched into one commit, off the workers' request threads."""
+    """Starts the writer process (writer.py) before the first worker: every write goes
+    through it, batched into one commit, off the workers' request threads."""
     storage = server.app.wsgi().extensions["storage"]
-    if getattr(storage, "name", None) != "sqlite":
+    if getattr(storage, "name", None) not in ("sqlite", "postgres"):
         return
-    server.database_writer = writer.Supervisor(storage.path, storage.synchronous)
+    server.database_writer = writer.Supervisor()
     server.database_writer.start()
     storage.writer = writer.Client(server.database_writer.socket_path)
 

@@ -1,25 +1,33 @@
-"""The writer process: under gunicorn, one process per server stores every SQLite write.
+"""The writer process: under gunicorn, one process per server stores every write.
 
-Why: a worker's request threads share one GIL. Each sqlite3 call gives it up and must win
-it back from the other threads, so a write transaction of a few statements held SQLite's
-write lock for many times the CPU it used, and every other writer queued behind it.
-This process has one thread and nothing else to do: the workers hand it their writes over
-a unix socket, and it commits all the writes that arrived meanwhile in one transaction.
+Why: a worker's request threads share one GIL. Each database call gives it up and must win
+it back from the other threads: a SQLite write transaction held the database's one write
+lock for many times the CPU it used, with every other writer queued behind it, and on
+PostgreSQL each of a write's five round trips paid the same toll. This process has one
+thread for writes and nothing else to do: the workers hand it their writes over a unix
+socket, and it commits all the writes that arrived meanwhile in one transaction.
 
 - Each write is one function of db.py marked `@writes`, sent as its name and arguments and
-  run here, each inside its own savepoint: one that fails is rolled back alone and its
-  caller gets the error; the others in the batch still commit.
+  run here. One that fails is rolled back alone and its caller gets the error; the others
+  in the batch still commit.
 - A caller is answered only after the batch's COMMIT: a 200 still means committed. When the
   commit fails (a full disk), every caller in the batch gets the error, so nothing
   acknowledged is lost.
 - gunicorn's master starts it before the workers and restarts it when it dies
   (`Supervisor`, from gunicorn.conf.py); meanwhile writes answer 503, never 200. It stops
   after the workers, when the server shuts down.
-- Other processes that write the same file (a second server, `flask prune`) still take
-  turns with it through engines.py's writers' queue, one batch at a time.
+- On SQLite its commits leave their pages in the WAL; a second thread copies them into the
+  database file (a checkpoint) every half second. Other processes that write the same file
+  (a second server, `flask prune`) still take turns with it through engines.py's writers'
+  queue, one batch at a time.
+- On PostgreSQL, the writers of several instances run side by side. Two batches that lock
+  the same rows in opposite orders deadlock; PostgreSQL ends one after a second, and that
+  batch runs again (see run_batch).
+- The socket lives in a folder of its own under $TMPDIR that only the service's user can
+  enter: what arrives on it is unpickled, so nobody else may connect.
 
 Outside gunicorn (`python app.py`, the flask commands, tests with Flask's test client),
-writes run in the calling thread, as before.
+writes run in the calling thread.
 """
 
 import logging
@@ -126,6 +134,8 @@ class Client:
 class BatchStorage:
     """What a db.py write function sees in the writer: its transactions are the batch's."""
 
+    writer = None  # a write that calls another runs it here, in the same batch
+
     def __init__(self, engine, tx):
         self.engine, self.tx = engine, tx
         self.seconds_between = engine.seconds_between
@@ -133,9 +143,6 @@ class BatchStorage:
     @contextmanager
     def transaction(self):
         yield self.tx
-
-    def write(self, function, args, kwargs):
-        return function(self, *args, **kwargs)
 
 
 class WriteFailed(Exception):
@@ -265,23 +272,27 @@ def serve(engine, listener, functions):
 
 
 def main(argv):
-    """`python writer.py <socket> <database path> <synchronous>`, run by Supervisor."""
-    socket_path, database_path, synchronous = argv
+    """`python writer.py <socket>`, run by Supervisor in gunicorn's folder and environment,
+    so that DATABASE_URL names the same database as the app's (the password never appears
+    in a command line)."""
+    (socket_path,) = argv
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
 
-    import db  # the write functions, imported here only: the workers never need them twice
-    from engines import SQLiteEngine
+    import db
+    from config import load_config
+    from engines import open_engine
 
+    engine = open_engine(load_config(os.environ), checkpoints=False)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # left by a writer that was killed
     listener.bind(socket_path)
     listener.listen(1024)
-    log.info("Database writer %d ready for %s", os.getpid(), database_path)
-    serve(SQLiteEngine(database_path, synchronous, checkpoints=False), listener, db.WRITES)
+    log.info("Database writer %d ready for %s", os.getpid(), engine.label)
+    serve(engine, listener, db.WRITES)
 
 
 # --- in gunicorn's master: start the writer, restart it when it dies -----------------------
@@ -289,11 +300,11 @@ def main(argv):
 class Supervisor:
     """Keeps one writer process running for a SQLite database while gunicorn runs."""
 
-    def __init__(self, database_path, synchronous):
+    def __init__(self):
         self.directory = tempfile.mkdtemp(prefix="sms-status-writer-")
         self.socket_path = os.path.join(self.directory, "socket")
-        self.argv = [sys.executable, os.path.abspath(__file__), self.socket_path,
-                     database_path, synchronous]
+        self.argv = [sys.executable, os.path.abspath(__file__), self.socket_path]
+        self.folder = os.getcwd()
         self.process = None
         self.stopping = False
         self.lock = threading.Lock()  # no new writer is started once stop() has begun
@@ -319,7 +330,7 @@ class Supervisor:
             with self.lock:
                 if self.stopping:
                     break
-                self.process = subprocess.Popen(self.argv, cwd=os.path.dirname(self.argv[1]))
+                self.process = subprocess.Popen(self.argv, cwd=self.folder)
             # gunicorn's master may reap it first (it waits for any child); wait() then
             # returns all the same, without the exit status.
             self.process.wait()
