@@ -12,9 +12,10 @@ What differs between them lives here and only here:
 
 Both engines expose the same methods: `transaction()` (a context manager yielding `tx`
 with `tx.execute(sql, params)` and `tx.lock(name)`), `query(sql, params)` for reads,
-`migrate()`, `compact()` (after a bulk delete), `checkpoint()`, `seconds_between(start,
-end)`, `describe_error(error)` and `close()`, and a `writer` attribute: under gunicorn, the
-client of the writer process (writer.py) that db.py's writes go through.
+`migrate()`, `compact()` (after a bulk delete), `seconds_between(start, end)`,
+`describe_error(error)` and `close()`. SQLite's engine also has `checkpoint()` and a
+`writer`: under gunicorn, the client of the writer process (writer.py) that db.py's writes
+go through.
 """
 
 import fcntl
@@ -601,7 +602,6 @@ class PostgresEngine:
         self.connect_options = {} if "connect_timeout" in params else {
             "connect_timeout": CONNECT_TIMEOUT_SECONDS}
         self._key = next(_engine_numbers)
-        self.writer = None  # see SQLiteEngine
 
     def identity(self):
         return self._identity
@@ -640,9 +640,6 @@ class PostgresEngine:
     def query(self, sql, params=()):
         with self._pool().connection() as conn:
             return conn.execute(_pyformat(sql), params).fetchall()
-
-    def checkpoint(self):
-        """Nothing to do: PostgreSQL's server checkpoints by itself."""
 
     def migrate(self):
         """Creates or upgrades the schema, one instance at a time, in one transaction."""

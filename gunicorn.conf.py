@@ -82,10 +82,15 @@ def on_starting(server):
 
 
 def when_ready(server):
-    """Starts the writer process (writer.py) before the first worker: every write goes
-    through it, batched into one commit, off the workers' request threads."""
+    """On SQLite, starts the writer process (writer.py) before the first worker: every write
+    goes through it, batched into one commit, off the workers' request threads.
+
+    Not on PostgreSQL: there, writes run side by side on pooled connections, and one writer
+    would make each write's round trips to the server wait for the writes before it
+    (measured and reasoned in the README's Performance section).
+    """
     storage = server.app.wsgi().extensions["storage"]
-    if getattr(storage, "name", None) not in ("sqlite", "postgres"):
+    if getattr(storage, "name", None) != "sqlite":
         return
     server.database_writer = writer.Supervisor()
     server.database_writer.start()

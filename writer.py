@@ -1,11 +1,12 @@
-"""The writer process: under gunicorn, one process per server stores every write.
+"""The writer process: under gunicorn on SQLite, one process per server stores every write.
 
-Why: a worker's request threads share one GIL. Each database call gives it up and must win
-it back from the other threads: a SQLite write transaction held the database's one write
-lock for many times the CPU it used, with every other writer queued behind it, and on
-PostgreSQL each of a write's five round trips paid the same toll. This process has one
-thread for writes and nothing else to do: the workers hand it their writes over a unix
-socket, and it commits all the writes that arrived meanwhile in one transaction.
+Why: a worker's request threads share one GIL. Each sqlite3 call gives it up and must win
+it back from the other threads, so a write transaction of a few statements held SQLite's
+one write lock for many times the CPU it used, with every other writer queued behind it.
+This process has one thread for writes and nothing else to do: the workers hand it their
+writes over a unix socket, and it commits all the writes that arrived meanwhile in one
+transaction. (PostgreSQL has no such single lock: its writes stay in the request threads,
+see gunicorn.conf.py.)
 
 - Each write is one function of db.py marked `@writes`, sent as its name and arguments and
   run here. One that fails is rolled back alone and its caller gets the error; the others
@@ -16,13 +17,10 @@ socket, and it commits all the writes that arrived meanwhile in one transaction.
 - gunicorn's master starts it before the workers and restarts it when it dies
   (`Supervisor`, from gunicorn.conf.py); meanwhile writes answer 503, never 200. It stops
   after the workers, when the server shuts down.
-- On SQLite its commits leave their pages in the WAL; a second thread copies them into the
-  database file (a checkpoint) every half second. Other processes that write the same file
-  (a second server, `flask prune`) still take turns with it through engines.py's writers'
-  queue, one batch at a time.
-- On PostgreSQL, the writers of several instances run side by side. Two batches that lock
-  the same rows in opposite orders deadlock; PostgreSQL ends one after a second, and that
-  batch runs again (see run_batch).
+- Its commits leave their pages in the WAL; a second thread copies them into the database
+  file (a checkpoint) every half second.
+- Other processes that write the same file (a second server, `flask prune`) still take
+  turns with it through engines.py's writers' queue, one batch at a time.
 - The socket lives in a folder of its own under $TMPDIR that only the service's user can
   enter: what arrives on it is unpickled, so nobody else may connect.
 

@@ -1,6 +1,6 @@
-"""The writer process (writer.py): under gunicorn, writes are batched into one commit
-each, on both engines; one failing write never takes the others of its batch with it, and
-a killed writer is replaced while nothing acknowledged is lost."""
+"""The writer process (writer.py): under gunicorn, SQLite's writes are batched into one
+commit each, one failing write never takes the others of its batch with it, and a killed
+writer is replaced while nothing acknowledged is lost."""
 
 import os
 import signal
@@ -23,6 +23,7 @@ def batch(app, *writes):
         engine.close()
 
 
+@sqlite_only
 def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(make_app):
     app = make_app()
     url = app_database_url(app)
@@ -45,6 +46,7 @@ def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(
         "the failed write's own changes are undone"
 
 
+@sqlite_only
 def test_a_batch_that_cannot_commit_answers_every_write_with_the_error(make_app, monkeypatch):
     app = make_app()
     monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 300)
@@ -84,6 +86,7 @@ def wait_for(condition, timeout=15):
         time.sleep(0.05)
 
 
+@sqlite_only
 def test_a_killed_writer_is_replaced_and_nothing_acknowledged_is_lost(
         service_env, start_service):
     env, service = live_service(service_env, start_service)
@@ -105,6 +108,7 @@ def test_a_killed_writer_is_replaced_and_nothing_acknowledged_is_lost(
     assert "The database writer (pid %d) stopped" % first in service.logs()
 
 
+@sqlite_only
 def test_sigterm_stops_the_workers_then_the_writer_and_removes_its_socket(
         service_env, start_service):
     env, service = live_service(service_env, start_service)
