@@ -374,13 +374,14 @@ def report(args, results, raw, synchronous, other_sync, stored, acked):
     print("(* the service's setting; one kept connection, WAL, one row per commit)")
 
     service, baseline, ceiling = rates["service"], rates["baseline"], rates["403 ceiling"]
-    floor = rates["floor"]
     p99 = median([r["p99_us"] for r in results["service"]]) / 1000
-    spread = sorted(rate(r) / rate(f)
-                    for r, f in zip(results["service"], results["floor"], strict=True))
-    print(f"\nservice / floor         = {service / floor:6.3f}   "
-          f"(target >= 0.80: {verdict(service >= 0.8 * floor)}; rounds "
-          f"{' '.join(f'{x:.3f}' for x in spread)})")
+    # Each round measures the floor right after the service: the ratio of each pair
+    # cancels the drift of a shared machine better than the ratio of the two medians.
+    pairs = sorted(rate(r) / rate(f)
+                   for r, f in zip(results["service"], results["floor"], strict=True))
+    print(f"\nservice / floor         = {median(pairs):6.3f}   "
+          f"(median of the rounds' ratios; target >= 0.80: {verdict(median(pairs) >= 0.8)}; "
+          f"rounds {' '.join(f'{x:.3f}' for x in pairs)})")
     print(f"service p99             = {p99:5.1f} ms (target < 100 ms: {verdict(p99 < 100)})")
     print(f"service / 403 ceiling   = {service / ceiling:6.3f}")
     print(f"service / baseline      = {service / baseline:6.3f}")
