@@ -103,7 +103,10 @@ class Client:
         if outcome == "ok":
             return value
         error_class, message = value
-        raise getattr(sqlite3, error_class, sqlite3.OperationalError)(message)
+        error = getattr(sqlite3, error_class, None)  # as raised in the writer, if sqlite3's
+        if not (isinstance(error, type) and issubclass(error, sqlite3.Error)):
+            error = sqlite3.OperationalError  # anything else (logged there) is still a 503
+        raise error(message)
 
     def _connection(self):
         sock = getattr(self._local, "sock", None)
