@@ -72,7 +72,7 @@ def callback_params(sid, status, to):
     return params
 
 
-def write_pool(path, round_no, count, url, load):
+def write_pool(path, round_no, count, url, load="lifecycle"):
     """Writes `count` distinct signed callbacks, one "<signature>\\t<form body>" per line."""
     validator = RequestValidator(AUTH_TOKEN)
     steps = ("queued", "sent", "final") if load == "lifecycle" else ("final",)
