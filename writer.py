@@ -91,7 +91,14 @@ class Client:
     def call(self, name, args, kwargs):
         sock = self._connection()
         try:
-            send_message(sock, (name, args, kwargs))
+            try:
+                send_message(sock, (name, args, kwargs))
+            except OSError:
+                # A connection kept from a writer that has died since: nothing reached it,
+                # so the write goes once more, to the writer that replaced it.
+                self._drop()
+                sock = self._connection()
+                send_message(sock, (name, args, kwargs))
             outcome, value = receive_message(sock)
         except (OSError, EOFError) as error:
             self._drop()
@@ -216,15 +223,18 @@ def checkpoint_continually(engine, stopping):
                 log.warning("Database writer: checkpoint failed: %s", last_problem)
 
 
-def serve(engine, listener, functions):
-    """Answers the workers until SIGTERM, or until gunicorn's master is gone."""
+def serve(engine, listener, functions, master):
+    """Answers the workers until SIGUSR1 (from Supervisor.stop), or until gunicorn's master
+    (the process `master`) is gone."""
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGUSR1, lambda *_: stopping.append(True))
+    # A process manager may send SIGTERM to every process of the service at once (systemd
+    # does): the workers then finish their requests, which need this process.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     checkpointer = threading.Thread(target=checkpoint_continually, args=(engine, stopping),
                                     name="checkpoints", daemon=True)
     checkpointer.start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us
-    master = os.getppid()
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     received = {}  # per connection: bytes of a request not yet complete
@@ -273,10 +283,10 @@ def serve(engine, listener, functions):
 
 
 def main(argv):
-    """`python writer.py <socket>`, run by Supervisor in gunicorn's folder and environment,
-    so that DATABASE_URL names the same database as the app's (the password never appears
-    in a command line)."""
-    (socket_path,) = argv
+    """`python writer.py <socket> <master pid>`, run by Supervisor in gunicorn's folder and
+    environment, so that DATABASE_URL names the same database as the app's (the password
+    never appears in a command line)."""
+    socket_path, master = argv[0], int(argv[1])
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -293,7 +303,7 @@ def main(argv):
     listener.bind(socket_path)
     listener.listen(1024)
     log.info("Database writer %d ready for %s", os.getpid(), engine.label)
-    serve(engine, listener, db.WRITES)
+    serve(engine, listener, db.WRITES, master)
 
 
 # --- in gunicorn's master: start the writer, restart it when it dies -----------------------
@@ -304,7 +314,8 @@ class Supervisor:
     def __init__(self):
         self.directory = tempfile.mkdtemp(prefix="sms-status-writer-")
         self.socket_path = os.path.join(self.directory, "socket")
-        self.argv = [sys.executable, os.path.abspath(__file__), self.socket_path]
+        self.argv = [sys.executable, os.path.abspath(__file__), self.socket_path,
+                     str(os.getpid())]
         self.folder = os.getcwd()
         self.process = None
         self.stopping = False
@@ -348,7 +359,7 @@ class Supervisor:
             self.stopping = True
             process = self.process
         if process is not None and process.poll() is None:
-            process.terminate()
+            process.send_signal(signal.SIGUSR1)
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
