@@ -32,7 +32,8 @@ def simulated_service(request, tmp_path_factory):
         database_url = create_database(request.getfixturevalue("postgres_admin_url"))
     env = dict.fromkeys(SERVICE_VARIABLES, "")
     env.update({"PATH": os.environ["PATH"], "PORT": str(free_port()), "TWILIO_SIMULATE": "true",
-                "DATABASE_URL": database_url, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "32"})
+                "DATABASE_URL": database_url, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "32",
+                "TMPDIR": str(tmp)})  # the writer's socket, left behind by the SIGKILL below
     service = Service(env, tmp / "service.log").start()
     yield service
     service.kill()
