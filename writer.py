@@ -63,15 +63,29 @@ def send_message(sock, message):
     sock.sendall(HEADER.pack(len(data)) + data)
 
 
+def take_messages(data):
+    """The complete messages at the start of `data`, and the bytes after them."""
+    messages = []
+    while len(data) >= HEADER.size:
+        end = HEADER.size + HEADER.unpack_from(data)[0]
+        if len(data) < end:
+            break
+        messages.append(pickle.loads(data[HEADER.size:end]))
+        data = data[end:]
+    return messages, data
+
+
 def receive_message(sock):
     """One message, from a socket that carries one at a time (usually one recv() call)."""
     data = b""
-    while len(data) < HEADER.size or len(data) < HEADER.size + HEADER.unpack_from(data)[0]:
+    while True:
         chunk = sock.recv(1 << 16)
         if not chunk:
             raise EOFError
         data += chunk
-    return pickle.loads(data[HEADER.size:])
+        messages, _ = take_messages(data)
+        if messages:
+            return messages[0]
 
 
 # --- in the workers: hand a write to the writer and wait for its answer --------------------
@@ -145,7 +159,7 @@ class BatchStorage:
     writer = None  # a write that calls another runs it here, in the same batch
 
     def __init__(self, engine, tx):
-        self.engine, self.tx = engine, tx
+        self.tx = tx
         self.seconds_between = engine.seconds_between
 
     @contextmanager
@@ -173,9 +187,10 @@ def run_batch(engine, writes, functions):
         except WriteFailed:
             return _run_once(engine, writes, functions, savepoints=True)
     except DATABASE_ERRORS as error:
+        answer = _error_answer(engine, error)
         log.error("Database writer: a batch of %d writes failed, none stored: %s",
-                  len(writes), engine.describe_error(error))
-        return [("error", (type(error).__name__, engine.describe_error(error)))] * len(writes)
+                  len(writes), answer[1][1])
+        return [answer] * len(writes)
 
 
 def _run_once(engine, writes, functions, savepoints):
@@ -183,24 +198,26 @@ def _run_once(engine, writes, functions, savepoints):
     with engine.transaction() as tx:
         storage = BatchStorage(engine, tx)
         for name, args, kwargs in writes:
-            if not savepoints:
-                try:
-                    answers.append(("ok", functions[name](storage, *args, **kwargs)))
-                except Exception:
-                    raise WriteFailed from None  # rolls this attempt back
-                continue
-            tx.execute("SAVEPOINT write")
+            if savepoints:
+                tx.execute("SAVEPOINT write")
             try:
                 answers.append(("ok", functions[name](storage, *args, **kwargs)))
             except Exception as error:
+                if not savepoints:
+                    raise WriteFailed from None  # rolls this attempt back
                 if not isinstance(error, DATABASE_ERRORS):
                     log.exception("Database writer: %s failed", name)
                 # Raises, and so fails the whole batch, when the error ended the
                 # transaction (SQLite rolls back by itself on a full disk, for one).
                 tx.execute("ROLLBACK TO write")
-                answers.append(("error", (type(error).__name__, engine.describe_error(error))))
-            tx.execute("RELEASE write")
+                answers.append(_error_answer(engine, error))
+            if savepoints:
+                tx.execute("RELEASE write")
     return answers
+
+
+def _error_answer(engine, error):
+    return "error", (type(error).__name__, engine.describe_error(error))
 
 
 def checkpoint_continually(engine, stopping):
@@ -218,9 +235,10 @@ def checkpoint_continually(engine, stopping):
             engine.checkpoint()
             last_problem = None
         except DATABASE_ERRORS as error:
-            if engine.describe_error(error) != last_problem:  # once, not twice a second
-                last_problem = engine.describe_error(error)
-                log.warning("Database writer: checkpoint failed: %s", last_problem)
+            problem = engine.describe_error(error)
+            if problem != last_problem:  # once, not twice a second
+                log.warning("Database writer: checkpoint failed: %s", problem)
+            last_problem = problem
 
 
 def serve(engine, listener, functions, master):
@@ -263,13 +281,8 @@ def serve(engine, listener, functions, master):
                 sock.close()
                 del received[sock]
                 continue
-            received[sock] += data
-            while len(received[sock]) >= HEADER.size:
-                (size,) = HEADER.unpack_from(received[sock])
-                if len(received[sock]) < HEADER.size + size:
-                    break
-                batch.append((sock, pickle.loads(received[sock][HEADER.size:HEADER.size + size])))
-                received[sock] = received[sock][HEADER.size + size:]
+            writes, received[sock] = take_messages(received[sock] + data)
+            batch += [(sock, write) for write in writes]
         if batch:
             answers = run_batch(engine, [write for _, write in batch], functions)
             for (sock, _), answer in zip(batch, answers, strict=True):

@@ -59,7 +59,8 @@ def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(
 
 
 @sqlite_only
-def test_a_batch_that_cannot_commit_answers_every_write_with_the_error(make_app, monkeypatch):
+def test_a_batch_that_cannot_take_the_write_lock_answers_every_write_with_the_error(
+        make_app, monkeypatch):
     app = make_app()
     monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 300)
     with database_locked(app):
@@ -188,6 +189,8 @@ def test_sigterm_stops_the_workers_then_the_writer_and_removes_its_socket(
     stored = {sid for (sid,) in sql_rows(env["DATABASE_URL"],
                                          "SELECT message_sid FROM status_events")}
     assert set(load.acknowledged) <= stored
+    # The writer outlived the workers: every request they finished was answered 200.
+    assert {status for _, status, _ in load.answers} == {200}
 
 
 @sqlite_only
