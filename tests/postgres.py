@@ -26,6 +26,10 @@ class PostgresUnavailable(Exception):
     """No server could be started; the message says why."""
 
 
+# util-linux's runuser lives in /usr/sbin, which a root shell's PATH may lack (`su` without -).
+RUNUSER = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin") or "runuser"
+
+
 def find_binary(name):
     """A PostgreSQL server binary, from PATH or Debian's /usr/lib/postgresql/<version>/bin."""
     found = shutil.which(name)
@@ -60,7 +64,7 @@ class PostgresServer:
 
     def _run(self, argv, timeout=60):
         if self.as_root:
-            argv = ["runuser", "-u", SUPERUSER, "--", *argv]
+            argv = [RUNUSER, "-u", SUPERUSER, "--", *argv]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                                 cwd=self.folder)
         if result.returncode != 0:
