@@ -63,10 +63,11 @@ def _open_files_limit():
 _files = _open_files_limit()
 # Connections a worker holds at once (gthread counts kept-alive ones too), bounded by its
 # descriptors: past the limit, accept() failing with "Too many open files" killed workers.
-# Each thread needs up to four more (SQLite's database, WAL and index, or a pooled
-# PostgreSQL connection, and one to Twilio), plus a margin for logs, the listening socket
-# and the lock file. Connections beyond it wait in the listen backlog.
-worker_connections = max(_files - 4 * _threads - 64, 16)
+# Each thread needs up to five more (SQLite's database, WAL and index, or a pooled
+# PostgreSQL connection; its connection to the writer process; one to Twilio), plus a
+# margin for logs, the listening socket and the lock file. Connections beyond it wait in
+# the listen backlog.
+worker_connections = max(_files - 5 * _threads - 64, 16)
 
 
 def on_starting(server):
