@@ -17,7 +17,7 @@ from flask.cli import with_appcontext
 import db
 import rules
 import twilio_api
-from config import parse_database_url
+from config import database_settings, parse_database_url
 from sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
 
 RATE_LIMIT_RETRIES = 3
@@ -135,9 +135,7 @@ def copy_database(source_url):
         engine, location = parse_database_url(source_url)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--from") from None
-    source = db.open_storage(replace(config, database_engine=engine,
-                                     database_path=location if engine == "sqlite" else "",
-                                     database_url=location if engine == "postgres" else ""))
+    source = db.open_storage(replace(config, **database_settings(engine, location)))
     if source.identity() == target.identity():
         raise click.ClickException(
             f"--from names the database DATABASE_URL names ({target.label}); "

@@ -121,6 +121,13 @@ def parse_database_url(raw):
     return "sqlite", os.path.abspath(raw[len(prefix):])
 
 
+def database_settings(engine, location):
+    """The Config fields that name a database, from parse_database_url's answer."""
+    return {"database_engine": engine,
+            "database_path": location if engine == "sqlite" else "",
+            "database_url": location if engine == "postgres" else ""}
+
+
 def _database(raw, problems):
     try:
         return parse_database_url(raw)
@@ -286,9 +293,7 @@ def load_config(env):
         messaging_service_sid=messaging_service_sid,
         base_url=base_url,
         api_key=api_key,
-        database_engine=database_engine,
-        database_path=database_location if database_engine == "sqlite" else "",
-        database_url=database_location if database_engine == "postgres" else "",
+        **database_settings(database_engine, database_location),
         database_pool_size=_number(env, "DATABASE_POOL_SIZE", 4, problems, int, 1, 1000),
         twilio_timeout=_number(env, "TWILIO_TIMEOUT", 10.0, problems, float, 0.001, 600),
         store_message_body=_flag(env, "STORE_MESSAGE_BODY", problems),

@@ -65,6 +65,11 @@ def open_storage(config):
     return engines.open_engine(config)
 
 
+# A history entry, once per (message, status).
+INSERT_STATUS_EVENT = (
+    "INSERT INTO status_events (message_sid, status, error_code, received_at)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT (message_sid, status) DO NOTHING")
+
 # The functions below marked @writes, by name: what the writer process may be asked to run.
 WRITES = {}
 
@@ -91,11 +96,7 @@ def _apply_status(storage, tx, sid, status, error_code, at, from_=None):
     `delivered` event also records the seconds since the message's creation, for /stats,
     and a callback's sender number replaces a Messaging Service's MG SID.
     """
-    inserted = tx.execute(
-        "INSERT INTO status_events (message_sid, status, error_code, received_at)"
-        " VALUES (?, ?, ?, ?) ON CONFLICT (message_sid, status) DO NOTHING",
-        (sid, status, error_code, at),
-    ).rowcount
+    inserted = tx.execute(INSERT_STATUS_EVENT, (sid, status, error_code, at)).rowcount
     if not inserted:
         return False
     rank = STATUS_RANK.get(status, UNKNOWN_STATUS_RANK)
@@ -133,8 +134,7 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
         ).rowcount
         if created:
             # The new message already holds this status: only its history is missing.
-            tx.execute("INSERT INTO status_events (message_sid, status, error_code, received_at)"
-                       " VALUES (?, ?, ?, ?)", (sid, status, error_code, at))
+            tx.execute(INSERT_STATUS_EVENT, (sid, status, error_code, at))
             return True
         return _apply_status(storage, tx, sid, status, error_code, at, from_)
 
