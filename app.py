@@ -26,6 +26,7 @@ import rules
 import sending
 import twilio_api
 import twilio_errors
+import writer
 from commands import register_commands
 from config import ConfigError, load_config
 from rules import printable
@@ -267,9 +268,15 @@ def register_error_handlers(app):
     def database_error(error):
         log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
                   db.describe_error(error))
-        response = json_error(
-            503, "The database could not complete the request; nothing was stored. Try again."
-        )
+        if isinstance(error, writer.OutcomeUnknown):
+            message = ("The database did not confirm this request in time: it may or may not "
+                       "have been stored. Try again; a repeated status callback is stored "
+                       "once, and a send repeated with the same Idempotency-Key is not sent "
+                       "twice.")
+        else:
+            message = ("The database could not complete the request; nothing was stored. "
+                       "Try again.")
+        response = json_error(503, message)
         response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
         return response
 
