@@ -21,8 +21,9 @@ see gunicorn.conf.py.)
   file (a checkpoint) every half second.
 - Other processes that write the same file (a second server, `flask prune`) still take
   turns with it through engines.py's writers' queue, one batch at a time.
-- The socket lives in a folder of its own under $TMPDIR that only the service's user can
-  enter: what arrives on it is unpickled, so nobody else may connect.
+- The socket lives in a folder of its own under $TMPDIR (or /tmp, when $TMPDIR is too deep
+  for a socket's path) that only the service's user can enter: what arrives on it is
+  unpickled, so nobody else may connect.
 
 Outside gunicorn (`python app.py`, the flask commands, tests with Flask's test client),
 writes run in the calling thread.
@@ -56,6 +57,8 @@ START_TIMEOUT_SECONDS = 15
 GATHER_SECONDS = 0.002
 CHECKPOINT_INTERVAL_SECONDS = 0.5
 RESTART_DELAY_SECONDS = 0.2
+# A unix socket's path must fit in sockaddr_un: 107 bytes on Linux, 103 on macOS.
+MAX_SOCKET_PATH_BYTES = 100
 
 
 def send_message(sock, message):
@@ -330,11 +333,23 @@ def main(argv):
 
 # --- in gunicorn's master: start the writer, restart it when it dies -----------------------
 
+def socket_directory():
+    """A new folder (mode 0700) for the writer's socket: under $TMPDIR, or under /tmp when
+    $TMPDIR is too deep for a socket's path."""
+    directory = tempfile.mkdtemp(prefix="sms-status-writer-")
+    if len(os.fsencode(os.path.join(directory, "socket"))) <= MAX_SOCKET_PATH_BYTES:
+        return directory
+    os.rmdir(directory)
+    log.warning("TMPDIR (%s) is too deep for a unix socket's path; the database writer's "
+                "socket goes under /tmp instead", tempfile.gettempdir())
+    return tempfile.mkdtemp(prefix="sms-status-writer-", dir="/tmp")
+
+
 class Supervisor:
     """Keeps one writer process running for a SQLite database while gunicorn runs."""
 
     def __init__(self):
-        self.directory = tempfile.mkdtemp(prefix="sms-status-writer-")
+        self.directory = socket_directory()
         self.socket_path = os.path.join(self.directory, "socket")
         self.argv = [sys.executable, os.path.abspath(__file__), self.socket_path,
                      str(os.getpid())]

@@ -204,6 +204,27 @@ def test_a_writer_that_does_not_answer_in_time_gets_a_503_not_a_hung_request(
 
 
 @sqlite_only
+def test_a_temp_folder_too_deep_for_a_socket_path_still_gets_a_writer(
+        service_env, start_service):
+    env = service_env(simulate=False)
+    deep = os.path.join(env["TMPDIR"], *["a-rather-long-folder-name"] * 5)
+    os.makedirs(deep)
+    env.update(TMPDIR=deep, BASE_URL=f"http://127.0.0.1:{env['PORT']}")
+    service = start_service(env)
+    url = env["BASE_URL"] + "/message-status"
+    params = callback(SID_A, "delivered")
+    answer = requests.post(service.url + "/message-status", data=params, timeout=10,
+                           headers={"X-Twilio-Signature": sign(url, params)})
+    assert answer.status_code == 200, answer.text
+    socket_path = writer_socket(writer_pid(service))
+    assert len(os.fsencode(socket_path)) <= writer.MAX_SOCKET_PATH_BYTES
+    assert os.stat(os.path.dirname(socket_path)).st_mode & 0o777 == 0o700
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(timeout=30) == 0
+    assert not os.path.exists(os.path.dirname(socket_path)), "removed at shutdown"
+
+
+@sqlite_only
 def test_sigterm_stops_the_workers_then_the_writer_and_removes_its_socket(
         service_env, start_service):
     env, service = live_service(service_env, start_service)
