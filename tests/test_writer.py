@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -14,6 +15,7 @@ import db
 import engines
 import writer
 from conftest import (
+    AUTH,
     CallbackLoad,
     app_database_url,
     callback,
@@ -182,25 +184,42 @@ def test_a_writer_that_does_not_answer_in_time_gets_a_503_not_a_hung_request(
     url = env["BASE_URL"] + "/message-status"
     params = callback(SID_A, "delivered")
     headers = {"X-Twilio-Signature": sign(url, params)}
+    send_headers = dict(AUTH, **{"Idempotency-Key": "order-1"})
+    send = {"to": "+15558675309", "body": "Your code is 123456"}
+    limit = writer.ANSWER_TIMEOUT_SECONDS + 10
+
+    def timed(post):
+        started = time.monotonic()
+        return post(), time.monotonic() - started
 
     os.kill(pid, signal.SIGSTOP)
     try:
-        started = time.monotonic()
-        answer = requests.post(service.url + "/message-status", data=params, headers=headers,
-                               timeout=writer.ANSWER_TIMEOUT_SECONDS + 10)
-        waited = time.monotonic() - started
+        with ThreadPoolExecutor(2) as pool:
+            callback_post = pool.submit(timed, lambda: requests.post(
+                service.url + "/message-status", data=params, headers=headers, timeout=limit))
+            send_post = pool.submit(timed, lambda: requests.post(
+                service.url + "/send-sms", json=send, headers=send_headers, timeout=limit))
+            (answer, waited), (sent, _) = callback_post.result(), send_post.result()
     finally:
         os.kill(pid, signal.SIGCONT)
     assert answer.status_code == 503, answer.text
     assert "may or may not have been stored" in answer.json()["error"]
     assert answer.headers["Retry-After"]
     assert writer.ANSWER_TIMEOUT_SECONDS <= waited < writer.ANSWER_TIMEOUT_SECONDS + 5
-    # The write was handed over before the writer stopped, so it may still be stored: the
-    # retry that a 503 asks for then reads as a repeat, and either way it is stored once.
+    # The send stopped at its first write, before Twilio, and says so.
+    assert sent.status_code == 503, sent.text
+    assert "No SMS was sent" in sent.json()["error"] and sent.headers["Retry-After"]
+
+    # The writer stored both writes once it ran again, though nobody heard: the callback's
+    # retry reads as a repeat, and the send's key stays claimed, as its 503 warned.
+    wait_for(lambda: sql_rows(env["DATABASE_URL"], "SELECT count(*) FROM status_events")
+             == [(1,)])
     retried = requests.post(service.url + "/message-status", data=params, headers=headers,
                             timeout=10)
-    assert retried.status_code == 200, retried.text
-    assert sql_rows(env["DATABASE_URL"], "SELECT count(*) FROM status_events") == [(1,)]
+    assert retried.json() == {"received": True, "duplicate": True}
+    resent = requests.post(service.url + "/send-sms", json=send, headers=send_headers,
+                           timeout=10)
+    assert resent.status_code == 409, resent.text
 
 
 @sqlite_only
