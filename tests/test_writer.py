@@ -73,6 +73,36 @@ def test_a_batch_that_cannot_take_the_write_lock_answers_every_write_with_the_er
     assert sql_rows(app_database_url(app), "SELECT count(*) FROM status_events") == [(0,)]
 
 
+def fails_at_commit(storage):
+    """A write whose statements succeed but whose COMMIT fails: a foreign key checked only
+    at COMMIT (as a full disk fails the commit's own writes)."""
+    with storage.transaction() as tx:
+        tx.execute("PRAGMA defer_foreign_keys = ON")
+        tx.execute("INSERT INTO status_events (message_sid, status, received_at)"
+                   " VALUES ('SMnosuchmessage', 'sent', '2026-01-01T00:00:00.000Z')")
+
+
+@sqlite_only
+def test_a_batch_whose_commit_fails_answers_every_write_with_the_error_and_stores_none(
+        make_app):
+    app = make_app()
+    functions = dict(db.WRITES, fails_at_commit=fails_at_commit)
+    engine = engines.open_engine(app.config["SERVICE"], checkpoints=False)
+    try:
+        answers = writer.run_batch(engine, [("record_status", (SID_A, "sent"), {}),
+                                            ("fails_at_commit", (), {})], functions)
+        assert [outcome for outcome, _ in answers] == ["error", "error"], answers
+        assert "FOREIGN KEY" in answers[0][1][1] and answers[1] == answers[0]
+        assert sql_rows(app_database_url(app), "SELECT count(*) FROM status_events") == [(0,)]
+        # The failed commit was rolled back: the writer's connection takes the next batch.
+        assert writer.run_batch(engine, [("record_status", (SID_B, "sent"), {})],
+                                functions) == [("ok", True)]
+    finally:
+        engine.close()
+    assert sql_rows(app_database_url(app), "SELECT message_sid FROM status_events") == [
+        (SID_B,)]
+
+
 def writer_pid(service):
     """The pid of the service's writer process (a child of a thread of gunicorn's master)."""
     master = service.process.pid
