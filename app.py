@@ -268,19 +268,19 @@ def register_error_handlers(app):
     def database_error(error):
         log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
                   db.describe_error(error))
-        if isinstance(error, writer.OutcomeUnknown) and request.path == "/send-sms":
+        if not isinstance(error, writer.OutcomeUnknown):
+            message = ("The database could not complete the request; nothing was stored. "
+                       "Try again.")
+        elif request.path == "/send-sms":
             # A send meets the writer before Twilio: once Twilio accepted, it answers 200.
             message = ("No SMS was sent, but the database did not confirm this request (its "
                        "writer process gave no answer), so part of it may be stored. Try "
                        "again; if a retry with the same Idempotency-Key answers 409 or 504, "
                        "send with a new key.")
-        elif isinstance(error, writer.OutcomeUnknown):
+        else:
             message = ("The database did not confirm this request (its writer process gave no "
                        "answer): it may or may not have been stored. Try again; a repeated "
                        "status callback is stored once.")
-        else:
-            message = ("The database could not complete the request; nothing was stored. "
-                       "Try again.")
         response = json_error(503, message)
         response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
         return response

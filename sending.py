@@ -207,7 +207,8 @@ def send_and_record(to, body, reservation=None):
                   db.describe_error(error))
         answer["warning"] = (
             "Twilio accepted the message but this service could not confirm that it recorded "
-            "it; do not send it again. Its status callbacks are stored once the database recovers."
+            "it; do not send it again. Its status callbacks are stored once the database "
+            "recovers."
         )
     log.info("Sent %s to %s: %s", message.sid, rules.mask_phone(to), message.status)
     return jsonify(answer), True

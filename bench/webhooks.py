@@ -54,11 +54,13 @@ AUTH_TOKEN = secrets.token_hex(16)
 SENDER = "+15017122661"
 POOL_RATE = 4000  # pre-signed callbacks per second of a run; far above what Flask answers here
 SIDS_PER_BLOCK = 500  # a block's callbacks go out as queued for all, then sent, then final
+# Each load's callbacks per SID, in order ("final": delivered, or undelivered for one in 10).
+LOAD_STEPS = {"lifecycle": ("queued", "sent", "final"), "new": ("final",)}
 
 
 def parse_args():
     parser = argument_parser(__doc__.split("\n\n")[0], 32, "keep-alive connections")
-    parser.add_argument("--load", choices=("lifecycle", "new"), default="lifecycle",
+    parser.add_argument("--load", choices=tuple(LOAD_STEPS), default="lifecycle",
                         help="lifecycle: queued, sent, then delivered or undelivered for each "
                              "SID; new: one callback for each SID, none known before")
     return parse_bench_args(parser)
@@ -75,7 +77,7 @@ def callback_params(sid, status, to):
 def write_pool(path, round_no, count, url, load="lifecycle"):
     """Writes `count` distinct signed callbacks, one "<signature>\\t<form body>" per line."""
     validator = RequestValidator(AUTH_TOKEN)
-    steps = ("queued", "sent", "final") if load == "lifecycle" else ("final",)
+    steps = LOAD_STEPS[load]
     with open(path, "w") as out:
         written, block = 0, 0
         while written < count:
@@ -185,7 +187,7 @@ def measure(args, workdir, processes, postgres):
     pools = [workdir / f"pool-{r}.tsv" for r in range(args.rounds)]
     signed = sum(write_pool(pool, r, per_round, base_url + "/message-status", args.load)
                  for r, pool in enumerate(pools))
-    per_sid = 3 if args.load == "lifecycle" else 1
+    per_sid = len(LOAD_STEPS[args.load])
     print(f"pre-signed {signed} distinct callbacks ({signed // per_sid} SIDs x {per_sid} "
           f"status{'es' if per_sid > 1 else ''}, load '{args.load}') "
           f"in {time.perf_counter() - started:.1f} s")

@@ -126,6 +126,13 @@ def sign(url, params, token=AUTH_TOKEN):
     return RequestValidator(token).compute_signature(url, params)
 
 
+def post_to_service(service, env, params, timeout=15, session=requests):
+    """Posts a status callback to a running service, signed for its BASE_URL."""
+    return session.post(service.url + "/message-status", data=params, timeout=timeout,
+                        headers={"X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status",
+                                                            params)})
+
+
 def callback(sid, status, **extra):
     params = {
         "MessageSid": sid, "SmsSid": sid, "MessageStatus": status, "SmsStatus": status,

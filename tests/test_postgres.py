@@ -18,13 +18,12 @@ import engines
 from conftest import (
     API_KEY,
     AUTH,
-    AUTH_TOKEN,
     ROOT,
     CallbackLoad,
     callback,
     free_port,
+    post_to_service,
     procfile_command,
-    sign,
     sql_rows,
 )
 from postgres import PostgresServer
@@ -33,11 +32,6 @@ from postgres import PostgresServer
 pytestmark = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 
 STATUSES = ["queued", "sent", "delivered"]
-
-
-def post_callback(service, env, params, session=requests):
-    return session.post(service.url + "/message-status", data=params, timeout=15, headers={
-        "X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status", params, AUTH_TOKEN)})
 
 
 def live_pair(service_env, start_service, postgres_url, **settings):
@@ -61,7 +55,7 @@ def test_two_instances_store_split_repeated_out_of_order_callbacks_once(
         session = requests.Session()
         for n, (sid, status) in enumerate(part):
             service = (one, two)[n % 2]
-            answer = post_callback(service, env, callback(sid, status), session)
+            answer = post_to_service(service, env, callback(sid, status), session=session)
             with lock:
                 answers.append(answer.status_code)
 

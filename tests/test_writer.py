@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -20,7 +21,7 @@ from conftest import (
     app_database_url,
     callback,
     database_locked,
-    sign,
+    post_to_service,
     sql_rows,
     sqlite_only,
 )
@@ -28,13 +29,22 @@ from conftest import (
 SID_A, SID_B = "SM" + "a" * 32, "SM" + "b" * 32
 
 
-def batch(app, *writes):
-    """Runs writes [(db.py function name, args)] as one batch of the writer process."""
+@contextmanager
+def writer_batches(app, functions=db.WRITES):
+    """run(*writes) runs writes [(function name, args)] as one batch of the writer process,
+    on one engine (as the writer's) for every batch of the block."""
     engine = engines.open_engine(app.config["SERVICE"], checkpoints=False)
     try:
-        return writer.run_batch(engine, [(name, args, {}) for name, args in writes], db.WRITES)
+        yield lambda *writes: writer.run_batch(
+            engine, [(name, args, {}) for name, args in writes], functions)
     finally:
         engine.close()
+
+
+def batch(app, *writes):
+    """Runs writes [(db.py function name, args)] as one batch of the writer process."""
+    with writer_batches(app) as run:
+        return run(*writes)
 
 
 @sqlite_only
@@ -86,19 +96,13 @@ def fails_at_commit(storage):
 def test_a_batch_whose_commit_fails_answers_every_write_with_the_error_and_stores_none(
         make_app):
     app = make_app()
-    functions = dict(db.WRITES, fails_at_commit=fails_at_commit)
-    engine = engines.open_engine(app.config["SERVICE"], checkpoints=False)
-    try:
-        answers = writer.run_batch(engine, [("record_status", (SID_A, "sent"), {}),
-                                            ("fails_at_commit", (), {})], functions)
+    with writer_batches(app, dict(db.WRITES, fails_at_commit=fails_at_commit)) as run:
+        answers = run(("record_status", (SID_A, "sent")), ("fails_at_commit", ()))
         assert [outcome for outcome, _ in answers] == ["error", "error"], answers
         assert "FOREIGN KEY" in answers[0][1][1] and answers[1] == answers[0]
         assert sql_rows(app_database_url(app), "SELECT count(*) FROM status_events") == [(0,)]
         # The failed commit was rolled back: the writer's connection takes the next batch.
-        assert writer.run_batch(engine, [("record_status", (SID_B, "sent"), {})],
-                                functions) == [("ok", True)]
-    finally:
-        engine.close()
+        assert run(("record_status", (SID_B, "sent"))) == [("ok", True)]
     assert sql_rows(app_database_url(app), "SELECT message_sid FROM status_events") == [
         (SID_B,)]
 
@@ -183,12 +187,10 @@ def test_writes_wait_for_the_writer_and_sigterm_alone_does_not_stop_it(
         service_env, start_service):
     env, service = live_service(service_env, start_service)
     pid = writer_pid(service)
-    url = env["BASE_URL"] + "/message-status"
     params = callback(SID_A, "delivered")
 
     def post(timeout):
-        return requests.post(service.url + "/message-status", data=params, timeout=timeout,
-                             headers={"X-Twilio-Signature": sign(url, params)})
+        return post_to_service(service, env, params, timeout=timeout)
 
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -211,9 +213,7 @@ def test_a_writer_that_does_not_answer_in_time_gets_a_503_not_a_hung_request(
         service_env, start_service):
     env, service = live_service(service_env, start_service)
     pid = writer_pid(service)
-    url = env["BASE_URL"] + "/message-status"
     params = callback(SID_A, "delivered")
-    headers = {"X-Twilio-Signature": sign(url, params)}
     send_headers = dict(AUTH, **{"Idempotency-Key": "order-1"})
     send = {"to": "+15558675309", "body": "Your code is 123456"}
     limit = writer.ANSWER_TIMEOUT_SECONDS + 10
@@ -225,8 +225,8 @@ def test_a_writer_that_does_not_answer_in_time_gets_a_503_not_a_hung_request(
     os.kill(pid, signal.SIGSTOP)
     try:
         with ThreadPoolExecutor(2) as pool:
-            callback_post = pool.submit(timed, lambda: requests.post(
-                service.url + "/message-status", data=params, headers=headers, timeout=limit))
+            callback_post = pool.submit(timed, lambda: post_to_service(
+                service, env, params, timeout=limit))
             send_post = pool.submit(timed, lambda: requests.post(
                 service.url + "/send-sms", json=send, headers=send_headers, timeout=limit))
             (answer, waited), (sent, _) = callback_post.result(), send_post.result()
@@ -244,8 +244,7 @@ def test_a_writer_that_does_not_answer_in_time_gets_a_503_not_a_hung_request(
     # retry reads as a repeat, and the send's key stays claimed, as its 503 warned.
     wait_for(lambda: sql_rows(env["DATABASE_URL"], "SELECT count(*) FROM status_events")
              == [(1,)])
-    retried = requests.post(service.url + "/message-status", data=params, headers=headers,
-                            timeout=10)
+    retried = post_to_service(service, env, params, timeout=10)
     assert retried.json() == {"received": True, "duplicate": True}
     resent = requests.post(service.url + "/send-sms", json=send, headers=send_headers,
                            timeout=10)
@@ -260,10 +259,7 @@ def test_a_temp_folder_too_deep_for_a_socket_path_still_gets_a_writer(
     os.makedirs(deep)
     env.update(TMPDIR=deep, BASE_URL=f"http://127.0.0.1:{env['PORT']}")
     service = start_service(env)
-    url = env["BASE_URL"] + "/message-status"
-    params = callback(SID_A, "delivered")
-    answer = requests.post(service.url + "/message-status", data=params, timeout=10,
-                           headers={"X-Twilio-Signature": sign(url, params)})
+    answer = post_to_service(service, env, callback(SID_A, "delivered"), timeout=10)
     assert answer.status_code == 200, answer.text
     socket_path = writer_socket(writer_pid(service))
     assert len(os.fsencode(socket_path)) <= writer.MAX_SOCKET_PATH_BYTES
