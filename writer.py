@@ -200,8 +200,9 @@ def run_batch(engine, writes, functions):
             return _run_once(engine, writes, functions, savepoints=True)
     except DATABASE_ERRORS as error:
         answer = _error_answer(engine, error)
+        _, (_, problem) = answer
         log.error("Database writer: a batch of %d writes failed, none stored: %s",
-                  len(writes), answer[1][1])
+                  len(writes), problem)
         return [answer] * len(writes)
 
 

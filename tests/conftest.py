@@ -119,7 +119,12 @@ def database_text(app):
 
 def count_rows(app, table):
     """Rows in one table of the app's database, read through a connection of its own."""
-    return sql_rows(app_database_url(app), f"SELECT count(*) FROM {table}")[0][0]
+    return count_rows_at(app_database_url(app), table)
+
+
+def count_rows_at(database_url, table):
+    """Rows in one table of the database at `database_url` (a running service's)."""
+    return sql_rows(database_url, f"SELECT count(*) FROM {table}")[0][0]
 
 
 def sign(url, params, token=AUTH_TOKEN):

@@ -167,9 +167,7 @@ def test_a_postgres_outage_gives_503_never_200_and_the_service_recovers_by_itsel
         # Each worker's pool gets its connections back on its own: /healthz can answer 200
         # from one worker a moment (measured: up to about a second) before the other, which
         # may hold every connection of the load, stores again.
-        deadline = time.monotonic() + 15
-        while len(load.acknowledged) <= during and time.monotonic() < deadline:
-            time.sleep(0.1)
+        load.wait_for(during + 1, timeout=15)
         assert len(load.acknowledged) > during, "callbacks are stored again, with no restart"
     acknowledged, others = load.acknowledged, load.others
 

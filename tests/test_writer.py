@@ -20,6 +20,8 @@ from conftest import (
     CallbackLoad,
     app_database_url,
     callback,
+    count_rows,
+    count_rows_at,
     database_locked,
     post_to_service,
     sql_rows,
@@ -80,7 +82,7 @@ def test_a_batch_that_cannot_take_the_write_lock_answers_every_write_with_the_er
                         ("record_status", (SID_B, "sent")))
     assert answers[0][0] == "error" and "lock" in answers[0][1][1], answers
     assert answers[1] == answers[0]
-    assert sql_rows(app_database_url(app), "SELECT count(*) FROM status_events") == [(0,)]
+    assert count_rows(app, "status_events") == 0
 
 
 def fails_at_commit(storage):
@@ -100,7 +102,7 @@ def test_a_batch_whose_commit_fails_answers_every_write_with_the_error_and_store
         answers = run(("record_status", (SID_A, "sent")), ("fails_at_commit", ()))
         assert [outcome for outcome, _ in answers] == ["error", "error"], answers
         assert "FOREIGN KEY" in answers[0][1][1] and answers[1] == answers[0]
-        assert sql_rows(app_database_url(app), "SELECT count(*) FROM status_events") == [(0,)]
+        assert count_rows(app, "status_events") == 0
         # The failed commit was rolled back: the writer's connection takes the next batch.
         assert run(("record_status", (SID_B, "sent"))) == [("ok", True)]
     assert sql_rows(app_database_url(app), "SELECT message_sid FROM status_events") == [
@@ -126,6 +128,16 @@ def live_service(service_env, start_service):
     env = service_env(simulate=False)
     env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     return env, start_service(env)
+
+
+@contextmanager
+def stopped(pid):
+    """The process is stopped (SIGSTOP) for the block, and runs again after it."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def wait_for(condition, timeout=15):
@@ -192,14 +204,9 @@ def test_writes_wait_for_the_writer_and_sigterm_alone_does_not_stop_it(
     def post(timeout):
         return post_to_service(service, env, params, timeout=timeout)
 
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        with pytest.raises(requests.ReadTimeout):
-            post(timeout=2)  # every write goes through the writer, which is stopped
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    wait_for(lambda: sql_rows(env["DATABASE_URL"], "SELECT count(*) FROM status_events")
-             == [(1,)])
+    with stopped(pid), pytest.raises(requests.ReadTimeout):
+        post(timeout=2)  # every write goes through the writer, which is stopped
+    wait_for(lambda: count_rows_at(env["DATABASE_URL"], "status_events") == 1)
     # A process manager's SIGTERM to every process: the writer stays for the workers,
     # until gunicorn's master stops it after them.
     os.kill(pid, signal.SIGTERM)
@@ -222,16 +229,12 @@ def test_a_writer_that_does_not_answer_in_time_gets_a_503_not_a_hung_request(
         started = time.monotonic()
         return post(), time.monotonic() - started
 
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            callback_post = pool.submit(timed, lambda: post_to_service(
-                service, env, params, timeout=limit))
-            send_post = pool.submit(timed, lambda: requests.post(
-                service.url + "/send-sms", json=send, headers=send_headers, timeout=limit))
-            (answer, waited), (sent, _) = callback_post.result(), send_post.result()
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    with stopped(pid), ThreadPoolExecutor(2) as pool:
+        callback_post = pool.submit(timed, lambda: post_to_service(
+            service, env, params, timeout=limit))
+        send_post = pool.submit(timed, lambda: requests.post(
+            service.url + "/send-sms", json=send, headers=send_headers, timeout=limit))
+        (answer, waited), (sent, _) = callback_post.result(), send_post.result()
     assert answer.status_code == 503, answer.text
     assert "may or may not have been stored" in answer.json()["error"]
     assert answer.headers["Retry-After"]
@@ -242,8 +245,7 @@ def test_a_writer_that_does_not_answer_in_time_gets_a_503_not_a_hung_request(
 
     # The writer stored both writes once it ran again, though nobody heard: the callback's
     # retry reads as a repeat, and the send's key stays claimed, as its 503 warned.
-    wait_for(lambda: sql_rows(env["DATABASE_URL"], "SELECT count(*) FROM status_events")
-             == [(1,)])
+    wait_for(lambda: count_rows_at(env["DATABASE_URL"], "status_events") == 1)
     retried = post_to_service(service, env, params, timeout=10)
     assert retried.json() == {"received": True, "duplicate": True}
     resent = requests.post(service.url + "/send-sms", json=send, headers=send_headers,
