@@ -10,9 +10,9 @@ from dotenv import load_dotenv
 load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import writer  # noqa: E402
-from config import ConfigError, server_settings  # noqa: E402
-from read_deadline import ThreadWorker  # noqa: E402
+from sms_status.config import ConfigError, server_settings  # noqa: E402
+from sms_status.serving.read_deadline import ThreadWorker  # noqa: E402
+from sms_status.storage import writer  # noqa: E402
 
 try:
     _port, _workers, _threads, _read_timeout = server_settings(os.environ)

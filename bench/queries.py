@@ -80,8 +80,8 @@ def parse_args():
 def open_database(repo, database_url):
     """The service's own engine for `database_url`, its schema created or migrated."""
     sys.path.insert(0, str(repo))
-    import engines  # the service's modules: its schema and migrations
-    from config import parse_database_url
+    from sms_status.config import parse_database_url
+    from sms_status.storage import engines  # the service's modules: its schema and migrations
 
     kind, location = parse_database_url(database_url)
     engine = (engines.SQLiteEngine(location) if kind == "sqlite"

@@ -115,8 +115,10 @@ def settled_count(database, limit=15):
 def sqlite_commit_rate(repo, directory, synchronous, seconds):
     """Single-row commits per second on one kept connection opened as the service opens it."""
     sys.path.insert(0, str(repo))
-    import db  # the service's modules: same PRAGMAs, same BEGIN IMMEDIATE transactions
-    import engines
+    from sms_status.storage import engines
+    from sms_status.storage import (
+        records as db,  # the service's modules: same PRAGMAs, same BEGIN IMMEDIATE transactions
+    )
 
     path = Path(directory) / f"raw-{synchronous.lower()}.db"
     conn = engines.open_sqlite(str(path), synchronous)

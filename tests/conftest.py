@@ -26,14 +26,14 @@ os.environ.setdefault("TWILIO_SIMULATE", "true")
 os.environ.setdefault("DATABASE_URL", "sqlite:///" + os.path.join(tempfile.mkdtemp(), "import.db"))
 os.environ.setdefault("LOG_LEVEL", "WARNING")
 
-import db  # noqa: E402
-from app import create_app  # noqa: E402
 from postgres import (  # noqa: E402
     PostgresServer,
     PostgresUnavailable,
     create_database,
     drop_database,
 )
+from sms_status import create_app  # noqa: E402
+from sms_status.storage import records as db  # noqa: E402
 from twilio_fakes import FakeTwilio  # noqa: E402
 
 ACCOUNT_SID = "AC" + "a1" * 16

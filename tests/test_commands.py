@@ -182,7 +182,7 @@ def test_prune_clears_bodies_after_body_retention(make_app, fake_twilio):
 
 
 def test_body_retention_is_checked_at_start(make_app):
-    from config import ConfigError
+    from sms_status.config import ConfigError
     with pytest.raises(ConfigError, match="BODY_RETENTION"):
         make_app(BODY_RETENTION="a week")
 

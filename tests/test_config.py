@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from config import ConfigError, load_config
 from conftest import ROOT, SERVICE_VARIABLES, free_port, live_env, procfile_command
+from sms_status.config import ConfigError, load_config
 
 
 def problems(env):

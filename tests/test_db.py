@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-import db
-import engines
 from conftest import AUTH, sql_rows, sqlite_only
+from sms_status.storage import engines
+from sms_status.storage import records as db
 
 
 def engine_for(url):

@@ -7,7 +7,6 @@ import time
 import pytest
 import requests
 
-from config import SIMULATED_AUTH_TOKEN
 from conftest import (
     API_KEY,
     SERVICE_VARIABLES,
@@ -19,7 +18,8 @@ from conftest import (
     sql_rows,
 )
 from postgres import create_database, drop_database
-from simulator import SEND_ERRORS
+from sms_status.config import SIMULATED_AUTH_TOKEN
+from sms_status.simulator import SEND_ERRORS
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

@@ -11,9 +11,9 @@ import pytest
 import requests
 from twilio.http.http_client import TwilioHttpClient
 
-import db
-from app import create_app
 from conftest import AUTH, callback, count_rows, live_env, sign, sqlite_only
+from sms_status import create_app
+from sms_status.storage import records as db
 
 # --- the disk under the database fills up --------------------------------------------------
 

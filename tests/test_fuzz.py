@@ -6,9 +6,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import db
-import rules
-from app import create_app
 from conftest import (
     ACCOUNT_SID,
     AUTH,
@@ -19,6 +16,8 @@ from conftest import (
     live_env,
     sign,
 )
+from sms_status import create_app, rules
+from sms_status.storage import records as db
 from twilio_fakes import FakeTwilio
 
 FUZZ = settings(max_examples=100, deadline=None,

@@ -6,8 +6,6 @@ import threading
 import pytest
 from werkzeug.datastructures import MultiDict
 
-import db
-import engines
 from conftest import (
     AUTH,
     AUTH_TOKEN,
@@ -18,6 +16,8 @@ from conftest import (
     database_locked,
     sign,
 )
+from sms_status.storage import engines
+from sms_status.storage import records as db
 
 SID = "SM" + "d4" * 16
 

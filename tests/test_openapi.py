@@ -2,7 +2,7 @@ import json
 
 from openapi_spec_validator import validate
 
-from app import OPENAPI_DOCUMENT
+from sms_status import OPENAPI_DOCUMENT
 
 ROUTES = {("/", "get"), ("/healthz", "get"), ("/openapi.json", "get"), ("/send-sms", "post"),
           ("/message-status", "post"), ("/get-status/{sid}", "get"), ("/messages", "get"),

@@ -11,8 +11,8 @@ import time
 import requests
 
 import conftest
-from config import SIMULATED_AUTH_TOKEN
 from conftest import CallbackLoad, callback, sign, sql_rows, sqlite_only
+from sms_status.config import SIMULATED_AUTH_TOKEN
 
 OLD = "2020-01-01T00:00:00.000Z"
 

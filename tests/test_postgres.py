@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 
-import engines
 from conftest import (
     API_KEY,
     AUTH,
@@ -27,6 +26,7 @@ from conftest import (
     sql_rows,
 )
 from postgres import PostgresServer
+from sms_status.storage import engines
 
 # Every test here is about PostgreSQL: service_env's database is the test's PostgreSQL one.
 pytestmark = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

@@ -1,6 +1,6 @@
 import pytest
 
-import rules
+from sms_status import rules
 
 
 @pytest.mark.parametrize("number, valid", [

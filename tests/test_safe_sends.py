@@ -4,7 +4,6 @@ import pytest
 import requests
 from twilio.http.response import Response
 
-from app import create_app
 from conftest import (
     ACCOUNT_SID,
     API_KEY,
@@ -16,6 +15,7 @@ from conftest import (
     live_env,
     sql_rows,
 )
+from sms_status import create_app
 from twilio_fakes import twilio_error
 
 
@@ -34,7 +34,7 @@ def clock():
 
 @pytest.fixture
 def make_app(tmp_path, fake_twilio, clock, database_url):
-    import db
+    from sms_status.storage import records as db
 
     def make(**overrides):
         overrides.setdefault("DATABASE_URL", database_url)

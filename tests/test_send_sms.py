@@ -4,7 +4,6 @@ import pytest
 import requests
 from twilio.http.response import Response
 
-import db
 from conftest import (
     ACCOUNT_SID,
     API_KEY,
@@ -16,6 +15,7 @@ from conftest import (
     sql_rows,
     stored_message,
 )
+from sms_status.storage import records as db
 from twilio_fakes import twilio_error
 
 
@@ -146,8 +146,8 @@ def test_a_messaging_service_send_stores_the_number_a_callback_names(make_app, f
 
 
 def test_default_transport_has_a_timeout(tmp_path):
-    from app import create_app
     from conftest import live_env
+    from sms_status import create_app
     app = create_app(live_env(tmp_path, TWILIO_TIMEOUT="3"))
     assert app.extensions["twilio"].http_client.timeout == 3.0
     db.close_all()

@@ -14,8 +14,8 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from config import SIMULATED_AUTH_TOKEN
 from conftest import BASE_URL, ROOT, callback, free_port, sign, sql_rows, sqlite_only
+from sms_status.config import SIMULATED_AUTH_TOKEN
 
 pytestmark = sqlite_only
 

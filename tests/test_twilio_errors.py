@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import AUTH, callback
-from twilio_errors import ERRORS, description
+from sms_status.twilio_errors import ERRORS, description
 
 # The codes the service explains: those a sender of alerts and one-time codes meets.
 LISTED = [*range(30001, 30009), 30032, 30034, 21610, 21211, 21408, 21612, 21614, 63016]

@@ -12,9 +12,6 @@ from contextlib import contextmanager
 import pytest
 import requests
 
-import db
-import engines
-import writer
 from conftest import (
     AUTH,
     CallbackLoad,
@@ -27,6 +24,8 @@ from conftest import (
     sql_rows,
     sqlite_only,
 )
+from sms_status.storage import engines, writer
+from sms_status.storage import records as db
 
 SID_A, SID_B = "SM" + "a" * 32, "SM" + "b" * 32
 
@@ -117,7 +116,7 @@ def writer_pid(service):
             for pid in children.read().split():
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                        if b"writer.py" in cmdline.read():
+                        if b"sms_status.storage.writer" in cmdline.read():
                             return int(pid)
                 except FileNotFoundError:
                     pass
@@ -182,7 +181,8 @@ def test_a_killed_writer_is_replaced_and_nothing_acknowledged_is_lost(
 def writer_socket(pid):
     """The socket path a writer process was started with."""
     with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-        return cmdline.read().split(b"\0")[2].decode()
+        argv = cmdline.read().split(b"\0")
+    return argv[argv.index(b"sms_status.storage.writer") + 1].decode()
 
 
 def accepts(path):

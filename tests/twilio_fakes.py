@@ -6,7 +6,7 @@ import json
 from twilio.http import HttpClient
 from twilio.http.response import Response
 
-from simulator import SimulatedTwilio
+from sms_status.simulator import SimulatedTwilio
 
 
 def twilio_error(status, code, message="error"):

@@ -12,8 +12,8 @@ from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from rules import mask_phone
-from simulator import SimulatedTwilio
+from sms_status.rules import mask_phone
+from sms_status.simulator import SimulatedTwilio
 
 log = logging.getLogger("sms_status")
 

@@ -14,11 +14,10 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-import db
-import rules
-import twilio_api
-from config import database_settings, parse_database_url
-from sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
+from sms_status import rules, twilio_api
+from sms_status.config import database_settings, parse_database_url
+from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
+from sms_status.storage import records as db
 
 RATE_LIMIT_RETRIES = 3
 FIRST_BACKOFF_SECONDS = 1.0

@@ -12,9 +12,8 @@ import math
 
 from flask import current_app, g, jsonify, request
 
-import db
-import rules
-import twilio_api
+from sms_status import rules, twilio_api
+from sms_status.storage import records as db
 
 log = logging.getLogger("sms_status")
 

@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 
 from flask import current_app
 
-import engines
-from engines import DATABASE_ERRORS  # noqa: F401 (re-exported for the app)
-from rules import FINAL_STATUSES, STATUS_RANK
+from sms_status.rules import FINAL_STATUSES, STATUS_RANK
+from sms_status.storage import engines
+from sms_status.storage.engines import DATABASE_ERRORS  # noqa: F401 (re-exported for the app)
 
 # The rank of a message's stored latest status, for the forward-only rule in SQL; a status
 # this code does not know ranks below every known one, so any known status replaces it.

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from rules import E164_PATTERN, parse_duration
+from sms_status.rules import E164_PATTERN, parse_duration
 
 ACCOUNT_SID_PATTERN = re.compile(r"AC[0-9a-fA-F]{32}")
 MESSAGING_SERVICE_SID_PATTERN = re.compile(r"MG[0-9a-fA-F]{32}")

@@ -45,7 +45,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from engines import DATABASE_ERRORS
+from sms_status.storage.engines import DATABASE_ERRORS
 
 log = logging.getLogger("sms_status")
 
@@ -309,18 +309,18 @@ def serve(engine, listener, functions, master):
 
 
 def main(argv):
-    """`python writer.py <socket> <master pid>`, run by Supervisor in gunicorn's folder and
-    environment, so that DATABASE_URL names the same database as the app's (the password
-    never appears in a command line)."""
+    """`python -m sms_status.storage.writer <socket> <master pid>`, run by Supervisor in
+    gunicorn's folder and environment, so that DATABASE_URL names the same database as the
+    app's (the password never appears in a command line)."""
     socket_path, master = argv[0], int(argv[1])
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
 
-    import db
-    from config import load_config
-    from engines import open_engine
+    from sms_status.config import load_config
+    from sms_status.storage import records as db
+    from sms_status.storage.engines import open_engine
 
     engine = open_engine(load_config(os.environ), checkpoints=False)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -352,9 +352,12 @@ class Supervisor:
     def __init__(self):
         self.directory = socket_directory()
         self.socket_path = os.path.join(self.directory, "socket")
-        self.argv = [sys.executable, os.path.abspath(__file__), self.socket_path,
-                     str(os.getpid())]
+        self.argv = [sys.executable, "-m", __name__, self.socket_path, str(os.getpid())]
         self.folder = os.getcwd()
+        # The package's parent folder on the path, wherever gunicorn was started from.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [root, os.environ.get("PYTHONPATH")])))
         self.process = None
         self.stopping = False
         self.lock = threading.Lock()  # no new writer is started once stop() has begun
@@ -380,7 +383,7 @@ class Supervisor:
             with self.lock:
                 if self.stopping:
                     break
-                self.process = subprocess.Popen(self.argv, cwd=self.folder)
+                self.process = subprocess.Popen(self.argv, cwd=self.folder, env=self.env)
             # gunicorn's master may reap it first (it waits for any child); wait() then
             # returns all the same, without the exit status.
             self.process.wait()

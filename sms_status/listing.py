@@ -16,9 +16,8 @@ from datetime import datetime, timedelta, timezone
 
 from flask import abort
 
-import db
-import rules
-import twilio_errors
+from sms_status import rules, twilio_errors
+from sms_status.storage import records as db
 
 
 def _rows(sql, params):
