@@ -183,7 +183,8 @@ def _writer_queue(path):
     with _writer_queues_guard:
         if key not in _writer_queues:
             try:
-                fd = os.open(path + "-lock", os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(path + "-lock", os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
+                _make_private(fd)
                 if os.geteuid() == 0:  # like SQLite's own files: owned as the database is
                     stat = os.stat(path)
                     os.fchown(fd, stat.st_uid, stat.st_gid)
@@ -219,6 +220,34 @@ def _writer_turn(path):
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         lock.release()
+
+
+# The database and every file beside it (its WAL, WAL index and lock file) are the service's
+# user's alone, whatever the umask: anyone who can read them reads every message, and anyone
+# who can lock them stops every write.
+PRIVATE_FILE_MODE = 0o600
+DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm", "-lock")
+
+
+def _make_private(file):
+    """Takes group and other permissions off a file (a path or a descriptor) this process
+    owns; one owned by another user is left as it is."""
+    try:
+        os.chmod(file, PRIVATE_FILE_MODE)
+    except PermissionError:
+        pass
+
+
+def make_database_files_private(path):
+    """Creates the database file as the service's user's alone when it is missing, and takes
+    group and other permissions off it and off the files beside it that already exist.
+
+    SQLite creates the WAL and its index with the database file's permissions, so these
+    follow."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE))
+    for suffix in DATABASE_FILE_SUFFIXES:
+        if os.path.exists(path + suffix):
+            _make_private(path + suffix)
 
 
 def _close_writer_queues():
@@ -441,6 +470,10 @@ class SQLiteEngine:
 
     def migrate(self):
         """Creates or upgrades the schema in place and switches the database to WAL mode."""
+        try:
+            make_database_files_private(self.path)
+        except OSError as error:
+            raise sqlite3.OperationalError(f"cannot create {self.path}: {error}") from None
         conn = open_sqlite(self.path)
         try:
             _switch_to_wal(conn)
@@ -461,15 +494,31 @@ class SQLiteEngine:
         finally:
             conn.close()
 
+    def wal_size(self):
+        """The WAL file's size in bytes (0 when there is none)."""
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except FileNotFoundError:
+            return 0
+
     def compact(self):
         """After a bulk delete: copies the WAL into the database and truncates it to zero
         bytes. Returns False when readers kept it from finishing (it shrinks at a later
         checkpoint instead); waits for them only briefly, since writers wait meanwhile."""
+        return self._checkpoint_waiting_briefly("TRUNCATE")
+
+    def rewind_wal(self):
+        """Copies the WAL into the database so that the next commit writes the WAL from its
+        start again; the file keeps its size, so its space is reused rather than given
+        back and taken again. Returns False when readers kept it from finishing."""
+        return self._checkpoint_waiting_briefly("RESTART")
+
+    def _checkpoint_waiting_briefly(self, mode):
         conn = self.connection()
         with _writer_turn(self.path):
             conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
             try:
-                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                busy = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         return not busy
