@@ -1,4 +1,6 @@
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -6,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import AUTH, sql_rows, sqlite_only
+from conftest import AUTH, callback, post_to_service, sql_rows, sqlite_only
 from sms_status.storage import engines
 from sms_status.storage import records as db
 
@@ -201,3 +203,25 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
         with app.app_context():
             db.get_db()._pool().putconn(held)
     assert lookup().status_code == 404
+
+
+@sqlite_only
+@pytest.mark.parametrize("umask", [0o022, 0o000], ids=["umask-022", "umask-000"])
+def test_the_database_and_the_files_beside_it_are_the_service_users_alone(
+        database_url, service_env, start_service, umask):
+    path = database_url[len("sqlite:///"):]
+    # A lock file left world-writable by an older release is made private too.
+    with open(path + "-lock", "w"):
+        pass
+    os.chmod(path + "-lock", 0o666)
+    previous = os.umask(umask)
+    try:
+        env = service_env(simulate=False)
+        env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
+        service = start_service(env)
+    finally:
+        os.umask(previous)
+    assert post_to_service(service, env, callback("SM" + "c" * 32, "sent")).status_code == 200
+    modes = {suffix: stat.S_IMODE(os.stat(path + suffix).st_mode)
+             for suffix in ("", "-wal", "-shm", "-lock")}
+    assert modes == dict.fromkeys(modes, 0o600), {k: oct(v) for k, v in modes.items()}
