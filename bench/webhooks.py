@@ -60,6 +60,9 @@ LOAD_STEPS = {"lifecycle": ("queued", "sent", "final"), "new": ("final",)}
 
 def parse_args():
     parser = argument_parser(__doc__.split("\n\n")[0], 32, "keep-alive connections")
+    parser.add_argument("--compare", type=Path, metavar="REPO",
+                        help="another checkout of the service (an older commit, say), "
+                             "measured in the same rounds right after this one, on SQLite")
     parser.add_argument("--load", choices=tuple(LOAD_STEPS), default="lifecycle",
                         help="lifecycle: queued, sent, then delivered or undelivered for each "
                              "SID; new: one callback for each SID, none known before")
@@ -221,6 +224,14 @@ def measure(args, workdir, processes, postgres):
             on_postgres[name] = (servers, url)
         print(f"also on PostgreSQL ({database_rows(single, 'SHOW server_version')[0][0]}): one "
               "instance, and two instances on one database")
+    compared = None
+    if args.compare:
+        compared_port, compared_db = free_port(), workdir / "compared.db"
+        compared = processes.start_server(
+            "compared", procfile_command(args.compare), args.compare,
+            dict(env, PORT=str(compared_port), DATABASE_URL=f"sqlite:///{compared_db}"),
+            f"http://127.0.0.1:{compared_port}/healthz")
+        print(f"compared with the service in {args.compare}, on SQLite, in the same rounds")
     with sqlite3.connect(baseline_db) as conn:
         conn.execute("CREATE TABLE status_events (message_sid TEXT, status TEXT, received_at TEXT)")
     gunicorn_bin = Path(sys.executable).parent / "gunicorn"
@@ -234,8 +245,10 @@ def measure(args, workdir, processes, postgres):
 
     other_sync = "FULL" if synchronous == "NORMAL" else "NORMAL"
     raw_seconds = min(args.duration, 3)
-    results = {"service": [], "floor": [], "403 ceiling": [], "baseline": [],
-               **{name: [] for name in on_postgres}}
+    results = {"service": [], **({"compared": []} if compared else {}), "floor": [],
+               "403 ceiling": [], "baseline": [], **{name: [] for name in on_postgres}}
+    # What grows: the largest size each SQLite database's WAL reached during the run.
+    wal_peaks = WalPeaks([service_db] + ([compared_db] if compared else []))
     acked_on = dict.fromkeys(on_postgres, 0)
     raw = {synchronous: [], other_sync: []}
     failures = []
@@ -296,6 +309,13 @@ def measure(args, workdir, processes, postgres):
         if stored > sent_upper_bound:
             failures.append(f"{stored} rows stored but at most {sent_upper_bound} sent")
 
+        if compared:
+            result = wrk(compared, f"http://127.0.0.1:{compared_port}", pool)
+            results["compared"].append(result)
+            print("  " + describe("compared", result))
+            failures += check_run("compared", result)
+        print(f"  {'':<14} WAL peak so far: " + wal_peaks.describe())
+
         result = wrk(floor, f"http://127.0.0.1:{floor_port}", pool)
         results["floor"].append(result)
         print("  " + describe("floor", result))
@@ -329,11 +349,39 @@ def measure(args, workdir, processes, postgres):
             print(f"  {'sqlite ' + level:<14} {raw[level][-1]:6.0f} commits/s "
                   f"(one kept connection, WAL, synchronous={level})")
 
+    wal_peaks.stop()
     baseline_stored = settled_count(baseline_db)
     if baseline_stored < baseline_acked:
         failures.append(f"baseline lost {baseline_acked - baseline_stored} callbacks")
     report(args, results, raw, synchronous, other_sync, count_rows(service_db), acked_total)
     return failures
+
+
+class WalPeaks:
+    """Samples the size of each database's WAL five times a second, keeping the largest."""
+
+    def __init__(self, databases):
+        self.paths = [Path(f"{database}-wal") for database in databases]
+        self.peaks = dict.fromkeys(self.paths, 0)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while not self.stopping.wait(0.2):
+            for path in self.paths:
+                try:
+                    self.peaks[path] = max(self.peaks[path], path.stat().st_size)
+                except FileNotFoundError:
+                    pass
+
+    def describe(self):
+        return ", ".join(f"{path.name} {size / 2**20:.1f} MiB"
+                         for path, size in self.peaks.items())
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
 
 
 def check_run(name, result, expect=200):
@@ -363,7 +411,8 @@ def report(args, results, raw, synchronous, other_sync, stored, acked):
           f"{args.duration} s each")
     print(f"{'':<30} {'per s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}"
           f" {'cores':>6}")
-    labels = {"service": "service (stored)", "floor": "no-storage floor",
+    labels = {"service": "service (stored)", "compared": "compared service",
+              "floor": "no-storage floor",
               "403 ceiling": "service 403 ceiling",
               "baseline": "baseline receiver", "postgres": "service on PostgreSQL",
               "postgres x2": "2 instances, one PostgreSQL"}
@@ -387,6 +436,11 @@ def report(args, results, raw, synchronous, other_sync, stored, acked):
           f"(median of the rounds' ratios; target >= 0.80: {verdict(median(pairs) >= 0.8)}; "
           f"rounds {' '.join(f'{x:.3f}' for x in pairs)})")
     print(f"service p99             = {p99:5.1f} ms (target < 100 ms: {verdict(p99 < 100)})")
+    if "compared" in results:
+        pairs = sorted(rate(r) / rate(c)
+                       for r, c in zip(results["service"], results["compared"], strict=True))
+        print(f"service / compared      = {median(pairs):6.3f}   (median of the rounds' ratios; "
+              f"rounds {' '.join(f'{x:.3f}' for x in pairs)})")
     print(f"service / 403 ceiling   = {service / ceiling:6.3f}")
     print(f"service / baseline      = {service / baseline:6.3f}")
     print(f"service / sqlite commit = {service / median(raw[synchronous]):6.3f}")

@@ -5,6 +5,8 @@ writer is replaced while nothing acknowledged is lost."""
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,6 +30,11 @@ from sms_status.storage import engines, writer
 from sms_status.storage import records as db
 
 SID_A, SID_B = "SM" + "a" * 32, "SM" + "b" * 32
+# A minute of callbacks as fast as the service takes them: enough to see whether the WAL keeps
+# growing, which a burst of a few seconds hides.
+SUSTAINED_LOAD_SECONDS = int(os.environ.get("SUSTAINED_LOAD_SECONDS", "60"))
+WAL_BOUND_BYTES = 64 * 1024 * 1024
+FORK_RACE_ROUNDS = 40
 
 
 @contextmanager
@@ -163,7 +170,7 @@ def test_a_killed_writer_is_replaced_and_nothing_acknowledged_is_lost(
     stored = {sid for (sid,) in sql_rows(env["DATABASE_URL"],
                                          "SELECT message_sid FROM status_events")}
     assert set(load.acknowledged) <= stored
-    assert "The database writer (pid %d) stopped" % first in service.logs()
+    assert f"The database writer (pid {first}) stopped (killed by SIGKILL)" in service.logs()
 
     # Killed while idle: once the next writer listens, no write fails on a worker's
     # connection kept from the one before.
@@ -302,3 +309,97 @@ def test_the_writer_copies_the_wal_into_the_database_beside_its_commits(
     # Its commits leave the pages in the WAL; its checkpoints move them into the file.
     wait_for(lambda: os.path.getsize(path) > size_before + 100_000, timeout=5)
     assert len(load.acknowledged) >= 2000
+
+
+@sqlite_only
+def test_the_wal_stays_bounded_under_a_minute_of_sustained_callbacks(
+        service_env, start_service):
+    env, service = live_service(service_env, start_service)
+    wal = env["DATABASE_URL"][len("sqlite:///"):] + "-wal"
+    sizes = []
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", threads=16,
+                      per_thread=1_000_000) as load:
+        deadline = time.monotonic() + SUSTAINED_LOAD_SECONDS
+        while time.monotonic() < deadline and not load.others:
+            sizes.append(os.path.getsize(wal) if os.path.exists(wal) else 0)
+            time.sleep(0.2)
+    assert not load.others, load.others[:5]
+    assert len(load.acknowledged) > 1000
+    # Without a checkpoint that can rewind it, the WAL grew by megabytes a second here.
+    assert max(sizes) < WAL_BOUND_BYTES, (max(sizes), len(load.acknowledged))
+    print("WAL max", max(sizes), "acknowledged", len(load.acknowledged))
+
+
+@sqlite_only
+def test_a_writer_killed_while_the_server_forks_is_always_restarted(database_url, monkeypatch):
+    """gunicorn's master forks workers while the supervisor may be starting a writer."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("TWILIO_SIMULATE", "true")
+    engines.SQLiteEngine(database_url[len("sqlite:///"):]).migrate()
+    supervisor = writer.Supervisor()
+    supervisor.start()
+    done, children = threading.Event(), []
+
+    def fork_like_a_master():
+        # Children that live a while, as workers do: one that inherited the pipe Popen
+        # waits on would hold the supervisor for its whole life.
+        while not done.is_set():
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(20)
+                os._exit(0)
+            children.append(pid)
+            time.sleep(0.01)
+
+    forker = threading.Thread(target=fork_like_a_master)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # let the two threads interleave often
+    forker.start()
+    try:
+        for _ in range(FORK_RACE_ROUNDS):
+            old = supervisor.process.pid
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda old=old: supervisor.process.pid != old
+                     and accepts(supervisor.socket_path), timeout=10)
+    finally:
+        done.set()
+        forker.join()
+        sys.setswitchinterval(switch_interval)
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        supervisor.stop()
+
+
+@sqlite_only
+def test_healthz_answers_503_within_a_second_while_the_writer_is_stuck(
+        service_env, start_service):
+    env, service = live_service(service_env, start_service)
+    assert requests.get(service.url + "/healthz", timeout=3).status_code == 200
+    with stopped(writer_pid(service)):
+        time.sleep(1.1)  # past the outcome each worker keeps for a second
+        answers = [requests.get(service.url + "/healthz", timeout=2) for _ in range(4)]
+    assert {answer.status_code for answer in answers} == {503}
+    assert "writer" in answers[0].json()["error"]
+    wait_for(lambda: requests.get(service.url + "/healthz", timeout=2).status_code == 200)
+
+
+@sqlite_only
+@pytest.mark.parametrize("frame", [
+    pytest.param(writer.HEADER.pack(5) + b"hello", id="not-json"),
+    pytest.param(writer.HEADER.pack(2) + b"{}", id="not-a-write"),
+    pytest.param(writer.HEADER.pack(23) + b'["os.system",["id"],{}]', id="unknown-function"),
+    pytest.param(writer.HEADER.pack(2**32 - 1) + b"x" * 100, id="too-large"),
+])
+def test_a_bad_frame_drops_its_connection_and_the_writer_goes_on(
+        service_env, start_service, frame):
+    env, service = live_service(service_env, start_service)
+    pid = writer_pid(service)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as intruder:
+        intruder.settimeout(5)
+        intruder.connect(writer_socket(pid))
+        intruder.sendall(frame)
+        assert intruder.recv(100) == b""  # closed, nothing answered
+    assert writer_pid(service) == pid
+    assert post_to_service(service, env, callback(SID_A, "sent")).status_code == 200
+    assert "Database writer: dropped a connection that sent a frame" in service.logs()

@@ -80,9 +80,10 @@ def writes(function):
     WRITES[function.__name__] = function
 
     @functools.wraps(function)
-    def write(storage, *args, **kwargs):
+    def write(storage, *args, writer_timeout=None, **kwargs):
+        """`writer_timeout`: at most this many seconds for the writer process's answer."""
         if getattr(storage, "writer", None) is not None:
-            return storage.writer.call(function.__name__, args, kwargs)
+            return storage.writer.call(function.__name__, args, kwargs, writer_timeout)
         return function(storage, *args, **kwargs)
 
     return write

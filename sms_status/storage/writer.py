@@ -18,20 +18,21 @@ see gunicorn.conf.py.)
   (`Supervisor`, from gunicorn.conf.py); meanwhile writes answer 503, never 200. It stops
   after the workers, when the server shuts down.
 - Its commits leave their pages in the WAL; a second thread copies them into the database
-  file (a checkpoint) every half second.
+  file (a checkpoint) every half second, and the writer itself rewinds the WAL between
+  batches once it passes 16 MiB (`WalLimit`).
 - Other processes that write the same file (a second server, `flask prune`) still take
   turns with it through engines.py's writers' queue, one batch at a time.
 - The socket lives in a folder of its own under $TMPDIR (or /tmp, when $TMPDIR is too deep
-  for a socket's path) that only the service's user can enter: what arrives on it is
-  unpickled, so nobody else may connect.
+  for a socket's path) that only the service's user can enter. Its messages are JSON: a
+  frame that is not a write of db.py's is refused, and only its connection is dropped.
 
 Outside gunicorn (`python app.py`, the flask commands, tests with Flask's test client),
 writes run in the calling thread.
 """
 
+import json
 import logging
 import os
-import pickle
 import selectors
 import shutil
 import signal
@@ -56,26 +57,52 @@ ANSWER_TIMEOUT_SECONDS = 11
 START_TIMEOUT_SECONDS = 15
 GATHER_SECONDS = 0.002
 CHECKPOINT_INTERVAL_SECONDS = 0.5
+# Past this size the writer rewinds the WAL between two batches (see WalLimit).
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
+WAL_RETRY_SECONDS = 0.05
 RESTART_DELAY_SECONDS = 0.2
 # A unix socket's path must fit in sockaddr_un: 107 bytes on Linux, 103 on macOS.
 MAX_SOCKET_PATH_BYTES = 100
 
 
+# A write's arguments are a few short strings and numbers; nothing near this size is sent.
+MAX_FRAME_BYTES = 1 << 20
+
+
+class BadFrame(ValueError):
+    """Bytes that are not a message of the writer's protocol."""
+
+
 def send_message(sock, message):
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = json.dumps(message, separators=(",", ":")).encode()
     sock.sendall(HEADER.pack(len(data)) + data)
 
 
 def take_messages(data):
-    """The complete messages at the start of `data`, and the bytes after them."""
+    """The complete messages at the start of `data`, and the bytes after them; raises
+    BadFrame for a frame too large or not JSON."""
     messages = []
     while len(data) >= HEADER.size:
-        end = HEADER.size + HEADER.unpack_from(data)[0]
+        size = HEADER.unpack_from(data)[0]
+        if size > MAX_FRAME_BYTES:
+            raise BadFrame(f"a frame of {size} bytes, over {MAX_FRAME_BYTES}")
+        end = HEADER.size + size
         if len(data) < end:
             break
-        messages.append(pickle.loads(data[HEADER.size:end]))
+        try:
+            messages.append(json.loads(data[HEADER.size:end]))
+        except ValueError:
+            raise BadFrame("a frame that is not JSON") from None
         data = data[end:]
     return messages, data
+
+
+def check_write(message, functions):
+    """A received write as (name, args, kwargs); raises BadFrame for anything else."""
+    if not (isinstance(message, list) and len(message) == 3 and message[0] in functions
+            and isinstance(message[1], list) and isinstance(message[2], dict)):
+        raise BadFrame("a frame that is not a write: [name, [args], {kwargs}]")
+    return tuple(message)
 
 
 def receive_message(sock):
@@ -109,8 +136,12 @@ class Client:
         self.socket_path = socket_path
         self._local = threading.local()
 
-    def call(self, name, args, kwargs):
+    def call(self, name, args, kwargs, timeout=None):
+        """Runs the write `name` in the writer and returns its result; `timeout`, in
+        seconds, shortens the wait for its answer (the health check's)."""
         sock = self._connection()
+        if timeout is not None:
+            set_timeouts(sock, timeout)
         try:
             try:
                 send_message(sock, (name, args, kwargs))
@@ -124,10 +155,12 @@ class Client:
         except (OSError, EOFError) as error:
             self._drop()
             # The kernel's timeout ends a recv or send with EAGAIN.
-            reason = ("no answer within %d s" % ANSWER_TIMEOUT_SECONDS
+            reason = ("no answer within %g s" % (timeout or ANSWER_TIMEOUT_SECONDS)
                       if isinstance(error, BlockingIOError) else "it stopped before answering")
             raise OutcomeUnknown(f"the database writer process failed ({reason}); the "
                                  "write may or may not be stored") from None
+        if timeout is not None:
+            set_timeouts(sock, ANSWER_TIMEOUT_SECONDS)
         if outcome == "ok":
             return value
         error_class, message = value
@@ -144,9 +177,7 @@ class Client:
         # The kernel's timeouts, not settimeout(): with those, Python polls before each
         # send and recv, and the thread gives up the GIL and wins it back twice per call
         # instead of once, against the worker's other threads (-5% callbacks/s).
-        wait = struct.pack("ll", ANSWER_TIMEOUT_SECONDS, 0)  # struct timeval
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wait)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wait)
+        set_timeouts(sock, ANSWER_TIMEOUT_SECONDS)
         try:
             sock.connect(self.socket_path)
         except OSError:
@@ -161,6 +192,13 @@ class Client:
         sock, self._local.sock = self._local.sock, None
         if sock is not None:
             sock.close()
+
+
+def set_timeouts(sock, seconds):
+    """The kernel's send and receive timeouts of a socket (struct timeval)."""
+    wait = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wait)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wait)
 
 
 # --- in the writer process: run the writes that arrived, one commit per batch --------------
@@ -254,6 +292,43 @@ def checkpoint_continually(engine, stopping):
             last_problem = problem
 
 
+class WalLimit:
+    """Keeps the WAL from growing without bound under sustained writes.
+
+    The PASSIVE checkpoints beside the commits copy the WAL's pages into the database, but
+    SQLite rewinds the WAL to its start only once a checkpoint has copied all of it while
+    no write is under way, which commits every few milliseconds never allow: the WAL grew
+    by 20 MB a second, until the disk was full. So between two batches, once the WAL is
+    past `limit` bytes, the writer runs a RESTART checkpoint itself (engine.rewind_wal()),
+    which waits briefly for readers; the next commit then writes the WAL from its start.
+    Writes wait meanwhile; most pages are already copied, so it is short.
+    """
+
+    def __init__(self, engine, limit=WAL_LIMIT_BYTES, clock=time.monotonic):
+        self.engine, self.limit, self.clock = engine, limit, clock
+        self.next_try = 0.0
+        self.last_problem = None
+
+    def check(self):
+        """Rewinds the WAL if it is past the limit; when readers or the other checkpoint
+        keep it from finishing, tries again a little later."""
+        if self.clock() < self.next_try or self.engine.wal_size() <= self.limit:
+            return
+        try:
+            if self.engine.rewind_wal():
+                self.last_problem = None
+                return
+            problem = "readers or a checkpoint under way kept it from being rewound"
+        except DATABASE_ERRORS as error:
+            problem = self.engine.describe_error(error)
+        self.next_try = self.clock() + WAL_RETRY_SECONDS
+        size = self.engine.wal_size()
+        if size > 2 * self.limit and problem != self.last_problem:  # once, not every batch
+            log.warning("Database writer: the WAL is %d MiB, past twice its limit of %d MiB: "
+                        "%s", size >> 20, self.limit >> 20, problem)
+            self.last_problem = problem
+
+
 def serve(engine, listener, functions, master):
     """Answers the workers until SIGUSR1 (from Supervisor.stop), or until gunicorn's master
     (the process `master`) is gone."""
@@ -269,6 +344,7 @@ def serve(engine, listener, functions, master):
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     received = {}  # per connection: bytes of a request not yet complete
+    wal_limit = WalLimit(engine)
     while not stopping and os.getppid() == master:
         batch = []
         ready = selector.select(timeout=0.5)
@@ -289,13 +365,19 @@ def serve(engine, listener, functions, master):
                 data = sock.recv(1 << 16)
             except OSError:
                 data = b""
-            if not data:  # the worker closed it (its thread gave up, or it exited)
+            try:
+                if not data:  # the worker closed it (its thread gave up, or it exited)
+                    raise EOFError
+                messages, received[sock] = take_messages(received[sock] + data)
+                batch += [(sock, check_write(message, functions)) for message in messages]
+            except (EOFError, BadFrame) as error:
+                if isinstance(error, BadFrame):
+                    log.warning("Database writer: dropped a connection that sent %s", error)
+                # Its writes of this round go too: they could not be answered.
+                batch = [(other, write) for other, write in batch if other is not sock]
                 selector.unregister(sock)
                 sock.close()
                 del received[sock]
-                continue
-            writes, received[sock] = take_messages(received[sock] + data)
-            batch += [(sock, write) for write in writes]
         if batch:
             answers = run_batch(engine, [write for _, write in batch], functions)
             for (sock, _), answer in zip(batch, answers, strict=True):
@@ -303,6 +385,7 @@ def serve(engine, listener, functions, master):
                     send_message(sock, answer)
                 except OSError:
                     pass  # its thread gave up waiting; it answered 503 already
+            wal_limit.check()
     stopping.append(True)
     checkpointer.join()  # before closing its connection under it
     engine.close()
@@ -346,6 +429,28 @@ def socket_directory():
     return tempfile.mkdtemp(prefix="sms-status-writer-", dir="/tmp")
 
 
+def wait_for_end(process):
+    """Waits for a child process to end; returns how it ended, in words.
+
+    gunicorn's master collects any child that ends (waitpid(-1)), often before Popen.wait()
+    can, which then sees no status at all. waitid(WNOWAIT) reads the status as soon as the
+    child ends, without collecting it.
+    """
+    try:
+        info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        info = None
+    process.wait()
+    if info is None:
+        return "its exit status was collected elsewhere"
+    if info.si_code == os.CLD_EXITED:
+        return f"exit status {info.si_status}"
+    try:
+        return f"killed by {signal.Signals(info.si_status).name}"
+    except ValueError:
+        return f"killed by signal {info.si_status}"
+
+
 class Supervisor:
     """Keeps one writer process running for a SQLite database while gunicorn runs."""
 
@@ -361,6 +466,14 @@ class Supervisor:
         self.process = None
         self.stopping = False
         self.lock = threading.Lock()  # no new writer is started once stop() has begun
+        # No fork of this process while a writer is being started: a child forked during
+        # Popen (a gunicorn worker) would inherit Popen's pipe that reports a failed exec,
+        # and Popen would wait on that pipe until the child exits, while no dead writer
+        # is restarted. (Popen's own fork does not run these handlers.)
+        self.starting = threading.Lock()
+        os.register_at_fork(before=self.starting.acquire,
+                            after_in_parent=self.starting.release,
+                            after_in_child=self.starting.release)
         self.thread = threading.Thread(target=self._keep_running, name="writer supervisor",
                                        daemon=True)
 
@@ -383,15 +496,14 @@ class Supervisor:
             with self.lock:
                 if self.stopping:
                     break
-                self.process = subprocess.Popen(self.argv, cwd=self.folder, env=self.env)
-            # gunicorn's master may reap it first (it waits for any child); wait() then
-            # returns all the same, without the exit status.
-            self.process.wait()
+                with self.starting:
+                    self.process = subprocess.Popen(self.argv, cwd=self.folder,
+                                                    env=self.env)
+            ended = wait_for_end(self.process)
             if self.stopping:
                 break
-            log.error("The database writer (pid %d) stopped (exit status %s); starting a new "
-                      "one. Writes answer 503 meanwhile.", self.process.pid,
-                      self.process.returncode)
+            log.error("The database writer (pid %d) stopped (%s); starting a new one. Writes "
+                      "answer 503 meanwhile.", self.process.pid, ended)
             time.sleep(RESTART_DELAY_SECONDS)
 
     def stop(self):
