@@ -33,8 +33,13 @@ log = logging.getLogger("sms_status")
 MAX_REQUEST_BYTES = 64 * 1024
 OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 DATABASE_RETRY_AFTER_SECONDS = 2
+# Twilio's status callbacks carry about 20 form fields.
+MAX_CALLBACK_FIELDS = 100
 # /healthz writes to the database at most this often per process, and reuses the outcome.
 HEALTH_CHECK_INTERVAL_SECONDS = 1.0
+# A health probe gets its answer within about a second: a write that takes longer counts as
+# failed (SQLite's writer process stuck or stopped, say).
+HEALTH_CHECK_TIMEOUT_SECONDS = 0.8
 # Warnings about refused requests, per process: enough to see an attack, too few to flood.
 REJECTION_WARNINGS_PER_MINUTE = 30
 HTTP_ERROR_MESSAGES = {
@@ -61,6 +66,7 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     app = Flask(__name__)
     # One byte over the limit, so that a chunked body's length can be checked (below).
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES + 1
+    app.config["MAX_FORM_PARTS"] = MAX_CALLBACK_FIELDS
     app.config["SERVICE"] = config
     app.config["CLOCK"] = clock
     app.config["SLEEP"] = time.sleep
@@ -319,7 +325,7 @@ def register_routes(app):
 
     def storage_problem():
         try:
-            db.check_writable(db.get_db())
+            db.check_writable(db.get_db(), writer_timeout=HEALTH_CHECK_TIMEOUT_SECONDS)
             return None
         except db.DATABASE_ERRORS as error:
             log.error("Health check failed: the database cannot store updates: %s",
@@ -329,10 +335,12 @@ def register_routes(app):
     @app.get("/healthz")
     def healthz():
         mode = current_app.config["SERVICE"].mode
-        if current_app.extensions["health"].current(current_app.config["CLOCK"],
-                                                    storage_problem):
+        problem = current_app.extensions["health"].current(current_app.config["CLOCK"],
+                                                           storage_problem)
+        if problem:
             return {"status": "unavailable", "mode": mode,
-                    "error": "The database cannot store status updates."}, 503, {
+                    "error": "The database cannot store status updates: "
+                             + printable(problem, 300)}, 503, {
                         "Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
         return {"status": "ok", "mode": mode}
 
@@ -351,6 +359,11 @@ def register_routes(app):
 
     @app.post("/message-status")
     def message_status():
+        if form_fields(request) > MAX_CALLBACK_FIELDS:
+            # Checked before the signature: parsing and signing thousands of fields is what
+            # an unsigned flood would cost otherwise.
+            return json_error(400, f"A status callback has at most {MAX_CALLBACK_FIELDS} form "
+                                   "fields (Twilio sends about 20)")
         if not signed_by_twilio():
             return json_error(403, "Invalid Twilio signature")
         request.environ["sms.signed"] = True
@@ -390,6 +403,14 @@ def register_routes(app):
     @require_api_key
     def stats():
         return queries.delivery_stats(request.args, current_app.config["CLOCK"]())
+
+
+def form_fields(request):
+    """How many fields the request's form has, counted without parsing it."""
+    if request.mimetype == "application/x-www-form-urlencoded":
+        body = request.get_data(cache=True)
+        return body.count(b"&") + 1 if body else 0
+    return 0  # other bodies are parsed with Flask's MAX_FORM_PARTS as the bound
 
 
 def signed_by_twilio():

@@ -107,6 +107,22 @@ def test_rejected_signature_is_logged_with_the_checked_url(client, caplog):
     assert f"invalid Twilio signature for {CALLBACK_URL}?x=1" in caplog.text
 
 
+def test_a_callback_with_thousands_of_fields_is_refused_before_its_signature(client, app):
+    params = {f"f{n}": "x" for n in range(8300)}
+    response = client.post("/message-status", data=params,
+                           headers={"X-Twilio-Signature": "bogus"})
+    # 400, not the signature's 403: the fields were counted, never parsed or signed.
+    assert response.status_code == 400
+    assert "at most 100 form fields" in response.get_json()["error"]
+    assert count_rows(app, "status_events") == 0
+
+
+def test_a_signed_callback_with_a_hundred_fields_is_stored(post_callback, app):
+    params = callback(SID, "sent") | {f"Extra{n}": "x" for n in range(100 - 8)}
+    assert post_callback(params).status_code == 200
+    assert count_rows(app, "status_events") == 1
+
+
 @pytest.mark.parametrize("missing", [("MessageSid", "SmsSid"), ("MessageStatus", "SmsStatus")])
 def test_signed_callback_without_sid_or_status_is_400_and_logged(post_callback, app, missing,
                                                                  caplog):
