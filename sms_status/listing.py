@@ -135,6 +135,7 @@ def decode_cursor(text):
         if (isinstance(created_at, str) and STORED_TIMESTAMP.fullmatch(created_at)
                 and isinstance(sid, str) and 0 < len(sid) <= MAX_SID_LENGTH
                 and "\x00" not in sid):
+            sid.encode("utf-8")  # a lone surrogate ("\ud800") is no SID either
             return created_at, sid
     except (binascii.Error, ValueError, TypeError, RecursionError):
         pass
@@ -248,7 +249,7 @@ def delivery_stats(args, now):
         "until": until,
         "total": total,
         "byStatus": by_status,
-        "deliveryRate": by_status.get("delivered", 0) / outcomes if outcomes else None,
+        "deliveryRate": round(by_status.get("delivered", 0) / outcomes, 4) if outcomes else None,
         "errors": [{"code": code, "count": count,
                     "description": twilio_errors.description(code)}
                    for code, count in error_counts(since, until)],
