@@ -296,6 +296,19 @@ class CallbackLoad:
             thread.join()
 
 
+def required_program(name, package, places=()):
+    """The path of a program some tests need: outside CI they are skipped without it, with
+    the Debian package to install; in CI (CI set), where .ci/run installs it, they fail."""
+    found = shutil.which(name) or next(
+        (path for path in places if os.access(path, os.X_OK)), None)
+    if found is None:
+        message = f"{name} is not installed (Debian: apt-get install {package})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI needs it")
+        pytest.skip(message)
+    return found
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -333,8 +346,8 @@ class Service:
             try:
                 if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or still starting on a busy machine
             time.sleep(0.1)
         raise RuntimeError(f"service did not start: {self.log_path.read_text()}")
 

@@ -11,7 +11,7 @@ import time
 import requests
 
 import conftest
-from conftest import CallbackLoad, callback, sign, sql_rows, sqlite_only
+from conftest import CallbackLoad, callback, required_program, sign, sql_rows, sqlite_only
 from sms_status.config import SIMULATED_AUTH_TOKEN
 
 OLD = "2020-01-01T00:00:00.000Z"
@@ -124,6 +124,7 @@ def test_a_deleted_database_file_is_never_written_and_a_restored_one_is_reopened
 
 def test_2000_connections_under_a_1024_file_limit_break_nothing(
         database_url, service_env, start_service, monkeypatch):
+    wrk_binary = required_program("wrk", "wrk")
     # Soft and hard limit both 1024: the service can raise neither.
     command = conftest.procfile_command()
     monkeypatch.setattr(conftest, "procfile_command",
@@ -151,7 +152,7 @@ def test_2000_connections_under_a_1024_file_limit_break_nothing(
     poster = threading.Thread(target=post_callbacks, args=(stop,))
     poster.start()
     try:
-        wrk = subprocess.run(["wrk", "-t2", "-c2000", "-d5s", "--timeout", "5s",
+        wrk = subprocess.run([wrk_binary, "-t2", "-c2000", "-d5s", "--timeout", "5s",
                               service.url + "/healthz"], capture_output=True, text=True,
                              timeout=60)
     finally:

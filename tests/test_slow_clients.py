@@ -2,9 +2,7 @@
 nginx front of deploy/nginx.conf, each against the service run as the Procfile runs it."""
 
 import http.client
-import os
 import selectors
-import shutil
 import socket
 import subprocess
 import threading
@@ -14,7 +12,16 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from conftest import BASE_URL, ROOT, callback, free_port, sign, sql_rows, sqlite_only
+from conftest import (
+    BASE_URL,
+    ROOT,
+    callback,
+    free_port,
+    required_program,
+    sign,
+    sql_rows,
+    sqlite_only,
+)
 from sms_status.config import SIMULATED_AUTH_TOKEN
 
 pytestmark = sqlite_only
@@ -185,21 +192,11 @@ def test_slow_but_complete_requests_and_slow_answers_are_served(service_env, sta
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 
 
-def nginx_binary():
-    return shutil.which("nginx") or next(
-        (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)),
-        None)
-
-
 @pytest.fixture
 def nginx_front(tmp_path):
     """deploy/nginx.conf in front of a gunicorn port, run by nginx as our own child process
     on a free local port, with every path in a temporary folder; nginx's URL."""
-    binary = nginx_binary()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is required in CI (.ci/run installs it)")
-        pytest.skip("nginx is not installed")
+    binary = required_program("nginx", "nginx", ("/usr/sbin/nginx", "/usr/local/sbin/nginx"))
     processes = []
 
     def start(upstream_port):
