@@ -31,6 +31,24 @@ def parse_duration_option(ctx, param, value):
         raise click.BadParameter(str(error)) from None
 
 
+def counted(number, singular, plural=None):
+    """`1 message`, `2 messages`: a count with its noun in the right number."""
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
+class MessageCount(click.ParamType):
+    """A whole number of messages, at least 1; anything else is refused saying so."""
+
+    name = "N"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if not text.isascii() or not text.isdigit() or int(text) < 1:
+            self.fail(f"{value!r}: give a whole number of messages, 1 or more, like 100",
+                      param, ctx)
+        return int(text)
+
+
 def register_commands(app):
     app.cli.add_command(reconcile)
     app.cli.add_command(prune)
@@ -53,7 +71,7 @@ def fetch_with_backoff(client, sid, sleep):
 @click.command()
 @click.option("--older-than", default="10m", show_default=True, callback=parse_duration_option,
               help="How long since a non-final message's last status update, e.g. 10m.")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+@click.option("--limit", default=100, show_default=True, type=MessageCount(),
               help="At most this many messages per run.")
 @with_appcontext
 def reconcile(older_than, limit):
@@ -91,7 +109,7 @@ def reconcile(older_than, limit):
                        f"{f', error {message.error_code}' if message.error_code else ''})")
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
-    click.echo(f"Checked {sum(counts.values())} messages: {counts['updated']} updated, "
+    click.echo(f"Checked {counted(sum(counts.values()), 'message')}: {counts['updated']} updated, "
                f"{counts['unchanged']} unchanged, {counts['not found']} not found at Twilio, "
                f"{counts['failed']} failed.")
     if counts["failed"] and counts["failed"] == sum(counts.values()):
@@ -117,8 +135,9 @@ def prune(older_than):
         )
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
-    click.echo(f"Removed {messages} messages and {events} status events not updated for "
-               f"{older_than[0]}; cleared {bodies} message bodies older than BODY_RETENTION.")
+    click.echo(f"Removed {counted(messages, 'message')} and {counted(events, 'status event')} "
+               f"not updated for {older_than[0]}; cleared "
+               f"{counted(bodies, 'message body', 'message bodies')} older than BODY_RETENTION.")
 
 
 @click.command("copy-database")
@@ -151,6 +170,7 @@ def copy_database(source_url):
             f"database error: {target.describe_error(source.describe_error(error))}") from None
     finally:
         source.close()
-    click.echo(f"Copied {copied['messages']} messages, {copied['events']} status events and "
-               f"{copied['keys']} idempotency keys from {source.label} to {target.label} "
-               "(what was there already was left as it was).")
+    click.echo(f"Copied {counted(copied['messages'], 'message')}, "
+               f"{counted(copied['events'], 'status event')} and "
+               f"{counted(copied['keys'], 'idempotency key')} from {source.label} to "
+               f"{target.label} (what was there already was left as it was).")

@@ -69,7 +69,7 @@ def test_reconcile_skips_final_and_recent_messages_and_respects_limit(
     assert "Checked 0 messages" in result.output
     fake_twilio.answer_next(fetched(recent_a, "delivered"))
     result = run(app, "reconcile", "--older-than", "0s", "--limit", "1")
-    assert "Checked 1 messages: 1 updated" in result.output
+    assert "Checked 1 message: 1 updated" in result.output
     assert final not in result.output
 
 
@@ -98,7 +98,7 @@ def test_a_message_twilio_does_not_have_is_reported_and_not_asked_for_again(app,
     time.sleep(0.002)
     fake_twilio.answer_next(fetched(other, "queued"))
     result = run(app, "reconcile", "--older-than", "0s")
-    assert "Checked 1 messages" in result.output and missing not in result.output
+    assert "Checked 1 message:" in result.output and missing not in result.output
     fetched_sids = [r["uri"] for r in fake_twilio.requests if r["method"] == "GET"]
     assert sum(missing in uri for uri in fetched_sids) == 1
 
@@ -163,7 +163,7 @@ def test_prune_deletes_old_messages_and_history(make_app, fake_twilio, post_call
     assert "Removed 0 messages and 0 status events" in result.output
     result = run(app, "prune", "--older-than", "0s")
     assert result.exit_code == 0
-    assert "Removed 1 messages and 2 status events not updated for 0s" in result.output
+    assert "Removed 1 message and 2 status events not updated for 0s" in result.output
     assert client.get(f"/get-status/{old}", headers=AUTH).status_code == 404
 
 
@@ -176,7 +176,7 @@ def test_prune_clears_bodies_after_body_retention(make_app, fake_twilio):
     assert "cleared 0 message bodies" in run(app, "prune", "--older-than", "90d").output
     assert body() == "code 5521"
     app.config["CLOCK"] = lambda: time.time() + 3601
-    assert "cleared 1 message bodies" in run(app, "prune", "--older-than", "90d").output
+    assert "cleared 1 message body " in run(app, "prune", "--older-than", "90d").output
     assert body() is None
     assert client.get(f"/get-status/{sid}", headers=AUTH).status_code == 200
 
@@ -241,7 +241,7 @@ def test_copy_database_copies_the_history_once(app, old_history):
     url, histories = old_history
     first = run(app, "copy-database", "--from", url)
     assert first.exit_code == 0, first.output
-    assert "Copied 4 messages, 10 status events and 1 idempotency keys" in first.output
+    assert "Copied 4 messages, 10 status events and 1 idempotency key from" in first.output
     client = app.test_client()
     for sid, history in histories.items():
         assert latest(client, sid) == history
@@ -272,3 +272,11 @@ def test_copy_database_refuses_a_bad_source_clearly(app, source, expected):
     assert result.exit_code != 0
     assert expected in result.output and "s3cret-pw" not in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("limit", ["abc", "0", "-3"])
+def test_a_malformed_limit_says_what_to_give(app, limit):
+    result = run(app, "reconcile", "--limit", limit)
+    assert result.exit_code == 2
+    assert "integer range" not in result.output
+    assert "a whole number of messages, 1 or more" in result.output, result.output
