@@ -246,6 +246,9 @@ def register_error_handlers(app):
             if template
             else error.description
         )
+        if error.code == 413 and request.path == "/send-sms":
+            # A send's errors all have the same shape, whatever refused it.
+            return sending.send_error(413, message)
         response = json_error(error.code, message)
         original_headers = error.get_response().headers
         for name in ("Allow", "Retry-After", "WWW-Authenticate"):
