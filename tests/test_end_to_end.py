@@ -19,7 +19,7 @@ from conftest import (
 )
 from postgres import create_database, drop_database
 from sms_status.config import SIMULATED_AUTH_TOKEN
-from sms_status.simulator import SEND_ERRORS
+from sms_status.simulator import SEND_ERRORS, SIMULATED_SERVICE_NUMBER
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -245,3 +245,15 @@ def test_development_server_keeps_a_bounded_number_of_connections(service_env, t
     finally:
         process.kill()
         process.wait()
+
+
+def test_simulated_messaging_service_callbacks_name_the_number_it_sent_from(service_env,
+                                                                           start_service):
+    service = start_service(service_env(TWILIO_MESSAGING_SERVICE_SID="MG" + "4d" * 16))
+    response = requests.post(f"{service.url}/send-sms",
+                             json={"to": "+15558675309", "body": "Hello"}, timeout=10)
+    assert response.json()["status"] == "accepted"
+    answer = wait_for_final(service, response.json()["messageSid"], "delivered")
+    assert [e["status"] for e in answer["history"]] == ["accepted", "queued", "sent",
+                                                        "delivered"]
+    assert answer["from"] == SIMULATED_SERVICE_NUMBER
