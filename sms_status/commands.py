@@ -15,7 +15,12 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from sms_status import rules, twilio_api
-from sms_status.config import database_settings, parse_database_url
+from sms_status.config import (
+    ConfigError,
+    database_settings,
+    parse_database_url,
+    problems_with,
+)
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
 from sms_status.storage import records as db
 
@@ -49,6 +54,37 @@ class MessageCount(click.ParamType):
         return int(text)
 
 
+# What the commands read from the configuration: each checks these variables alone, so a
+# maintenance command needs no more than it uses (see create_app's `for_commands`).
+DATABASE_VARIABLES = ("DATABASE_URL", "DATABASE_POOL_SIZE", "SQLITE_SYNCHRONOUS",
+                      "TWILIO_SIMULATE")  # the default database depends on the mode
+TWILIO_VARIABLES = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_TIMEOUT",
+                    "TWILIO_SIMULATE_LATENCY_MS")
+
+
+class ConfigurationProblem(click.ClickException):
+    """Variables a command uses are missing or malformed; exits 2, like the service."""
+
+    exit_code = 2
+
+
+def command_storage(*variables):
+    """The app's database, once every variable the command uses (the database's and
+    `variables`) is valid; its schema is created or brought up to date on first use."""
+    problems = problems_with(current_app.config["CONFIG_PROBLEMS"],
+                             DATABASE_VARIABLES + variables)
+    if problems:
+        raise ConfigurationProblem(str(ConfigError(problems)))
+    storage = db.get_db()
+    if not current_app.extensions.get("storage_prepared"):
+        try:
+            db.prepare(storage)
+        except ConfigError as error:
+            raise ConfigurationProblem(str(error)) from None
+        current_app.extensions["storage_prepared"] = True
+    return storage
+
+
 def register_commands(app):
     app.cli.add_command(reconcile)
     app.cli.add_command(prune)
@@ -76,11 +112,11 @@ def fetch_with_backoff(client, sid, sleep):
 @with_appcontext
 def reconcile(older_than, limit):
     """Fetch messages whose final status never arrived from Twilio and record what it says."""
+    conn = command_storage(*TWILIO_VARIABLES)
     client = current_app.extensions["twilio"]
     clock, sleep = current_app.config["CLOCK"], current_app.config["SLEEP"]
     counts = {"updated": 0, "unchanged": 0, "not found": 0, "failed": 0}
     try:
-        conn = db.get_db()
         waiting = db.messages_to_reconcile(conn, db.utc_now_iso(clock() - older_than[1]), limit)
         for row in waiting:
             sid, before = row["sid"], row["latest_status"]
@@ -124,11 +160,12 @@ def reconcile(older_than, limit):
 @with_appcontext
 def prune(older_than):
     """Delete old messages with their history, and clear bodies older than BODY_RETENTION."""
+    storage = command_storage("BODY_RETENTION")
     config = current_app.config["SERVICE"]
     now = current_app.config["CLOCK"]()
     try:
         messages, events, bodies = db.prune(
-            db.get_db(),
+            storage,
             updated_before=db.utc_now_iso(now - older_than[1]),
             body_before=db.utc_now_iso(now - config.body_retention_seconds),
             now=now,
@@ -147,12 +184,12 @@ def prune(older_than):
 def copy_database(source_url):
     """Copy messages, their status history and unexpired idempotency keys from another
     database into the one DATABASE_URL names. Running it again copies nothing twice."""
-    config = current_app.config["SERVICE"]
-    target = db.get_db()
     try:
         engine, location = parse_database_url(source_url)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--from") from None
+    config = current_app.config["SERVICE"]
+    target = command_storage()
     source = db.open_storage(replace(config, **database_settings(engine, location)))
     if source.identity() == target.identity():
         raise click.ClickException(

@@ -203,6 +203,15 @@ def _sender(phone_number, messaging_service_sid, problems):
 
 def load_config(env):
     """Builds a Config from an environment mapping, or raises ConfigError listing every problem."""
+    config, problems = read_config(env)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_config(env):
+    """(Config, problems): the Config with defaults in place of what is wrong, and every
+    problem found, each naming the variable to fix."""
     env = {key: value for key, value in env.items() if value is not None}
     problems = []
 
@@ -310,9 +319,13 @@ def load_config(env):
         simulate_latency=_number(env, "TWILIO_SIMULATE_LATENCY_MS", 0, problems, int, 0, 60000)
         / 1000,
     )
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return config, problems
+
+
+def problems_with(problems, variables):
+    """The problems that name one of `variables`."""
+    return [problem for problem in problems
+            if any(re.search(rf"(?<![A-Z_]){name}(?![A-Z_])", problem) for name in variables)]
 
 
 def server_settings(env):

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import time
@@ -280,3 +281,53 @@ def test_a_malformed_limit_says_what_to_give(app, limit):
     assert result.exit_code == 2
     assert "integer range" not in result.output
     assert "a whole number of messages, 1 or more" in result.output, result.output
+
+
+def flask_command(cwd, env, *args):
+    """`flask --app app ...` run as an operator runs it, in `cwd`, with `env` alone."""
+    flask = str(Path(sys.executable).parent / "flask")
+    return subprocess.run([flask, "--app", str(ROOT / "app.py"), *args], cwd=cwd,
+                          env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_help_needs_no_configuration_and_touches_no_database(tmp_path):
+    listing = flask_command(tmp_path, {}, "--help")
+    assert listing.returncode == 0, listing.stderr
+    for command in ("reconcile", "prune", "copy-database"):
+        assert command in listing.stdout
+    for command in ("reconcile", "prune", "copy-database"):
+        result = flask_command(tmp_path, {}, command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "Usage:" in result.stdout and "Configuration error" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], "--help created or opened no database"
+
+
+def test_database_commands_need_only_the_database(database_url, old_history, tmp_path):
+    url, histories = old_history
+    env = {"DATABASE_URL": database_url}
+    copied = flask_command(tmp_path, env, "copy-database", "--from", url)
+    assert copied.returncode == 0, copied.stderr
+    assert "Copied 4 messages, 10 status events" in copied.stdout
+    pruned = flask_command(tmp_path, env, "prune", "--older-than", "0s")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "Removed 4 messages and 10 status events" in pruned.stdout
+
+
+def test_reconcile_asks_for_twilio_credentials_alone(tmp_path):
+    result = flask_command(tmp_path, {"DATABASE_URL": "sqlite:///history.db"}, "reconcile")
+    assert result.returncode == 2
+    assert "TWILIO_ACCOUNT_SID is required" in result.stderr
+    assert "TWILIO_AUTH_TOKEN is required" in result.stderr
+    for unused in ("API_KEY", "BASE_URL", "TWILIO_PHONE_NUMBER"):
+        assert unused not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing was opened before the check"
+
+
+def test_a_command_names_a_malformed_variable_it_uses(tmp_path):
+    result = flask_command(tmp_path, {"DATABASE_URL": "mysql://db/x", "BODY_RETENTION": "a week"},
+                           "prune", "--older-than", "90d")
+    assert result.returncode == 2
+    assert "DATABASE_URL must be" in result.stderr and "BODY_RETENTION" in result.stderr
+    assert "TWILIO_ACCOUNT_SID" not in result.stderr and "Traceback" not in result.stderr

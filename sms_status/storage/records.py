@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from flask import current_app
 
+from sms_status.config import ConfigError
 from sms_status.rules import FINAL_STATUSES, STATUS_RANK
 from sms_status.storage import engines
 from sms_status.storage.engines import DATABASE_ERRORS  # noqa: F401 (re-exported for the app)
@@ -63,6 +64,17 @@ def close_all():
 def open_storage(config):
     """The engine DATABASE_URL names, created unconnected: it connects on first use."""
     return engines.open_engine(config)
+
+
+def prepare(storage):
+    """Creates the database's schema or brings it up to date; raises ConfigError naming
+    DATABASE_URL when the database cannot be opened."""
+    try:
+        storage.migrate()
+    except DATABASE_ERRORS as error:
+        raise ConfigError(
+            [f"DATABASE_URL: cannot open {storage.label}: {storage.describe_error(error)}"]
+        ) from None
 
 
 # A history entry, once per (message, status).
