@@ -88,7 +88,7 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
     if for_commands:
         return app
 
-    db.prepare(storage)
+    db.prepare(storage, config.mode)
     app.extensions["storage_prepared"] = True
 
     if config.simulate:

@@ -68,9 +68,10 @@ class ConfigurationProblem(click.ClickException):
     exit_code = 2
 
 
-def command_storage(*variables):
+def command_storage(*variables, mode=None):
     """The app's database, once every variable the command uses (the database's and
-    `variables`) is valid; its schema is created or brought up to date on first use."""
+    `variables`) is valid; its schema is created or brought up to date on first use, and
+    with `mode` the database must not have been used in the other mode (records.prepare)."""
     problems = problems_with(current_app.config["CONFIG_PROBLEMS"],
                              DATABASE_VARIABLES + variables)
     if problems:
@@ -78,7 +79,7 @@ def command_storage(*variables):
     storage = db.get_db()
     if not current_app.extensions.get("storage_prepared"):
         try:
-            db.prepare(storage)
+            db.prepare(storage, mode)
         except ConfigError as error:
             raise ConfigurationProblem(str(error)) from None
         current_app.extensions["storage_prepared"] = True
@@ -112,7 +113,8 @@ def fetch_with_backoff(client, sid, sleep):
 @with_appcontext
 def reconcile(older_than, limit):
     """Fetch messages whose final status never arrived from Twilio and record what it says."""
-    conn = command_storage(*TWILIO_VARIABLES)
+    # Twilio of one mode is asked about the messages of a database of the same mode.
+    conn = command_storage(*TWILIO_VARIABLES, mode=current_app.config["SERVICE"].mode)
     client = current_app.extensions["twilio"]
     clock, sleep = current_app.config["CLOCK"], current_app.config["SLEEP"]
     counts = {"updated": 0, "unchanged": 0, "not found": 0, "failed": 0}

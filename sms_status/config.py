@@ -94,13 +94,17 @@ def _flag(env, name, problems, default=False):
     return default
 
 
-def parse_database_url(raw):
+# Without DATABASE_URL: one file per mode, so that simulated messages never mix with live ones.
+DEFAULT_DATABASE_FILES = {False: "sms_status.db", True: "sms_status_simulated.db"}
+
+
+def parse_database_url(raw, simulate=False):
     """("sqlite", absolute path) or ("postgres", the URL as given) for a DATABASE_URL value.
 
     Raises ValueError with a message that never repeats the value: it may hold a password.
     """
     if raw is None or raw.strip() == "":
-        return "sqlite", os.path.abspath("sms_status.db")
+        return "sqlite", os.path.abspath(DEFAULT_DATABASE_FILES[simulate])
     raw = raw.strip()
     if raw.startswith(("postgres://", "postgresql://")):
         try:
@@ -128,9 +132,9 @@ def database_settings(engine, location):
             "database_url": location if engine == "postgres" else ""}
 
 
-def _database(raw, problems):
+def _database(raw, problems, simulate):
     try:
-        return parse_database_url(raw)
+        return parse_database_url(raw, simulate)
     except ValueError as error:
         problems.append(f"DATABASE_URL {error}")
         return "sqlite", ""
@@ -292,7 +296,7 @@ def read_config(env):
         problems.append(f"BODY_RETENTION: {error}")
         body_retention_seconds = 0.0
 
-    database_engine, database_location = _database(env.get("DATABASE_URL"), problems)
+    database_engine, database_location = _database(env.get("DATABASE_URL"), problems, simulate)
 
     config = Config(
         simulate=simulate,
