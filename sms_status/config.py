@@ -332,6 +332,16 @@ def problems_with(problems, variables):
             if any(re.search(rf"(?<![A-Z_]){name}(?![A-Z_])", problem) for name in variables)]
 
 
+# Without API_KEY (allowed only when simulating) these need no key.
+ENDPOINTS_OPEN_WITHOUT_KEY = ("/send-sms", "/get-status", "/messages", "/stats")
+
+
+def serves_locally_only(env):
+    """True when simulating without API_KEY: every endpoint is open then, so the service
+    listens on 127.0.0.1 alone unless told otherwise."""
+    return _flag(env, "TWILIO_SIMULATE", []) and not (env.get("API_KEY") or "").strip()
+
+
 def server_settings(env):
     """(port, workers, threads, read timeout) for gunicorn from PORT, WEB_CONCURRENCY,
     GUNICORN_THREADS and REQUEST_READ_TIMEOUT.
