@@ -1,4 +1,4 @@
-"""Maintenance commands: `flask --app app reconcile`, `prune` and `copy-database`.
+"""Maintenance commands: `flask --app app reconcile`, `prune`, `copy-database` and `backup`.
 
 Status callbacks get lost (a deploy, a proxy, a network blip); reconciliation asks Twilio
 for the status of every message still waiting for a final one. Pruning keeps the
@@ -8,7 +8,10 @@ SQLite history into PostgreSQL (or any database DATABASE_URL names) without losi
 
 
 import os
+import sqlite3
+from contextlib import closing
 from dataclasses import replace
+from urllib.parse import quote
 
 import click
 from flask import current_app
@@ -90,6 +93,7 @@ def register_commands(app):
     app.cli.add_command(reconcile)
     app.cli.add_command(prune)
     app.cli.add_command(copy_database)
+    app.cli.add_command(backup)
 
 
 def fetch_with_backoff(client, sid, sleep):
@@ -213,3 +217,27 @@ def copy_database(source_url):
                f"{counted(copied['events'], 'status event')} and "
                f"{counted(copied['keys'], 'idempotency key')} from {source.label} to "
                f"{target.label} (what was there already was left as it was).")
+
+
+@click.command()
+@click.option("--to", "target", required=True, metavar="FILE",
+              type=click.Path(dir_okay=False, writable=True),
+              help="The file to write the copy to (replaced once the copy is complete).")
+def backup(target):
+    """Copy the SQLite database into FILE, safely while the service runs."""
+    storage = command_storage()
+    if storage.name != "sqlite":
+        raise click.ClickException(
+            f"DATABASE_URL names {storage.label}: back up PostgreSQL with its own pg_dump, "
+            "for example: pg_dump --format=custom --file=FILE \"$DATABASE_URL\"")
+    target = os.path.abspath(target)
+    if os.path.exists(target) and os.path.samefile(target, storage.path):
+        raise click.ClickException("--to names the database itself; choose another file")
+    try:
+        storage.backup(target)
+        with closing(sqlite3.connect(f"file:{quote(target)}?mode=ro", uri=True)) as copy:
+            [(messages,)] = copy.execute("SELECT count(*) FROM messages").fetchall()
+    except (OSError, *db.DATABASE_ERRORS) as error:
+        raise click.ClickException(f"backup failed: {error}") from None
+    click.echo(f"Backed up {storage.label} to {target}: {counted(messages, 'message')}, "
+               f"{os.path.getsize(target)} bytes.")

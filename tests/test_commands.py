@@ -4,11 +4,23 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 from twilio.http.response import Response
 
-from conftest import AUTH, CALLBACK_URL, ROOT, callback, count_rows, sign, stored_message
+from conftest import (
+    AUTH,
+    CALLBACK_URL,
+    ROOT,
+    CallbackLoad,
+    callback,
+    count_rows,
+    sign,
+    sql_rows,
+    sqlite_only,
+    stored_message,
+)
 from twilio_fakes import twilio_error
 
 FETCH_ANSWER = ('{"sid": "%s", "status": "%s", "error_code": %s,'
@@ -294,9 +306,9 @@ def flask_command(cwd, env, *args):
 def test_help_needs_no_configuration_and_touches_no_database(tmp_path):
     listing = flask_command(tmp_path, {}, "--help")
     assert listing.returncode == 0, listing.stderr
-    for command in ("reconcile", "prune", "copy-database"):
+    for command in ("reconcile", "prune", "copy-database", "backup"):
         assert command in listing.stdout
-    for command in ("reconcile", "prune", "copy-database"):
+    for command in ("reconcile", "prune", "copy-database", "backup"):
         result = flask_command(tmp_path, {}, command, "--help")
         assert result.returncode == 0, result.stderr
         assert "Usage:" in result.stdout and "Configuration error" not in result.stderr
@@ -331,3 +343,38 @@ def test_a_command_names_a_malformed_variable_it_uses(tmp_path):
     assert result.returncode == 2
     assert "DATABASE_URL must be" in result.stderr and "BODY_RETENTION" in result.stderr
     assert "TWILIO_ACCOUNT_SID" not in result.stderr and "Traceback" not in result.stderr
+
+
+@sqlite_only
+def test_backup_while_the_service_takes_callbacks_holds_every_acknowledged_one(
+        service_env, start_service, tmp_path):
+    env = service_env(simulate=False)
+    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
+    service = start_service(env)
+    copy = tmp_path / "backup" / "copy.db"
+    copy.parent.mkdir()
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", threads=4) as load:
+        load.wait_for(200)
+        acknowledged = list(load.acknowledged)
+        result = flask_command(tmp_path, {"DATABASE_URL": env["DATABASE_URL"]},
+                               "backup", "--to", str(copy))
+        load.wait_for(len(acknowledged) + 100)
+    assert result.returncode == 0, result.stderr
+    assert f"Backed up {env['DATABASE_URL'][len('sqlite:///'):]} to {copy}" in result.stdout
+    assert load.others == [], "callbacks went on being stored during the backup"
+    url = f"sqlite:///{copy}"
+    assert sql_rows(url, "PRAGMA integrity_check") == [("ok",)]
+    assert sql_rows(url, "PRAGMA journal_mode") == [("delete",)], "one self-contained file"
+    stored = {sid for (sid,) in sql_rows(url, "SELECT message_sid FROM status_events")}
+    assert set(acknowledged) <= stored
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_backup_on_postgresql_points_to_pg_dump(database_url, tmp_path):
+    result = flask_command(tmp_path, {"DATABASE_URL": database_url}, "backup", "--to", "x.db")
+    assert result.returncode == 1
+    assert "pg_dump" in result.stderr and "Traceback" not in result.stderr
+    password = psycopg.conninfo.conninfo_to_dict(database_url).get("password")
+    assert not password or password not in result.stderr + result.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -508,6 +508,31 @@ class SQLiteEngine:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         return not busy
 
+    def backup(self, target):
+        """Copies the database into the file `target`, as it was at one moment, while the
+        service goes on writing: SQLite's online backup in one step, within one read
+        transaction, which in WAL mode holds no writer back. The copy is written beside
+        `target` and renamed over it once complete, in rollback-journal mode (one file)."""
+        partial = target + ".partial"
+        if os.path.exists(partial):
+            os.remove(partial)
+        source = open_sqlite(self.path, self.synchronous, create=False)
+        try:
+            copy = sqlite3.connect(partial)
+            try:
+                source.backup(copy)
+                copy.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                copy.close()
+        finally:
+            source.close()
+        os.replace(partial, target)
+        directory = os.open(os.path.dirname(target), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power loss
+        finally:
+            os.close(directory)
+
     seconds_between = staticmethod(sqlite_seconds_between)
 
     @staticmethod
