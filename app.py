@@ -6,4 +6,7 @@ from sms_status import create_app_or_exit
 app = create_app_or_exit()
 
 if __name__ == "__main__":
-    app.run(host="0.0.0.0", port=app.config["SERVICE"].port)
+    config = app.config["SERVICE"]
+    # Simulating without API_KEY every endpoint is open: this machine alone may reach it.
+    local_only = config.simulate and not config.api_key
+    app.run(host="127.0.0.1" if local_only else "0.0.0.0", port=config.port)

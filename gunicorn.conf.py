@@ -10,7 +10,12 @@ from dotenv import load_dotenv
 load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from sms_status.config import ConfigError, server_settings  # noqa: E402
+from sms_status.config import (  # noqa: E402
+    ENDPOINTS_OPEN_WITHOUT_KEY,
+    ConfigError,
+    server_settings,
+    serves_locally_only,
+)
 from sms_status.serving.read_deadline import ThreadWorker  # noqa: E402
 from sms_status.storage import writer  # noqa: E402
 
@@ -21,8 +26,11 @@ except ConfigError as error:
     print(error, file=sys.stderr, flush=True)
     sys.exit(2)
 
-# Heroku-style hosts give the port in $PORT; 3000 matches `python app.py`.
-bind = f"0.0.0.0:{_port}"
+# Heroku-style hosts give the port in $PORT; 3000 matches `python app.py`. Simulating without
+# API_KEY, every endpoint is open: then only this machine may reach it. An explicit bind
+# (--bind, GUNICORN_CMD_ARGS) wins over this one.
+_local_bind = f"127.0.0.1:{_port}"
+bind = _local_bind if serves_locally_only(os.environ) else f"0.0.0.0:{_port}"
 # Threaded workers: /send-sms waits on Twilio's API, and a waiting thread must not block a worker.
 # gunicorn's gthread worker, except that a request not fully arrived within
 # REQUEST_READ_TIMEOUT seconds is given up on, so slow clients cannot hold every thread.
@@ -73,6 +81,16 @@ worker_connections = max(_files - 5 * _threads - 64, 16)
 def on_starting(server):
     server.log.info("Open files limit %d per process: up to %d connections per worker",
                     _files, worker_connections)
+    if serves_locally_only(os.environ):
+        open_endpoints = ", ".join(ENDPOINTS_OPEN_WITHOUT_KEY)
+        if server.cfg.bind == [_local_bind]:
+            server.log.info("Simulating without API_KEY: %s need no key, so the service "
+                            "listens on 127.0.0.1 only; set API_KEY (or --bind) to serve "
+                            "other interfaces", open_endpoints)
+        else:
+            server.log.warning("Simulating without API_KEY: %s need no key and are open to "
+                               "anyone who reaches %s", open_endpoints,
+                               ", ".join(server.cfg.bind))
 
 
 # No worker_exit hook closing the database connections: gthread's threads may still be

@@ -11,6 +11,7 @@ import threading
 import time
 from functools import wraps
 
+import click
 from dotenv import load_dotenv
 from flask import Flask, abort, current_app, jsonify, request
 from twilio.request_validator import (
@@ -23,7 +24,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 from sms_status import listing as queries
 from sms_status import rules, sending, twilio_api, twilio_errors
 from sms_status.commands import register_commands
-from sms_status.config import ConfigError, load_config
+from sms_status.config import ConfigError, read_config
 from sms_status.rules import printable
 from sms_status.storage import records as db
 from sms_status.storage import writer
@@ -51,16 +52,23 @@ HTTP_ERROR_MESSAGES = {
 }
 
 
-def create_app(test_config=None, http_client=None, clock=time.time):
+def create_app(test_config=None, http_client=None, clock=time.time, for_commands=False):
     """Builds the app from the environment, or from `test_config` (a mapping like the environment).
 
     `http_client` replaces Twilio's HTTP transport; by default it is Twilio's own, or the
     simulator when TWILIO_SIMULATE=true. `clock` gives the time for rate limits and key expiry.
+
+    `for_commands`: for the flask command line, which loads the app to find its commands
+    (and their --help). The configuration's problems are kept instead of raised, and the
+    database is not opened: each command checks the variables it uses and opens the
+    database when it runs (commands.py).
     """
     if test_config is None:
         load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
         test_config = os.environ
-    config = load_config(test_config)
+    config, problems = read_config(test_config)
+    if problems and not for_commands:
+        raise ConfigError(problems)
     configure_logging(config.log_level)
 
     app = Flask(__name__)
@@ -70,6 +78,7 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     app.config["SERVICE"] = config
     app.config["CLOCK"] = clock
     app.config["SLEEP"] = time.sleep
+    app.config["CONFIG_PROBLEMS"] = problems
     app.extensions["rejection_log"] = LogBudget(REJECTION_WARNINGS_PER_MINUTE, 60)
     app.extensions["health"] = HealthCheck(HEALTH_CHECK_INTERVAL_SECONDS)
     app.extensions["twilio"] = twilio_api.build_client(config, http_client)
@@ -77,18 +86,16 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     if config.webhook_signing_key:
         app.extensions["shared_key_validator"] = RequestValidator(config.webhook_signing_key)
     storage = app.extensions["storage"] = db.open_storage(config)
-    try:
-        storage.migrate()
-    except db.DATABASE_ERRORS as error:
-        raise ConfigError(
-            [f"DATABASE_URL: cannot open {storage.label}: {storage.describe_error(error)}"]
-        ) from None
-
     app.before_request(read_whole_body)
     app.before_request(refuse_nul_characters)
     register_error_handlers(app)
     register_routes(app)
     register_commands(app)
+    if for_commands:
+        return app
+
+    db.prepare(storage, config.mode)
+    app.extensions["storage_prepared"] = True
 
     if config.simulate:
         log.warning("SIMULATION MODE: Twilio is simulated, no SMS will be sent to any phone.")
@@ -252,6 +259,9 @@ def register_error_handlers(app):
             if template
             else error.description
         )
+        if error.code == 413 and request.path == "/send-sms":
+            # A send's errors all have the same shape, whatever refused it.
+            return sending.send_error(413, message)
         response = json_error(error.code, message)
         original_headers = error.get_response().headers
         for name in ("Allow", "Retry-After", "WWW-Authenticate"):
@@ -457,7 +467,16 @@ def parse_error_code(raw):
 
 
 def create_app_or_exit():
-    """For gunicorn and `python app.py`: a configuration error ends the process with one message."""
+    """For gunicorn and `python app.py`: a configuration error ends the process with one message.
+
+    The flask command line loads the app while it is still choosing the command to run (its
+    group's context is the current one; `flask run` and other built-in commands load it
+    later, from their own): the app is then built for the commands, which check what each
+    uses, so that `--help` and `prune` need neither Twilio's credentials nor an API key.
+    """
+    context = click.get_current_context(silent=True)
+    if context is not None and isinstance(context.command, click.Group):
+        return create_app(for_commands=True)
     try:
         return create_app()
     except ConfigError as error:

@@ -1,4 +1,4 @@
-"""Maintenance commands: `flask --app app reconcile`, `prune` and `copy-database`.
+"""Maintenance commands: `flask --app app reconcile`, `prune`, `copy-database` and `backup`.
 
 Status callbacks get lost (a deploy, a proxy, a network blip); reconciliation asks Twilio
 for the status of every message still waiting for a final one. Pruning keeps the
@@ -8,14 +8,22 @@ SQLite history into PostgreSQL (or any database DATABASE_URL names) without losi
 
 
 import os
+import sqlite3
+from contextlib import closing
 from dataclasses import replace
+from urllib.parse import quote
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
 
 from sms_status import rules, twilio_api
-from sms_status.config import database_settings, parse_database_url
+from sms_status.config import (
+    ConfigError,
+    database_settings,
+    parse_database_url,
+    problems_with,
+)
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
 from sms_status.storage import records as db
 
@@ -31,10 +39,61 @@ def parse_duration_option(ctx, param, value):
         raise click.BadParameter(str(error)) from None
 
 
+def counted(number, singular, plural=None):
+    """`1 message`, `2 messages`: a count with its noun in the right number."""
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
+class MessageCount(click.ParamType):
+    """A whole number of messages, at least 1; anything else is refused saying so."""
+
+    name = "N"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if not text.isascii() or not text.isdigit() or int(text) < 1:
+            self.fail(f"{value!r}: give a whole number of messages, 1 or more, like 100",
+                      param, ctx)
+        return int(text)
+
+
+# What the commands read from the configuration: each checks these variables alone, so a
+# maintenance command needs no more than it uses (see create_app's `for_commands`).
+DATABASE_VARIABLES = ("DATABASE_URL", "DATABASE_POOL_SIZE", "SQLITE_SYNCHRONOUS",
+                      "TWILIO_SIMULATE")  # the default database depends on the mode
+TWILIO_VARIABLES = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_TIMEOUT",
+                    "TWILIO_SIMULATE_LATENCY_MS")
+
+
+class ConfigurationProblem(click.ClickException):
+    """Variables a command uses are missing or malformed; exits 2, like the service."""
+
+    exit_code = 2
+
+
+def command_storage(*variables, mode=None):
+    """The app's database, once every variable the command uses (the database's and
+    `variables`) is valid; its schema is created or brought up to date on first use, and
+    with `mode` the database must not have been used in the other mode (records.prepare)."""
+    problems = problems_with(current_app.config["CONFIG_PROBLEMS"],
+                             DATABASE_VARIABLES + variables)
+    if problems:
+        raise ConfigurationProblem(str(ConfigError(problems)))
+    storage = db.get_db()
+    if not current_app.extensions.get("storage_prepared"):
+        try:
+            db.prepare(storage, mode)
+        except ConfigError as error:
+            raise ConfigurationProblem(str(error)) from None
+        current_app.extensions["storage_prepared"] = True
+    return storage
+
+
 def register_commands(app):
     app.cli.add_command(reconcile)
     app.cli.add_command(prune)
     app.cli.add_command(copy_database)
+    app.cli.add_command(backup)
 
 
 def fetch_with_backoff(client, sid, sleep):
@@ -53,16 +112,17 @@ def fetch_with_backoff(client, sid, sleep):
 @click.command()
 @click.option("--older-than", default="10m", show_default=True, callback=parse_duration_option,
               help="How long since a non-final message's last status update, e.g. 10m.")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+@click.option("--limit", default=100, show_default=True, type=MessageCount(),
               help="At most this many messages per run.")
 @with_appcontext
 def reconcile(older_than, limit):
     """Fetch messages whose final status never arrived from Twilio and record what it says."""
+    # Twilio of one mode is asked about the messages of a database of the same mode.
+    conn = command_storage(*TWILIO_VARIABLES, mode=current_app.config["SERVICE"].mode)
     client = current_app.extensions["twilio"]
     clock, sleep = current_app.config["CLOCK"], current_app.config["SLEEP"]
     counts = {"updated": 0, "unchanged": 0, "not found": 0, "failed": 0}
     try:
-        conn = db.get_db()
         waiting = db.messages_to_reconcile(conn, db.utc_now_iso(clock() - older_than[1]), limit)
         for row in waiting:
             sid, before = row["sid"], row["latest_status"]
@@ -91,7 +151,7 @@ def reconcile(older_than, limit):
                        f"{f', error {message.error_code}' if message.error_code else ''})")
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
-    click.echo(f"Checked {sum(counts.values())} messages: {counts['updated']} updated, "
+    click.echo(f"Checked {counted(sum(counts.values()), 'message')}: {counts['updated']} updated, "
                f"{counts['unchanged']} unchanged, {counts['not found']} not found at Twilio, "
                f"{counts['failed']} failed.")
     if counts["failed"] and counts["failed"] == sum(counts.values()):
@@ -106,19 +166,21 @@ def reconcile(older_than, limit):
 @with_appcontext
 def prune(older_than):
     """Delete old messages with their history, and clear bodies older than BODY_RETENTION."""
+    storage = command_storage("BODY_RETENTION")
     config = current_app.config["SERVICE"]
     now = current_app.config["CLOCK"]()
     try:
         messages, events, bodies = db.prune(
-            db.get_db(),
+            storage,
             updated_before=db.utc_now_iso(now - older_than[1]),
             body_before=db.utc_now_iso(now - config.body_retention_seconds),
             now=now,
         )
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
-    click.echo(f"Removed {messages} messages and {events} status events not updated for "
-               f"{older_than[0]}; cleared {bodies} message bodies older than BODY_RETENTION.")
+    click.echo(f"Removed {counted(messages, 'message')} and {counted(events, 'status event')} "
+               f"not updated for {older_than[0]}; cleared "
+               f"{counted(bodies, 'message body', 'message bodies')} older than BODY_RETENTION.")
 
 
 @click.command("copy-database")
@@ -128,12 +190,12 @@ def prune(older_than):
 def copy_database(source_url):
     """Copy messages, their status history and unexpired idempotency keys from another
     database into the one DATABASE_URL names. Running it again copies nothing twice."""
-    config = current_app.config["SERVICE"]
-    target = db.get_db()
     try:
         engine, location = parse_database_url(source_url)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--from") from None
+    config = current_app.config["SERVICE"]
+    target = command_storage()
     source = db.open_storage(replace(config, **database_settings(engine, location)))
     if source.identity() == target.identity():
         raise click.ClickException(
@@ -151,6 +213,31 @@ def copy_database(source_url):
             f"database error: {target.describe_error(source.describe_error(error))}") from None
     finally:
         source.close()
-    click.echo(f"Copied {copied['messages']} messages, {copied['events']} status events and "
-               f"{copied['keys']} idempotency keys from {source.label} to {target.label} "
-               "(what was there already was left as it was).")
+    click.echo(f"Copied {counted(copied['messages'], 'message')}, "
+               f"{counted(copied['events'], 'status event')} and "
+               f"{counted(copied['keys'], 'idempotency key')} from {source.label} to "
+               f"{target.label} (what was there already was left as it was).")
+
+
+@click.command()
+@click.option("--to", "target", required=True, metavar="FILE",
+              type=click.Path(dir_okay=False, writable=True),
+              help="The file to write the copy to (replaced once the copy is complete).")
+def backup(target):
+    """Copy the SQLite database into FILE, safely while the service runs."""
+    storage = command_storage()
+    if storage.name != "sqlite":
+        raise click.ClickException(
+            f"DATABASE_URL names {storage.label}: back up PostgreSQL with its own pg_dump, "
+            "for example: pg_dump --format=custom --file=FILE \"$DATABASE_URL\"")
+    target = os.path.abspath(target)
+    if os.path.exists(target) and os.path.samefile(target, storage.path):
+        raise click.ClickException("--to names the database itself; choose another file")
+    try:
+        storage.backup(target)
+        with closing(sqlite3.connect(f"file:{quote(target)}?mode=ro", uri=True)) as copy:
+            [(messages,)] = copy.execute("SELECT count(*) FROM messages").fetchall()
+    except (OSError, *db.DATABASE_ERRORS) as error:
+        raise click.ClickException(f"backup failed: {error}") from None
+    click.echo(f"Backed up {storage.label} to {target}: {counted(messages, 'message')}, "
+               f"{os.path.getsize(target)} bytes.")

@@ -94,13 +94,17 @@ def _flag(env, name, problems, default=False):
     return default
 
 
-def parse_database_url(raw):
+# Without DATABASE_URL: one file per mode, so that simulated messages never mix with live ones.
+DEFAULT_DATABASE_FILES = {False: "sms_status.db", True: "sms_status_simulated.db"}
+
+
+def parse_database_url(raw, simulate=False):
     """("sqlite", absolute path) or ("postgres", the URL as given) for a DATABASE_URL value.
 
     Raises ValueError with a message that never repeats the value: it may hold a password.
     """
     if raw is None or raw.strip() == "":
-        return "sqlite", os.path.abspath("sms_status.db")
+        return "sqlite", os.path.abspath(DEFAULT_DATABASE_FILES[simulate])
     raw = raw.strip()
     if raw.startswith(("postgres://", "postgresql://")):
         try:
@@ -128,9 +132,9 @@ def database_settings(engine, location):
             "database_url": location if engine == "postgres" else ""}
 
 
-def _database(raw, problems):
+def _database(raw, problems, simulate):
     try:
-        return parse_database_url(raw)
+        return parse_database_url(raw, simulate)
     except ValueError as error:
         problems.append(f"DATABASE_URL {error}")
         return "sqlite", ""
@@ -203,6 +207,15 @@ def _sender(phone_number, messaging_service_sid, problems):
 
 def load_config(env):
     """Builds a Config from an environment mapping, or raises ConfigError listing every problem."""
+    config, problems = read_config(env)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_config(env):
+    """(Config, problems): the Config with defaults in place of what is wrong, and every
+    problem found, each naming the variable to fix."""
     env = {key: value for key, value in env.items() if value is not None}
     problems = []
 
@@ -283,7 +296,7 @@ def load_config(env):
         problems.append(f"BODY_RETENTION: {error}")
         body_retention_seconds = 0.0
 
-    database_engine, database_location = _database(env.get("DATABASE_URL"), problems)
+    database_engine, database_location = _database(env.get("DATABASE_URL"), problems, simulate)
 
     config = Config(
         simulate=simulate,
@@ -310,9 +323,23 @@ def load_config(env):
         simulate_latency=_number(env, "TWILIO_SIMULATE_LATENCY_MS", 0, problems, int, 0, 60000)
         / 1000,
     )
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return config, problems
+
+
+def problems_with(problems, variables):
+    """The problems that name one of `variables`."""
+    return [problem for problem in problems
+            if any(re.search(rf"(?<![A-Z_]){name}(?![A-Z_])", problem) for name in variables)]
+
+
+# Without API_KEY (allowed only when simulating) these need no key.
+ENDPOINTS_OPEN_WITHOUT_KEY = ("/send-sms", "/get-status", "/messages", "/stats")
+
+
+def serves_locally_only(env):
+    """True when simulating without API_KEY: every endpoint is open then, so the service
+    listens on 127.0.0.1 alone unless told otherwise."""
+    return _flag(env, "TWILIO_SIMULATE", []) and not (env.get("API_KEY") or "").strip()
 
 
 def server_settings(env):

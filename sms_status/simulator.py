@@ -54,6 +54,10 @@ CALLBACK_STEP_SECONDS = 0.25
 CALLBACK_TIMEOUT_SECONDS = 10
 CALLBACK_SENDERS = 8  # threads per process posting due callbacks
 
+# The number a simulated Messaging Service sends from: Twilio's status callbacks name the
+# number the service chose, never the service itself.
+SIMULATED_SERVICE_NUMBER = "+15005550006"
+
 MESSAGES_PATH = re.compile(r"/Accounts/(AC[0-9a-fA-F]{32})/Messages(?:/(\w+))?\.json$")
 
 
@@ -160,7 +164,8 @@ class SimulatedTwilio(HttpClient):
         if callback_url and self.send_callbacks:
             final_status, _ = OUTCOMES[outcome]
             steps = (["queued"] if initial == "accepted" else []) + ["sent", final_status]
-            self._schedule((callback_url, sid, to, from_ or service_sid, outcome, steps))
+            self._schedule((callback_url, sid, to, from_ or SIMULATED_SERVICE_NUMBER, outcome,
+                            steps))
         return _json_response(201, resource)
 
     def _fetch(self, sid):

@@ -132,7 +132,7 @@ def test_http_errors_are_json(client, method, path, status, allow):
 def test_oversized_callback_is_413_json(client):
     response = client.post("/message-status", data={"Body": "x" * 70000})
     assert response.status_code == 413
-    assert response.get_json()["error"]
+    assert response.get_json() == {"error": "The request body is larger than 64 KiB."}
 
 
 def test_unexpected_exception_is_a_json_500_without_traceback(app):

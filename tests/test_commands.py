@@ -1,13 +1,26 @@
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 from twilio.http.response import Response
 
-from conftest import AUTH, CALLBACK_URL, ROOT, callback, count_rows, sign, stored_message
+from conftest import (
+    AUTH,
+    CALLBACK_URL,
+    ROOT,
+    CallbackLoad,
+    callback,
+    count_rows,
+    sign,
+    sql_rows,
+    sqlite_only,
+    stored_message,
+)
 from twilio_fakes import twilio_error
 
 FETCH_ANSWER = ('{"sid": "%s", "status": "%s", "error_code": %s,'
@@ -69,7 +82,7 @@ def test_reconcile_skips_final_and_recent_messages_and_respects_limit(
     assert "Checked 0 messages" in result.output
     fake_twilio.answer_next(fetched(recent_a, "delivered"))
     result = run(app, "reconcile", "--older-than", "0s", "--limit", "1")
-    assert "Checked 1 messages: 1 updated" in result.output
+    assert "Checked 1 message: 1 updated" in result.output
     assert final not in result.output
 
 
@@ -98,7 +111,7 @@ def test_a_message_twilio_does_not_have_is_reported_and_not_asked_for_again(app,
     time.sleep(0.002)
     fake_twilio.answer_next(fetched(other, "queued"))
     result = run(app, "reconcile", "--older-than", "0s")
-    assert "Checked 1 messages" in result.output and missing not in result.output
+    assert "Checked 1 message:" in result.output and missing not in result.output
     fetched_sids = [r["uri"] for r in fake_twilio.requests if r["method"] == "GET"]
     assert sum(missing in uri for uri in fetched_sids) == 1
 
@@ -163,7 +176,7 @@ def test_prune_deletes_old_messages_and_history(make_app, fake_twilio, post_call
     assert "Removed 0 messages and 0 status events" in result.output
     result = run(app, "prune", "--older-than", "0s")
     assert result.exit_code == 0
-    assert "Removed 1 messages and 2 status events not updated for 0s" in result.output
+    assert "Removed 1 message and 2 status events not updated for 0s" in result.output
     assert client.get(f"/get-status/{old}", headers=AUTH).status_code == 404
 
 
@@ -176,7 +189,7 @@ def test_prune_clears_bodies_after_body_retention(make_app, fake_twilio):
     assert "cleared 0 message bodies" in run(app, "prune", "--older-than", "90d").output
     assert body() == "code 5521"
     app.config["CLOCK"] = lambda: time.time() + 3601
-    assert "cleared 1 message bodies" in run(app, "prune", "--older-than", "90d").output
+    assert "cleared 1 message body " in run(app, "prune", "--older-than", "90d").output
     assert body() is None
     assert client.get(f"/get-status/{sid}", headers=AUTH).status_code == 200
 
@@ -241,7 +254,7 @@ def test_copy_database_copies_the_history_once(app, old_history):
     url, histories = old_history
     first = run(app, "copy-database", "--from", url)
     assert first.exit_code == 0, first.output
-    assert "Copied 4 messages, 10 status events and 1 idempotency keys" in first.output
+    assert "Copied 4 messages, 10 status events and 1 idempotency key from" in first.output
     client = app.test_client()
     for sid, history in histories.items():
         assert latest(client, sid) == history
@@ -272,3 +285,96 @@ def test_copy_database_refuses_a_bad_source_clearly(app, source, expected):
     assert result.exit_code != 0
     assert expected in result.output and "s3cret-pw" not in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("limit", ["abc", "0", "-3"])
+def test_a_malformed_limit_says_what_to_give(app, limit):
+    result = run(app, "reconcile", "--limit", limit)
+    assert result.exit_code == 2
+    assert "integer range" not in result.output
+    assert "a whole number of messages, 1 or more" in result.output, result.output
+
+
+def flask_command(cwd, env, *args):
+    """`flask --app app ...` run as an operator runs it, in `cwd`, with `env` alone."""
+    flask = str(Path(sys.executable).parent / "flask")
+    return subprocess.run([flask, "--app", str(ROOT / "app.py"), *args], cwd=cwd,
+                          env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_help_needs_no_configuration_and_touches_no_database(tmp_path):
+    listing = flask_command(tmp_path, {}, "--help")
+    assert listing.returncode == 0, listing.stderr
+    for command in ("reconcile", "prune", "copy-database", "backup"):
+        assert command in listing.stdout
+    for command in ("reconcile", "prune", "copy-database", "backup"):
+        result = flask_command(tmp_path, {}, command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "Usage:" in result.stdout and "Configuration error" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], "--help created or opened no database"
+
+
+def test_database_commands_need_only_the_database(database_url, old_history, tmp_path):
+    url, histories = old_history
+    env = {"DATABASE_URL": database_url}
+    copied = flask_command(tmp_path, env, "copy-database", "--from", url)
+    assert copied.returncode == 0, copied.stderr
+    assert "Copied 4 messages, 10 status events" in copied.stdout
+    pruned = flask_command(tmp_path, env, "prune", "--older-than", "0s")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "Removed 4 messages and 10 status events" in pruned.stdout
+
+
+def test_reconcile_asks_for_twilio_credentials_alone(tmp_path):
+    result = flask_command(tmp_path, {"DATABASE_URL": "sqlite:///history.db"}, "reconcile")
+    assert result.returncode == 2
+    assert "TWILIO_ACCOUNT_SID is required" in result.stderr
+    assert "TWILIO_AUTH_TOKEN is required" in result.stderr
+    for unused in ("API_KEY", "BASE_URL", "TWILIO_PHONE_NUMBER"):
+        assert unused not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing was opened before the check"
+
+
+def test_a_command_names_a_malformed_variable_it_uses(tmp_path):
+    result = flask_command(tmp_path, {"DATABASE_URL": "mysql://db/x", "BODY_RETENTION": "a week"},
+                           "prune", "--older-than", "90d")
+    assert result.returncode == 2
+    assert "DATABASE_URL must be" in result.stderr and "BODY_RETENTION" in result.stderr
+    assert "TWILIO_ACCOUNT_SID" not in result.stderr and "Traceback" not in result.stderr
+
+
+@sqlite_only
+def test_backup_while_the_service_takes_callbacks_holds_every_acknowledged_one(
+        service_env, start_service, tmp_path):
+    env = service_env(simulate=False)
+    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
+    service = start_service(env)
+    copy = tmp_path / "backup" / "copy.db"
+    copy.parent.mkdir()
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", threads=4) as load:
+        load.wait_for(200)
+        acknowledged = list(load.acknowledged)
+        result = flask_command(tmp_path, {"DATABASE_URL": env["DATABASE_URL"]},
+                               "backup", "--to", str(copy))
+        load.wait_for(len(acknowledged) + 100)
+    assert result.returncode == 0, result.stderr
+    assert f"Backed up {env['DATABASE_URL'][len('sqlite:///'):]} to {copy}" in result.stdout
+    assert load.others == [], "callbacks went on being stored during the backup"
+    url = f"sqlite:///{copy}"
+    assert sql_rows(url, "PRAGMA integrity_check") == [("ok",)]
+    assert sql_rows(url, "PRAGMA journal_mode") == [("delete",)], "one self-contained file"
+    stored = {sid for (sid,) in sql_rows(url, "SELECT message_sid FROM status_events")}
+    assert set(acknowledged) <= stored
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_backup_on_postgresql_points_to_pg_dump(database_url, tmp_path):
+    result = flask_command(tmp_path, {"DATABASE_URL": database_url}, "backup", "--to", "x.db")
+    assert result.returncode == 1
+    assert "pg_dump" in result.stderr and "Traceback" not in result.stderr
+    password = psycopg.conninfo.conninfo_to_dict(database_url).get("password")
+    assert not password or password not in result.stderr + result.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -193,3 +194,10 @@ def test_an_unfilled_copy_of_env_example_is_refused_for_each_placeholder(tmp_pat
     for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "BASE_URL",
                  "API_KEY"):
         assert name in found
+
+
+def test_simulation_defaults_to_a_database_file_of_its_own(tmp_path):
+    live = load_config(live_env(tmp_path, DATABASE_URL=None))
+    simulated = load_config(live_env(tmp_path, DATABASE_URL=None, TWILIO_SIMULATE="true"))
+    assert os.path.basename(live.database_path) == "sms_status.db"
+    assert os.path.basename(simulated.database_path) == "sms_status_simulated.db"

@@ -16,10 +16,11 @@ from conftest import (
     free_port,
     sign,
     sql_rows,
+    sqlite_only,
 )
 from postgres import create_database, drop_database
 from sms_status.config import SIMULATED_AUTH_TOKEN
-from sms_status.simulator import SEND_ERRORS
+from sms_status.simulator import SEND_ERRORS, SIMULATED_SERVICE_NUMBER
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -245,3 +246,44 @@ def test_development_server_keeps_a_bounded_number_of_connections(service_env, t
     finally:
         process.kill()
         process.wait()
+
+
+def test_simulated_messaging_service_callbacks_name_the_number_it_sent_from(service_env,
+                                                                           start_service):
+    service = start_service(service_env(TWILIO_MESSAGING_SERVICE_SID="MG" + "4d" * 16))
+    response = requests.post(f"{service.url}/send-sms",
+                             json={"to": "+15558675309", "body": "Hello"}, timeout=10)
+    assert response.json()["status"] == "accepted"
+    answer = wait_for_final(service, response.json()["messageSid"], "delivered")
+    assert [e["status"] for e in answer["history"]] == ["accepted", "queued", "sent",
+                                                        "delivered"]
+    assert answer["from"] == SIMULATED_SERVICE_NUMBER
+
+
+def answers_at(host, port):
+    try:
+        return requests.get(f"http://{host}:{port}/healthz", timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+@sqlite_only
+def test_simulation_without_api_key_listens_on_loopback_alone(service_env, start_service):
+    """127.0.0.2 is a loopback address too: a server bound to 0.0.0.0 answers there, one
+    bound to 127.0.0.1 does not."""
+    service = start_service(service_env())
+    assert answers_at("127.0.0.1", service.port)
+    assert not answers_at("127.0.0.2", service.port)
+    assert "127.0.0.1 only" in service.logs()
+
+    keyed = start_service(service_env(API_KEY=API_KEY))
+    assert answers_at("127.0.0.2", keyed.port), "with a key, every interface"
+
+
+@sqlite_only
+def test_an_explicit_bind_still_wins(service_env, start_service):
+    env = service_env()
+    env["GUNICORN_CMD_ARGS"] = f"--bind 0.0.0.0:{env['PORT']}"
+    service = start_service(env)
+    assert answers_at("127.0.0.2", service.port)
+    assert "open to anyone who reaches" in service.logs()

@@ -67,7 +67,9 @@ def test_body_over_64_kib_gets_413(client, fake_twilio):
     response = client.post("/send-sms", data=b"{" + b" " * 70000 + b"}", headers=AUTH,
                            content_type="application/json")
     assert response.status_code == 413
-    assert "64 KiB" in response.get_json()["error"]
+    answer = response.get_json()
+    assert "64 KiB" in answer["error"]
+    assert answer["success"] is False and answer["details"] is None and answer["code"] is None
     assert fake_twilio.requests == []
 
 

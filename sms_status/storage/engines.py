@@ -34,12 +34,14 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from sms_status.config import SIMULATED_ACCOUNT_SID
+
 # Every error either engine raises (a pool that cannot lend a connection in time included).
 DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 # The schema version both engines reach: SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version table. A database with a newer version is refused, never downgraded.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 BUSY_TIMEOUT_MS = 5000
 # The WAL is cut back to this size whenever a checkpoint empties it: without a limit, one
@@ -84,6 +86,28 @@ QUERY_INDEXES = """
         SELECT {seconds} FROM status_events
         WHERE status_events.message_sid = messages.sid AND status_events.status = 'delivered')
     """
+
+
+# The mode ("live" or "simulated") a database was first used in, the same DDL on both
+# engines; a database from before version 8 that holds messages of the simulated account
+# was used in simulation (both modes then shared one default file).
+SERVICE_MODE_TABLE = f"""
+    CREATE TABLE service_mode (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        mode TEXT NOT NULL CHECK (mode IN ('live', 'simulated'))
+    );
+    INSERT INTO service_mode (id, mode) SELECT 1, 'simulated'
+        WHERE EXISTS (SELECT 1 FROM messages WHERE account_sid = '{SIMULATED_ACCOUNT_SID}')
+    """
+RECORD_MODE = "INSERT INTO service_mode (id, mode) VALUES (1, ?) ON CONFLICT (id) DO NOTHING"
+
+
+class ModeConflict(Exception):
+    """The database was first used in the other mode (`recorded`)."""
+
+    def __init__(self, recorded):
+        super().__init__(recorded)
+        self.recorded = recorded
 
 
 # --- SQLite --------------------------------------------------------------------------------
@@ -155,6 +179,7 @@ SQLITE_MIGRATIONS = [
         seconds=sqlite_seconds_between("messages.created_at", "status_events.received_at"))),
     # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
     (7, SENDS_PER_HOUR_INDEXES),
+    (8, SERVICE_MODE_TABLE),
 ]
 
 _local = threading.local()
@@ -468,8 +493,12 @@ class SQLiteEngine:
     def query(self, sql, params=()):
         return self.connection().execute(sql, params).fetchall()
 
-    def migrate(self):
-        """Creates or upgrades the schema in place and switches the database to WAL mode."""
+    def migrate(self, mode=None):
+        """Creates or upgrades the schema in place and switches the database to WAL mode.
+
+        With `mode`, records it as the database's when none is yet, and raises ModeConflict
+        when the database was first used in the other one.
+        """
         try:
             make_database_files_private(self.path)
         except OSError as error:
@@ -490,9 +519,14 @@ class SQLiteEngine:
                                 conn.execute(statement)
                 if version < SCHEMA_VERSION:
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            return SCHEMA_VERSION
+                if mode:
+                    conn.execute(RECORD_MODE, (mode,))
+                recorded = conn.execute("SELECT mode FROM service_mode").fetchone()
         finally:
             conn.close()
+        if mode and recorded[0] != mode:
+            raise ModeConflict(recorded[0])
+        return SCHEMA_VERSION
 
     def wal_size(self):
         """The WAL file's size in bytes (0 when there is none)."""
@@ -522,6 +556,31 @@ class SQLiteEngine:
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         return not busy
+
+    def backup(self, target):
+        """Copies the database into the file `target`, as it was at one moment, while the
+        service goes on writing: SQLite's online backup in one step, within one read
+        transaction, which in WAL mode holds no writer back. The copy is written beside
+        `target` and renamed over it once complete, in rollback-journal mode (one file)."""
+        partial = target + ".partial"
+        if os.path.exists(partial):
+            os.remove(partial)
+        source = open_sqlite(self.path, self.synchronous, create=False)
+        try:
+            copy = sqlite3.connect(partial)
+            try:
+                source.backup(copy)
+                copy.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                copy.close()
+        finally:
+            source.close()
+        os.replace(partial, target)
+        directory = os.open(os.path.dirname(target), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power loss
+        finally:
+            os.close(directory)
 
     seconds_between = staticmethod(sqlite_seconds_between)
 
@@ -596,6 +655,7 @@ POSTGRES_MIGRATIONS = [
             "messages.created_at", "status_events.received_at"))),
     # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
     (7, SENDS_PER_HOUR_INDEXES),
+    (8, SERVICE_MODE_TABLE),
 ]
 
 # Key of the advisory lock under which instances starting together migrate one at a time.
@@ -690,8 +750,12 @@ class PostgresEngine:
         with self._pool().connection() as conn:
             return conn.execute(_pyformat(sql), params).fetchall()
 
-    def migrate(self):
-        """Creates or upgrades the schema, one instance at a time, in one transaction."""
+    def migrate(self, mode=None):
+        """Creates or upgrades the schema, one instance at a time, in one transaction.
+
+        With `mode`, records it as the database's when none is yet, and raises ModeConflict
+        when the database was first used in the other one.
+        """
         with psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
                              **self.connect_options) as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(MIGRATION_LOCK),))
@@ -709,6 +773,11 @@ class PostgresEngine:
                 conn.execute("DELETE FROM schema_version")
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
                              (SCHEMA_VERSION,))
+            if mode:
+                conn.execute(_pyformat(RECORD_MODE), (mode,))
+            recorded = conn.execute("SELECT mode FROM service_mode").fetchone()
+        if mode and recorded["mode"] != mode:
+            raise ModeConflict(recorded["mode"])
         return SCHEMA_VERSION
 
     def compact(self):

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from flask import current_app
 
+from sms_status.config import ConfigError
 from sms_status.rules import FINAL_STATUSES, STATUS_RANK
 from sms_status.storage import engines
 from sms_status.storage.engines import DATABASE_ERRORS  # noqa: F401 (re-exported for the app)
@@ -63,6 +64,34 @@ def close_all():
 def open_storage(config):
     """The engine DATABASE_URL names, created unconnected: it connects on first use."""
     return engines.open_engine(config)
+
+
+def prepare(storage, mode=None):
+    """Creates the database's schema or brings it up to date; raises ConfigError naming
+    DATABASE_URL when the database cannot be opened.
+
+    With `mode` ("live" or "simulated"), the database keeps the mode it is first used in,
+    and a start in the other mode is refused: simulated messages never mix with live ones.
+    """
+    try:
+        storage.migrate(mode)
+    except DATABASE_ERRORS as error:
+        raise ConfigError(
+            [f"DATABASE_URL: cannot open {storage.label}: {storage.describe_error(error)}"]
+        ) from None
+    except engines.ModeConflict:
+        fresh = (f"delete {storage.path} (and its -wal, -shm and -lock files)"
+                 if storage.name == "sqlite" else "drop its tables")
+        if mode == "live":
+            raise ConfigError([
+                f"DATABASE_URL names {storage.label}, which was used in simulation: its "
+                "messages are simulated ones, never mixed with live ones. Go live with "
+                "another database (unset DATABASE_URL for sms_status.db, or name a new file "
+                f"or PostgreSQL database), or {fresh} to start fresh"]) from None
+        raise ConfigError([
+            f"DATABASE_URL names {storage.label}, which is used live: simulation never "
+            "writes made-up messages into it. Unset DATABASE_URL to simulate with "
+            "sms_status_simulated.db, or name another database"]) from None
 
 
 # A history entry, once per (message, status).
