@@ -6,7 +6,8 @@ still sent or queued; a few thousand recipients), then starts the service as the
 Procfile does (gunicorn with the repository's gunicorn.conf.py) on a free 127.0.0.1 port
 and measures, one request at a time over a kept-alive connection:
 
-- /messages?to=<a recipient>, an unfiltered first page, and page 50 reached by cursor;
+- /messages?to=<a recipient> (alone, with a status, with an error code), an unfiltered first
+  page, and page 50 reached by cursor;
 - /stats over the last 24 hours and over 30 days.
 
 Targets: every /messages query p99 < 20 ms, /stats 24 h < 200 ms, /stats 30 days < 2 s.
@@ -190,6 +191,16 @@ def query_figures(client, args, recipients, now, failures):
     results["messages?to"] = measure(
         client, "/messages?to=<recipient>",
         [f"/messages?to={quote(rng.choice(recipients))}" for _ in range(n)], failures)
+    # A recipient's messages of one status, or with one error: the planner must pick the
+    # recipient's few messages, not every message of that status or error.
+    results["messages?to&status"] = measure(
+        client, "/messages?to=<recipient>&status=delivered",
+        [f"/messages?to={quote(rng.choice(recipients))}&status=delivered" for _ in range(n)],
+        failures)
+    results["messages?to&errorCode"] = measure(
+        client, "/messages?to=<recipient>&errorCode=30003",
+        [f"/messages?to={quote(rng.choice(recipients))}&errorCode=30003" for _ in range(n)],
+        failures)
     results["messages first page"] = measure(client, "/messages (first page)",
                                              ["/messages"] * n, failures)
     # Page 50 of 50 messages: follow the cursors there once, then ask for it repeatedly.

@@ -225,3 +225,21 @@ def test_the_database_and_the_files_beside_it_are_the_service_users_alone(
     modes = {suffix: stat.S_IMODE(os.stat(path + suffix).st_mode)
              for suffix in ("", "-wal", "-shm", "-lock")}
     assert modes == dict.fromkeys(modes, 0o600), {k: oct(v) for k, v in modes.items()}
+
+
+@sqlite_only
+def test_sqlite_plans_a_recipients_messages_of_one_status_on_the_recipient_index(database_url):
+    engine_for(database_url).migrate()
+    path = database_url[len("sqlite:///"):]
+    with sqlite3.connect(path) as conn:  # many messages per status, few per recipient
+        conn.executemany(
+            "INSERT INTO messages (sid, to_number, latest_status, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(f"SM{n:032x}", f"+1555{n % 500:07d}", ("delivered", "sent")[n % 2],
+              f"2026-11-26T19:{n // 60 % 60:02d}:{n % 60:02d}.000Z", "2026-11-26T20:00:00.000Z")
+             for n in range(5000)])
+    engine_for(database_url).migrate()  # as at the next start
+    plan = sql_rows(database_url, "EXPLAIN QUERY PLAN SELECT sid FROM messages"
+                    " WHERE to_number = ? AND latest_status = ?"
+                    " ORDER BY created_at DESC, sid DESC LIMIT 51", ("+15550000007", "sent"))
+    assert "messages_by_recipient_and_creation" in str(plan), plan

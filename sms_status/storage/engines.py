@@ -519,6 +519,7 @@ class SQLiteEngine:
                                 conn.execute(statement)
                 if version < SCHEMA_VERSION:
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                _analyze(conn)
                 if mode:
                     conn.execute(RECORD_MODE, (mode,))
                 recorded = conn.execute("SELECT mode FROM service_mode").fetchone()
@@ -527,6 +528,11 @@ class SQLiteEngine:
         if mode and recorded[0] != mode:
             raise ModeConflict(recorded[0])
         return SCHEMA_VERSION
+
+    def refresh_statistics(self):
+        """Brings the query planner's statistics up to date (a few milliseconds)."""
+        with self.transaction() as tx:
+            _analyze(tx)
 
     def wal_size(self):
         """The WAL file's size in bytes (0 when there is none)."""
@@ -590,6 +596,19 @@ class SQLiteEngine:
 
     def close(self):
         _close_sqlite_connections()
+
+
+# Rows ANALYZE reads per index: estimates good enough to choose an index, in milliseconds
+# whatever the table's size.
+ANALYSIS_LIMIT = 1000
+
+
+def _analyze(conn):
+    """Gathers the statistics SQLite's query planner chooses indexes with. Without them it
+    guessed: /messages?to=X&status=Y walked every message of that status (130-640 ms on
+    a million messages) instead of the recipient's few."""
+    conn.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
+    conn.execute("ANALYZE")
 
 
 def _refuse_newer(version):

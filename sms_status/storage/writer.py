@@ -60,6 +60,9 @@ CHECKPOINT_INTERVAL_SECONDS = 0.5
 # Past this size the writer rewinds the WAL between two batches (see WalLimit).
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 WAL_RETRY_SECONDS = 0.05
+# The planner's statistics follow the tables' growth (engines.SQLiteEngine.migrate gathers
+# them at start); SQLite recommends refreshing them periodically on long-lived connections.
+STATISTICS_INTERVAL_SECONDS = 3600
 RESTART_DELAY_SECONDS = 0.2
 # A unix socket's path must fit in sockaddr_un: 107 bytes on Linux, 103 on macOS.
 MAX_SOCKET_PATH_BYTES = 100
@@ -345,6 +348,7 @@ def serve(engine, listener, functions, master):
     selector.register(listener, selectors.EVENT_READ)
     received = {}  # per connection: bytes of a request not yet complete
     wal_limit = WalLimit(engine)
+    statistics_due = time.monotonic() + STATISTICS_INTERVAL_SECONDS
     while not stopping and os.getppid() == master:
         batch = []
         ready = selector.select(timeout=0.5)
@@ -386,6 +390,13 @@ def serve(engine, listener, functions, master):
                 except OSError:
                     pass  # its thread gave up waiting; it answered 503 already
             wal_limit.check()
+        if time.monotonic() >= statistics_due:
+            statistics_due += STATISTICS_INTERVAL_SECONDS
+            try:
+                engine.refresh_statistics()
+            except DATABASE_ERRORS as error:
+                log.warning("Database writer: could not refresh the planner's statistics: %s",
+                            engine.describe_error(error))
     stopping.append(True)
     checkpointer.join()  # before closing its connection under it
     engine.close()
