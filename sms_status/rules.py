@@ -89,15 +89,6 @@ def printable(value, limit=200):
     return cut
 
 
-def status_moves_forward(current, new):
-    """True when `new` is later in the lifecycle than `current` (unknown statuses never are)."""
-    if new not in STATUS_RANK:
-        return current is None
-    if current not in STATUS_RANK:
-        return True
-    return STATUS_RANK[new] > STATUS_RANK[current]
-
-
 def mask_phone(number):
     """Hides all but the last four digits: +15558675309 -> +*******5309."""
     if not number:

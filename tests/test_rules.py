@@ -1,6 +1,7 @@
 import pytest
 
 from sms_status import rules
+from sms_status.storage import records as db
 
 
 @pytest.mark.parametrize("number, valid", [
@@ -42,21 +43,33 @@ def test_send_request_problem_accepts_a_good_request():
     assert rules.send_request_problem({"to": "+15558675309", "body": "x" * 1600}) is None
 
 
-@pytest.mark.parametrize("current, new, forward", [
-    pytest.param("queued", "sent", True, id="queued-sent"),
-    pytest.param("accepted", "queued", True, id="accepted-queued"),
-    pytest.param("sent", "delivered", True, id="sent-delivered"),
-    pytest.param("delivered", "sent", False, id="late-sent"),
-    pytest.param("delivered", "queued", False, id="late-queued"),
-    pytest.param("delivered", "undelivered", False, id="final-after-final"),
-    pytest.param("delivered", "read", True, id="read"),
-    pytest.param("sent", "sent", False, id="same"),
-    pytest.param("sent", "receiving", False, id="unknown-new"),
-    pytest.param(None, "receiving", True, id="unknown-first"),
-    pytest.param("mystery", "queued", True, id="unknown-current"),
+@pytest.mark.parametrize("current, new, latest", [
+    pytest.param("queued", "sent", "sent", id="queued-sent"),
+    pytest.param("accepted", "queued", "queued", id="accepted-queued"),
+    pytest.param("sent", "delivered", "delivered", id="sent-delivered"),
+    pytest.param("delivered", "sent", "delivered", id="late-sent"),
+    pytest.param("delivered", "queued", "delivered", id="late-queued"),
+    pytest.param("delivered", "undelivered", "delivered", id="final-after-final"),
+    pytest.param("failed", "delivered", "failed", id="other-final-after-final"),
+    pytest.param("delivered", "read", "read", id="read"),
+    pytest.param("sent", "sent", "sent", id="same"),
+    pytest.param("sent", "receiving", "sent", id="unknown-new"),
+    pytest.param("delivered", "receiving", "delivered", id="unknown-after-final"),
+    pytest.param(None, "receiving", "receiving", id="unknown-first"),
+    pytest.param("mystery", "queued", "queued", id="unknown-current"),
+    pytest.param("mystery", "receiving", "mystery", id="unknown-after-unknown"),
 ])
-def test_status_moves_forward(current, new, forward):
-    assert rules.status_moves_forward(current, new) is forward
+def test_the_latest_status_only_moves_forward_where_it_is_stored(app, current, new, latest):
+    """The lifecycle rule as it runs: the stored update of record_status, on both engines."""
+    storage = app.extensions["storage"]
+    sid = "SM" + "7" * 32
+    if current is not None:
+        assert db.record_status(storage, sid, current)
+    db.record_status(storage, sid, new)
+    message = db.message_with_history(storage, sid)
+    assert message["latestStatus"] == latest
+    # Every status is kept in the history, whether or not it moved the latest one.
+    assert {entry["status"] for entry in message["history"]} == {current, new} - {None}
 
 
 @pytest.mark.parametrize("number, masked", [

@@ -3,20 +3,20 @@ import pytest
 from conftest import AUTH, callback
 from sms_status.twilio_errors import ERRORS, description
 
-# The codes the service explains: those a sender of alerts and one-time codes meets.
-LISTED = [*range(30001, 30009), 30032, 30034, 21610, 21211, 21408, 21612, 21614, 63016]
-
-
-def test_exactly_the_listed_codes_are_explained():
-    assert sorted(ERRORS) == sorted(LISTED)
-
-
-@pytest.mark.parametrize("code", LISTED)
-def test_each_code_has_one_sentence_and_its_docs_link(code):
+@pytest.mark.parametrize("code", sorted(ERRORS))
+def test_each_code_has_twilios_shape_one_sentence_and_its_docs_link(code):
+    # Twilio's error codes are five-digit integers: an answer's ErrorCode parses to one.
+    assert isinstance(code, int) and 10000 <= code <= 99999
     sentence, link = ERRORS[code]
     assert link == f"https://www.twilio.com/docs/api/errors/{code}"
     assert sentence.endswith(".") and sentence.count(". ") == 0 and len(sentence) < 160
     assert description(code) == f"{sentence} {link}"
+
+
+def test_the_codes_senders_meet_most_are_explained():
+    # Unreachable handset, carrier filtering, unknown error: the top three on Twilio's list
+    # of undelivered SMS.
+    assert {30003, 30007, 30008} <= set(ERRORS)
 
 
 @pytest.mark.parametrize("code", [
