@@ -3,6 +3,7 @@ import pytest
 from conftest import AUTH, callback
 from sms_status.twilio_errors import ERRORS, description
 
+
 @pytest.mark.parametrize("code", sorted(ERRORS))
 def test_each_code_has_twilios_shape_one_sentence_and_its_docs_link(code):
     # Twilio's error codes are five-digit integers: an answer's ErrorCode parses to one.
