@@ -34,6 +34,18 @@ SIMULATED_ACCOUNT_SID = "AC" + "0" * 32
 SIMULATED_AUTH_TOKEN = "simulated-auth-token"
 
 
+# Every environment variable the service reads, the app's and gunicorn's (gunicorn.conf.py);
+# .env.example documents each one (a test checks both ways).
+VARIABLES = (
+    "TWILIO_SIMULATE", "TWILIO_SIMULATE_LATENCY_MS", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN",
+    "TWILIO_PHONE_NUMBER", "TWILIO_MESSAGING_SERVICE_SID", "TWILIO_WEBHOOK_SIGNING_KEY",
+    "TWILIO_TIMEOUT", "BASE_URL", "API_KEY", "DATABASE_URL", "DATABASE_POOL_SIZE",
+    "SQLITE_SYNCHRONOUS", "STORE_MESSAGE_BODY", "BODY_RETENTION", "ALLOWED_DESTINATIONS",
+    "MAX_SENDS_PER_RECIPIENT_PER_HOUR", "MAX_SENDS_PER_HOUR", "LOG_LEVEL", "PORT",
+    "WEB_CONCURRENCY", "GUNICORN_THREADS", "REQUEST_READ_TIMEOUT",
+)
+
+
 class ConfigError(Exception):
     """The configuration has one or more problems; str() lists all of them."""
 

@@ -33,6 +33,7 @@ from postgres import (  # noqa: E402
     drop_database,
 )
 from sms_status import create_app  # noqa: E402
+from sms_status.config import VARIABLES  # noqa: E402
 from sms_status.storage import records as db  # noqa: E402
 from twilio_fakes import FakeTwilio  # noqa: E402
 
@@ -366,14 +367,7 @@ class Service:
 # means unset), so a developer's .env in the repository cannot leak into a test. PORT,
 # WEB_CONCURRENCY and GUNICORN_THREADS are always given real values (gunicorn itself parses
 # WEB_CONCURRENCY).
-SERVICE_VARIABLES = [
-    "TWILIO_SIMULATE", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER",
-    "TWILIO_MESSAGING_SERVICE_SID", "BASE_URL", "API_KEY", "DATABASE_URL", "TWILIO_TIMEOUT",
-    "STORE_MESSAGE_BODY", "LOG_LEVEL", "SQLITE_SYNCHRONOUS", "ALLOWED_DESTINATIONS",
-    "MAX_SENDS_PER_RECIPIENT_PER_HOUR", "MAX_SENDS_PER_HOUR", "TWILIO_WEBHOOK_SIGNING_KEY",
-    "BODY_RETENTION",
-    "TWILIO_SIMULATE_LATENCY_MS", "DATABASE_POOL_SIZE", "REQUEST_READ_TIMEOUT",
-]
+SERVICE_VARIABLES = VARIABLES
 
 
 @pytest.fixture

@@ -1,11 +1,12 @@
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, SERVICE_VARIABLES, free_port, live_env, procfile_command
-from sms_status.config import ConfigError, load_config
+from sms_status.config import VARIABLES, ConfigError, load_config
 
 
 def problems(env):
@@ -201,3 +202,9 @@ def test_simulation_defaults_to_a_database_file_of_its_own(tmp_path):
     simulated = load_config(live_env(tmp_path, DATABASE_URL=None, TWILIO_SIMULATE="true"))
     assert os.path.basename(live.database_path) == "sms_status.db"
     assert os.path.basename(simulated.database_path) == "sms_status_simulated.db"
+
+
+def test_env_example_documents_exactly_the_variables_the_service_reads():
+    text = (ROOT / ".env.example").read_text()
+    documented = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, flags=re.M))
+    assert documented == set(VARIABLES)
