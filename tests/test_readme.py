@@ -23,5 +23,5 @@ def test_readme_headings_are_plain_text():
 
 
 def test_python_version_for_hosts_is_the_one_the_code_is_written_for():
-    target = re.search(r'target-version = "py3(\d+)"', (ROOT / "ruff.toml").read_text())
+    target = re.search(r'target-version = "py3(\d+)"', (ROOT / "pyproject.toml").read_text())
     assert (ROOT / ".python-version").read_text().strip() == f"3.{target.group(1)}"
