@@ -16,7 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from common import ROOT, Processes, free_port, procfile_command, service_env  # noqa: E402
+from common import ROOT, Processes, service_env  # noqa: E402
+
+from support import free_port, procfile_command  # noqa: E402
 
 # Every check except positive_data_acceptance, which expects each schema-valid request to
 # succeed. Here some must not: /message-status refuses anything without Twilio's real

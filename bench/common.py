@@ -8,10 +8,8 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -23,36 +21,28 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+# The service's package and the tests' helpers (free ports, clean environments, the
+# Procfile's command, throwaway PostgreSQL servers), shared with the tests and CI.
+sys.path[1:1] = [str(ROOT), str(ROOT / "tests")]
+
+from support import service_environment  # noqa: E402
+
 WRK_INSTALL = "apt-get install -y wrk   (Debian/Ubuntu, as root; brew install wrk on macOS)"
 # Settings a user may set to benchmark other values; everything else is set by the benchmark.
 PASSED_THROUGH = ("WEB_CONCURRENCY", "GUNICORN_THREADS", "SQLITE_SYNCHRONOUS", "LOG_LEVEL")
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def service_env(port, database, **settings):
-    """A clean environment for the service: PATH, the passed-through settings, then `settings`.
+    """A clean environment for the service (the tests' service_environment), with the
+    passed-through settings of this shell, then `settings`.
 
     `database` is a SQLite file's path or a database URL.
     """
-    env = {"PATH": os.environ.get("PATH", ""), "PORT": str(port),
-           "DATABASE_URL": database if isinstance(database, str) else f"sqlite:///{database}"}
-    env.update({name: os.environ[name] for name in PASSED_THROUGH if name in os.environ})
-    env.update({name: str(value) for name, value in settings.items()})
-    return env
-
-
-def procfile_command(repo):
-    """The Procfile's web command, with gunicorn taken from this Python's environment."""
-    line = next(line for line in (repo / "Procfile").read_text().splitlines()
-                if line.startswith("web:"))
-    argv = shlex.split(line.split(":", 1)[1])
-    argv[0] = str(Path(sys.executable).parent / argv[0])
-    return argv
+    url = database if isinstance(database, str) else f"sqlite:///{database}"
+    passed = {name: os.environ[name] for name in PASSED_THROUGH if name in os.environ}
+    return service_environment(port, url, simulate=False, **{
+        "TWILIO_ACCOUNT_SID": "", "TWILIO_AUTH_TOKEN": "", "TWILIO_PHONE_NUMBER": "",
+        "API_KEY": "", "BASE_URL": "", **passed, **settings})
 
 
 def gunicorn_settings(repo, env):
@@ -203,7 +193,6 @@ class PostgresDatabases:
             self.admin_url = ""
         self.server = None
         if args.postgres and not self.admin_url:
-            sys.path.insert(0, str(ROOT / "tests"))
             from postgres import PostgresServer  # the tests' throwaway server
 
             # With PostgreSQL's durability defaults, as a real server runs.
@@ -215,14 +204,12 @@ class PostgresDatabases:
         return bool(self.admin_url)
 
     def new(self):
-        sys.path.insert(0, str(ROOT / "tests"))
         from postgres import create_database
 
         self.created.append(create_database(self.admin_url))
         return self.created[-1]
 
     def close(self):
-        sys.path.insert(0, str(ROOT / "tests"))
         from postgres import drop_database
 
         for url in self.created:

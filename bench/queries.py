@@ -36,18 +36,18 @@ from common import (
     BENCH,
     PostgresDatabases,
     argument_parser,
-    free_port,
     machine_summary,
     median,
     ms,
     parse_bench_args,
     percentile,
-    procfile_command,
     run_benchmark,
     run_wrk,
     service_env,
     verdict,
 )
+
+from support import free_port, procfile_command
 
 DAYS = 30
 RECIPIENTS = 5000

@@ -26,19 +26,19 @@ from common import (
     argument_parser,
     cpu_seconds,
     database_rows,
-    free_port,
     gunicorn_settings,
     machine_summary,
     median,
     ms,
     parse_bench_args,
     percentile,
-    procfile_command,
     run_benchmark,
     run_wrk,
     service_env,
     verdict,
 )
+
+from support import free_port, procfile_command
 
 HEALTH_INTERVAL = 0.1
 SETTLE_LIMIT = 30  # seconds to wait for the last status callbacks of a round

@@ -34,13 +34,11 @@ from common import (
     argument_parser,
     cpu_seconds,
     database_rows,
-    free_port,
     gunicorn_settings,
     machine_summary,
     median,
     ms,
     parse_bench_args,
-    procfile_command,
     require_wrk,
     run_benchmark,
     run_wrk,
@@ -48,6 +46,8 @@ from common import (
     verdict,
 )
 from twilio.request_validator import RequestValidator
+
+from support import free_port, procfile_command
 
 ACCOUNT_SID = "AC" + secrets.token_hex(16)
 AUTH_TOKEN = secrets.token_hex(16)

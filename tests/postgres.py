@@ -11,13 +11,14 @@ import glob
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+
+from support import free_port
 
 SUPERUSER = "postgres"
 
@@ -41,12 +42,6 @@ def find_binary(name):
         raise PostgresUnavailable(
             f"{name} not found: install PostgreSQL's server (Debian: apt-get install postgresql)")
     return candidates[-1]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PostgresServer:

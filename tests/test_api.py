@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from conftest import AUTH, app_database_url, callback, database_locked, sql_rows
 from sms_status.storage import engines
 from sms_status.storage import records as db
+from support import AUTH, app_database_url, callback, database_locked, sql_rows
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 

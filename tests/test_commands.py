@@ -9,7 +9,7 @@ import pytest
 import requests
 from twilio.http.response import Response
 
-from conftest import (
+from support import (
     AUTH,
     CALLBACK_URL,
     ROOT,
@@ -203,7 +203,7 @@ def test_body_retention_is_checked_at_start(make_app):
 def test_reconcile_command_in_simulation_settles_lost_callbacks(service_env, start_service,
                                                                  tmp_path):
     """Callbacks go to a port nobody listens on, so they are lost; reconciliation repairs it."""
-    from conftest import free_port
+    from support import free_port
     env = service_env(BASE_URL=f"http://127.0.0.1:{free_port()}")
     service = start_service(env)
     sids = {}
@@ -349,7 +349,6 @@ def test_a_command_names_a_malformed_variable_it_uses(tmp_path):
 def test_backup_while_the_service_takes_callbacks_holds_every_acknowledged_one(
         service_env, start_service, tmp_path):
     env = service_env(simulate=False)
-    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     service = start_service(env)
     copy = tmp_path / "backup" / "copy.db"
     copy.parent.mkdir()

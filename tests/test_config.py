@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SERVICE_VARIABLES, free_port, live_env, procfile_command
 from sms_status.config import VARIABLES, ConfigError, load_config
+from support import ROOT, free_port, live_env, procfile_command, service_environment
 
 
 def problems(env):
@@ -113,9 +113,9 @@ def test_simulation_ignores_real_credentials(tmp_path):
 
 def clean_env(tmp_path, **extra):
     """Every service variable set (empty means unset), so no .env can fill one in."""
-    return {**dict.fromkeys(SERVICE_VARIABLES, ""), "PATH": "/usr/bin:/bin",
-            "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4", "PORT": str(free_port()),
-            "DATABASE_URL": f"sqlite:///{tmp_path}/x.db", **extra}
+    return service_environment(free_port(), f"sqlite:///{tmp_path}/x.db", **{
+        "TWILIO_SIMULATE": "", "LOG_LEVEL": "", "PATH": "/usr/bin:/bin", "GUNICORN_THREADS": "4",
+        **extra})
 
 
 @pytest.mark.parametrize("command", [

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from conftest import AUTH, callback, post_to_service, sql_rows, sqlite_only
 from sms_status.storage import engines
 from sms_status.storage import records as db
+from support import AUTH, callback, post_to_service, sql_rows, sqlite_only
 
 
 def engine_for(url):
@@ -217,7 +217,6 @@ def test_the_database_and_the_files_beside_it_are_the_service_users_alone(
     previous = os.umask(umask)
     try:
         env = service_env(simulate=False)
-        env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
         service = start_service(env)
     finally:
         os.umask(previous)

@@ -7,34 +7,31 @@ import time
 import pytest
 import requests
 
-from conftest import (
+from postgres import create_database, drop_database
+from sms_status.config import SIMULATED_AUTH_TOKEN
+from sms_status.simulator import SEND_ERRORS, SIMULATED_SERVICE_NUMBER
+from support import (
     API_KEY,
-    SERVICE_VARIABLES,
     CallbackLoad,
     Service,
     callback,
     free_port,
+    service_environment,
     sign,
     sql_rows,
     sqlite_only,
 )
-from postgres import create_database, drop_database
-from sms_status.config import SIMULATED_AUTH_TOKEN
-from sms_status.simulator import SEND_ERRORS, SIMULATED_SERVICE_NUMBER
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def simulated_service(request, tmp_path_factory):
-    import os
     tmp = tmp_path_factory.mktemp("simulated")
     if request.param == "sqlite":
         database_url = f"sqlite:///{tmp}/service.db"
     else:
         database_url = create_database(request.getfixturevalue("postgres_admin_url"))
-    env = dict.fromkeys(SERVICE_VARIABLES, "")
-    env.update({"PATH": os.environ["PATH"], "PORT": str(free_port()), "TWILIO_SIMULATE": "true",
-                "DATABASE_URL": database_url, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "32",
-                "TMPDIR": str(tmp)})  # the writer's socket, left behind by the SIGKILL below
+    # TMPDIR: the writer's socket, left behind by the SIGKILL below
+    env = service_environment(free_port(), database_url, TMPDIR=tmp, GUNICORN_THREADS=32)
     service = Service(env, tmp / "service.log").start()
     yield service
     service.kill()
@@ -100,7 +97,6 @@ def test_simulated_callbacks_are_signed_like_twilio(simulated_service):
 
 def test_acknowledged_updates_survive_sigkill_and_restart(service_env, start_service, tmp_path):
     env = service_env(simulate=False, WEB_CONCURRENCY=3)
-    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     service = start_service(env)
     with CallbackLoad(service, env["BASE_URL"] + "/message-status") as load:
         load.wait_for(300)
@@ -227,7 +223,7 @@ def test_development_server_keeps_a_bounded_number_of_connections(service_env, t
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from support import ROOT
     env = service_env()
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

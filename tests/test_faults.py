@@ -11,9 +11,9 @@ import pytest
 import requests
 from twilio.http.http_client import TwilioHttpClient
 
-from conftest import AUTH, callback, count_rows, live_env, sign, sqlite_only
 from sms_status import create_app
 from sms_status.storage import records as db
+from support import AUTH, callback, count_rows, live_env, sign, sqlite_only
 
 # --- the disk under the database fills up --------------------------------------------------
 
@@ -55,7 +55,6 @@ def fill(directory):
 def test_full_disk_answers_503_never_200_and_recovers_without_restart(
         small_disk, service_env, start_service):
     env = service_env(simulate=False, DATABASE_URL=f"sqlite:///{small_disk}/status.db")
-    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     service = start_service(env)
     url = service.url + "/message-status"
     session = requests.Session()
@@ -202,7 +201,7 @@ def test_sends_fail_clearly_and_store_nothing(broken_twilio_app, status):
 
 @pytest.mark.parametrize("broken_twilio_app, status", MODES, indirect=["broken_twilio_app"])
 def test_reconciliation_survives_each_failure(broken_twilio_app, status):
-    from conftest import CALLBACK_URL
+    from support import CALLBACK_URL
     client = broken_twilio_app.test_client()
     sid = "SM" + "ab" * 16
     params = callback(sid, "queued")

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (
+from sms_status import create_app, rules
+from sms_status.storage import records as db
+from support import (
     ACCOUNT_SID,
     AUTH,
     AUTH_TOKEN,
@@ -16,8 +18,6 @@ from conftest import (
     live_env,
     sign,
 )
-from sms_status import create_app, rules
-from sms_status.storage import records as db
 from twilio_fakes import FakeTwilio
 
 FUZZ = settings(max_examples=100, deadline=None,

@@ -6,7 +6,9 @@ import threading
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from conftest import (
+from sms_status.storage import engines
+from sms_status.storage import records as db
+from support import (
     AUTH,
     AUTH_TOKEN,
     BASE_URL,
@@ -16,8 +18,6 @@ from conftest import (
     database_locked,
     sign,
 )
-from sms_status.storage import engines
-from sms_status.storage import records as db
 
 SID = "SM" + "d4" * 16
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, live_env, sql_rows
 from sms_status.config import SIMULATED_ACCOUNT_SID, ConfigError
 from sms_status.storage import engines
+from support import ROOT, live_env, sql_rows
 
 
 def test_a_live_start_on_a_database_used_in_simulation_is_refused(make_app):

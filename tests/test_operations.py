@@ -10,9 +10,9 @@ import time
 
 import requests
 
-import conftest
-from conftest import CallbackLoad, callback, required_program, sign, sql_rows, sqlite_only
+import support
 from sms_status.config import SIMULATED_AUTH_TOKEN
+from support import CallbackLoad, callback, required_program, sign, sql_rows, sqlite_only
 
 OLD = "2020-01-01T00:00:00.000Z"
 
@@ -20,7 +20,6 @@ OLD = "2020-01-01T00:00:00.000Z"
 def live_service(service_env, start_service, **overrides):
     """A live-mode service whose callbacks the test can sign for its local URL."""
     env = service_env(simulate=False, **overrides)
-    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     return env, start_service(env)
 
 
@@ -126,8 +125,8 @@ def test_2000_connections_under_a_1024_file_limit_break_nothing(
         database_url, service_env, start_service, monkeypatch):
     wrk_binary = required_program("wrk", "wrk")
     # Soft and hard limit both 1024: the service can raise neither.
-    command = conftest.procfile_command()
-    monkeypatch.setattr(conftest, "procfile_command",
+    command = support.procfile_command()
+    monkeypatch.setattr(support, "procfile_command",
                         lambda: ["sh", "-c", 'ulimit -n 1024 && exec "$@"', "sh", *command])
     env = service_env()
     service = start_service(env)

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import (
+from postgres import PostgresServer
+from sms_status.storage import engines
+from support import (
     API_KEY,
     AUTH,
     ROOT,
@@ -25,8 +27,6 @@ from conftest import (
     procfile_command,
     sql_rows,
 )
-from postgres import PostgresServer
-from sms_status.storage import engines
 
 # Every test here is about PostgreSQL: service_env's database is the test's PostgreSQL one.
 pytestmark = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -151,7 +151,6 @@ def own_postgres():
 def test_a_postgres_outage_gives_503_never_200_and_the_service_recovers_by_itself(
         own_postgres, service_env, start_service):
     env = service_env(simulate=False, DATABASE_URL=own_postgres.url())
-    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     service = start_service(env)
     with CallbackLoad(service, env["BASE_URL"] + "/message-status", status="sent", threads=4,
                       per_thread=100_000, pause=0.01) as load:

@@ -3,7 +3,7 @@ install; in CI, which installs them, a missing one fails the run."""
 
 import pytest
 
-from conftest import required_program
+from support import required_program
 
 
 def test_a_missing_program_skips_outside_ci_naming_its_package(monkeypatch):

@@ -6,10 +6,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twilio.http.response import Response
 
-from conftest import AUTH, callback, live_env, sqlite_only
 from sms_status import create_app
 from sms_status import listing as queries
 from sms_status.storage import records as db
+from support import AUTH, callback, live_env, sqlite_only
 
 NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
 _sids = itertools.count(1)

@@ -4,7 +4,8 @@ import pytest
 import requests
 from twilio.http.response import Response
 
-from conftest import (
+from sms_status import create_app
+from support import (
     ACCOUNT_SID,
     API_KEY,
     AUTH,
@@ -15,7 +16,6 @@ from conftest import (
     live_env,
     sql_rows,
 )
-from sms_status import create_app
 from twilio_fakes import twilio_error
 
 
@@ -192,7 +192,7 @@ def test_per_recipient_limit_answers_429_with_retry_after(make_app, fake_twilio,
 def test_limit_counts_only_messages_this_service_sent(make_app, fake_twilio, post_callback):
     app = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1")
     client = app.test_client()
-    from conftest import CALLBACK_URL, sign
+    from support import CALLBACK_URL, sign
     params = callback("SM" + "f6" * 16, "delivered", To="+15558675309")
     client.post("/message-status", data=params,
                 headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})

@@ -4,7 +4,8 @@ import pytest
 import requests
 from twilio.http.response import Response
 
-from conftest import (
+from sms_status.storage import records as db
+from support import (
     ACCOUNT_SID,
     API_KEY,
     AUTH,
@@ -15,7 +16,6 @@ from conftest import (
     sql_rows,
     stored_message,
 )
-from sms_status.storage import records as db
 from twilio_fakes import twilio_error
 
 
@@ -117,7 +117,7 @@ def test_send_through_a_messaging_service(make_app, fake_twilio):
 
 
 def test_a_messaging_service_send_stores_the_number_a_callback_names(make_app, fake_twilio):
-    from conftest import callback, sign
+    from support import callback, sign
     service_sid = "MG" + "b2" * 16
     app = make_app(TWILIO_PHONE_NUMBER=None, TWILIO_MESSAGING_SERVICE_SID=service_sid)
     client = app.test_client()
@@ -148,8 +148,8 @@ def test_a_messaging_service_send_stores_the_number_a_callback_names(make_app, f
 
 
 def test_default_transport_has_a_timeout(tmp_path):
-    from conftest import live_env
     from sms_status import create_app
+    from support import live_env
     app = create_app(live_env(tmp_path, TWILIO_TIMEOUT="3"))
     assert app.extensions["twilio"].http_client.timeout == 3.0
     db.close_all()
@@ -214,7 +214,7 @@ def test_send_logs_masked_numbers_and_never_the_body_or_secrets(make_app, caplog
 def test_send_is_stored_even_if_a_callback_already_moved_it_forward(app, send, fake_twilio,
                                                                      post_callback):
     """Twilio may call back before the create call returns."""
-    from conftest import callback
+    from support import callback
     sid = "SM" + "c3" * 16
     assert post_callback(callback(sid, "sent")).status_code == 200
     fake_twilio.answer_next(Response(201, (

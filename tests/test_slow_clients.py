@@ -12,8 +12,8 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from conftest import (
-    BASE_URL,
+from sms_status.config import SIMULATED_AUTH_TOKEN
+from support import (
     ROOT,
     callback,
     free_port,
@@ -22,7 +22,6 @@ from conftest import (
     sql_rows,
     sqlite_only,
 )
-from sms_status.config import SIMULATED_AUTH_TOKEN
 
 pytestmark = sqlite_only
 
@@ -276,7 +275,7 @@ def test_nginx_front_keeps_the_service_answering_under_300_slow_clients(
             params = callback(f"SM{n:032x}", "delivered")
             # Signed for BASE_URL, whatever host and port the front is reached at.
             answer = session.post(front + "/message-status", data=params, timeout=1, headers={
-                "X-Twilio-Signature": sign(BASE_URL + "/message-status", params)})
+                "X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status", params)})
             assert answer.status_code == 200, answer.text
             assert time.monotonic() - started < 1
             sids.append(params["MessageSid"])

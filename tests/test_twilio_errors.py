@@ -1,7 +1,7 @@
 import pytest
 
-from conftest import AUTH, callback
 from sms_status.twilio_errors import ERRORS, description
+from support import AUTH, callback
 
 
 @pytest.mark.parametrize("code", sorted(ERRORS))

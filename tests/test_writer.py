@@ -14,7 +14,9 @@ from contextlib import contextmanager
 import pytest
 import requests
 
-from conftest import (
+from sms_status.storage import engines, writer
+from sms_status.storage import records as db
+from support import (
     AUTH,
     CallbackLoad,
     app_database_url,
@@ -25,9 +27,8 @@ from conftest import (
     post_to_service,
     sql_rows,
     sqlite_only,
+    wait_until,
 )
-from sms_status.storage import engines, writer
-from sms_status.storage import records as db
 
 SID_A, SID_B = "SM" + "a" * 32, "SM" + "b" * 32
 # A minute of callbacks as fast as the service takes them: enough to see whether the WAL keeps
@@ -132,7 +133,6 @@ def writer_pid(service):
 
 def live_service(service_env, start_service):
     env = service_env(simulate=False)
-    env["BASE_URL"] = f"http://127.0.0.1:{env['PORT']}"
     return env, start_service(env)
 
 
@@ -146,13 +146,6 @@ def stopped(pid):
         os.kill(pid, signal.SIGCONT)
 
 
-def wait_for(condition, timeout=15):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @sqlite_only
 def test_a_killed_writer_is_replaced_and_nothing_acknowledged_is_lost(
         service_env, start_service):
@@ -163,7 +156,7 @@ def test_a_killed_writer_is_replaced_and_nothing_acknowledged_is_lost(
                       per_thread=600) as load:
         load.wait_for(300)
         os.kill(first, signal.SIGKILL)
-        wait_for(lambda: writer_pid(service) not in (None, first))
+        wait_until(lambda: writer_pid(service) not in (None, first), 15, "a new writer")
         load.wait_for(len(load.acknowledged) + 300)
     statuses = {status for _, status, _ in load.answers}
     assert statuses <= {200, 503}, statuses
@@ -176,8 +169,9 @@ def test_a_killed_writer_is_replaced_and_nothing_acknowledged_is_lost(
     # connection kept from the one before.
     second = writer_pid(service)
     os.kill(second, signal.SIGKILL)
-    wait_for(lambda: writer_pid(service) not in (None, second))
-    wait_for(lambda: accepts(writer_socket(writer_pid(service))))
+    wait_until(lambda: writer_pid(service) not in (None, second), 15, "a new writer")
+    wait_until(lambda: accepts(writer_socket(writer_pid(service))), 15,
+               "the new writer to listen")
     with CallbackLoad(service, env["BASE_URL"] + "/message-status", status="sent",
                       threads=8, per_thread=100) as after:
         after.wait_for(800, timeout=30)
@@ -213,7 +207,8 @@ def test_writes_wait_for_the_writer_and_sigterm_alone_does_not_stop_it(
 
     with stopped(pid), pytest.raises(requests.ReadTimeout):
         post(timeout=2)  # every write goes through the writer, which is stopped
-    wait_for(lambda: count_rows_at(env["DATABASE_URL"], "status_events") == 1)
+    wait_until(lambda: count_rows_at(env["DATABASE_URL"], "status_events") == 1, 15,
+               "the write to be stored")
     # A process manager's SIGTERM to every process: the writer stays for the workers,
     # until gunicorn's master stops it after them.
     os.kill(pid, signal.SIGTERM)
@@ -252,7 +247,8 @@ def test_a_writer_that_does_not_answer_in_time_gets_a_503_not_a_hung_request(
 
     # The writer stored both writes once it ran again, though nobody heard: the callback's
     # retry reads as a repeat, and the send's key stays claimed, as its 503 warned.
-    wait_for(lambda: count_rows_at(env["DATABASE_URL"], "status_events") == 1)
+    wait_until(lambda: count_rows_at(env["DATABASE_URL"], "status_events") == 1, 15,
+               "the write to be stored")
     retried = post_to_service(service, env, params, timeout=10)
     assert retried.json() == {"received": True, "duplicate": True}
     resent = requests.post(service.url + "/send-sms", json=send, headers=send_headers,
@@ -307,7 +303,8 @@ def test_the_writer_copies_the_wal_into_the_database_beside_its_commits(
                       per_thread=500) as load:
         load.wait_for(2000)
     # Its commits leave the pages in the WAL; its checkpoints move them into the file.
-    wait_for(lambda: os.path.getsize(path) > size_before + 100_000, timeout=5)
+    wait_until(lambda: os.path.getsize(path) > size_before + 100_000, 5,
+               "the database file to grow")
     assert len(load.acknowledged) >= 2000
 
 
@@ -359,8 +356,8 @@ def test_a_writer_killed_while_the_server_forks_is_always_restarted(database_url
         for _ in range(FORK_RACE_ROUNDS):
             old = supervisor.process.pid
             os.kill(old, signal.SIGKILL)
-            wait_for(lambda old=old: supervisor.process.pid != old
-                     and accepts(supervisor.socket_path), timeout=10)
+            wait_until(lambda old=old: supervisor.process.pid != old
+                       and accepts(supervisor.socket_path), 10, "the writer to be restarted")
     finally:
         done.set()
         forker.join()
@@ -381,7 +378,8 @@ def test_healthz_answers_503_within_a_second_while_the_writer_is_stuck(
         answers = [requests.get(service.url + "/healthz", timeout=2) for _ in range(4)]
     assert {answer.status_code for answer in answers} == {503}
     assert "writer" in answers[0].json()["error"]
-    wait_for(lambda: requests.get(service.url + "/healthz", timeout=2).status_code == 200)
+    wait_until(lambda: requests.get(service.url + "/healthz", timeout=2).status_code == 200,
+               15, "/healthz to answer 200 again")
 
 
 @sqlite_only

@@ -1,0 +1,297 @@
+"""Helpers of the tests, the benchmarks and CI: importable (`from support import ...`),
+unlike conftest.py, which holds the pytest fixtures built from them."""
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+from psycopg.rows import dict_row, tuple_row
+from twilio.request_validator import RequestValidator
+
+from sms_status.config import VARIABLES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ACCOUNT_SID = "AC" + "a1" * 16
+AUTH_TOKEN = "test-auth-token-5f2c9a"
+API_KEY = "test-api-key-0123456789"
+BASE_URL = "https://sms.example.com"
+SENDER = "+15017122661"
+CALLBACK_URL = BASE_URL + "/message-status"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def live_env(tmp_path, **overrides):
+    env = {
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_PHONE_NUMBER": SENDER,
+        "BASE_URL": BASE_URL,
+        "API_KEY": API_KEY,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/test.db",
+        "LOG_LEVEL": "INFO",
+    }
+    env.update(overrides)
+    return {key: value for key, value in env.items() if value is not None}
+
+
+def app_database_url(app):
+    config = app.config["SERVICE"]
+    return config.database_url or "sqlite:///" + config.database_path
+
+
+def sql_rows(database_url, query, params=(), as_dicts=False):
+    """Rows (tuples, or dicts) of a query with `?` placeholders, run on a connection of its
+    own, not through the service's code."""
+    if database_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(database_url[len("sqlite:///"):])
+        conn.row_factory = sqlite3.Row
+        try:
+            cursor = conn.execute(query, params)
+            rows = cursor.fetchall() if cursor.description else []
+            conn.commit()
+            return [dict(row) if as_dicts else tuple(row) for row in rows]
+        finally:
+            conn.close()
+    with psycopg.connect(database_url, row_factory=dict_row if as_dicts else tuple_row) as conn:
+        cursor = conn.execute(query.replace("?", "%s"), params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def stored_message(app, sid):
+    """The message's row as stored, or None."""
+    rows = sql_rows(app_database_url(app), "SELECT * FROM messages WHERE sid = ?", (sid,),
+                    as_dicts=True)
+    return rows[0] if rows else None
+
+
+TABLES = ("messages", "status_events", "idempotency_keys", "send_reservations", "health_checks")
+
+
+@contextmanager
+def database_locked(app):
+    """Another connection holds every table of the app's database until the block ends, as
+    a stuck writer would; lower engines.BUSY_TIMEOUT_MS and close_all() first to wait less."""
+    url = app_database_url(app)
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url[len("sqlite:///"):])
+        conn.execute("BEGIN EXCLUSIVE")
+    else:
+        conn = psycopg.connect(url)
+        conn.execute(f"LOCK TABLE {', '.join(TABLES)} IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def database_text(app):
+    """Everything stored in the app's database, as one text."""
+    url = app_database_url(app)
+    return "\n".join(str(row) for table in TABLES
+                     for row in sql_rows(url, f"SELECT * FROM {table}"))
+
+
+def count_rows(app, table):
+    """Rows in one table of the app's database, read through a connection of its own."""
+    return count_rows_at(app_database_url(app), table)
+
+
+def count_rows_at(database_url, table):
+    """Rows in one table of the database at `database_url` (a running service's)."""
+    return sql_rows(database_url, f"SELECT count(*) FROM {table}")[0][0]
+
+
+def sign(url, params, token=AUTH_TOKEN):
+    return RequestValidator(token).compute_signature(url, params)
+
+
+def post_to_service(service, env, params, timeout=15, session=requests):
+    """Posts a status callback to a running service, signed for its BASE_URL."""
+    return session.post(service.url + "/message-status", data=params, timeout=timeout,
+                        headers={"X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status",
+                                                            params)})
+
+
+def callback(sid, status, **extra):
+    params = {
+        "MessageSid": sid, "SmsSid": sid, "MessageStatus": status, "SmsStatus": status,
+        "AccountSid": ACCOUNT_SID, "From": SENDER, "To": "+15558675309",
+        "ApiVersion": "2010-04-01",
+    }
+    params.update(extra)
+    return params
+
+
+# Tests of what only SQLite has (its file, its locks, its journal) run on SQLite alone.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def wait_until(condition, timeout, what):
+    """Polls `condition()` until it is true; fails the test, naming `what`, after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def service_environment(port, database_url, simulate=True, **settings):
+    """A clean environment for a service process: every variable it reads is set (empty
+    means unset), so no .env can fill one in; nothing is inherited but PATH.
+
+    Live mode (`simulate=False`) gets the tests' made-up credentials, with BASE_URL on the
+    service's own local port so that its callbacks can be signed for it. WEB_CONCURRENCY
+    and GUNICORN_THREADS always get real values (the service's defaults unless given):
+    gunicorn itself parses WEB_CONCURRENCY.
+    """
+    env = dict.fromkeys(VARIABLES, "")
+    env.update({"PATH": os.environ.get("PATH", ""), "PORT": str(port), "LOG_LEVEL": "INFO",
+                "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "64",
+                "DATABASE_URL": database_url})
+    if simulate:
+        env["TWILIO_SIMULATE"] = "true"
+    else:
+        env.update({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                    "TWILIO_PHONE_NUMBER": SENDER, "API_KEY": API_KEY,
+                    "BASE_URL": f"http://127.0.0.1:{port}"})
+    env.update({key: str(value) for key, value in settings.items()})
+    return env
+
+
+class CallbackLoad:
+    """Threads posting distinct signed status callbacks to a service, until the block ends or
+    each has posted `per_thread`; keeps the SIDs answered 200, every other answer, and each
+    answer as (sid, status code, seconds).
+
+    A thread stops at its first failed request (the service was killed, say), and answers
+    that arrive once the block is ending are not counted as refusals.
+    """
+
+    def __init__(self, service, signed_url, status="delivered", threads=8, per_thread=400,
+                 pause=0.0):
+        self.url = service.url + "/message-status"
+        self.signed_url, self.status = signed_url, status
+        self.per_thread, self.pause = per_thread, pause
+        self.acknowledged, self.others, self.answers = [], [], []
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._threads = [threading.Thread(target=self._post, args=(n,)) for n in range(threads)]
+
+    def _post(self, worker):
+        session = requests.Session()
+        for n in range(self.per_thread):
+            if self._stop.is_set():
+                return
+            params = callback(f"SM{worker:02x}{n:030x}", self.status)
+            started = time.monotonic()
+            try:
+                answer = session.post(self.url, data=params, timeout=15, headers={
+                    "X-Twilio-Signature": sign(self.signed_url, params)})
+            except requests.RequestException:
+                return
+            with self._lock:
+                self.answers.append((params["MessageSid"], answer.status_code,
+                                     time.monotonic() - started))
+                if answer.status_code == 200:
+                    self.acknowledged.append(params["MessageSid"])
+                elif not self._stop.is_set():
+                    self.others.append(answer.status_code)
+            time.sleep(self.pause)
+
+    def wait_for(self, count, timeout=60):
+        """Waits until `count` callbacks were acknowledged; fails the test after `timeout` s."""
+        wait_until(lambda: len(self.acknowledged) >= count, timeout,
+                   f"{count} acknowledged callbacks (got {len(self.acknowledged)}, "
+                   f"other answers {self.others[:5]})")
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def required_program(name, package, places=()):
+    """The path of a program some tests need: outside CI they are skipped without it, with
+    the Debian package to install; in CI (CI set), where .ci/run installs it, they fail."""
+    found = shutil.which(name) or next(
+        (path for path in places if os.access(path, os.X_OK)), None)
+    if found is None:
+        message = f"{name} is not installed (Debian: apt-get install {package})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI needs it")
+        pytest.skip(message)
+    return found
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def procfile_command(repo=ROOT):
+    """The Procfile's web command, with gunicorn taken from this Python's environment."""
+    line = next(line for line in (Path(repo) / "Procfile").read_text().splitlines()
+                if line.startswith("web:"))
+    argv = shlex.split(line.split(":", 1)[1])
+    argv[0] = str(Path(sys.executable).parent / argv[0])
+    return argv
+
+
+class Service:
+    """The service run as the Procfile runs it, on a free local port."""
+
+    def __init__(self, env, log_path):
+        self.env = env
+        self.port = int(env["PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process = None
+
+    def start(self, timeout=20):
+        self.log = open(self.log_path, "ab")
+        # its own session and process group, so a SIGKILL can reach the workers too
+        self.process = subprocess.Popen(procfile_command(), cwd=ROOT, env=self.env,
+                                        stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited: {self.log_path.read_text()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or still starting on a busy machine
+            time.sleep(0.1)
+        raise RuntimeError(f"service did not start: {self.log_path.read_text()}")
+
+    def kill(self):
+        """SIGKILLs master and workers at once, as a crash or power cut of the host would."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self.log.close()
+
+    def logs(self):
+        return self.log_path.read_text()
+
+
