@@ -9,8 +9,9 @@ import hmac
 import json
 import logging
 import math
+from typing import NamedTuple
 
-from flask import current_app, g, jsonify, request
+from flask import Response, current_app, g, jsonify, request
 
 from sms_status import rules, twilio_api
 from sms_status.storage import records as db
@@ -19,6 +20,14 @@ log = logging.getLogger("sms_status")
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 IDEMPOTENCY_KEY_LIFETIME_SECONDS = 24 * 3600
+
+
+class SendAnswer(NamedTuple):
+    """A send's HTTP answer, and whether an Idempotency-Key keeps it for replays (answers
+    that say "try again later" are not kept, so a retry with the key can go through)."""
+
+    response: Response
+    keep_for_replay: bool
 
 
 def send_error(status, message, details=None, code=None, retry_after=None):
@@ -66,7 +75,7 @@ def send_with_idempotency_key(key, payload):
         return replayed(504, response.get_data(as_text=True))
 
     try:
-        response, keep = checked_send(payload)
+        answer = checked_send(payload)
     except Exception:
         if not g.get("twilio_called"):
             # Nothing was sent (a database error, say): free the key so a retry can go ahead.
@@ -76,16 +85,16 @@ def send_with_idempotency_key(key, payload):
                 log.error("Could not release an Idempotency-Key: %s", db.describe_error(error))
         raise
     try:
-        if keep:
-            db.save_idempotent_response(conn, scope, key, response.status_code,
-                                        response.get_data(as_text=True))
+        if answer.keep_for_replay:
+            db.save_idempotent_response(conn, scope, key, answer.response.status_code,
+                                        answer.response.get_data(as_text=True))
         else:
             db.release_idempotency_key(conn, scope, key)
     except db.DATABASE_ERRORS as error:
         # The key stays claimed, so a retry is answered as an unknown outcome, never re-sent.
         log.error("Could not keep the answer for an Idempotency-Key: %s",
                   db.describe_error(error))
-    return response
+    return answer.response
 
 
 def request_fingerprint(config, payload):
@@ -112,30 +121,30 @@ def replayed(status_code, body):
 
 
 def checked_send(payload):
-    """Validates, applies the abuse limits, then sends; returns (response, keep-for-replay).
+    """Validates, applies the abuse limits, then sends; returns a SendAnswer.
 
     Answers that say "try again later" are not kept under an idempotency key, so a later
     retry with the same key can go through.
     """
     problem = rules.send_request_problem(payload)
     if problem:
-        return send_error(400, problem), True
+        return SendAnswer(send_error(400, problem), True)
     config = current_app.config["SERVICE"]
     to = payload["to"]
     if not rules.destination_allowed(to, config.allowed_destinations):
         log.warning("Refused send to %s: outside ALLOWED_DESTINATIONS", rules.mask_phone(to))
-        return send_error(
+        return SendAnswer(send_error(
             403, "The recipient is outside this service's allowed destinations "
                  f"(ALLOWED_DESTINATIONS={','.join(config.allowed_destinations)})",
-        ), True
+        ), True)
     reservation = None
     limit, total = config.max_sends_per_recipient_per_hour, config.max_sends_per_hour
     if limit or total:
         now = current_app.config["CLOCK"]()
         reservation, reached, wait = db.reserve_send(db.get_db(), to, now, limit, total)
         if reservation is None:
-            return limit_reached(to, reached, limit if reached == "recipient" else total,
-                                 wait), False
+            return SendAnswer(limit_reached(to, reached, limit if reached == "recipient"
+                                            else total, wait), False)
     return send_and_record(to, payload["body"], reservation)
 
 
@@ -167,7 +176,7 @@ def release_reservation(reservation):
 
 
 def send_and_record(to, body, reservation=None):
-    """Sends through Twilio, then stores the message; returns (response, keep-for-replay).
+    """Sends through Twilio, then stores the message; returns a SendAnswer.
 
     `reservation` is this send's place under the hourly limits: replaced by the stored
     message on success, given back when Twilio certainly sent nothing, and otherwise
@@ -182,7 +191,7 @@ def send_and_record(to, body, reservation=None):
             release_reservation(reservation)
         response = send_error(failure.http_status, failure.error, details=failure.details,
                               code=failure.code, retry_after=failure.retry_after)
-        return response, not failure.safe_to_retry
+        return SendAnswer(response, not failure.safe_to_retry)
 
     created_at = (
         db.utc_now_iso(message.date_created.timestamp())
@@ -210,4 +219,4 @@ def send_and_record(to, body, reservation=None):
             "recovers."
         )
     log.info("Sent %s to %s: %s", message.sid, rules.mask_phone(to), message.status)
-    return jsonify(answer), True
+    return SendAnswer(jsonify(answer), True)

@@ -2,7 +2,7 @@ import json
 
 from openapi_spec_validator import validate
 
-from sms_status import OPENAPI_DOCUMENT
+from sms_status.web.routes import OPENAPI_DOCUMENT
 
 ROUTES = {("/", "get"), ("/healthz", "get"), ("/openapi.json", "get"), ("/send-sms", "post"),
           ("/message-status", "post"), ("/get-status/{sid}", "get"), ("/messages", "get"),

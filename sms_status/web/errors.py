@@ -1,0 +1,82 @@
+"""Every error as a JSON body with a message that tells the caller what to fix.
+
+Routes with an answer shape of their own (POST /send-sms) register their own handlers on
+their blueprint; these are the app's defaults.
+"""
+
+from flask import jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from sms_status.rules import printable
+from sms_status.storage import records as db
+from sms_status.storage.writer import OutcomeUnknown
+from sms_status.web.guards import MAX_REQUEST_BYTES
+from sms_status.web.logs import log, warn_rejection
+
+DATABASE_RETRY_AFTER_SECONDS = 2
+HTTP_ERROR_MESSAGES = {
+    404: "No such endpoint: {method} {path}. GET / lists the endpoints.",
+    405: "{method} is not allowed on {path}; see the Allow header.",
+    408: "The request body did not fully arrive in time (REQUEST_READ_TIMEOUT); nothing was "
+         "done. Send it again.",
+    413: f"The request body is larger than {MAX_REQUEST_BYTES // 1024} KiB.",
+}
+
+
+def json_error(status, message, **extra):
+    response = jsonify({"error": message, **extra})
+    response.status_code = status
+    return response
+
+
+def http_error_message(error):
+    """The message of an HTTP error: a fixed one for the generic errors, else its own."""
+    template = HTTP_ERROR_MESSAGES.get(error.code)
+    return (template.format(method=request.method, path=request.path) if template
+            else error.description)
+
+
+def database_unavailable(message):
+    """503 with Retry-After: the database could not do what the request needed."""
+    response = json_error(503, message)
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+    return response
+
+
+def register_error_handlers(app):
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        response = json_error(error.code, http_error_message(error))
+        original_headers = error.get_response().headers
+        for name in ("Allow", "Retry-After", "WWW-Authenticate"):
+            if name in original_headers:
+                response.headers[name] = original_headers[name]
+        return response
+
+    @app.after_request
+    def log_bad_request(response):
+        """Every 400 leaves a line saying what was wrong with the request."""
+        if response.status_code == 400:
+            answer = response.get_json(silent=True) or {}
+            warn_rejection("Refused %s %s with 400: %s", request.method,
+                           printable(request.path, 100), printable(answer.get("error"), 300))
+        return response
+
+    def database_error(error):
+        log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
+                  db.describe_error(error))
+        if isinstance(error, OutcomeUnknown):
+            return database_unavailable(
+                "The database did not confirm this request (its writer process gave no "
+                "answer): it may or may not have been stored. Try again; a repeated status "
+                "callback is stored once.")
+        return database_unavailable("The database could not complete the request; nothing "
+                                    "was stored. Try again.")
+
+    for error_class in db.DATABASE_ERRORS:
+        app.register_error_handler(error_class, database_error)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error):
+        log.exception("Unexpected error on %s %s", request.method, printable(request.path, 100))
+        return json_error(500, "Internal server error; it has been logged.")

@@ -1,0 +1,141 @@
+"""What every request passes before its route runs: the API key, Twilio's signature, and
+checks of the body that protect the rest (its size, its arrival, NUL characters).
+
+Each refusal raises an HTTP error with a message for the caller; errors.py answers it.
+"""
+
+from functools import wraps
+
+from flask import abort, current_app, request
+from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, get_signature_algorithm
+from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import ClientDisconnected, Unauthorized
+
+from sms_status import rules
+from sms_status.rules import printable
+from sms_status.web.logs import log, warn_rejection
+
+MAX_REQUEST_BYTES = 64 * 1024
+# Twilio's status callbacks carry about 20 form fields.
+MAX_CALLBACK_FIELDS = 100
+
+
+def require_api_key(view):
+    """Callers send `Authorization: Bearer <API_KEY>`.
+
+    Without API_KEY (allowed only when simulating) the endpoint is open.
+    """
+
+    @wraps(view)
+    def checked(*args, **kwargs):
+        api_key = current_app.config["SERVICE"].api_key
+        if api_key and not rules.bearer_token_matches(request.headers.get("Authorization"),
+                                                      api_key):
+            raise Unauthorized("Missing or wrong API key: send the header 'Authorization: "
+                               "Bearer <API_KEY>'", www_authenticate=WWWAuthenticate("Bearer"))
+        return view(*args, **kwargs)
+
+    return checked
+
+
+def require_twilio_signature(view):
+    """The request must be signed by Twilio (see signed_by_twilio): else 403.
+
+    Its form fields are counted first, without parsing them: parsing and signing thousands
+    of fields is what an unsigned flood would cost otherwise. NUL characters are refused
+    only once the signature holds, so an unsigned request always gets 403.
+    """
+
+    @wraps(view)
+    def checked(*args, **kwargs):
+        if form_fields() > MAX_CALLBACK_FIELDS:
+            abort(400, description=f"A status callback has at most {MAX_CALLBACK_FIELDS} form "
+                                   "fields (Twilio sends about 20)")
+        if not signed_by_twilio():
+            abort(403, description="Invalid Twilio signature")
+        refuse_nul_characters(checked_after_signature=True)
+        return view(*args, **kwargs)
+
+    checked.signed_by_twilio = True
+    return checked
+
+
+def form_fields():
+    """How many fields the request's form has, counted without parsing it."""
+    if request.mimetype == "application/x-www-form-urlencoded":
+        body = request.get_data(cache=True)
+        return body.count(b"&") + 1 if body else 0
+    return 0  # other bodies are parsed with Flask's MAX_FORM_PARTS as the bound
+
+
+def signed_by_twilio():
+    """Checks X-Twilio-Signature for the exact URL Twilio called and every form parameter.
+
+    Signed with the auth token, or, when X-Twilio-Webhooks-Signature-Settings is present,
+    with the shared key in TWILIO_WEBHOOK_SIGNING_KEY and the algorithm the header names.
+    Fails closed: no setting skips the check.
+    """
+    url = current_app.config["SERVICE"].base_url + request.path
+    if request.query_string:
+        url += "?" + request.query_string.decode("utf-8", "replace")
+    signature = request.headers.get("X-Twilio-Signature", "")
+    settings = request.headers.get(SIGNATURE_SETTINGS_HEADER, "")
+    if not settings:
+        if current_app.extensions["validator"].validate(url, request.form, signature):
+            return True
+        warn_rejection("Rejected status callback: invalid Twilio signature for %s",
+                       printable(url))
+        return False
+
+    # The header is the caller's: only shortened and escaped copies of it reach the log.
+    key_id = printable(next((part.strip()[4:] for part in settings.split(",")
+                             if part.strip().startswith("key=")), "?"), 60)
+    validator = current_app.extensions.get("shared_key_validator")
+    if validator is None:
+        warn_rejection("Rejected status callback signed with shared key %s: set "
+                       "TWILIO_WEBHOOK_SIGNING_KEY to that key's secret to accept it", key_id)
+        return False
+    algorithm = get_signature_algorithm(settings)
+    if validator.validate(url, request.form, signature, algorithm=algorithm):
+        log.debug("Status callback signed with shared key %s (%s)", key_id,
+                  printable(algorithm, 30))
+        return True
+    warn_rejection("Rejected status callback: invalid %s signature (shared key %s) for %s",
+                   printable(algorithm, 30), key_id, printable(url))
+    return False
+
+
+def read_whole_body():
+    """Reads the body before anything parses it: a chunked body has no Content-Length, and
+    Werkzeug stops reading it at the limit without an error, which would cut it silently."""
+    if request.method != "POST":
+        return
+    try:
+        body = request.get_data(cache=True)
+    except ClientDisconnected as error:
+        # The body stopped short: the client went away, or under gunicorn the request's
+        # read deadline passed (REQUEST_READ_TIMEOUT, serving/read_deadline.py), which
+        # Werkzeug reports as this error caused by the failed read.
+        warn_rejection("Gave up on %s %s: its body did not fully arrive (%s)", request.method,
+                       printable(request.path, 100),
+                       printable(str(error.__context__ or "the connection closed"), 100))
+        abort(408)
+    if len(body) > MAX_REQUEST_BYTES:
+        abort(413)
+
+
+def refuse_nul_characters(checked_after_signature=False):
+    """No valid request has a NUL character (U+0000) in its path, query or form, and
+    PostgreSQL's text cannot hold one: refused with 400, the same on both engines.
+
+    Routes that require Twilio's signature check this after it (require_twilio_signature).
+    """
+    view = current_app.view_functions.get(request.endpoint)
+    if getattr(view, "signed_by_twilio", False) and not checked_after_signature:
+        return
+    pairs = list(request.args.items(multi=True))
+    if request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded":
+        pairs += request.form.items(multi=True)
+    if "\x00" in request.path or any("\x00" in key + value for key, value in pairs):
+        abort(400, description="The request contains a NUL character (U+0000) in its path, "
+                               "query or form; no valid request has one")

@@ -1,0 +1,64 @@
+"""The service's log: one line per event on stdout, and a budget for refused requests.
+
+Refused requests are the caller's choice: past the budget they are counted, not written, so
+that nobody can flood the log (or the disk under it) by sending garbage.
+"""
+
+import logging
+import sys
+import threading
+
+from flask import current_app
+
+log = logging.getLogger("sms_status")
+
+# Warnings about refused requests, per process: enough to see an attack, too few to flood.
+REJECTION_WARNINGS_PER_MINUTE = 30
+
+
+def configure_logging(level):
+    """One line per event to stdout; set up once however often create_app runs."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+        # The PostgreSQL pool's warnings (a lost server, reconnection attempts), in the same form.
+        pool_log = logging.getLogger("psycopg.pool")
+        pool_log.addHandler(handler)
+        pool_log.propagate = False
+        pool_log.setLevel(logging.WARNING)
+    log.setLevel(level)
+
+
+class LogBudget:
+    """At most `limit` lines per `window` seconds; the rest are counted, not written."""
+
+    def __init__(self, limit=REJECTION_WARNINGS_PER_MINUTE, window=60):
+        self.limit, self.window = limit, window
+        self.lock = threading.Lock()
+        self.window_start, self.used, self.dropped = float("-inf"), 0, 0
+
+    def take(self, now):
+        """None when this line must be dropped, else how many were dropped before it."""
+        with self.lock:
+            if now >= self.window_start + self.window:
+                self.window_start, self.used = now, 0
+            if self.used >= self.limit:
+                self.dropped += 1
+                return None
+            self.used += 1
+            dropped, self.dropped = self.dropped, 0
+            return dropped
+
+
+def warn_rejection(message, *args):
+    """Logs a refused request, within this process's budget of such warnings; the next
+    warning written says how many were left out."""
+    dropped = current_app.extensions["rejection_log"].take(current_app.config["CLOCK"]())
+    if dropped is None:
+        return
+    if dropped:
+        message += " (%d more refused requests were not logged before this one)"
+        args += (dropped,)
+    log.warning(message, *args)

@@ -1,0 +1,104 @@
+"""The API's routes (POST /send-sms has a blueprint of its own, send.py): each checks what
+the caller may do, asks the module that does the work, and shapes the answer."""
+
+import os
+
+from flask import Blueprint, current_app, request
+
+from sms_status import listing, twilio_errors
+from sms_status.rules import printable
+from sms_status.storage import records as db
+from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
+from sms_status.web.guards import require_api_key, require_twilio_signature
+from sms_status.web.health import current_problem
+from sms_status.web.logs import log
+
+OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "openapi.json")
+
+blueprint = Blueprint("api", __name__)
+
+
+@blueprint.get("/")
+def index():
+    return {
+        "service": "SMS delivery-status service",
+        "mode": current_app.config["SERVICE"].mode,
+        "endpoints": {
+            "POST /send-sms": "send an SMS: {\"to\": \"+15558675309\", \"body\": \"Hello\"} "
+                              "(Authorization: Bearer <API_KEY>)",
+            "POST /message-status": "Twilio's status callbacks (signed by Twilio)",
+            "GET /get-status/<sid>": "a message's latest status and history "
+                                     "(Authorization: Bearer <API_KEY>)",
+            "GET /messages": "messages newest first, filtered by to, status, errorCode, "
+                             "since, until; paged by cursor (Authorization: Bearer <API_KEY>)",
+            "GET /stats": "delivery statistics of a time window, by default the last 24 "
+                          "hours (Authorization: Bearer <API_KEY>)",
+            "GET /healthz": "200 when statuses can be stored, 503 when not",
+            "GET /openapi.json": "the OpenAPI 3.1 description of this API",
+        },
+    }
+
+
+@blueprint.get("/openapi.json")
+def openapi():
+    with open(OPENAPI_DOCUMENT, "rb") as document:
+        return current_app.response_class(document.read(), mimetype="application/json")
+
+
+@blueprint.get("/healthz")
+def healthz():
+    mode = current_app.config["SERVICE"].mode
+    problem = current_problem()
+    if problem:
+        return {"status": "unavailable", "mode": mode,
+                "error": "The database cannot store status updates: "
+                         + printable(problem, 300)}, 503, {
+                    "Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
+    return {"status": "ok", "mode": mode}
+
+
+@blueprint.post("/message-status")
+@require_twilio_signature
+def message_status():
+    form = request.form
+    # Older callbacks (and some Twilio products) send only SmsSid and SmsStatus.
+    sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
+    status = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
+    if not sid or not status:
+        return json_error(400, "A status callback needs MessageSid and MessageStatus "
+                               "(or the older SmsSid and SmsStatus)")
+    error_code = parse_error_code(form.get("ErrorCode"))
+    stored = db.record_status(db.get_db(), sid, status, error_code, to=form.get("To"),
+                              from_=form.get("From"), account_sid=form.get("AccountSid"))
+    log.info("Status callback %s %s error=%s%s", printable(sid, 64), printable(status, 32),
+             error_code, "" if stored else " (repeat, ignored)")
+    return {"received": True, "duplicate": not stored}
+
+
+@blueprint.get("/get-status/<sid>")
+@require_api_key
+def get_status(sid):
+    message = db.message_with_history(db.get_db(), sid)
+    if message is None:
+        return json_error(404, f"No message with SID {sid} is known to this service")
+    message["errorDescription"] = twilio_errors.description(message["errorCode"])
+    return message
+
+
+@blueprint.get("/messages")
+@require_api_key
+def messages():
+    return listing.list_messages(request.args)
+
+
+@blueprint.get("/stats")
+@require_api_key
+def stats():
+    return listing.delivery_stats(request.args, current_app.config["CLOCK"]())
+
+
+def parse_error_code(raw):
+    """Twilio's ErrorCode as an integer, or None when absent or not a plain number."""
+    raw = (raw or "").strip()
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None

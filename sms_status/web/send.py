@@ -1,0 +1,51 @@
+"""POST /send-sms, with the answer shape of its own that every one of its errors keeps:
+{"success": false, "error", "details", "code"} (the flow itself is in sending.py)."""
+
+from flask import Blueprint, request
+
+from sms_status import sending
+from sms_status.rules import printable
+from sms_status.storage import records as db
+from sms_status.storage.writer import OutcomeUnknown
+from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, http_error_message
+from sms_status.web.guards import require_api_key
+from sms_status.web.logs import log
+
+blueprint = Blueprint("send", __name__)
+
+
+@blueprint.post("/send-sms")
+@require_api_key
+def send_sms():
+    try:
+        payload = request.get_json(force=True, silent=True)
+    except RecursionError:  # nested too deeply for the JSON parser
+        payload = None
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return sending.checked_send(payload).response
+    return sending.send_with_idempotency_key(key, payload)
+
+
+@blueprint.errorhandler(413)
+def too_large(error):
+    return sending.send_error(413, http_error_message(error))
+
+
+def database_error(error):
+    """A send meets the database before Twilio (its key, its place under the limits), so no
+    SMS was sent; once Twilio accepted, a storage failure is answered 200 with a warning."""
+    log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
+              db.describe_error(error))
+    if isinstance(error, OutcomeUnknown):
+        message = ("No SMS was sent, but the database did not confirm this request (its "
+                   "writer process gave no answer), so part of it may be stored. Try again; if "
+                   "a retry with the same Idempotency-Key answers 409 or 504, send with a new "
+                   "key.")
+    else:
+        message = "The database could not complete the request; no SMS was sent. Try again."
+    return sending.send_error(503, message, retry_after=DATABASE_RETRY_AFTER_SECONDS)
+
+
+for _error_class in db.DATABASE_ERRORS:
+    blueprint.register_error_handler(_error_class, database_error)
