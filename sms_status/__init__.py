@@ -6,6 +6,7 @@ server. Configuration comes from the environment and an optional .env file (.env
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -95,11 +96,24 @@ def create_app(test_config=None, http_client=None, clock=time.time):
     return app
 
 
+class OneLineFormatter(logging.Formatter):
+    """Writes each record as one line: the line breaks inside it (a traceback's, or libpq's
+    messages, which continue on a line of their own) are escaped, like `\\n`."""
+
+    def format(self, record):
+        return LINE_BREAKS.sub(lambda found: found.group().encode("unicode_escape").decode(),
+                               super().format(record))
+
+
+# What str.splitlines() splits on.
+LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+
+
 def configure_logging(level):
     """One line per event to stdout; set up once however often create_app runs."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.propagate = False
         # The PostgreSQL pool's warnings (a lost server, reconnection attempts), in the same form.

@@ -178,6 +178,23 @@ def test_a_postgres_outage_gives_503_never_200_and_the_service_recovers_by_itsel
     assert own_postgres.password not in service.logs()
 
 
+def test_every_log_line_stays_one_line_while_postgres_is_away(
+        own_postgres, service_env, start_service):
+    env = service_env(DATABASE_URL=own_postgres.url())
+    service = start_service(env)
+    own_postgres.stop()
+    deadline = time.monotonic() + 30
+    while "error connecting" not in service.logs() and time.monotonic() < deadline:
+        requests.get(service.url + "/healthz", timeout=15)
+        time.sleep(0.2)
+    # The pool's warning quotes libpq's message, which spans two lines.
+    warnings = [line for line in service.logs().splitlines() if "error connecting" in line]
+    assert warnings and "Is the server running" in warnings[0]
+    # Every line is one event: gunicorn's start with "[", the service's with the date.
+    assert [line for line in service.logs().splitlines()
+            if not (line.startswith("[") or line[:4].isdigit())] == []
+
+
 def wait_for_health(service, status, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
