@@ -3,10 +3,13 @@ import subprocess
 import sys
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from conftest import AUTH, sql_rows, sqlite_only
+from conftest import AUTH, live_env, sql_rows, sqlite_only
+from sms_status import create_app
+from sms_status.config import ConfigError
 from sms_status.storage import engines
 from sms_status.storage import records as db
 
@@ -87,6 +90,23 @@ def test_postgres_errors_never_show_the_password(postgres_url):
     assert "password authentication failed" in str(caught.value)
     assert password not in engine.describe_error(caught.value)
     assert password not in engine.label
+
+
+def test_a_refused_login_is_told_in_the_servers_words_with_where_and_who(
+        postgres_url, tmp_path):
+    # A wrong password that is also part of the server's answer ("password authentication").
+    parts = urlsplit(postgres_url)
+    wrong = urlunsplit(parts._replace(netloc=f"{parts.username}:pass@{parts.hostname}:"
+                                             f"{parts.port}"))
+    with pytest.raises(ConfigError) as caught:
+        create_app(live_env(tmp_path, DATABASE_URL=wrong))
+    message = str(caught.value)
+    assert 'password authentication failed for user "postgres"' in message
+    assert "***" not in message and ":pass@" not in message
+    database = parts.path.lstrip("/")
+    assert f"'{database}' at {parts.hostname}:{parts.port}" in message
+    assert "user 'postgres'" in message
+    assert len(message.strip().splitlines()) == 2  # the heading and this one problem
 
 
 @sqlite_only

@@ -23,11 +23,12 @@ import functools
 import hashlib
 import itertools
 import os
+import re
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -571,6 +572,12 @@ def _configure_postgres(conn):
     conn.execute(f"SET lock_timeout = {int(BUSY_TIMEOUT_MS)}")
 
 
+# libpq's lead-in to a failed connection attempt: the host and port that `label` names.
+_CONNECTION_ATTEMPT = re.compile(
+    r'(connection failed: )?connection to server (at|on socket) "[^"]*"( \([^)]*\))?'
+    r'(, port [0-9]+)? failed: ')
+
+
 class PostgresTransaction:
     """One transaction on a borrowed connection, with SQLite's `?` placeholders."""
 
@@ -591,11 +598,12 @@ class PostgresEngine:
     def __init__(self, url, pool_size):
         self.url = url
         self.pool_size = pool_size
-        self.password = unquote(urlsplit(url).password or "")
         params = conninfo_to_dict(url)
-        self.label = "PostgreSQL database {!r} at {}:{}".format(
+        # What a message says about the database: never the URL, which holds the password.
+        self.label = "PostgreSQL database {!r} at {}:{}{}".format(
             params.get("dbname", "?"), params.get("host", "localhost"),
-            params.get("port", "5432"))
+            params.get("port", "5432"),
+            f" as user {params['user']!r}" if params.get("user") else "")
         self._identity = ("postgres", params.get("host", ""), str(params.get("port", "5432")),
                           params.get("dbname", ""))
         # A missing connect_timeout would let an unreachable server hang the start.
@@ -668,10 +676,15 @@ class PostgresEngine:
 
     seconds_between = staticmethod(postgres_seconds_between)
 
-    def describe_error(self, error):
-        """The error's text, never with the password of DATABASE_URL in it."""
-        text = str(error).strip()
-        return text.replace(self.password, "***") if self.password else text
+    @staticmethod
+    def describe_error(error):
+        """The error in the server's (or libpq's) own words, on one line.
+
+        Never built from DATABASE_URL: where and as whom is `label`'s to say, and libpq's
+        messages never quote the password.
+        """
+        text = _CONNECTION_ATTEMPT.sub("", " ".join(str(error).split()))
+        return text or type(error).__name__
 
     def close(self):
         _close_pools(lambda key: key == (os.getpid(), self._key))
