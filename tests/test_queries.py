@@ -363,6 +363,26 @@ def test_stats_refuse_bad_parameters_naming_them(client, params, named):
     assert status == 400 and f"'{named}'" in answer["error"]
 
 
+@pytest.mark.parametrize("params", [
+    pytest.param({"since": "2026-08-28T19:59:59Z"}, id="since-until-now"),
+    pytest.param({"since": "2000-01-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
+                 id="since-and-until"),
+    pytest.param({"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T00:00:00Z"},
+                 id="all-time"),
+])
+def test_stats_refuse_a_window_longer_than_90_days(client, params):
+    status, answer = get(client, "/stats", **params)
+    assert status == 400
+    assert "'since'" in answer["error"] and "'until'" in answer["error"]
+    assert "90 days" in answer["error"]
+
+
+def test_stats_take_a_window_of_exactly_90_days(client, store):
+    store(90 * 24 * 3600, ("delivered", 1))
+    status, answer = get(client, "/stats", since="2026-08-28T20:00:00Z")
+    assert status == 200 and answer["total"] == 1
+
+
 def test_stats_need_the_api_key(client):
     assert client.get("/stats").status_code == 401
 
