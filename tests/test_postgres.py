@@ -23,6 +23,7 @@ from conftest import (
     free_port,
     post_to_service,
     procfile_command,
+    sign,
     sql_rows,
 )
 from postgres import PostgresServer
@@ -176,6 +177,45 @@ def test_a_postgres_outage_gives_503_never_200_and_the_service_recovers_by_itsel
     assert set(acknowledged) <= stored, "nothing acknowledged is lost"
     assert "Traceback" not in service.logs()
     assert own_postgres.password not in service.logs()
+
+
+def timed(method, url, **kwargs):
+    """(status code, seconds, JSON answer) of one request on a new connection."""
+    started = time.monotonic()
+    answer = requests.request(method, url, timeout=15, **kwargs)
+    return answer.status_code, time.monotonic() - started, answer.json()
+
+
+def test_after_a_clean_restart_of_postgres_the_first_requests_succeed_at_once(
+        own_postgres, service_env, start_service):
+    env = service_env(simulate=False, DATABASE_URL=own_postgres.url(), API_KEY=API_KEY,
+                      WEB_CONCURRENCY=1)
+    service = start_service(env)
+    # Callbacks and reads side by side: the worker's pools grow to all their connections,
+    # which stay open and idle.
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", threads=8,
+                      per_thread=40) as load:
+        load.wait_for(320)
+    sid = load.acknowledged[0]
+    readers = [threading.Thread(target=timed, args=("GET", f"{service.url}/get-status/{sid}"),
+                                kwargs={"headers": AUTH}) for _ in range(8)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+
+    own_postgres.stop()
+    own_postgres.start()
+    answers = [timed("POST", service.url + "/message-status", data=params,
+                     headers={"X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status",
+                                                         params)})
+               for params in (callback(f"SMe{n:031x}", "sent") for n in range(3))]
+    answers += [timed("GET", f"{service.url}/get-status/{sid}", headers=AUTH)
+                for _ in range(3)]
+    answers += [timed("GET", service.url + "/healthz")]
+    assert [status for status, _, _ in answers] == [200] * 7, answers
+    # Stale connections are replaced at once: no request waits for them one by one.
+    assert max(seconds for _, seconds, _ in answers) < 2, answers
 
 
 def test_every_log_line_stays_one_line_while_postgres_is_away(

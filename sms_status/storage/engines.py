@@ -626,8 +626,7 @@ class PostgresEngine:
                     pool = ConnectionPool(
                         self.url, min_size=1, max_size=self.pool_size, open=False,
                         timeout=POOL_TIMEOUT_SECONDS,
-                        # Connections broken by a restart of the server are replaced.
-                        check=ConnectionPool.check_connection,
+                        # No `check`: _borrow() checks each connection it lends.
                         configure=_configure_postgres,
                         # Give up reconnecting soon: the next request that needs a
                         # connection starts a new attempt, so recovery follows the server.
@@ -641,12 +640,21 @@ class PostgresEngine:
         return pool
 
     @contextmanager
+    def _connection(self):
+        pool = self._pool()
+        conn = _borrow(pool, POOL_TIMEOUT_SECONDS)
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
+
+    @contextmanager
     def transaction(self):
-        with self._pool().connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             yield PostgresTransaction(conn)
 
     def query(self, sql, params=()):
-        with self._pool().connection() as conn:
+        with self._connection() as conn:
             return conn.execute(_pyformat(sql), params).fetchall()
 
     def migrate(self):
@@ -688,6 +696,28 @@ class PostgresEngine:
 
     def close(self):
         _close_pools(lambda key: key == (os.getpid(), self._key))
+
+
+def _borrow(pool, timeout):
+    """A working connection of `pool`, within `timeout` seconds (else PoolTimeout).
+
+    Each connection is checked before it is lent (an empty statement, one round trip). One
+    that fails was broken by a restart or loss of the server, and so, most likely, are the
+    other idle ones: it goes back to the pool, which discards and replaces it, the others
+    are checked at once (pool.check(), which replaces the broken ones), and another is
+    borrowed. psycopg_pool's own `check` tried the stale connections one at a time, waiting
+    a second, then two, between them: after a restart of the server, the first request of
+    each worker waited 5 s and failed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = pool.getconn(deadline - time.monotonic())
+        try:
+            conn.execute("")
+            return conn
+        except psycopg.OperationalError:
+            pool.putconn(conn)
+            pool.check()
 
 
 # This process's pools by (process id, engine number), kept here rather than on the engines
