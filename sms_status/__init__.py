@@ -279,7 +279,10 @@ def register_error_handlers(app):
     def database_error(error):
         log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
                   db.describe_error(error))
-        if not isinstance(error, writer.OutcomeUnknown):
+        if request.method == "GET":
+            message = ("The database could not answer (it is unreachable or busy); nothing "
+                       "was changed. Try again in a few seconds.")
+        elif not isinstance(error, writer.OutcomeUnknown):
             message = ("The database could not complete the request; nothing was stored. "
                        "Try again.")
         elif request.path == "/send-sms":

@@ -218,6 +218,41 @@ def test_after_a_clean_restart_of_postgres_the_first_requests_succeed_at_once(
     assert max(seconds for _, seconds, _ in answers) < 2, answers
 
 
+def test_while_postgres_is_down_requests_fail_fast_and_recover_by_themselves(
+        own_postgres, service_env, start_service):
+    env = service_env(simulate=False, DATABASE_URL=own_postgres.url(), API_KEY=API_KEY)
+    service = start_service(env)
+    own_postgres.stop()
+    wait_for_health(service, 503, timeout=30)
+
+    answers = []
+    for n in range(4):  # each on a new connection, so both workers answer
+        answers.append(("healthz", *timed("GET", service.url + "/healthz")))
+        params = callback(f"SMd{n:031x}", "sent")
+        answers.append(("callback", *timed(
+            "POST", service.url + "/message-status", data=params,
+            headers={"X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status", params)})))
+        answers.append(("messages", *timed("GET", service.url + "/messages", headers=AUTH)))
+        time.sleep(0.3)
+    assert {status for _, status, _, _ in answers} == {503}, answers
+    assert max(seconds for _, _, seconds, _ in answers) < 1, answers
+    reads = [answer["error"] for path, _, _, answer in answers if path == "messages"]
+    assert all("nothing was changed" in error and "stored" not in error for error in reads)
+
+    own_postgres.start()
+    wait_for_health(service, 200, timeout=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        params = callback("SMd" + "f" * 31, "sent")
+        if post_to_service(service, env, params).status_code == 200:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("callbacks were not stored again")
+    assert timed("GET", service.url + "/messages", headers=AUTH)[0] == 200
+    assert own_postgres.password not in service.logs()
+
+
 def test_every_log_line_stays_one_line_while_postgres_is_away(
         own_postgres, service_env, start_service):
     env = service_env(DATABASE_URL=own_postgres.url())

@@ -33,7 +33,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 # Every error either engine raises (a pool that cannot lend a connection in time included).
 DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
@@ -50,6 +50,13 @@ JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 CHECKPOINT_BUSY_TIMEOUT_MS = 200
 POOL_TIMEOUT_SECONDS = 5
 CONNECT_TIMEOUT_SECONDS = 5
+# While PostgreSQL is known to be unreachable (the last attempt to connect failed, and
+# nothing succeeded since), a request waits this long for a connection instead: during an
+# outage every request, /healthz included, answers 503 at once, not after the pool timeout.
+UNREACHABLE_WAIT_SECONDS = 0.25
+# A request waiting for a connection looks this often whether the server has become known
+# to be unreachable meanwhile.
+POOL_WAIT_STEP_SECONDS = 0.25
 
 
 def open_engine(config, checkpoints=True):
@@ -614,39 +621,29 @@ class PostgresEngine:
     def identity(self):
         return self._identity
 
-    def _pool(self):
-        """This process's pool, created on first use: gunicorn forks workers after the app
+    def _pools(self):
+        """This process's pools, created on first use: gunicorn forks workers after the app
         is loaded, and a pool's connections and threads must never cross a fork."""
         key = (os.getpid(), self._key)
-        pool = _pools.get(key)
-        if pool is None:
+        pools = _pools.get(key)
+        if pools is None:
             with _pools_lock:
-                pool = _pools.get(key)
-                if pool is None:
-                    pool = ConnectionPool(
-                        self.url, min_size=1, max_size=self.pool_size, open=False,
-                        timeout=POOL_TIMEOUT_SECONDS,
-                        # No `check`: _borrow() checks each connection it lends.
-                        configure=_configure_postgres,
-                        # Give up reconnecting soon: the next request that needs a
-                        # connection starts a new attempt, so recovery follows the server.
-                        reconnect_timeout=POOL_TIMEOUT_SECONDS,
-                        kwargs={"autocommit": True, "row_factory": dict_row,
-                                **self.connect_options},
-                        name=f"sms-status-{key[0]}-{key[1]}",
-                    )
-                    pool.open(wait=False)
-                    _pools[key] = pool
-        return pool
+                pools = _pools.get(key)
+                if pools is None:
+                    pools = _pools[key] = _Pools(self, f"sms-status-{key[0]}-{key[1]}")
+        return pools
+
+    def _pool(self):
+        return self._pools().writes
 
     @contextmanager
     def _connection(self):
-        pool = self._pool()
-        conn = _borrow(pool, POOL_TIMEOUT_SECONDS)
+        pools = self._pools()
+        conn = pools.borrow(pools.writes)
         try:
             yield conn
         finally:
-            pool.putconn(conn)
+            pools.writes.putconn(conn)
 
     @contextmanager
     def transaction(self):
@@ -698,31 +695,87 @@ class PostgresEngine:
         _close_pools(lambda key: key == (os.getpid(), self._key))
 
 
-def _borrow(pool, timeout):
-    """A working connection of `pool`, within `timeout` seconds (else PoolTimeout).
+class _Pools:
+    """One process's pool for one engine, and what it knows of the server.
 
-    Each connection is checked before it is lent (an empty statement, one round trip). One
-    that fails was broken by a restart or loss of the server, and so, most likely, are the
-    other idle ones: it goes back to the pool, which discards and replaces it, the others
-    are checked at once (pool.check(), which replaces the broken ones), and another is
-    borrowed. psycopg_pool's own `check` tried the stale connections one at a time, waiting
-    a second, then two, between them: after a restart of the server, the first request of
-    each worker waited 5 s and failed.
+    `failure` is the error of the last attempt to connect when no attempt or check has
+    succeeded since: the server is then known to be unreachable, and requests fail fast.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        conn = pool.getconn(deadline - time.monotonic())
-        try:
-            conn.execute("")
+
+    def __init__(self, engine, name):
+        self.label = engine.label
+        self.failure = None
+        self.writes = ConnectionPool(
+            engine.url, min_size=1, max_size=engine.pool_size, open=False,
+            timeout=POOL_TIMEOUT_SECONDS, connection_class=_watched_connections(self),
+            # No `check`: borrow() checks each connection it lends.
+            configure=_configure_postgres,
+            # Give up reconnecting soon: the next request that needs a connection starts a
+            # new attempt, so recovery follows the server.
+            reconnect_timeout=POOL_TIMEOUT_SECONDS,
+            kwargs={"autocommit": True, "row_factory": dict_row, **engine.connect_options},
+            name=name,
+        )
+        self.writes.open(wait=False)
+
+    def borrow(self, pool):
+        """A working connection of `pool`, within POOL_TIMEOUT_SECONDS (else PoolTimeout),
+        or at once while the server is known to be unreachable.
+
+        Each connection is checked before it is lent (an empty statement, one round trip).
+        One that fails was broken by a restart or loss of the server, and so, most likely,
+        are the other idle ones: it goes back to the pool, which discards and replaces it,
+        the others are checked at once (pool.check(), which replaces the broken ones), and
+        another is borrowed. psycopg_pool's own `check` tried the stale connections one at
+        a time, waiting a second, then two, between them: after a restart of the server,
+        the first request of each worker waited 5 s and failed.
+        """
+        deadline = time.monotonic() + POOL_TIMEOUT_SECONDS
+        while True:
+            step = UNREACHABLE_WAIT_SECONDS if self.failure else POOL_WAIT_STEP_SECONDS
+            try:
+                conn = pool.getconn(min(step, deadline - time.monotonic()))
+            except PoolTimeout:
+                if self.failure:
+                    raise PoolTimeout(f"cannot connect to {self.label}: "
+                                      f"{PostgresEngine.describe_error(self.failure)}") from None
+                if time.monotonic() >= deadline:
+                    raise PoolTimeout("no connection of the pool was free within "
+                                      f"{POOL_TIMEOUT_SECONDS:g} s") from None
+                continue
+            try:
+                conn.execute("")
+            except psycopg.OperationalError:
+                pool.putconn(conn)
+                pool.check()
+                continue
+            self.failure = None
             return conn
-        except psycopg.OperationalError:
-            pool.putconn(conn)
-            pool.check()
+
+    def close(self, timeout):
+        self.writes.close(timeout=timeout)
+
+
+def _watched_connections(pools):
+    """The connection class of `pools`: each attempt to connect tells it how it went."""
+
+    class WatchedConnection(psycopg.Connection):
+        @classmethod
+        def connect(cls, *args, **kwargs):
+            try:
+                conn = super().connect(*args, **kwargs)
+            except psycopg.OperationalError as error:
+                pools.failure = error
+                raise
+            pools.failure = None
+            return conn
+
+    return WatchedConnection
 
 
 # This process's pools by (process id, engine number), kept here rather than on the engines
 # so that close_all() reaches every one of them, whatever became of its engine.
-_pools = {}
+_pools = {}  # of _Pools
 _pools_lock = threading.Lock()
 _engine_numbers = itertools.count()
 
