@@ -279,7 +279,11 @@ def register_error_handlers(app):
     def database_error(error):
         log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
                   db.describe_error(error))
-        if request.method == "GET":
+        if isinstance(error, db.READ_TIME_LIMIT_ERRORS):
+            message = (f"The query took longer than {db.READ_STATEMENT_TIMEOUT_MS / 1000:g} s "
+                       "and was stopped; nothing was changed. Ask for a shorter window "
+                       "(since, until), or try again later.")
+        elif request.method == "GET":
             message = ("The database could not answer (it is unreachable or busy); nothing "
                        "was changed. Try again in a few seconds.")
         elif not isinstance(error, writer.OutcomeUnknown):

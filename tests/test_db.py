@@ -211,7 +211,8 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
     lookup = lambda: client.get("/get-status/SM1", headers=AUTH)  # noqa: E731
     assert lookup().status_code == 404
     with app.app_context():
-        held = db.get_db()._pool().getconn()  # the pool's only connection, busy elsewhere
+        # the read pool's only connection, busy elsewhere
+        held = db.get_db()._pools().reads.getconn()
     try:
         started = time.monotonic()
         answer = lookup()
@@ -219,5 +220,5 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
         assert time.monotonic() - started < 3
     finally:
         with app.app_context():
-            db.get_db()._pool().putconn(held)
+            db.get_db()._pools().reads.putconn(held)
     assert lookup().status_code == 404

@@ -20,6 +20,7 @@ from conftest import (
     ROOT,
     CallbackLoad,
     callback,
+    fill_postgres_messages,
     free_port,
     post_to_service,
     procfile_command,
@@ -366,3 +367,43 @@ def test_the_database_password_never_shows(database_url, service_env, start_serv
     seen.append(service.logs())
     assert "PostgreSQL database" in service.logs()
     assert not [text for text in seen if password in text]
+
+
+def test_a_flood_of_stats_reads_never_holds_up_status_callbacks(
+        postgres_url, service_env, start_service):
+    # About two weeks of messages: each /stats over them takes a while, as on a large
+    # history. One worker with one connection to share makes a flood easy to see.
+    fill_postgres_messages(postgres_url, 300_000)
+    env = service_env(simulate=False, DATABASE_URL=postgres_url, WEB_CONCURRENCY=1,
+                      GUNICORN_THREADS=64, DATABASE_POOL_SIZE=1)
+    service = start_service(env)
+    stop, reads = threading.Event(), []
+
+    def read_stats():
+        session = requests.Session()
+        while not stop.is_set():
+            reads.append(session.get(
+                service.url + "/stats?since=2026-01-01T00:00:00Z&until=2026-01-20T00:00:00Z",
+                headers=AUTH, timeout=30).status_code)
+
+    readers = [threading.Thread(target=read_stats) for _ in range(40)]
+    for reader in readers:
+        reader.start()
+    try:
+        time.sleep(1)
+        answers, session = [], requests.Session()
+        for n in range(10):
+            started = time.monotonic()
+            answer = post_to_service(service, env, callback(f"SMf{n:031x}", "sent"),
+                                     session=session)
+            answers.append((answer.status_code, round(time.monotonic() - started, 2)))
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+
+    assert len(reads) >= 40 and set(reads) <= {200, 503}, "the reads really ran"
+    assert [status for status, _ in answers] == [200] * 10, answers
+    # Behind 40 queued reads a callback waited seconds; on connections of its own, moments.
+    assert max(seconds for _, seconds in answers) < 1, answers

@@ -37,6 +37,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 # Every error either engine raises (a pool that cannot lend a connection in time included).
 DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
+# A read stopped for taking longer than READ_STATEMENT_TIMEOUT_MS (PostgreSQL only).
+READ_TIME_LIMIT_ERRORS = (psycopg.errors.QueryCanceled,)
 
 # The schema version both engines reach: SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version table. A database with a newer version is refused, never downgraded.
@@ -50,6 +52,9 @@ JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 CHECKPOINT_BUSY_TIMEOUT_MS = 200
 POOL_TIMEOUT_SECONDS = 5
 CONNECT_TIMEOUT_SECONDS = 5
+# PostgreSQL stops a read's statement after this long (statement_timeout on the read pool's
+# connections): a flood of long reads cannot keep the database busy at will.
+READ_STATEMENT_TIMEOUT_MS = 5000
 # While PostgreSQL is known to be unreachable (the last attempt to connect failed, and
 # nothing succeeded since), a request waits this long for a connection instead: during an
 # outage every request, /healthz included, answers 503 at once, not after the pool timeout.
@@ -579,6 +584,12 @@ def _configure_postgres(conn):
     conn.execute(f"SET lock_timeout = {int(BUSY_TIMEOUT_MS)}")
 
 
+def _configure_reads(conn):
+    """A read pool's connection: its statements are also stopped after a time limit."""
+    _configure_postgres(conn)
+    conn.execute(f"SET statement_timeout = {int(READ_STATEMENT_TIMEOUT_MS)}")
+
+
 # libpq's lead-in to a failed connection attempt: the host and port that `label` names.
 _CONNECTION_ATTEMPT = re.compile(
     r'(connection failed: )?connection to server (at|on socket) "[^"]*"( \([^)]*\))?'
@@ -633,17 +644,15 @@ class PostgresEngine:
                     pools = _pools[key] = _Pools(self, f"sms-status-{key[0]}-{key[1]}")
         return pools
 
-    def _pool(self):
-        return self._pools().writes
-
     @contextmanager
-    def _connection(self):
+    def _connection(self, reads=False):
         pools = self._pools()
-        conn = pools.borrow(pools.writes)
+        pool = pools.reads if reads else pools.writes
+        conn = pools.borrow(pool)
         try:
             yield conn
         finally:
-            pools.writes.putconn(conn)
+            pool.putconn(conn)
 
     @contextmanager
     def transaction(self):
@@ -651,7 +660,7 @@ class PostgresEngine:
             yield PostgresTransaction(conn)
 
     def query(self, sql, params=()):
-        with self._connection() as conn:
+        with self._connection(reads=True) as conn:
             return conn.execute(_pyformat(sql), params).fetchall()
 
     def migrate(self):
@@ -695,8 +704,17 @@ class PostgresEngine:
         _close_pools(lambda key: key == (os.getpid(), self._key))
 
 
+def read_pool_size(pool_size):
+    """The connections of DATABASE_POOL_SIZE that serve reads: a quarter, at least one."""
+    return max(1, pool_size // 4)
+
+
 class _Pools:
-    """One process's pool for one engine, and what it knows of the server.
+    """One process's pools for one engine, and what it knows of the server.
+
+    Transactions (callbacks, sends, /healthz) borrow from `writes`, reads (`query()`) from
+    `reads`, whose statements have a time limit: a flood of long reads (/stats over a
+    large window) waits for its own connections, never holding up a callback.
 
     `failure` is the error of the last attempt to connect when no attempt or check has
     succeeded since: the server is then known to be unreachable, and requests fail fast.
@@ -705,18 +723,25 @@ class _Pools:
     def __init__(self, engine, name):
         self.label = engine.label
         self.failure = None
-        self.writes = ConnectionPool(
-            engine.url, min_size=1, max_size=engine.pool_size, open=False,
-            timeout=POOL_TIMEOUT_SECONDS, connection_class=_watched_connections(self),
+        reads = read_pool_size(engine.pool_size)
+        self.writes = self._open(engine, f"{name}-writes", max(1, engine.pool_size - reads),
+                                 _configure_postgres)
+        self.reads = self._open(engine, f"{name}-reads", reads, _configure_reads)
+
+    def _open(self, engine, name, size, configure):
+        pool = ConnectionPool(
+            engine.url, min_size=1, max_size=size, open=False, timeout=POOL_TIMEOUT_SECONDS,
+            connection_class=_watched_connections(self),
             # No `check`: borrow() checks each connection it lends.
-            configure=_configure_postgres,
+            configure=configure,
             # Give up reconnecting soon: the next request that needs a connection starts a
             # new attempt, so recovery follows the server.
             reconnect_timeout=POOL_TIMEOUT_SECONDS,
             kwargs={"autocommit": True, "row_factory": dict_row, **engine.connect_options},
             name=name,
         )
-        self.writes.open(wait=False)
+        pool.open(wait=False)
+        return pool
 
     def borrow(self, pool):
         """A working connection of `pool`, within POOL_TIMEOUT_SECONDS (else PoolTimeout),
@@ -740,8 +765,8 @@ class _Pools:
                     raise PoolTimeout(f"cannot connect to {self.label}: "
                                       f"{PostgresEngine.describe_error(self.failure)}") from None
                 if time.monotonic() >= deadline:
-                    raise PoolTimeout("no connection of the pool was free within "
-                                      f"{POOL_TIMEOUT_SECONDS:g} s") from None
+                    raise PoolTimeout(f"no connection of the pool {pool.name!r} was free "
+                                      f"within {POOL_TIMEOUT_SECONDS:g} s") from None
                 continue
             try:
                 conn.execute("")
@@ -754,6 +779,7 @@ class _Pools:
 
     def close(self, timeout):
         self.writes.close(timeout=timeout)
+        self.reads.close(timeout=timeout)
 
 
 def _watched_connections(pools):
