@@ -3,8 +3,9 @@
 db.py writes every query once, in the SQL both engines agree on, with `?` placeholders.
 What differs between them lives here and only here:
 
-- connections: SQLite keeps one per thread; PostgreSQL borrows one from a pool per worker
-  process for each transaction or read, opened after gunicorn forks;
+- connections: SQLite keeps one per thread; PostgreSQL borrows one for each transaction
+  or read from a worker process's pools (one for transactions, one for reads), opened
+  after gunicorn forks;
 - transactions and locking: SQLite's writers queue for its single write lock, so one
   write transaction serialises against every other; PostgreSQL's run side by side, and
   `tx.lock(name)` takes a transaction-scoped advisory lock where db.py needs one;
@@ -796,6 +797,7 @@ def _watched_connections(pools):
             pools.failure = None
             return conn
 
+    WatchedConnection.__qualname__ = "WatchedConnection"  # as the pool's log lines name it
     return WatchedConnection
 
 
