@@ -119,6 +119,13 @@ def parse_database_url(raw, simulate=False):
         return "sqlite", os.path.abspath(DEFAULT_DATABASE_FILES[simulate])
     raw = raw.strip()
     if raw.startswith(("postgres://", "postgresql://")):
+        if _unescaped_userinfo(raw):
+            raise ValueError(
+                "has a user name or password with an '@', '/' or ':' that is not "
+                "percent-encoded, so libpq would read part of it as the host, port or "
+                "database: percent-encode them (@ as %40, / as %2F, : as %3A; python3 -c "
+                "'import urllib.parse; print(urllib.parse.quote(input(), safe=\"\"))' "
+                "encodes a password)")
         try:
             conninfo_to_dict(raw)
         except psycopg.Error:
@@ -135,6 +142,18 @@ def parse_database_url(raw, simulate=False):
             "like postgres://user:password@host:5432/dbname"
         )
     return "sqlite", os.path.abspath(raw[len(prefix):])
+
+
+def _unescaped_userinfo(url):
+    """True when a postgres:// URL's user name or password holds a bare '@' or '/'.
+
+    libpq ends the user name and password at the first '@', and the host part at the first
+    '/': `postgres://app:p@ss@db/x` would connect to host `ss@db`, and
+    `postgres://app:p/ss@db/x` to host `app`, port `p`. A bare ':' in a password is read
+    right (the first ':' ends the user name).
+    """
+    authority, _, path = url.split("://", 1)[1].partition("/")
+    return authority.count("@") > 1 or ("@" not in authority and "@" in path.split("?")[0])
 
 
 def database_settings(engine, location):

@@ -30,6 +30,8 @@ def _rows(sql, params):
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 DEFAULT_STATS_WINDOW = timedelta(hours=24)
+# The longest /stats window: its cost grows with the messages in it.
+MAX_STATS_WINDOW = timedelta(days=90)
 STUCK_AFTER = timedelta(hours=1)
 STORED_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 MAX_SID_LENGTH = 64
@@ -239,6 +241,9 @@ def delivery_stats(args, now):
         except OverflowError:
             since = format_instant(datetime(1, 1, 1, tzinfo=timezone.utc))
     refuse_empty_window(since, until)
+    if datetime.fromisoformat(until) - datetime.fromisoformat(since) > MAX_STATS_WINDOW:
+        refuse(f"Parameters 'since' and 'until' (default: now) may be at most "
+               f"{MAX_STATS_WINDOW.days} days apart; for a longer span, ask for several windows")
     idle_before = format_instant(now_moment - STUCK_AFTER)
 
     by_status, stuck = status_counts(since, until, idle_before)

@@ -21,6 +21,7 @@ from psycopg.rows import dict_row, tuple_row
 from twilio.request_validator import RequestValidator
 
 from sms_status.config import VARIABLES
+from sms_status.storage.engines import PostgresEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,6 +114,27 @@ def count_rows(app, table):
 def count_rows_at(database_url, table):
     """Rows in one table of the database at `database_url` (a running service's)."""
     return sql_rows(database_url, f"SELECT count(*) FROM {table}")[0][0]
+
+
+def fill_postgres_messages(database_url, count, first="2026-01-01T00:00:00Z", every=4):
+    """Stores `count` messages (no history) in a PostgreSQL database, migrated first, in one
+    statement, one each `every` seconds from `first`: mostly delivered, some undelivered,
+    failed, sent or queued. Vacuumed and analysed after, as autovacuum would."""
+    PostgresEngine(database_url, 1).migrate()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO messages (sid, to_number, from_number, latest_status, error_code,"
+            " created_at, updated_at, seconds_to_delivered)"
+            " SELECT 'SM' || lpad(to_hex(n), 32, '0'), '+1555' || lpad((n %% 5000)::text, 7, '0'),"
+            " '+15017122661', (ARRAY['delivered', 'delivered', 'delivered', 'undelivered',"
+            " 'failed', 'sent', 'queued'])[1 + n %% 7], CASE WHEN n %% 7 IN (3, 4)"
+            " THEN 30003 + n %% 5 END, stamp, stamp,"
+            " CASE WHEN n %% 7 < 3 THEN (n %% 9000) / 1000.0 END"
+            " FROM generate_series(1, %s) AS n, LATERAL (SELECT to_char((%s::timestamptz"
+            " + n * %s * interval '1 second') AT TIME ZONE 'UTC',"
+            " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS stamp) AS created",
+            (count, first, every))
+        conn.execute("VACUUM ANALYZE messages")
 
 
 def sign(url, params, token=AUTH_TOKEN):

@@ -97,6 +97,28 @@ def test_a_refused_database_url_is_never_repeated(tmp_path, url):
     assert not any("s3cret-pw" in problem for problem in found)
 
 
+@pytest.mark.parametrize("url", [
+    "postgres://app:s3cret@pw@db.example.com:5432/statusdb",
+    "postgres://app:s3cret/pw@db.example.com:5432/statusdb",
+    "postgres://app:s3cret/p:w@db.example.com/statusdb?sslmode=require",
+])
+def test_a_password_with_an_unescaped_character_is_told_to_be_percent_encoded(tmp_path, url):
+    found = problems(live_env(tmp_path, DATABASE_URL=url))
+    message = next(problem for problem in found if "DATABASE_URL" in problem)
+    assert "percent-encode" in message and "%40" in message and "%2F" in message
+    assert "s3cret" not in message
+
+
+@pytest.mark.parametrize("url", [
+    "postgres://app:s3cret%40pw@db.example.com:5432/statusdb",
+    "postgres://app:s3cret%2Fpw@db.example.com:5432/statusdb",
+    # libpq reads a ':' in the password right: the first one ends the user name.
+    "postgres://app:s3cret:pw@db.example.com:5432/statusdb",
+])
+def test_a_percent_encoded_password_is_taken(tmp_path, url):
+    assert load_config(live_env(tmp_path, DATABASE_URL=url)).database_url == url
+
+
 def test_secrets_stay_strings(tmp_path):
     config = load_config(live_env(tmp_path, TWILIO_AUTH_TOKEN="1234e5678",
                                   API_KEY="1234e56781234567"))

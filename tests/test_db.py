@@ -5,12 +5,15 @@ import subprocess
 import sys
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from sms_status import create_app
+from sms_status.config import ConfigError
 from sms_status.storage import engines
 from sms_status.storage import records as db
-from support import AUTH, callback, post_to_service, sql_rows, sqlite_only
+from support import AUTH, callback, live_env, post_to_service, sql_rows, sqlite_only
 
 
 def engine_for(url):
@@ -89,6 +92,23 @@ def test_postgres_errors_never_show_the_password(postgres_url):
     assert "password authentication failed" in str(caught.value)
     assert password not in engine.describe_error(caught.value)
     assert password not in engine.label
+
+
+def test_a_refused_login_is_told_in_the_servers_words_with_where_and_who(
+        postgres_url, tmp_path):
+    # A wrong password that is also part of the server's answer ("password authentication").
+    parts = urlsplit(postgres_url)
+    wrong = urlunsplit(parts._replace(netloc=f"{parts.username}:pass@{parts.hostname}:"
+                                             f"{parts.port}"))
+    with pytest.raises(ConfigError) as caught:
+        create_app(live_env(tmp_path, DATABASE_URL=wrong))
+    message = str(caught.value)
+    assert 'password authentication failed for user "postgres"' in message
+    assert "***" not in message and ":pass@" not in message
+    database = parts.path.lstrip("/")
+    assert f"'{database}' at {parts.hostname}:{parts.port}" in message
+    assert "user 'postgres'" in message
+    assert len(message.strip().splitlines()) == 2  # the heading and this one problem
 
 
 @sqlite_only
@@ -193,7 +213,8 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
     lookup = lambda: client.get("/get-status/SM1", headers=AUTH)  # noqa: E731
     assert lookup().status_code == 404
     with app.app_context():
-        held = db.get_db()._pool().getconn()  # the pool's only connection, busy elsewhere
+        # the read pool's only connection, busy elsewhere
+        held = db.get_db()._pools().reads.getconn()
     try:
         started = time.monotonic()
         answer = lookup()
@@ -201,7 +222,7 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
         assert time.monotonic() - started < 3
     finally:
         with app.app_context():
-            db.get_db()._pool().putconn(held)
+            db.get_db()._pools().reads.putconn(held)
     assert lookup().status_code == 404
 
 

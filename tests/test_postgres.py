@@ -22,9 +22,11 @@ from support import (
     ROOT,
     CallbackLoad,
     callback,
+    fill_postgres_messages,
     free_port,
     post_to_service,
     procfile_command,
+    sign,
     sql_rows,
 )
 
@@ -177,6 +179,103 @@ def test_a_postgres_outage_gives_503_never_200_and_the_service_recovers_by_itsel
     assert own_postgres.password not in service.logs()
 
 
+def timed(method, url, **kwargs):
+    """(status code, seconds, JSON answer) of one request on a new connection."""
+    started = time.monotonic()
+    answer = requests.request(method, url, timeout=15, **kwargs)
+    return answer.status_code, time.monotonic() - started, answer.json()
+
+
+def test_after_a_clean_restart_of_postgres_the_first_requests_succeed_at_once(
+        own_postgres, service_env, start_service):
+    env = service_env(simulate=False, DATABASE_URL=own_postgres.url(), API_KEY=API_KEY,
+                      WEB_CONCURRENCY=1)
+    service = start_service(env)
+    # Callbacks and reads side by side: the worker's pools grow to all their connections,
+    # which stay open and idle.
+    with CallbackLoad(service, env["BASE_URL"] + "/message-status", threads=8,
+                      per_thread=40) as load:
+        load.wait_for(320)
+    sid = load.acknowledged[0]
+    readers = [threading.Thread(target=timed, args=("GET", f"{service.url}/get-status/{sid}"),
+                                kwargs={"headers": AUTH}) for _ in range(8)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+
+    own_postgres.stop()
+    own_postgres.start()
+    answers = [timed("POST", service.url + "/message-status", data=params,
+                     headers={"X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status",
+                                                         params)})
+               for params in (callback(f"SMe{n:031x}", "sent") for n in range(3))]
+    answers += [timed("GET", f"{service.url}/get-status/{sid}", headers=AUTH)
+                for _ in range(3)]
+    answers += [timed("GET", service.url + "/healthz")]
+    assert [status for status, _, _ in answers] == [200] * 7, answers
+    # Stale connections are replaced at once: no request waits for them one by one.
+    assert max(seconds for _, seconds, _ in answers) < 2, answers
+
+
+def test_while_postgres_is_down_requests_fail_fast_and_recover_by_themselves(
+        own_postgres, service_env, start_service):
+    env = service_env(simulate=False, DATABASE_URL=own_postgres.url(), API_KEY=API_KEY)
+    service = start_service(env)
+    own_postgres.stop()
+    wait_for_health(service, 503, timeout=30)
+    time.sleep(1.1)  # each worker's /healthz reuses its outcome for a second: let it expire
+
+    answers = []
+    for n in range(4):  # each on a new connection, so both workers answer
+        answers.append(("healthz", *timed("GET", service.url + "/healthz")))
+        params = callback(f"SMd{n:031x}", "sent")
+        answers.append(("callback", *timed(
+            "POST", service.url + "/message-status", data=params,
+            headers={"X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status", params)})))
+        answers.append(("messages", *timed("GET", service.url + "/messages", headers=AUTH)))
+        time.sleep(0.3)
+    assert {status for _, status, _, _ in answers} == {503}, answers
+    assert max(seconds for _, _, seconds, _ in answers) < 1, answers
+    reads = [answer["error"] for path, _, _, answer in answers if path == "messages"]
+    assert all("nothing was changed" in error and "stored" not in error for error in reads)
+
+    own_postgres.start()
+    # Each worker's pools reconnect on their own (within a few seconds: their attempts back
+    # off); every kind of request is answered again, with no restart.
+    deadline = time.monotonic() + 30
+    recovered = set()
+    while recovered != {"healthz", "callback", "messages"} and time.monotonic() < deadline:
+        params = callback("SMd" + "f" * 31, "sent")
+        for path, answer in (
+                ("healthz", requests.get(service.url + "/healthz", timeout=15)),
+                ("callback", post_to_service(service, env, params)),
+                ("messages", requests.get(service.url + "/messages", headers=AUTH,
+                                          timeout=15))):
+            if answer.status_code == 200:
+                recovered.add(path)
+        time.sleep(0.2)
+    assert recovered == {"healthz", "callback", "messages"}
+    assert own_postgres.password not in service.logs()
+
+
+def test_every_log_line_stays_one_line_while_postgres_is_away(
+        own_postgres, service_env, start_service):
+    env = service_env(DATABASE_URL=own_postgres.url())
+    service = start_service(env)
+    own_postgres.stop()
+    deadline = time.monotonic() + 30
+    while "error connecting" not in service.logs() and time.monotonic() < deadline:
+        requests.get(service.url + "/healthz", timeout=15)
+        time.sleep(0.2)
+    # The pool's warning quotes libpq's message, which spans two lines.
+    warnings = [line for line in service.logs().splitlines() if "error connecting" in line]
+    assert warnings and "Is the server running" in warnings[0]
+    # Every line is one event: gunicorn's start with "[", the service's with the date.
+    assert [line for line in service.logs().splitlines()
+            if not (line.startswith("[") or line[:4].isdigit())] == []
+
+
 def wait_for_health(service, status, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -273,3 +372,43 @@ def test_the_database_password_never_shows(database_url, service_env, start_serv
     seen.append(service.logs())
     assert "PostgreSQL database" in service.logs()
     assert not [text for text in seen if password in text]
+
+
+def test_a_flood_of_stats_reads_never_holds_up_status_callbacks(
+        postgres_url, service_env, start_service):
+    # About two weeks of messages: each /stats over them takes a while, as on a large
+    # history. One worker with one connection to share makes a flood easy to see.
+    fill_postgres_messages(postgres_url, 300_000)
+    env = service_env(simulate=False, DATABASE_URL=postgres_url, WEB_CONCURRENCY=1,
+                      GUNICORN_THREADS=64, DATABASE_POOL_SIZE=1)
+    service = start_service(env)
+    stop, reads = threading.Event(), []
+
+    def read_stats():
+        session = requests.Session()
+        while not stop.is_set():
+            reads.append(session.get(
+                service.url + "/stats?since=2026-01-01T00:00:00Z&until=2026-01-20T00:00:00Z",
+                headers=AUTH, timeout=30).status_code)
+
+    readers = [threading.Thread(target=read_stats) for _ in range(40)]
+    for reader in readers:
+        reader.start()
+    try:
+        time.sleep(1)
+        answers, session = [], requests.Session()
+        for n in range(10):
+            started = time.monotonic()
+            answer = post_to_service(service, env, callback(f"SMf{n:031x}", "sent"),
+                                     session=session)
+            answers.append((answer.status_code, round(time.monotonic() - started, 2)))
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+
+    assert len(reads) >= 40 and set(reads) <= {200, 503}, "the reads really ran"
+    assert [status for status, _ in answers] == [200] * 10, answers
+    # Behind 40 queued reads a callback waited seconds; on connections of its own, moments.
+    assert max(seconds for _, seconds in answers) < 1, answers

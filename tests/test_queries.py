@@ -8,8 +8,9 @@ from twilio.http.response import Response
 
 from sms_status import create_app
 from sms_status import listing as queries
+from sms_status.storage import engines
 from sms_status.storage import records as db
-from support import AUTH, callback, live_env, sqlite_only
+from support import AUTH, callback, fill_postgres_messages, live_env, sqlite_only
 
 NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
 _sids = itertools.count(1)
@@ -363,6 +364,39 @@ def test_stats_stuck_means_not_final_and_unchanged_for_over_an_hour(client, stor
 def test_stats_refuse_bad_parameters_naming_them(client, params, named):
     status, answer = get(client, "/stats", **params)
     assert status == 400 and f"'{named}'" in answer["error"]
+
+
+@pytest.mark.parametrize("params", [
+    pytest.param({"since": "2026-08-28T19:59:59Z"}, id="since-until-now"),
+    pytest.param({"since": "2000-01-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
+                 id="since-and-until"),
+    pytest.param({"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T00:00:00Z"},
+                 id="all-time"),
+])
+def test_stats_refuse_a_window_longer_than_90_days(client, params):
+    status, answer = get(client, "/stats", **params)
+    assert status == 400
+    assert "'since'" in answer["error"] and "'until'" in answer["error"]
+    assert "90 days" in answer["error"]
+
+
+def test_stats_take_a_window_of_exactly_90_days(client, store):
+    store(90 * 24 * 3600, ("delivered", 1))
+    status, answer = get(client, "/stats", since="2026-08-28T20:00:00Z")
+    assert status == 200 and answer["total"] == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_read_past_its_time_limit_answers_503_saying_what_to_do(
+        app, client, database_url, monkeypatch):
+    monkeypatch.setattr(engines, "READ_STATEMENT_TIMEOUT_MS", 1)
+    fill_postgres_messages(database_url, 50_000, first="2026-10-01T00:00:00Z", every=60)
+    response = client.get("/stats", query_string={"since": "2026-10-01T00:00:00Z"},
+                          headers=AUTH)
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    error = response.get_json()["error"]
+    assert "nothing was changed" in error and "shorter window" in error
+    assert "stored" not in error
 
 
 def test_stats_need_the_api_key(client):

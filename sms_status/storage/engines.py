@@ -3,8 +3,9 @@
 db.py writes every query once, in the SQL both engines agree on, with `?` placeholders.
 What differs between them lives here and only here:
 
-- connections: SQLite keeps one per thread; PostgreSQL borrows one from a pool per worker
-  process for each transaction or read, opened after gunicorn forks;
+- connections: SQLite keeps one per thread; PostgreSQL borrows one for each transaction
+  or read from a worker process's pools (one for transactions, one for reads), opened
+  after gunicorn forks;
 - transactions and locking: SQLite's writers queue for its single write lock, so one
   write transaction serialises against every other; PostgreSQL's run side by side, and
   `tx.lock(name)` takes a transaction-scoped advisory lock where db.py needs one;
@@ -23,21 +24,24 @@ import functools
 import hashlib
 import itertools
 import os
+import re
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from sms_status.config import SIMULATED_ACCOUNT_SID
 
 # Every error either engine raises (a pool that cannot lend a connection in time included).
 DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
+# A read stopped for taking longer than READ_STATEMENT_TIMEOUT_MS (PostgreSQL only).
+READ_TIME_LIMIT_ERRORS = (psycopg.errors.QueryCanceled,)
 
 # The schema version both engines reach: SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version table. A database with a newer version is refused, never downgraded.
@@ -51,6 +55,16 @@ JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 CHECKPOINT_BUSY_TIMEOUT_MS = 200
 POOL_TIMEOUT_SECONDS = 5
 CONNECT_TIMEOUT_SECONDS = 5
+# PostgreSQL stops a read's statement after this long (statement_timeout on the read pool's
+# connections): a flood of long reads cannot keep the database busy at will.
+READ_STATEMENT_TIMEOUT_MS = 5000
+# While PostgreSQL is known to be unreachable (the last attempt to connect failed, and
+# nothing succeeded since), a request waits this long for a connection instead: during an
+# outage every request, /healthz included, answers 503 at once, not after the pool timeout.
+UNREACHABLE_WAIT_SECONDS = 0.25
+# A request waiting for a connection looks this often whether the server has become known
+# to be unreachable meanwhile.
+POOL_WAIT_STEP_SECONDS = 0.25
 
 
 def open_engine(config, checkpoints=True):
@@ -699,6 +713,18 @@ def _configure_postgres(conn):
     conn.execute(f"SET lock_timeout = {int(BUSY_TIMEOUT_MS)}")
 
 
+def _configure_reads(conn):
+    """A read pool's connection: its statements are also stopped after a time limit."""
+    _configure_postgres(conn)
+    conn.execute(f"SET statement_timeout = {int(READ_STATEMENT_TIMEOUT_MS)}")
+
+
+# libpq's lead-in to a failed connection attempt: the host and port that `label` names.
+_CONNECTION_ATTEMPT = re.compile(
+    r'(connection failed: )?connection to server (at|on socket) "[^"]*"( \([^)]*\))?'
+    r'(, port [0-9]+)? failed: ')
+
+
 class PostgresTransaction:
     """One transaction on a borrowed connection, with SQLite's `?` placeholders."""
 
@@ -719,11 +745,12 @@ class PostgresEngine:
     def __init__(self, url, pool_size):
         self.url = url
         self.pool_size = pool_size
-        self.password = unquote(urlsplit(url).password or "")
         params = conninfo_to_dict(url)
-        self.label = "PostgreSQL database {!r} at {}:{}".format(
+        # What a message says about the database: never the URL, which holds the password.
+        self.label = "PostgreSQL database {!r} at {}:{}{}".format(
             params.get("dbname", "?"), params.get("host", "localhost"),
-            params.get("port", "5432"))
+            params.get("port", "5432"),
+            f" as user {params['user']!r}" if params.get("user") else "")
         self._identity = ("postgres", params.get("host", ""), str(params.get("port", "5432")),
                           params.get("dbname", ""))
         # A missing connect_timeout would let an unreachable server hang the start.
@@ -734,39 +761,35 @@ class PostgresEngine:
     def identity(self):
         return self._identity
 
-    def _pool(self):
-        """This process's pool, created on first use: gunicorn forks workers after the app
+    def _pools(self):
+        """This process's pools, created on first use: gunicorn forks workers after the app
         is loaded, and a pool's connections and threads must never cross a fork."""
         key = (os.getpid(), self._key)
-        pool = _pools.get(key)
-        if pool is None:
+        pools = _pools.get(key)
+        if pools is None:
             with _pools_lock:
-                pool = _pools.get(key)
-                if pool is None:
-                    pool = ConnectionPool(
-                        self.url, min_size=1, max_size=self.pool_size, open=False,
-                        timeout=POOL_TIMEOUT_SECONDS,
-                        # Connections broken by a restart of the server are replaced.
-                        check=ConnectionPool.check_connection,
-                        configure=_configure_postgres,
-                        # Give up reconnecting soon: the next request that needs a
-                        # connection starts a new attempt, so recovery follows the server.
-                        reconnect_timeout=POOL_TIMEOUT_SECONDS,
-                        kwargs={"autocommit": True, "row_factory": dict_row,
-                                **self.connect_options},
-                        name=f"sms-status-{key[0]}-{key[1]}",
-                    )
-                    pool.open(wait=False)
-                    _pools[key] = pool
-        return pool
+                pools = _pools.get(key)
+                if pools is None:
+                    pools = _pools[key] = _Pools(self, f"sms-status-{key[0]}-{key[1]}")
+        return pools
+
+    @contextmanager
+    def _connection(self, reads=False):
+        pools = self._pools()
+        pool = pools.reads if reads else pools.writes
+        conn = pools.borrow(pool)
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
 
     @contextmanager
     def transaction(self):
-        with self._pool().connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             yield PostgresTransaction(conn)
 
     def query(self, sql, params=()):
-        with self._pool().connection() as conn:
+        with self._connection(reads=True) as conn:
             return conn.execute(_pyformat(sql), params).fetchall()
 
     def migrate(self, mode=None):
@@ -805,18 +828,119 @@ class PostgresEngine:
 
     seconds_between = staticmethod(postgres_seconds_between)
 
-    def describe_error(self, error):
-        """The error's text, never with the password of DATABASE_URL in it."""
-        text = str(error).strip()
-        return text.replace(self.password, "***") if self.password else text
+    @staticmethod
+    def describe_error(error):
+        """The error in the server's (or libpq's) own words, on one line.
+
+        Never built from DATABASE_URL: where and as whom is `label`'s to say, and libpq's
+        messages never quote the password.
+        """
+        text = _CONNECTION_ATTEMPT.sub("", " ".join(str(error).split()))
+        return text or type(error).__name__
 
     def close(self):
         _close_pools(lambda key: key == (os.getpid(), self._key))
 
 
+def read_pool_size(pool_size):
+    """The connections of DATABASE_POOL_SIZE that serve reads: a quarter, at least one."""
+    return max(1, pool_size // 4)
+
+
+class _Pools:
+    """One process's pools for one engine, and what it knows of the server.
+
+    Transactions (callbacks, sends, /healthz) borrow from `writes`, reads (`query()`) from
+    `reads`, whose statements have a time limit: a flood of long reads (/stats over a
+    large window) waits for its own connections, never holding up a callback.
+
+    `failure` is the error of the last attempt to connect when no attempt or check has
+    succeeded since: the server is then known to be unreachable, and requests fail fast.
+    """
+
+    def __init__(self, engine, name):
+        self.label = engine.label
+        self.failure = None
+        reads = read_pool_size(engine.pool_size)
+        self.writes = self._open(engine, f"{name}-writes", max(1, engine.pool_size - reads),
+                                 _configure_postgres)
+        self.reads = self._open(engine, f"{name}-reads", reads, _configure_reads)
+
+    def _open(self, engine, name, size, configure):
+        pool = ConnectionPool(
+            engine.url, min_size=1, max_size=size, open=False, timeout=POOL_TIMEOUT_SECONDS,
+            connection_class=_watched_connections(self),
+            # No `check`: borrow() checks each connection it lends.
+            configure=configure,
+            # Give up reconnecting soon: the next request that needs a connection starts a
+            # new attempt, so recovery follows the server.
+            reconnect_timeout=POOL_TIMEOUT_SECONDS,
+            kwargs={"autocommit": True, "row_factory": dict_row, **engine.connect_options},
+            name=name,
+        )
+        pool.open(wait=False)
+        return pool
+
+    def borrow(self, pool):
+        """A working connection of `pool`, within POOL_TIMEOUT_SECONDS (else PoolTimeout),
+        or at once while the server is known to be unreachable.
+
+        Each connection is checked before it is lent (an empty statement, one round trip).
+        One that fails was broken by a restart or loss of the server, and so, most likely,
+        are the other idle ones: it goes back to the pool, which discards and replaces it,
+        the others are checked at once (pool.check(), which replaces the broken ones), and
+        another is borrowed. psycopg_pool's own `check` tried the stale connections one at
+        a time, waiting a second, then two, between them: after a restart of the server,
+        the first request of each worker waited 5 s and failed.
+        """
+        deadline = time.monotonic() + POOL_TIMEOUT_SECONDS
+        while True:
+            step = UNREACHABLE_WAIT_SECONDS if self.failure else POOL_WAIT_STEP_SECONDS
+            try:
+                conn = pool.getconn(min(step, deadline - time.monotonic()))
+            except PoolTimeout:
+                if self.failure:
+                    raise PoolTimeout(f"cannot connect to {self.label}: "
+                                      f"{PostgresEngine.describe_error(self.failure)}") from None
+                if time.monotonic() >= deadline:
+                    raise PoolTimeout(f"no connection of the pool {pool.name!r} was free "
+                                      f"within {POOL_TIMEOUT_SECONDS:g} s") from None
+                continue
+            try:
+                conn.execute("")
+            except psycopg.OperationalError:
+                pool.putconn(conn)
+                pool.check()
+                continue
+            self.failure = None
+            return conn
+
+    def close(self, timeout):
+        self.writes.close(timeout=timeout)
+        self.reads.close(timeout=timeout)
+
+
+def _watched_connections(pools):
+    """The connection class of `pools`: each attempt to connect tells it how it went."""
+
+    class WatchedConnection(psycopg.Connection):
+        @classmethod
+        def connect(cls, *args, **kwargs):
+            try:
+                conn = super().connect(*args, **kwargs)
+            except psycopg.OperationalError as error:
+                pools.failure = error
+                raise
+            pools.failure = None
+            return conn
+
+    WatchedConnection.__qualname__ = "WatchedConnection"  # as the pool's log lines name it
+    return WatchedConnection
+
+
 # This process's pools by (process id, engine number), kept here rather than on the engines
 # so that close_all() reaches every one of them, whatever became of its engine.
-_pools = {}
+_pools = {}  # of _Pools
 _pools_lock = threading.Lock()
 _engine_numbers = itertools.count()
 

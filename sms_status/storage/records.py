@@ -17,7 +17,11 @@ from flask import current_app
 from sms_status.config import ConfigError
 from sms_status.rules import FINAL_STATUSES, STATUS_RANK
 from sms_status.storage import engines
-from sms_status.storage.engines import DATABASE_ERRORS  # noqa: F401 (re-exported for the app)
+from sms_status.storage.engines import (  # noqa: F401 (re-exported for the app)
+    DATABASE_ERRORS,
+    READ_STATEMENT_TIMEOUT_MS,
+    READ_TIME_LIMIT_ERRORS,
+)
 
 # The rank of a message's stored latest status, for the forward-only rule in SQL; a status
 # this code does not know ranks below every known one, so any known status replaces it.

@@ -65,6 +65,15 @@ def register_error_handlers(app):
     def database_error(error):
         log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
                   db.describe_error(error))
+        if isinstance(error, db.READ_TIME_LIMIT_ERRORS):
+            return database_unavailable(
+                f"The query took longer than {db.READ_STATEMENT_TIMEOUT_MS / 1000:g} s and was "
+                "stopped; nothing was changed. Ask for a shorter window (since, until), or try "
+                "again later.")
+        if request.method == "GET":
+            return database_unavailable("The database could not answer (it is unreachable or "
+                                        "busy); nothing was changed. Try again in a few "
+                                        "seconds.")
         if isinstance(error, OutcomeUnknown):
             return database_unavailable(
                 "The database did not confirm this request (its writer process gave no "

@@ -5,6 +5,7 @@ that nobody can flood the log (or the disk under it) by sending garbage.
 """
 
 import logging
+import re
 import sys
 import threading
 
@@ -16,11 +17,24 @@ log = logging.getLogger("sms_status")
 REJECTION_WARNINGS_PER_MINUTE = 30
 
 
+# What str.splitlines() splits on.
+LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Writes each record as one line: the line breaks inside it (a traceback's, or libpq's
+    messages, which continue on a line of their own) are escaped, like `\\n`."""
+
+    def format(self, record):
+        return LINE_BREAKS.sub(lambda found: found.group().encode("unicode_escape").decode(),
+                               super().format(record))
+
+
 def configure_logging(level):
     """One line per event to stdout; set up once however often create_app runs."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.propagate = False
         # The PostgreSQL pool's warnings (a lost server, reconnection attempts), in the same form.
