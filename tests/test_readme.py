@@ -5,10 +5,10 @@ import re
 from conftest import ROOT
 
 
-def readme_headings():
-    """The README's headings, outside its fenced code blocks."""
+def headings_of(path):
+    """The headings of a Markdown file, outside its fenced code blocks."""
     headings, fenced = [], False
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("```"):
             fenced = not fenced
         elif not fenced and line.startswith("#"):
@@ -16,10 +16,10 @@ def readme_headings():
     return headings
 
 
-def test_readme_headings_are_plain_text():
-    headings = readme_headings()
-    assert "### GET /get-status/<sid>" in headings
-    assert [h for h in headings if re.search(r"&[a-z]+;|&#", h)] == []
+def test_headings_are_plain_text():
+    assert "## GET /get-status/<sid>" in headings_of(ROOT / "docs" / "api.md")
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        assert [h for h in headings_of(path) if re.search(r"&[a-z]+;|&#", h)] == [], path
 
 
 def test_python_version_for_hosts_is_the_one_the_code_is_written_for():
