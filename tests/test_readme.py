@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from conftest import ROOT, sqlite_only
+from sms_status.config import VARIABLES
 
 README = ROOT / "README.md"
 # The section whose commands a reader runs in order, against the service it starts.
@@ -180,6 +181,13 @@ def test_readme_links_lead_to_files_of_the_repository():
     local = [link for link in links if not link.startswith("http")]
     assert "docs/api.md" in local
     assert [link for link in local if not (ROOT / link).is_file()] == []
+
+
+def test_readme_configuration_table_has_every_variable_the_service_reads():
+    table = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([A-Z_]+)`(?: or `([A-Z_]+)`)?", table, re.M))
+    names = {name for pair in listed for name in pair if name}
+    assert names == set(VARIABLES)
 
 
 def test_readme_test_command_is_the_one_ci_runs():
