@@ -106,7 +106,7 @@ def when_ready(server):
 
     Not on PostgreSQL: there, writes run side by side on pooled connections, and one writer
     would make each write's round trips to the server wait for the writes before it
-    (measured and reasoned in the README's Performance section).
+    (measured and reasoned in docs/architecture.md and docs/performance.md).
     """
     storage = server.app.wsgi().extensions["storage"]
     if getattr(storage, "name", None) != "sqlite":
