@@ -31,6 +31,10 @@ class NothingStored:
     def execute(self, sql, params=()):
         return self
 
+    def query(self, sql, params=()):
+        """Reads find nothing: nothing was stored."""
+        return []
+
     rowcount = 1
     seconds_between = staticmethod(lambda start, end: "0")
 

@@ -279,10 +279,10 @@ def procfile_command(repo=ROOT):
 
 
 class Service:
-    """The service run as the Procfile runs it, on a free local port."""
+    """The service run as the Procfile runs it (or as `argv` says), on a free local port."""
 
-    def __init__(self, env, log_path):
-        self.env = env
+    def __init__(self, env, log_path, argv=None):
+        self.env, self.argv = env, argv
         self.port = int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -291,7 +291,7 @@ class Service:
     def start(self, timeout=20):
         self.log = open(self.log_path, "ab")
         # its own session and process group, so a SIGKILL can reach the workers too
-        self.process = subprocess.Popen(procfile_command(), cwd=ROOT, env=self.env,
+        self.process = subprocess.Popen(self.argv or procfile_command(), cwd=ROOT, env=self.env,
                                         stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout
