@@ -109,7 +109,7 @@ def when_ready(server):
     (measured and reasoned in docs/architecture.md and docs/performance.md).
     """
     storage = server.app.wsgi().extensions["storage"]
-    if getattr(storage, "name", None) != "sqlite":
+    if not storage.features.writer_process:
         return
     server.database_writer = writer.Supervisor()
     server.database_writer.start()

@@ -15,6 +15,10 @@ class NothingStored:
     name = "nothing stored"
     label = "nothing (the no-storage floor)"
 
+    class features:
+        writer_process = False  # it is its own writer (below): nothing to start
+        online_backup = False
+
     @property
     def writer(self):
         return self

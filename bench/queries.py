@@ -81,12 +81,9 @@ def parse_args():
 def open_database(repo, database_url):
     """The service's own engine for `database_url`, its schema created or migrated."""
     sys.path.insert(0, str(repo))
-    from sms_status.config import parse_database_url
-    from sms_status.storage import engines  # the service's modules: its schema and migrations
+    from sms_status.storage import open_engine  # the service's own schema and migrations
 
-    kind, location = parse_database_url(database_url)
-    engine = (engines.SQLiteEngine(location) if kind == "sqlite"
-              else engines.PostgresEngine(location, pool_size=1))
+    engine = open_engine(database_url, pool_size=1)
     engine.migrate()
     return engine
 

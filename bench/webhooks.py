@@ -118,24 +118,23 @@ def settled_count(database, limit=15):
 def sqlite_commit_rate(repo, directory, synchronous, seconds):
     """Single-row commits per second on one kept connection opened as the service opens it."""
     sys.path.insert(0, str(repo))
-    from sms_status.storage import engines
-    from sms_status.storage import (
-        records as db,  # the service's modules: same PRAGMAs, same BEGIN IMMEDIATE transactions
-    )
+    # The service's own engine: the same PRAGMAs, the same BEGIN IMMEDIATE transactions.
+    from sms_status.storage import SQLiteEngine
+    from sms_status.storage import records as db
 
     path = Path(directory) / f"raw-{synchronous.lower()}.db"
-    conn = engines.open_sqlite(str(path), synchronous)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("CREATE TABLE IF NOT EXISTS events (sid TEXT, status TEXT, at TEXT)")
+    engine = SQLiteEngine(str(path), synchronous)
+    sqlite3.connect(path).execute("PRAGMA journal_mode = WAL").close()
+    engine.query("CREATE TABLE IF NOT EXISTS events (sid TEXT, status TEXT, at TEXT)")
     count, start = 0, time.perf_counter()
     deadline = start + seconds
     while time.perf_counter() < deadline:
-        with engines.sqlite_write_transaction(conn):
-            conn.execute("INSERT INTO events VALUES (?, 'sent', ?)",
-                         (f"SM{count}", db.utc_now_iso()))
+        with engine.transaction() as tx:
+            tx.execute("INSERT INTO events VALUES (?, 'sent', ?)",
+                       (f"SM{count}", db.utc_now_iso()))
         count += 1
     rate = count / (time.perf_counter() - start)
-    conn.close()
+    engine.close()
     return rate
 
 

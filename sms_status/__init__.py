@@ -27,11 +27,14 @@ from sms_status.web.health import HealthCheck
 from sms_status.web.logs import LogBudget, configure_logging, log
 
 
-def create_app(test_config=None, http_client=None, clock=time.time, for_commands=False):
+def create_app(test_config=None, http_client=None, clock=time.time, for_commands=False,
+               storage_settings=None):
     """Builds the app from the environment, or from `test_config` (a mapping like the environment).
 
     `http_client` replaces Twilio's HTTP transport; by default it is Twilio's own, or the
     simulator when TWILIO_SIMULATE=true. `clock` gives the time for rate limits and key expiry.
+
+    `storage_settings` override the storage engine's (storage.open_engine: its timeouts).
 
     `for_commands`: for the flask command line, which loads the app to find its commands
     (and their --help). The configuration's problems are kept instead of raised, and the
@@ -60,7 +63,9 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
     app.extensions["validator"] = RequestValidator(config.auth_token)
     if config.webhook_signing_key:
         app.extensions["shared_key_validator"] = RequestValidator(config.webhook_signing_key)
-    storage = app.extensions["storage"] = db.open_storage(config)
+    # None only for the commands, when DATABASE_URL is malformed: they say so before use.
+    storage = app.extensions["storage"] = (
+        db.open_storage(config, **(storage_settings or {})) if config.database_url else None)
     web.register(app)
     register_commands(app)
     if for_commands:

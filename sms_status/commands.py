@@ -8,22 +8,14 @@ SQLite history into PostgreSQL (or any database DATABASE_URL names) without losi
 
 
 import os
-import sqlite3
-from contextlib import closing
 from dataclasses import replace
-from urllib.parse import quote
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
 
 from sms_status import rules, twilio_api
-from sms_status.config import (
-    ConfigError,
-    database_settings,
-    parse_database_url,
-    problems_with,
-)
+from sms_status.config import ConfigError, parse_database_url, problems_with
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
 from sms_status.storage import records as db
 
@@ -191,18 +183,18 @@ def copy_database(source_url):
     """Copy messages, their status history and unexpired idempotency keys from another
     database into the one DATABASE_URL names. Running it again copies nothing twice."""
     try:
-        engine, location = parse_database_url(source_url)
+        source_url = parse_database_url(source_url)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--from") from None
     config = current_app.config["SERVICE"]
     target = command_storage()
-    source = db.open_storage(replace(config, **database_settings(engine, location)))
+    source = db.open_storage(replace(config, database_url=source_url))
     if source.identity() == target.identity():
         raise click.ClickException(
             f"--from names the database DATABASE_URL names ({target.label}); "
             "nothing to copy onto itself")
-    if engine == "sqlite" and not os.path.exists(location):
-        raise click.ClickException(f"--from: no database file at {location}")
+    if not source.exists():
+        raise click.ClickException(f"--from: no database file at {source.label}")
     now = current_app.config["CLOCK"]()
     try:
         source.migrate()  # an older file is brought to the current schema first
@@ -226,17 +218,15 @@ def copy_database(source_url):
 def backup(target):
     """Copy the SQLite database into FILE, safely while the service runs."""
     storage = command_storage()
-    if storage.name != "sqlite":
+    if not storage.features.online_backup:
         raise click.ClickException(
             f"DATABASE_URL names {storage.label}: back up PostgreSQL with its own pg_dump, "
             "for example: pg_dump --format=custom --file=FILE \"$DATABASE_URL\"")
     target = os.path.abspath(target)
-    if os.path.exists(target) and os.path.samefile(target, storage.path):
-        raise click.ClickException("--to names the database itself; choose another file")
     try:
-        storage.backup(target)
-        with closing(sqlite3.connect(f"file:{quote(target)}?mode=ro", uri=True)) as copy:
-            [(messages,)] = copy.execute("SELECT count(*) FROM messages").fetchall()
+        messages = storage.backup(target)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
     except (OSError, *db.DATABASE_ERRORS) as error:
         raise click.ClickException(f"backup failed: {error}") from None
     click.echo(f"Backed up {storage.label} to {target}: {counted(messages, 'message')}, "

@@ -68,9 +68,7 @@ class Config:
     messaging_service_sid: str | None
     base_url: str
     api_key: str | None = field(repr=False)
-    database_engine: str
-    database_path: str
-    database_url: str = field(repr=False)
+    database_url: str = field(repr=False)  # sqlite:////absolute/path.db, or PostgreSQL's
     database_pool_size: int
     twilio_timeout: float
     store_message_body: bool
@@ -92,6 +90,11 @@ class Config:
     def mode(self):
         return "simulated" if self.simulate else "live"
 
+    @property
+    def storage_settings(self):
+        """The storage engines' settings (each takes its own: storage.open_engine)."""
+        return {"synchronous": self.sqlite_synchronous, "pool_size": self.database_pool_size}
+
 
 def _flag(env, name, problems, default=False):
     raw = env.get(name)
@@ -111,12 +114,13 @@ DEFAULT_DATABASE_FILES = {False: "sms_status.db", True: "sms_status_simulated.db
 
 
 def parse_database_url(raw, simulate=False):
-    """("sqlite", absolute path) or ("postgres", the URL as given) for a DATABASE_URL value.
+    """A DATABASE_URL value as the storage opens it: a SQLite file's URL with an absolute
+    path (the working directory's file by default), or the PostgreSQL URL as given.
 
     Raises ValueError with a message that never repeats the value: it may hold a password.
     """
     if raw is None or raw.strip() == "":
-        return "sqlite", os.path.abspath(DEFAULT_DATABASE_FILES[simulate])
+        return "sqlite:///" + os.path.abspath(DEFAULT_DATABASE_FILES[simulate])
     raw = raw.strip()
     if raw.startswith(("postgres://", "postgresql://")):
         if _unescaped_userinfo(raw):
@@ -134,14 +138,14 @@ def parse_database_url(raw, simulate=False):
                 "is not a URL libpq can read: check its form, "
                 "postgres://user:password@host:5432/dbname, its %-escapes and its parameters"
             ) from None
-        return "postgres", raw
+        return raw
     prefix = "sqlite:///"
     if not raw.startswith(prefix) or raw == prefix:
         raise ValueError(
             "must be sqlite:///relative.db, sqlite:////absolute/path.db, or a PostgreSQL URL "
             "like postgres://user:password@host:5432/dbname"
         )
-    return "sqlite", os.path.abspath(raw[len(prefix):])
+    return prefix + os.path.abspath(raw[len(prefix):])
 
 
 def _unescaped_userinfo(url):
@@ -156,19 +160,12 @@ def _unescaped_userinfo(url):
     return authority.count("@") > 1 or ("@" not in authority and "@" in path.split("?")[0])
 
 
-def database_settings(engine, location):
-    """The Config fields that name a database, from parse_database_url's answer."""
-    return {"database_engine": engine,
-            "database_path": location if engine == "sqlite" else "",
-            "database_url": location if engine == "postgres" else ""}
-
-
 def _database(raw, problems, simulate):
     try:
         return parse_database_url(raw, simulate)
     except ValueError as error:
         problems.append(f"DATABASE_URL {error}")
-        return "sqlite", ""
+        return ""
 
 
 def _number(env, name, default, problems, kind, minimum, maximum=None):
@@ -327,7 +324,7 @@ def read_config(env):
         problems.append(f"BODY_RETENTION: {error}")
         body_retention_seconds = 0.0
 
-    database_engine, database_location = _database(env.get("DATABASE_URL"), problems, simulate)
+    database_url = _database(env.get("DATABASE_URL"), problems, simulate)
 
     config = Config(
         simulate=simulate,
@@ -337,7 +334,7 @@ def read_config(env):
         messaging_service_sid=messaging_service_sid,
         base_url=base_url,
         api_key=api_key,
-        **database_settings(database_engine, database_location),
+        database_url=database_url,
         database_pool_size=_number(env, "DATABASE_POOL_SIZE", 4, problems, int, 1, 1000),
         twilio_timeout=_number(env, "TWILIO_TIMEOUT", 10.0, problems, float, 0.001, 600),
         store_message_body=_flag(env, "STORE_MESSAGE_BODY", problems),

@@ -8,7 +8,6 @@ import pytest
 
 from postgres import PostgresServer, PostgresUnavailable, create_database, drop_database
 from sms_status import create_app
-from sms_status.storage import records as db
 from support import (
     ACCOUNT_SID,
     AUTH,
@@ -58,7 +57,6 @@ def postgres_url(request):
     admin_url = request.getfixturevalue("postgres_admin_url")
     url = create_database(admin_url)
     yield url
-    db.close_all()
     drop_database(admin_url, url)
 
 
@@ -72,12 +70,22 @@ def database_url(request, tmp_path):
 
 @pytest.fixture
 def make_app(tmp_path, fake_twilio, database_url):
-    def make(**overrides):
-        overrides.setdefault("DATABASE_URL", database_url)
-        return create_app(live_env(tmp_path, **overrides), http_client=fake_twilio)
+    """make(**variables): the app, live, on the test's database, with Twilio's HTTP API
+    replaced by `fake_twilio` (or `http_client`); `clock` and `storage_settings` go to
+    create_app. Each app's database connections are closed after the test."""
+    apps = []
+
+    def make(http_client=None, clock=None, storage_settings=None, **variables):
+        variables.setdefault("DATABASE_URL", database_url)
+        extra = {"clock": clock} if clock else {}
+        apps.append(create_app(live_env(tmp_path, **variables),
+                               http_client=http_client or fake_twilio,
+                               storage_settings=storage_settings, **extra))
+        return apps[-1]
 
     yield make
-    db.close_all()
+    for app in apps:
+        app.extensions["storage"].close()
 
 
 @pytest.fixture

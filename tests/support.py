@@ -21,7 +21,7 @@ from psycopg.rows import dict_row, tuple_row
 from twilio.request_validator import RequestValidator
 
 from sms_status.config import VARIABLES
-from sms_status.storage.engines import PostgresEngine
+from sms_status.storage import PostgresEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def live_env(tmp_path, **overrides):
 
 def app_database_url(app):
     config = app.config["SERVICE"]
-    return config.database_url or "sqlite:///" + config.database_path
+    return config.database_url
 
 
 def sql_rows(database_url, query, params=(), as_dicts=False):
@@ -84,7 +84,7 @@ TABLES = ("messages", "status_events", "idempotency_keys", "send_reservations", 
 @contextmanager
 def database_locked(app):
     """Another connection holds every table of the app's database until the block ends, as
-    a stuck writer would; lower engines.BUSY_TIMEOUT_MS and close_all() first to wait less."""
+    a stuck writer would; give the app a short busy_timeout (storage_settings) to wait less."""
     url = app_database_url(app)
     if url.startswith("sqlite:///"):
         conn = sqlite3.connect(url[len("sqlite:///"):])

@@ -4,8 +4,6 @@ import time
 
 import pytest
 
-from sms_status.storage import engines
-from sms_status.storage import records as db
 from support import AUTH, app_database_url, callback, database_locked, sql_rows
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -49,14 +47,13 @@ def test_healthz_needs_no_key_and_reports_the_mode(client):
     assert response.get_json() == {"status": "ok", "mode": "live"}
 
 
-def test_healthz_is_503_when_the_database_cannot_be_written(app, client, monkeypatch):
-    monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 50)
-    db.close_all()
+def test_healthz_is_503_when_the_database_cannot_be_written(make_app):
+    app = make_app(storage_settings={"busy_timeout": 0.05})
+    client = app.test_client()
     with database_locked(app):
         response = client.get("/healthz")
     assert response.status_code == 503
     assert response.get_json()["status"] == "unavailable"
-    db.close_all()
     # The outcome is reused for a second: a moment later the check is made again.
     app.config["CLOCK"] = lambda: time.time() + 2
     assert client.get("/healthz").status_code == 200
@@ -98,10 +95,10 @@ def test_a_flood_of_healthz_writes_to_the_database_about_once_a_second(app):
     assert 1 <= writes() <= 2 + seconds / 1.0, (writes(), seconds)
 
 
-def test_healthz_sees_a_failure_within_about_a_second(app, client, monkeypatch):
+def test_healthz_sees_a_failure_within_about_a_second(make_app):
+    app = make_app(storage_settings={"busy_timeout": 0.05})
+    client = app.test_client()
     assert client.get("/healthz").status_code == 200
-    monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 50)
-    db.close_all()
     with database_locked(app):
         started = time.monotonic()
         while client.get("/healthz").status_code == 200:

@@ -270,7 +270,7 @@ def test_copy_database_copies_the_history_once(app, old_history):
 
 def test_copy_database_refuses_to_copy_a_database_onto_itself(app):
     config = app.config["SERVICE"]
-    itself = config.database_url or f"sqlite:///{config.database_path}"
+    itself = config.database_url
     result = run(app, "copy-database", "--from", itself)
     assert result.exit_code != 0
     assert "onto itself" in result.output

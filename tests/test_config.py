@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from sms_status.config import VARIABLES, ConfigError, load_config
+from sms_status.storage import PostgresEngine, open_engine
 from support import ROOT, free_port, live_env, procfile_command, service_environment
 
 
@@ -63,7 +64,7 @@ def test_defaults_and_parsing(tmp_path):
     assert config.twilio_timeout == 10.0
     assert config.store_message_body is False
     assert config.port == 3000
-    assert config.database_path.endswith("sms_status.db")
+    assert config.database_url == "sqlite:///" + os.path.abspath("sms_status.db")
 
 
 @pytest.mark.parametrize("url, path", [
@@ -71,7 +72,8 @@ def test_defaults_and_parsing(tmp_path):
     ("sqlite:////abs/dir/x.db", "/abs/dir/x.db"),
 ])
 def test_database_url_forms(tmp_path, url, path):
-    assert load_config(live_env(tmp_path, DATABASE_URL=url)).database_path.endswith(path)
+    database_url = load_config(live_env(tmp_path, DATABASE_URL=url)).database_url
+    assert database_url.startswith("sqlite:////") and database_url.endswith(path)
 
 
 @pytest.mark.parametrize("url", [
@@ -80,7 +82,8 @@ def test_database_url_forms(tmp_path, url, path):
 ])
 def test_postgres_urls_select_postgres_and_reach_libpq_unchanged(tmp_path, url):
     config = load_config(live_env(tmp_path, DATABASE_URL=url))
-    assert (config.database_engine, config.database_url) == ("postgres", url)
+    assert config.database_url == url
+    assert isinstance(open_engine(config.database_url), PostgresEngine)
     assert config.database_pool_size == 4
     assert "s3cret-pw" not in repr(config)
 
@@ -189,14 +192,14 @@ def test_dotenv_file_is_read_and_the_real_environment_wins(tmp_path):
     (tmp_path / ".env").write_text("TWILIO_SIMULATE=true\nPORT=4321\nLOG_LEVEL=DEBUG\n"
                                    f"DATABASE_URL=sqlite:///{tmp_path}/from-dotenv.db\n")
     probe = ("import app; c = app.app.config['SERVICE']; "
-             "print(c.mode, c.port, c.log_level, c.database_path)")
+             "print(c.mode, c.port, c.log_level, c.database_url)")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60,
                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
                                  "LOG_LEVEL": "WARNING"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].split() == [
-        "simulated", "4321", "WARNING", f"{tmp_path}/from-dotenv.db"]
+        "simulated", "4321", "WARNING", f"sqlite:///{tmp_path}/from-dotenv.db"]
 
 
 def test_gunicorn_reads_port_from_dotenv_too(tmp_path):
@@ -222,8 +225,8 @@ def test_an_unfilled_copy_of_env_example_is_refused_for_each_placeholder(tmp_pat
 def test_simulation_defaults_to_a_database_file_of_its_own(tmp_path):
     live = load_config(live_env(tmp_path, DATABASE_URL=None))
     simulated = load_config(live_env(tmp_path, DATABASE_URL=None, TWILIO_SIMULATE="true"))
-    assert os.path.basename(live.database_path) == "sms_status.db"
-    assert os.path.basename(simulated.database_path) == "sms_status_simulated.db"
+    assert os.path.basename(live.database_url) == "sms_status.db"
+    assert os.path.basename(simulated.database_url) == "sms_status_simulated.db"
 
 
 def test_env_example_documents_exactly_the_variables_the_service_reads():

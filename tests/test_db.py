@@ -11,15 +11,14 @@ import pytest
 
 from sms_status import create_app
 from sms_status.config import ConfigError
-from sms_status.storage import engines
+from sms_status.storage import DATABASE_ERRORS, SQLiteEngine, open_engine
 from sms_status.storage import records as db
+from sms_status.storage.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION, SQLITE_MIGRATIONS
 from support import AUTH, callback, live_env, post_to_service, sql_rows, sqlite_only
 
 
-def engine_for(url):
-    if url.startswith("sqlite:///"):
-        return engines.SQLiteEngine(url[len("sqlite:///"):])
-    return engines.PostgresEngine(url, pool_size=2)
+def engine_for(url, **settings):
+    return open_engine(url, pool_size=2, **settings)
 
 
 def schema_version(url):
@@ -32,7 +31,7 @@ def schema_version(url):
 def test_older_database_is_migrated_in_place(database_url):
     path = database_url[len("sqlite:///"):]
     conn = sqlite3.connect(path)
-    conn.executescript(engines.SQLITE_MIGRATIONS[0][1])
+    conn.executescript(SQLITE_MIGRATIONS[0][1])
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO messages (sid, latest_status, created_at, updated_at)"
                  " VALUES ('SM1', 'sent', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')")
@@ -40,12 +39,12 @@ def test_older_database_is_migrated_in_place(database_url):
     conn.close()
 
     engine = engine_for(database_url)
-    assert engine.migrate() == engines.SCHEMA_VERSION
-    assert schema_version(database_url) == engines.SCHEMA_VERSION
+    assert engine.migrate() == SCHEMA_VERSION
+    assert schema_version(database_url) == SCHEMA_VERSION
     assert sql_rows(database_url, "SELECT sid, latest_status, checked_at FROM messages") == [
         ("SM1", "sent", None)]
     assert sql_rows(database_url, "PRAGMA journal_mode") == [("wal",)]
-    assert engine.migrate() == engines.SCHEMA_VERSION, "migrating again changes nothing"
+    assert engine.migrate() == SCHEMA_VERSION, "migrating again changes nothing"
 
 
 @pytest.mark.parametrize("attempt", range(3))
@@ -59,7 +58,7 @@ def test_processes_starting_together_migrate_once(database_url, attempt):
         barrier.wait()
         try:
             engine_for(database_url).migrate()
-        except engines.DATABASE_ERRORS as error:
+        except DATABASE_ERRORS as error:
             errors.append(error)
 
     threads = [threading.Thread(target=start) for _ in range(8)]
@@ -68,17 +67,17 @@ def test_processes_starting_together_migrate_once(database_url, attempt):
     for thread in threads:
         thread.join()
     assert errors == []
-    assert schema_version(database_url) == engines.SCHEMA_VERSION
+    assert schema_version(database_url) == SCHEMA_VERSION
 
 
 def test_a_newer_schema_is_refused_not_downgraded(database_url):
     engine_for(database_url).migrate()
-    newer = engines.SCHEMA_VERSION + 1
+    newer = SCHEMA_VERSION + 1
     if database_url.startswith("sqlite:///"):
         sql_rows(database_url, f"PRAGMA user_version = {newer}")
     else:
         sql_rows(database_url, "UPDATE schema_version SET version = ?", (newer,))
-    with pytest.raises(engines.DATABASE_ERRORS, match="newer than this code"):
+    with pytest.raises(DATABASE_ERRORS, match="newer than this code"):
         engine_for(database_url).migrate()
     assert schema_version(database_url) == newer
 
@@ -86,7 +85,7 @@ def test_a_newer_schema_is_refused_not_downgraded(database_url):
 def test_postgres_errors_never_show_the_password(postgres_url):
     wrong = postgres_url.replace("@", "x@", 1)  # the right user with a wrong password
     engine = engine_for(wrong)
-    with pytest.raises(engines.DATABASE_ERRORS) as caught:
+    with pytest.raises(DATABASE_ERRORS) as caught:
         engine.migrate()
     password = wrong.split(":")[2].split("@")[0]
     assert "password authentication failed" in str(caught.value)
@@ -115,23 +114,22 @@ def test_a_refused_login_is_told_in_the_servers_words_with_where_and_who(
 def test_nested_write_transactions_fail_instead_of_hanging(database_url):
     path = database_url[len("sqlite:///"):]
     engine_for(database_url).migrate()
-    outer, inner = engines.open_sqlite(path), engines.open_sqlite(path)
+    outer, inner = SQLiteEngine(path), SQLiteEngine(path)
     try:
-        with engines.sqlite_write_transaction(outer):
+        with outer.transaction():
             with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
-                with engines.sqlite_write_transaction(inner):
+                with inner.transaction():
                     pass
     finally:
         outer.close()
         inner.close()
-        db.close_all()
 
 
 @sqlite_only
 def test_a_stuck_writer_process_gives_locked_after_the_busy_timeout(database_url, monkeypatch):
     """Another process holding the writers' turn (suspended, say) cannot block us forever."""
     path = database_url[len("sqlite:///"):]
-    engine = engine_for(database_url)
+    engine = engine_for(database_url, busy_timeout=0.3)
     engine.migrate()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; "
@@ -140,7 +138,6 @@ def test_a_stuck_writer_process_gives_locked_after_the_busy_timeout(database_url
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 300)
         started = time.monotonic()
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             db.record_status(engine, "SM1", "sent")
@@ -164,7 +161,7 @@ def test_concurrent_updates_of_one_message_lose_nothing(database_url):
         barrier.wait()
         try:
             results.append(db.record_status(engine, "SM1", status, to="+15558675309"))
-        except engines.DATABASE_ERRORS as error:
+        except DATABASE_ERRORS as error:
             errors.append(error)
 
     threads = [threading.Thread(target=deliver, args=(s,)) for s in statuses]
@@ -184,13 +181,13 @@ def test_upgrading_to_version_6_records_the_time_to_delivered_of_stored_messages
     gets them computed from the history it has."""
     if database_url.startswith("sqlite:///"):
         conn = sqlite3.connect(database_url[len("sqlite:///"):])
-        for _, script in engines.SQLITE_MIGRATIONS[:5]:
+        for _, script in SQLITE_MIGRATIONS[:5]:
             conn.executescript(script)
         conn.execute("PRAGMA user_version = 5")
         conn.commit()
         conn.close()
     else:
-        sql_rows(database_url, engines.POSTGRES_MIGRATIONS[0][1])
+        sql_rows(database_url, POSTGRES_MIGRATIONS[0][1])
         sql_rows(database_url, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
         sql_rows(database_url, "INSERT INTO schema_version VALUES (5)")
     sql_rows(database_url, "INSERT INTO messages (sid, latest_status, created_at, updated_at)"
@@ -207,8 +204,8 @@ def test_upgrading_to_version_6_records_the_time_to_delivered_of_stored_messages
 def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, make_app,
                                                                  monkeypatch):
     """The pool lends a connection for a bounded wait; past it: 503 with Retry-After."""
-    monkeypatch.setattr(engines, "POOL_TIMEOUT_SECONDS", 0.3)
-    app = make_app(DATABASE_URL=postgres_url, DATABASE_POOL_SIZE="1")
+    app = make_app(DATABASE_URL=postgres_url, DATABASE_POOL_SIZE="1",
+                   storage_settings={"pool_timeout": 0.3})
     client = app.test_client()
     lookup = lambda: client.get("/get-status/SM1", headers=AUTH)  # noqa: E731
     assert lookup().status_code == 404

@@ -11,9 +11,7 @@ import pytest
 import requests
 from twilio.http.http_client import TwilioHttpClient
 
-from sms_status import create_app
-from sms_status.storage import records as db
-from support import AUTH, callback, count_rows, live_env, sign, sqlite_only
+from support import AUTH, callback, count_rows, sign, sqlite_only
 
 # --- the disk under the database fills up --------------------------------------------------
 
@@ -176,14 +174,11 @@ MODES = [
 
 
 @pytest.fixture
-def broken_twilio_app(tmp_path, request, database_url):
+def broken_twilio_app(request, make_app):
     twilio = MisbehavingTwilio(request.param)
     transport = RedirectedTwilioHttpClient(f"http://127.0.0.1:{twilio.port}", timeout=0.5)
-    app = create_app(live_env(tmp_path, TWILIO_TIMEOUT="0.5", DATABASE_URL=database_url),
-                     http_client=transport)
-    yield app
+    yield make_app(http_client=transport, TWILIO_TIMEOUT="0.5")
     twilio.close()
-    db.close_all()
 
 
 @pytest.mark.parametrize("broken_twilio_app, status", MODES, indirect=["broken_twilio_app"])

@@ -6,19 +6,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sms_status import create_app, rules
-from sms_status.storage import records as db
+from sms_status import rules
 from support import (
-    ACCOUNT_SID,
     AUTH,
-    AUTH_TOKEN,
     BASE_URL,
     CALLBACK_URL,
     count_rows,
-    live_env,
     sign,
 )
-from twilio_fakes import FakeTwilio
 
 FUZZ = settings(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -48,13 +43,10 @@ SIGNING_KEY = "fuzz-shared-key-secret"
 
 
 @pytest.fixture
-def fuzz_app(tmp_path, database_url):
-    twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
-    app = create_app(live_env(tmp_path, LOG_LEVEL="ERROR", MAX_SENDS_PER_RECIPIENT_PER_HOUR="0",
-                              TWILIO_WEBHOOK_SIGNING_KEY=SIGNING_KEY, DATABASE_URL=database_url),
-                     http_client=twilio)
-    yield app, twilio
-    db.close_all()
+def fuzz_app(make_app, fake_twilio):
+    app = make_app(LOG_LEVEL="ERROR", MAX_SENDS_PER_RECIPIENT_PER_HOUR="0",
+                   TWILIO_WEBHOOK_SIGNING_KEY=SIGNING_KEY)
+    return app, fake_twilio
 
 
 def assert_json_and_no_5xx(response):

@@ -6,8 +6,6 @@ import threading
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from sms_status.storage import engines
-from sms_status.storage import records as db
 from support import (
     AUTH,
     AUTH_TOKEN,
@@ -256,9 +254,14 @@ def test_concurrent_callbacks_lose_nothing(app):
     assert {history(client, sid)["latestStatus"] for sid in sids} == {"delivered"}
 
 
-def test_storage_failure_answers_503_never_200(app, post_callback, monkeypatch):
-    monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 100)
-    db.close_all()
+def test_storage_failure_answers_503_never_200(make_app):
+    app = make_app(storage_settings={"busy_timeout": 0.1})
+    client = app.test_client()
+
+    def post_callback(params):
+        return client.post("/message-status", data=params,
+                           headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+
     with database_locked(app):  # another writer holds the database past the busy timeout
         response = post_callback(callback(SID, "sent"))
     assert response.status_code == 503

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sms_status.config import SIMULATED_ACCOUNT_SID, ConfigError
-from sms_status.storage import engines
+from sms_status.storage.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from support import ROOT, live_env, sql_rows
 
 
@@ -46,13 +46,13 @@ def test_upgrading_a_database_that_holds_simulated_messages_records_simulation(
     messages of the simulated account was used in simulation."""
     if database_url.startswith("sqlite:///"):
         conn = sqlite3.connect(database_url[len("sqlite:///"):])
-        for _, script in engines.SQLITE_MIGRATIONS[:7]:
+        for _, script in SQLITE_MIGRATIONS[:7]:
             conn.executescript(script)
         conn.execute("PRAGMA user_version = 7")
         conn.commit()
         conn.close()
     else:
-        for _, script in engines.POSTGRES_MIGRATIONS[:3]:
+        for _, script in POSTGRES_MIGRATIONS[:3]:
             sql_rows(database_url, script)
         sql_rows(database_url, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
         sql_rows(database_url, "INSERT INTO schema_version VALUES (7)")

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from postgres import PostgresServer
-from sms_status.storage import engines
+from sms_status.storage.schema import SCHEMA_VERSION
 from support import (
     API_KEY,
     AUTH,
@@ -302,7 +302,7 @@ def test_two_instances_starting_together_on_an_empty_database_migrate_once(
         thread.join()
     assert len(results) == 2
     assert sql_rows(postgres_url, "SELECT version FROM schema_version") == [
-        (engines.SCHEMA_VERSION,)]
+        (SCHEMA_VERSION,)]
 
 
 @pytest.mark.parametrize("problem", ["unreachable", "wrong-password"])

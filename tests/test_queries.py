@@ -6,11 +6,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twilio.http.response import Response
 
-from sms_status import create_app
 from sms_status import listing as queries
-from sms_status.storage import engines
 from sms_status.storage import records as db
-from support import AUTH, callback, fill_postgres_messages, live_env, sqlite_only
+from support import AUTH, callback, fill_postgres_messages, sqlite_only
 
 NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
 _sids = itertools.count(1)
@@ -27,10 +25,8 @@ def clock():
 
 
 @pytest.fixture
-def app(tmp_path, fake_twilio, clock, database_url):
-    yield create_app(live_env(tmp_path, DATABASE_URL=database_url), http_client=fake_twilio,
-                     clock=lambda: clock["now"])
-    db.close_all()
+def app(make_app, clock):
+    return make_app(clock=lambda: clock["now"])
 
 
 @pytest.fixture
@@ -387,9 +383,8 @@ def test_stats_take_a_window_of_exactly_90_days(client, store):
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-def test_a_read_past_its_time_limit_answers_503_saying_what_to_do(
-        app, client, database_url, monkeypatch):
-    monkeypatch.setattr(engines, "READ_STATEMENT_TIMEOUT_MS", 1)
+def test_a_read_past_its_time_limit_answers_503_saying_what_to_do(make_app, database_url):
+    client = make_app(storage_settings={"read_timeout": 0.001}).test_client()
     fill_postgres_messages(database_url, 50_000, first="2026-10-01T00:00:00Z", every=60)
     response = client.get("/stats", query_string={"since": "2026-10-01T00:00:00Z"},
                           headers=AUTH)

@@ -4,7 +4,6 @@ import pytest
 import requests
 from twilio.http.response import Response
 
-from sms_status import create_app
 from support import (
     ACCOUNT_SID,
     API_KEY,
@@ -13,7 +12,6 @@ from support import (
     app_database_url,
     callback,
     database_text,
-    live_env,
     sql_rows,
 )
 from twilio_fakes import twilio_error
@@ -33,15 +31,9 @@ def clock():
 
 
 @pytest.fixture
-def make_app(tmp_path, fake_twilio, clock, database_url):
-    from sms_status.storage import records as db
-
-    def make(**overrides):
-        overrides.setdefault("DATABASE_URL", database_url)
-        return create_app(live_env(tmp_path, **overrides), http_client=fake_twilio, clock=clock)
-
-    yield make
-    db.close_all()
+def make_app(make_app, clock):
+    """The shared make_app, with this module's clock."""
+    return lambda **variables: make_app(clock=clock, **variables)
 
 
 def keyed(client, key, to="+15558675309", body="Your code is 123456", headers=AUTH):

@@ -4,7 +4,6 @@ import pytest
 import requests
 from twilio.http.response import Response
 
-from sms_status.storage import records as db
 from support import (
     ACCOUNT_SID,
     API_KEY,
@@ -152,7 +151,7 @@ def test_default_transport_has_a_timeout(tmp_path):
     from support import live_env
     app = create_app(live_env(tmp_path, TWILIO_TIMEOUT="3"))
     assert app.extensions["twilio"].http_client.timeout == 3.0
-    db.close_all()
+    app.extensions["storage"].close()
 
 
 @pytest.mark.parametrize("answer, status, code, retry_after", [

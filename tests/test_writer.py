@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import requests
 
-from sms_status.storage import engines, writer
+from sms_status.storage import SQLiteEngine, writer
 from sms_status.storage import records as db
 from support import (
     AUTH,
@@ -39,10 +39,10 @@ FORK_RACE_ROUNDS = 40
 
 
 @contextmanager
-def writer_batches(app, functions=db.WRITES):
+def writer_batches(app, functions=db.WRITES, **settings):
     """run(*writes) runs writes [(function name, args)] as one batch of the writer process,
-    on one engine (as the writer's) for every batch of the block."""
-    engine = engines.open_engine(app.config["SERVICE"], checkpoints=False)
+    on one engine (as the writer's, with `settings`) for every batch of the block."""
+    engine = db.open_storage(app.config["SERVICE"], checkpoints=False, **settings)
     try:
         yield lambda *writes: writer.run_batch(
             engine, [(name, args, {}) for name, args in writes], functions)
@@ -83,10 +83,8 @@ def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(
 def test_a_batch_that_cannot_take_the_write_lock_answers_every_write_with_the_error(
         make_app, monkeypatch):
     app = make_app()
-    monkeypatch.setattr(engines, "BUSY_TIMEOUT_MS", 300)
-    with database_locked(app):
-        answers = batch(app, ("record_status", (SID_A, "sent")),
-                        ("record_status", (SID_B, "sent")))
+    with database_locked(app), writer_batches(app, busy_timeout=0.3) as run:
+        answers = run(("record_status", (SID_A, "sent")), ("record_status", (SID_B, "sent")))
     assert answers[0][0] == "error" and "lock" in answers[0][1][1], answers
     assert answers[1] == answers[0]
     assert count_rows(app, "status_events") == 0
@@ -332,7 +330,7 @@ def test_a_writer_killed_while_the_server_forks_is_always_restarted(database_url
     """gunicorn's master forks workers while the supervisor may be starting a writer."""
     monkeypatch.setenv("DATABASE_URL", database_url)
     monkeypatch.setenv("TWILIO_SIMULATE", "true")
-    engines.SQLiteEngine(database_url[len("sqlite:///"):]).migrate()
+    SQLiteEngine(database_url[len("sqlite:///"):]).migrate()
     supervisor = writer.Supervisor()
     supervisor.start()
     done, children = threading.Event(), []

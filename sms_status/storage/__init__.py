@@ -1,0 +1,58 @@
+"""The storage room: the message history on SQLite (the embedded default) or PostgreSQL.
+
+Request code reaches the database through records.py (`get_db()` and the record functions,
+each written once in the SQL both engines agree on) and reads through the listings'
+queries; what differs between the engines lives in sqlite.py and postgres.py, and the
+schema both reach in schema.py.
+
+Both engines are the same to their callers (the Engine protocol):
+
+- `transaction()`: a context manager yielding `tx`, with `tx.execute(sql, params)` (`?`
+  placeholders) and `tx.lock(name)` (writers of one name take turns);
+- `query(sql, params)`: rows of a read, read by column name;
+- `migrate(mode=None)`, `compact()` (after a bulk delete), `seconds_between(start, end)`
+  (SQL), `describe_error(error)`, `identity()`, `label`, and `close()`, which closes this
+  engine's connections in this process;
+- `writer`: under gunicorn on SQLite, the client of the writer process that the writes of
+  records.py go through (writer.py); None otherwise;
+- `features`: what one engine has and the other has not (`writer_process`,
+  `online_backup`), for the callers that must know.
+"""
+
+import os
+import sqlite3
+
+import psycopg
+
+from sms_status.storage.postgres import READ_TIME_LIMIT_ERRORS, PostgresEngine
+from sms_status.storage.schema import ModeConflict
+from sms_status.storage.sqlite import SQLiteEngine
+from sms_status.storage.writer import OutcomeUnknown
+
+# Every error either engine raises (a pool that cannot lend a connection in time included,
+# and the writer process's OutcomeUnknown).
+DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
+
+__all__ = ["DATABASE_ERRORS", "READ_TIME_LIMIT_ERRORS", "ModeConflict", "OutcomeUnknown",
+           "PostgresEngine", "SQLiteEngine", "open_engine"]
+
+
+def open_engine(url, **settings):
+    """The engine a database URL names, unconnected: it connects on first use.
+
+    `sqlite:///relative.db`, `sqlite:////absolute/path.db`, or `postgres://` and
+    `postgresql://` URLs. Each engine takes the settings it knows (its SETTINGS) and leaves
+    the other's: `synchronous`, `checkpoints` and `busy_timeout` for SQLite; `pool_size`,
+    `pool_timeout`, `lock_timeout` and `read_timeout` for PostgreSQL (seconds).
+    """
+    if url.startswith(("postgres://", "postgresql://")):
+        engine_class, location = PostgresEngine, url
+    elif url.startswith("sqlite:///") and url != "sqlite:///":
+        engine_class, location = SQLiteEngine, os.path.abspath(url[len("sqlite:///"):])
+    else:
+        raise ValueError("a database URL is sqlite:///path or postgres://...")
+    unknown = set(settings) - set(SQLiteEngine.SETTINGS) - set(PostgresEngine.SETTINGS)
+    if unknown:
+        raise TypeError(f"no engine takes {sorted(unknown)}")
+    return engine_class(location, **{name: value for name, value in settings.items()
+                                     if name in engine_class.SETTINGS})

@@ -1,8 +1,9 @@
 """The storage API: the message and status records, the same on SQLite and PostgreSQL.
 
 `get_db()` is the only way request code reaches the database: it returns the app's engine
-(engines.py), whose `transaction()` and `query()` run the SQL written once below. Every
-query here is in the SQL both engines agree on; what differs lives in engines.py.
+(sqlite.py or postgres.py), whose `transaction()` and `query()` run the SQL written once
+below. Every query here is in the SQL both engines agree on; what differs lives in the
+engines.
 
 Each write is one transaction, and the statements of concurrent writers of one message
 touch its rows in the same order (the message row if missing, then the history, then the
@@ -16,11 +17,12 @@ from flask import current_app
 
 from sms_status.config import ConfigError
 from sms_status.rules import FINAL_STATUSES, STATUS_RANK
-from sms_status.storage import engines
-from sms_status.storage.engines import (  # noqa: F401 (re-exported for the app)
+from sms_status.storage import (  # noqa: F401 (re-exported for the app)
     DATABASE_ERRORS,
-    READ_STATEMENT_TIMEOUT_MS,
     READ_TIME_LIMIT_ERRORS,
+    ModeConflict,
+    OutcomeUnknown,
+    open_engine,
 )
 
 # The rank of a message's stored latest status, for the forward-only rule in SQL; a status
@@ -60,14 +62,10 @@ def describe_error(error):
     return get_db().describe_error(error)
 
 
-def close_all():
-    """Closes this process's connections (between tests; only when none is in use)."""
-    engines.close_all()
-
-
-def open_storage(config):
-    """The engine DATABASE_URL names, created unconnected: it connects on first use."""
-    return engines.open_engine(config)
+def open_storage(config, **settings):
+    """The engine DATABASE_URL names, created unconnected: it connects on first use.
+    `settings` override the configuration's (storage.open_engine)."""
+    return open_engine(config.database_url, **{**config.storage_settings, **settings})
 
 
 def prepare(storage, mode=None):
@@ -83,9 +81,8 @@ def prepare(storage, mode=None):
         raise ConfigError(
             [f"DATABASE_URL: cannot open {storage.label}: {storage.describe_error(error)}"]
         ) from None
-    except engines.ModeConflict:
-        fresh = (f"delete {storage.path} (and its -wal, -shm and -lock files)"
-                 if storage.name == "sqlite" else "drop its tables")
+    except ModeConflict:
+        fresh = storage.how_to_start_fresh
         if mode == "live":
             raise ConfigError([
                 f"DATABASE_URL names {storage.label}, which was used in simulation: its "
@@ -115,7 +112,7 @@ def writes(function):
     @functools.wraps(function)
     def write(storage, *args, writer_timeout=None, **kwargs):
         """`writer_timeout`: at most this many seconds for the writer process's answer."""
-        if getattr(storage, "writer", None) is not None:
+        if storage.writer is not None:
             return storage.writer.call(function.__name__, args, kwargs, writer_timeout)
         return function(storage, *args, **kwargs)
 

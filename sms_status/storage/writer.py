@@ -21,7 +21,7 @@ see gunicorn.conf.py.)
   file (a checkpoint) every half second, and the writer itself rewinds the WAL between
   batches once it passes 16 MiB (`WalLimit`).
 - Other processes that write the same file (a second server, `flask prune`) still take
-  turns with it through engines.py's writers' queue, one batch at a time.
+  turns with it through sqlite.py's writers' queue, one batch at a time.
 - The socket lives in a folder of its own under $TMPDIR (or /tmp, when $TMPDIR is too deep
   for a socket's path) that only the service's user can enter. Its messages are JSON: a
   frame that is not a write of db.py's is refused, and only its connection is dropped.
@@ -46,8 +46,6 @@ import threading
 import time
 from contextlib import contextmanager
 
-from sms_status.storage.engines import DATABASE_ERRORS
-
 log = logging.getLogger("sms_status")
 
 HEADER = struct.Struct("!I")
@@ -60,7 +58,7 @@ CHECKPOINT_INTERVAL_SECONDS = 0.5
 # Past this size the writer rewinds the WAL between two batches (see WalLimit).
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 WAL_RETRY_SECONDS = 0.05
-# The planner's statistics follow the tables' growth (engines.SQLiteEngine.migrate gathers
+# The planner's statistics follow the tables' growth (SQLiteEngine.migrate gathers
 # them at start); SQLite recommends refreshing them periodically on long-lived connections.
 STATISTICS_INTERVAL_SECONDS = 3600
 RESTART_DELAY_SECONDS = 0.2
@@ -239,7 +237,7 @@ def run_batch(engine, writes, functions):
             return _run_once(engine, writes, functions, savepoints=False)
         except WriteFailed:
             return _run_once(engine, writes, functions, savepoints=True)
-    except DATABASE_ERRORS as error:
+    except sqlite3.Error as error:
         answer = _error_answer(engine, error)
         _, (_, problem) = answer
         log.error("Database writer: a batch of %d writes failed, none stored: %s",
@@ -259,7 +257,7 @@ def _run_once(engine, writes, functions, savepoints):
             except Exception as error:
                 if not savepoints:
                     raise WriteFailed from None  # rolls this attempt back
-                if not isinstance(error, DATABASE_ERRORS):
+                if not isinstance(error, sqlite3.Error):
                     log.exception("Database writer: %s failed", name)
                 # Raises, and so fails the whole batch, when the error ended the
                 # transaction (SQLite rolls back by itself on a full disk, for one).
@@ -288,7 +286,7 @@ def checkpoint_continually(engine, stopping):
         try:
             engine.checkpoint()
             last_problem = None
-        except DATABASE_ERRORS as error:
+        except sqlite3.Error as error:
             problem = engine.describe_error(error)
             if problem != last_problem:  # once, not twice a second
                 log.warning("Database writer: checkpoint failed: %s", problem)
@@ -322,7 +320,7 @@ class WalLimit:
                 self.last_problem = None
                 return
             problem = "readers or a checkpoint under way kept it from being rewound"
-        except DATABASE_ERRORS as error:
+        except sqlite3.Error as error:
             problem = self.engine.describe_error(error)
         self.next_try = self.clock() + WAL_RETRY_SECONDS
         size = self.engine.wal_size()
@@ -394,7 +392,7 @@ def serve(engine, listener, functions, master):
             statistics_due += STATISTICS_INTERVAL_SECONDS
             try:
                 engine.refresh_statistics()
-            except DATABASE_ERRORS as error:
+            except sqlite3.Error as error:
                 log.warning("Database writer: could not refresh the planner's statistics: %s",
                             engine.describe_error(error))
     stopping.append(True)
@@ -413,10 +411,11 @@ def main(argv):
     log.setLevel(logging.INFO)
 
     from sms_status.config import load_config
+    from sms_status.storage import open_engine
     from sms_status.storage import records as db
-    from sms_status.storage.engines import open_engine
 
-    engine = open_engine(load_config(os.environ), checkpoints=False)
+    config = load_config(os.environ)
+    engine = open_engine(config.database_url, **config.storage_settings, checkpoints=False)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # left by a writer that was killed

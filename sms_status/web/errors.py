@@ -9,7 +9,6 @@ from werkzeug.exceptions import HTTPException
 
 from sms_status.rules import printable
 from sms_status.storage import records as db
-from sms_status.storage.writer import OutcomeUnknown
 from sms_status.web.guards import MAX_REQUEST_BYTES
 from sms_status.web.logs import log, warn_rejection
 
@@ -67,14 +66,13 @@ def register_error_handlers(app):
                   db.describe_error(error))
         if isinstance(error, db.READ_TIME_LIMIT_ERRORS):
             return database_unavailable(
-                f"The query took longer than {db.READ_STATEMENT_TIMEOUT_MS / 1000:g} s and was "
-                "stopped; nothing was changed. Ask for a shorter window (since, until), or try "
-                "again later.")
+                "The query took longer than reads are allowed and was stopped; nothing was "
+                "changed. Ask for a shorter window (since, until), or try again later.")
         if request.method == "GET":
             return database_unavailable("The database could not answer (it is unreachable or "
                                         "busy); nothing was changed. Try again in a few "
                                         "seconds.")
-        if isinstance(error, OutcomeUnknown):
+        if isinstance(error, db.OutcomeUnknown):
             return database_unavailable(
                 "The database did not confirm this request (its writer process gave no "
                 "answer): it may or may not have been stored. Try again; a repeated status "

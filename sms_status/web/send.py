@@ -6,7 +6,6 @@ from flask import Blueprint, request
 from sms_status import sending
 from sms_status.rules import printable
 from sms_status.storage import records as db
-from sms_status.storage.writer import OutcomeUnknown
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, http_error_message
 from sms_status.web.guards import require_api_key
 from sms_status.web.logs import log
@@ -37,7 +36,7 @@ def database_error(error):
     SMS was sent; once Twilio accepted, a storage failure is answered 200 with a warning."""
     log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
               db.describe_error(error))
-    if isinstance(error, OutcomeUnknown):
+    if isinstance(error, db.OutcomeUnknown):
         message = ("No SMS was sent, but the database did not confirm this request (its "
                    "writer process gave no answer), so part of it may be stored. Try again; if "
                    "a retry with the same Idempotency-Key answers 409 or 504, send with a new "

@@ -1,0 +1,195 @@
+"""The schema both engines reach, and the migrations that take a database there.
+
+SQLite records its version in PRAGMA user_version and walks every migration since; a new
+PostgreSQL database starts at version 5 in one step. A database with a newer version than
+this code's is refused, never downgraded.
+"""
+
+from sms_status.config import SIMULATED_ACCOUNT_SID
+
+SCHEMA_VERSION = 8
+
+
+def sqlite_seconds_between(start, end):
+    """SQL for the seconds from one stored timestamp to another, in SQLite."""
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
+
+
+def postgres_seconds_between(start, end):
+    """SQL for the seconds from one stored timestamp to another, in PostgreSQL."""
+    return f"extract(epoch FROM (({end})::timestamptz - ({start})::timestamptz))::float8"
+
+
+def newer_schema(version):
+    """The words for a database whose schema is newer than this code's, or None."""
+    if version > SCHEMA_VERSION:
+        return (f"its schema (version {version}) is newer than this code's "
+                f"({SCHEMA_VERSION}); run the newer release")
+    return None
+
+
+# GET /messages pages (newest first, by itself or per recipient, status or error code) and
+# the windows of GET /stats; the same statements on both engines. Each message also keeps
+# the seconds from its creation to its `delivered` event, so that /stats reads the time to
+# delivery from the messages of its window alone.
+QUERY_INDEXES = """
+    CREATE INDEX messages_by_creation ON messages (created_at, sid, seconds_to_delivered);
+    CREATE INDEX messages_by_recipient_and_creation ON messages (to_number, created_at, sid);
+    CREATE INDEX messages_by_status_and_creation ON messages (latest_status, created_at, sid);
+    CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, sid);
+    UPDATE messages SET seconds_to_delivered = (
+        SELECT {seconds} FROM status_events
+        WHERE status_events.message_sid = messages.sid AND status_events.status = 'delivered')
+    """
+
+
+# The mode ("live" or "simulated") a database was first used in, the same DDL on both
+# engines; a database from before version 8 that holds messages of the simulated account
+# was used in simulation (both modes then shared one default file).
+SERVICE_MODE_TABLE = f"""
+    CREATE TABLE service_mode (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        mode TEXT NOT NULL CHECK (mode IN ('live', 'simulated'))
+    );
+    INSERT INTO service_mode (id, mode) SELECT 1, 'simulated'
+        WHERE EXISTS (SELECT 1 FROM messages WHERE account_sid = '{SIMULATED_ACCOUNT_SID}')
+    """
+RECORD_MODE = "INSERT INTO service_mode (id, mode) VALUES (1, ?) ON CONFLICT (id) DO NOTHING"
+
+
+class ModeConflict(Exception):
+    """The database was first used in the other mode (`recorded`)."""
+
+    def __init__(self, recorded):
+        super().__init__(recorded)
+        self.recorded = recorded
+
+
+# The indexes the service-wide hourly limit (MAX_SENDS_PER_HOUR) counts with; the same DDL
+# on both engines.
+SENDS_PER_HOUR_INDEXES = """
+    CREATE INDEX IF NOT EXISTS messages_by_sent_at ON messages (sent_at);
+    CREATE INDEX IF NOT EXISTS send_reservations_by_expiry ON send_reservations (counts_until);
+    """
+
+# Each entry (version, script) moves the schema to that version; PRAGMA user_version records
+# how far a database has come, so a live database is migrated in place at start.
+SQLITE_MIGRATIONS = [
+    (1, """
+    CREATE TABLE messages (
+        sid TEXT PRIMARY KEY,
+        account_sid TEXT,
+        to_number TEXT,
+        from_number TEXT,
+        body TEXT,
+        initial_status TEXT,
+        latest_status TEXT NOT NULL,
+        error_code INTEGER,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        sent_at TEXT
+    );
+    CREATE TABLE status_events (
+        id INTEGER PRIMARY KEY,
+        message_sid TEXT NOT NULL REFERENCES messages(sid) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        error_code INTEGER,
+        received_at TEXT NOT NULL,
+        UNIQUE (message_sid, status)
+    );
+    CREATE INDEX messages_by_recipient ON messages (to_number, sent_at);
+    CREATE INDEX messages_by_update ON messages (updated_at);
+    CREATE TABLE health_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT);
+    """),
+    (2, """
+    CREATE TABLE idempotency_keys (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        status_code INTEGER,
+        response TEXT,
+        PRIMARY KEY (scope, key)
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
+    """),
+    (3, """
+    ALTER TABLE messages ADD COLUMN checked_at TEXT;
+    """),
+    (4, """
+    CREATE TABLE send_reservations (
+        id INTEGER PRIMARY KEY,
+        to_number TEXT NOT NULL,
+        reserved_at REAL NOT NULL
+    );
+    CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number);
+    """),
+    (5, """
+    ALTER TABLE send_reservations ADD COLUMN counts_until REAL;
+    UPDATE send_reservations SET counts_until = reserved_at + 3600;
+    """),
+    (6, "ALTER TABLE messages ADD COLUMN seconds_to_delivered REAL;" + QUERY_INDEXES.format(
+        seconds=sqlite_seconds_between("messages.created_at", "status_events.received_at"))),
+    # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
+    (7, SENDS_PER_HOUR_INDEXES),
+    (8, SERVICE_MODE_TABLE),
+]
+
+# PostgreSQL databases start at the current version in one step. Columns compared as text
+# (SIDs, numbers and the fixed-width UTC timestamps) use the "C" collation, so they sort
+# byte by byte, as in SQLite, whatever the database's locale.
+POSTGRES_MIGRATIONS = [
+    (5, """
+    CREATE TABLE messages (
+        sid TEXT COLLATE "C" PRIMARY KEY,
+        account_sid TEXT,
+        to_number TEXT COLLATE "C",
+        from_number TEXT,
+        body TEXT,
+        initial_status TEXT,
+        latest_status TEXT NOT NULL,
+        error_code INTEGER,
+        created_at TEXT COLLATE "C" NOT NULL,
+        updated_at TEXT COLLATE "C" NOT NULL,
+        sent_at TEXT COLLATE "C",
+        checked_at TEXT COLLATE "C"
+    );
+    CREATE TABLE status_events (
+        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        message_sid TEXT COLLATE "C" NOT NULL REFERENCES messages(sid) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        error_code INTEGER,
+        received_at TEXT COLLATE "C" NOT NULL,
+        UNIQUE (message_sid, status)
+    );
+    CREATE INDEX messages_by_recipient ON messages (to_number, sent_at);
+    CREATE INDEX messages_by_update ON messages (updated_at);
+    CREATE TABLE health_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT);
+    CREATE TABLE idempotency_keys (
+        scope TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        fingerprint TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        status_code INTEGER,
+        response TEXT,
+        PRIMARY KEY (scope, key)
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
+    CREATE TABLE send_reservations (
+        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        to_number TEXT COLLATE "C" NOT NULL,
+        reserved_at DOUBLE PRECISION NOT NULL,
+        counts_until DOUBLE PRECISION
+    );
+    CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number);
+    """),
+    (6, "ALTER TABLE messages ADD COLUMN seconds_to_delivered DOUBLE PRECISION;"
+        + QUERY_INDEXES.format(seconds=postgres_seconds_between(
+            "messages.created_at", "status_events.received_at"))),
+    # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
+    (7, SENDS_PER_HOUR_INDEXES),
+    (8, SERVICE_MODE_TABLE),
+]
+
+# Key of the advisory lock under which instances starting together migrate one at a time.
+MIGRATION_LOCK = "sms-status schema migration"
