@@ -21,6 +21,7 @@ from conftest import (
     sqlite_only,
     stored_message,
 )
+from sms_status.storage import records as db
 from twilio_fakes import twilio_error
 
 FETCH_ANSWER = ('{"sid": "%s", "status": "%s", "error_code": %s,'
@@ -266,6 +267,23 @@ def test_copy_database_copies_the_history_once(app, old_history):
     assert again.exit_code == 0, again.output
     assert "Copied 0 messages, 0 status events and 0 idempotency keys" in again.output
     assert count_rows(app, "status_events") == 10
+
+
+def test_copy_database_keeps_the_order_messages_were_stored_in(app, make_app, tmp_path):
+    """Messages created in the same millisecond list newest-stored first, in the copy too."""
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = make_app(DATABASE_URL=url)
+    with old.app_context():
+        for sid in ("SM3", "SM1", "SM2"):
+            db.record_status(db.get_db(), sid, "queued", at="2026-11-26T20:00:00.000Z")
+
+    def listed(service):
+        answer = service.test_client().get("/messages", headers=AUTH).get_json()
+        return [message["sid"] for message in answer["messages"]]
+
+    assert listed(old) == ["SM2", "SM1", "SM3"]
+    assert run(app, "copy-database", "--from", url).exit_code == 0
+    assert listed(app) == ["SM2", "SM1", "SM3"]
 
 
 def test_copy_database_refuses_to_copy_a_database_onto_itself(app):

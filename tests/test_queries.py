@@ -82,9 +82,29 @@ def test_messages_are_newest_first_with_the_documented_shape(client, store):
     assert answer["messages"][0]["errorDescription"] is None
 
 
-def test_messages_created_at_the_same_moment_are_ordered_by_sid(client, store):
-    made = [store(60, sid=f"SM{n}") for n in (3, 1, 2)]
-    assert sids(get(client, "/messages")[1]) == sorted(made, reverse=True)
+def walk(client, **params):
+    """The SIDs of every page of /messages, one message per page, following the cursors."""
+    seen, cursor = [], None
+    while True:
+        status, page = get(client, "/messages", limit=1, **params,
+                           **({"cursor": cursor} if cursor else {}))
+        assert status == 200, page
+        seen += sids(page)
+        cursor = page["nextCursor"]
+        if cursor is None:
+            return seen
+        assert len(seen) < 50
+
+
+def test_messages_created_in_the_same_millisecond_list_newest_stored_first(client, store):
+    made = [store(60, sid="SM3"), store(60, ("sent", 0), sid="SM1"), store(60, sid="SM2")]
+    newest_stored_first = made[::-1]
+    store(61, sid="SM9")  # a millisecond older: after them whatever its SID
+    assert sids(get(client, "/messages")[1]) == newest_stored_first + ["SM9"]
+    assert walk(client) == newest_stored_first + ["SM9"]
+    assert walk(client, to="+15558675309") == newest_stored_first + ["SM9"]
+    assert walk(client, status="queued,sent") == newest_stored_first + ["SM9"]
+    assert walk(client, since="2026-11-26T19:59:00Z") == newest_stored_first
 
 
 def test_messages_filter_by_recipient(client, store):
@@ -203,8 +223,18 @@ def cursor_of(value):
     pytest.param({"cursor": "é"}, "cursor", id="cursor-not-ascii"),
     pytest.param({"cursor": cursor_of({"a": 1})}, "cursor", id="cursor-object"),
     pytest.param({"cursor": cursor_of(["2026-11-26", "SM1"])}, "cursor", id="cursor-bad-time"),
-    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 5])}, "cursor",
-                 id="cursor-bad-sid"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", "SM1"])}, "cursor",
+                 id="cursor-with-a-sid-from-before-the-storage-order"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 0])}, "cursor",
+                 id="cursor-order-zero"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", -5])}, "cursor",
+                 id="cursor-order-negative"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 1.5])}, "cursor",
+                 id="cursor-order-fraction"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", True])}, "cursor",
+                 id="cursor-order-boolean"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 2**63])}, "cursor",
+                 id="cursor-order-too-large"),
     pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", "SM1", 3])}, "cursor",
                  id="cursor-three-items"),
     pytest.param({"cursor": base64.urlsafe_b64encode(b"[" * 5000).decode()}, "cursor",
@@ -406,7 +436,7 @@ def test_time_to_delivered_counts_from_the_send_even_when_callbacks_came_first(
 
 @pytest.mark.parametrize("path, params", [
     pytest.param("/messages", {}, id="first-page"),
-    pytest.param("/messages", {"cursor": cursor_of(["2026-11-26T19:00:00.000Z", "SM5"])},
+    pytest.param("/messages", {"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 5])},
                  id="deep-page"),
     pytest.param("/messages", {"to": "+15558675309"}, id="to"),
     pytest.param("/messages", {"status": "failed,undelivered"}, id="status"),

@@ -13,7 +13,8 @@ What differs between them lives here and only here:
 Both engines expose the same methods: `transaction()` (a context manager yielding `tx`
 with `tx.execute(sql, params)` and `tx.lock(name)`), `query(sql, params)` for reads,
 `migrate()`, `compact()` (after a bulk delete), `seconds_between(start, end)`,
-`describe_error(error)` and `close()`. SQLite's engine also has `checkpoint()` and a
+`next_storage_order` (the SQL of a new message's storage order), `describe_error(error)` and
+`close()`. SQLite's engine also has `checkpoint()` and a
 `writer`: under gunicorn, the client of the writer process (writer.py) that db.py's writes
 go through.
 """
@@ -41,7 +42,7 @@ DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 # The schema version both engines reach: SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version table. A database with a newer version is refused, never downgraded.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 BUSY_TIMEOUT_MS = 5000
 # The WAL is cut back to this size whenever a checkpoint empties it: without a limit, one
@@ -85,6 +86,27 @@ QUERY_INDEXES = """
     UPDATE messages SET seconds_to_delivered = (
         SELECT {seconds} FROM status_events
         WHERE status_events.message_sid = messages.sid AND status_events.status = 'delivered')
+    """
+
+
+# Each message's place in the order of storage (`storage_order`, larger is stored later):
+# GET /messages lists messages created in the same millisecond newest-stored first, so its
+# pages follow (created_at, storage_order), as the indexes serving them do. Every insert of a
+# message takes the engine's `next_storage_order`. The same DDL on both engines, after each
+# engine's own ALTER TABLE and numbering of the messages already stored.
+STORAGE_ORDER_INDEXES = """
+    CREATE UNIQUE INDEX messages_by_storage_order ON messages (storage_order);
+    DROP INDEX messages_by_creation;
+    CREATE INDEX messages_by_creation
+        ON messages (created_at, storage_order, seconds_to_delivered);
+    DROP INDEX messages_by_recipient_and_creation;
+    CREATE INDEX messages_by_recipient_and_creation
+        ON messages (to_number, created_at, storage_order);
+    DROP INDEX messages_by_status_and_creation;
+    CREATE INDEX messages_by_status_and_creation
+        ON messages (latest_status, created_at, storage_order);
+    DROP INDEX messages_by_error_and_creation;
+    CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, storage_order)
     """
 
 
@@ -180,7 +202,16 @@ SQLITE_MIGRATIONS = [
     # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
     (7, SENDS_PER_HOUR_INDEXES),
     (8, SERVICE_MODE_TABLE),
+    # Messages already stored keep the order SQLite stored them in (their rowid).
+    (9, """
+    ALTER TABLE messages ADD COLUMN storage_order INTEGER;
+    UPDATE messages SET storage_order = rowid;
+    """ + STORAGE_ORDER_INDEXES),
 ]
+
+# The next message's storage order: SQLite runs one write at a time, so one more than the
+# largest (an index seek) is larger than every stored message's.
+SQLITE_NEXT_STORAGE_ORDER = "(SELECT coalesce(max(storage_order), 0) + 1 FROM messages)"
 
 _local = threading.local()
 _all_connections = []
@@ -583,6 +614,7 @@ class SQLiteEngine:
             os.close(directory)
 
     seconds_between = staticmethod(sqlite_seconds_between)
+    next_storage_order = SQLITE_NEXT_STORAGE_ORDER
 
     @staticmethod
     def describe_error(error):
@@ -656,7 +688,23 @@ POSTGRES_MIGRATIONS = [
     # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
     (7, SENDS_PER_HOUR_INDEXES),
     (8, SERVICE_MODE_TABLE),
+    # PostgreSQL keeps no order of storage: messages already stored are numbered in the order
+    # GET /messages listed them until then (creation, then SID); a sequence numbers new ones.
+    (9, """
+    ALTER TABLE messages ADD COLUMN storage_order BIGINT;
+    CREATE SEQUENCE messages_storage_order OWNED BY messages.storage_order;
+    UPDATE messages SET storage_order = numbered.n FROM (
+        SELECT sid, row_number() OVER (ORDER BY created_at, sid) AS n FROM messages
+    ) AS numbered WHERE messages.sid = numbered.sid;
+    SELECT setval('messages_storage_order',
+                  (SELECT coalesce(max(storage_order), 0) + 1 FROM messages), false);
+    ALTER TABLE messages ALTER COLUMN storage_order SET DEFAULT nextval('messages_storage_order');
+    """ + STORAGE_ORDER_INDEXES),
 ]
+
+# The next message's storage order: a sequence, so concurrent transactions never wait for
+# each other for it (and a rolled-back one leaves a gap, which orders nothing wrongly).
+POSTGRES_NEXT_STORAGE_ORDER = "nextval('messages_storage_order')"
 
 # Key of the advisory lock under which instances starting together migrate one at a time.
 MIGRATION_LOCK = "sms-status schema migration"
@@ -785,6 +833,7 @@ class PostgresEngine:
         return True
 
     seconds_between = staticmethod(postgres_seconds_between)
+    next_storage_order = POSTGRES_NEXT_STORAGE_ORDER
 
     def describe_error(self, error):
         """The error's text, never with the password of DATABASE_URL in it."""
