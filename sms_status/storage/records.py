@@ -381,14 +381,22 @@ def mark_unknown_at_twilio(storage, sid):
 PRUNE_BATCH = 500
 
 
-def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH):
+def no_progress(label, done, total):
+    """A progress callback that shows nothing."""
+
+
+def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress=no_progress):
     """Deletes messages (and their history) idle since `updated_before`; clears old bodies.
 
-    Works in batches of `batch` messages, one short transaction each. Also drops the
-    per-recipient reservations that stopped counting (each send clears only its own
-    recipient's). Returns the counts (messages, status events, bodies).
+    Works in batches of `batch` messages, one short transaction each, and calls
+    `progress(label, done, total)` after each. Also drops the per-recipient reservations
+    that stopped counting (each send clears only its own recipient's). Returns the counts
+    (messages, status events, bodies).
     """
     messages = events = bodies = 0
+    total = storage.query("SELECT count(*) AS n FROM messages WHERE updated_at < ?",
+                          (updated_before,))[0]["n"]
+    done = 0
     while True:
         with storage.transaction() as tx:
             candidates = tx.execute(
@@ -408,11 +416,17 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH):
                 ).fetchall()
                 messages += len(deleted)
                 events += sum(events_of[row["sid"]] for row in deleted)
+        if candidates:
+            done += len(candidates)
+            progress("Deleting old messages", done, total)
         if len(candidates) < batch:
             break
     # Bodies are cleared by walking the messages in the order of their index on creation,
     # so no row is read twice.
     after = ("", 0)
+    total = storage.query("SELECT count(*) AS n FROM messages WHERE created_at < ?",
+                          (body_before,))[0]["n"]
+    done = 0
     while True:
         with storage.transaction() as tx:
             page = tx.execute(
@@ -428,6 +442,9 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH):
                     tuple(row["sid"] for row in page),
                 ).rowcount
                 after = (page[-1]["created_at"], page[-1]["storage_order"])
+        if page:
+            done += len(page)
+            progress("Clearing old message bodies", done, total)
         if len(page) < batch:
             break
     with storage.transaction() as tx:
@@ -492,15 +509,17 @@ def _insert_new(tx, table, columns, rows, computed=()):
     return sum(tx.execute(statement, tuple(row[c] for c in columns)).rowcount for row in rows)
 
 
-def copy_history(source, target, keys_created_after):
+def copy_history(source, target, keys_created_after, progress=no_progress):
     """Copies messages with their status events, and the idempotency keys created after
     `keys_created_after`, from `source` into `target`. What `target` has already is left
-    as it is, so copying twice copies nothing twice. Returns the counts copied.
+    as it is, so copying twice copies nothing twice. Calls `progress(label, done, total)`
+    after each batch of messages. Returns the counts copied.
 
     Messages are copied in the order `source` stored them, so `target` lists those created
     in the same millisecond in the same order."""
     copied = {"messages": 0, "events": 0, "keys": 0}
-    last = 0
+    total = source.query("SELECT count(*) AS n FROM messages")[0]["n"]
+    done = last = 0
     while True:
         messages = source.query(
             f"SELECT {', '.join(MESSAGE_COLUMNS)}, storage_order FROM messages"
@@ -520,6 +539,8 @@ def copy_history(source, target, keys_created_after):
             copied["events"] += _insert_new(
                 tx, "status_events", ("message_sid", "status", "error_code", "received_at"),
                 events)
+        done += len(messages)
+        progress("Copying messages", done, total)
     keys = source.query(f"SELECT {', '.join(KEY_COLUMNS)} FROM idempotency_keys"
                         " WHERE created_at >= ?", (keys_created_after,))
     with target.transaction() as tx:
