@@ -215,6 +215,19 @@ def test_upgrading_to_version_9_gives_stored_messages_a_storage_order(database_u
     engine.close()
 
 
+@sqlite_only
+def test_a_new_messages_storage_order_is_read_from_an_index(database_url):
+    """SQLite numbers a new message after the largest storage order: one index seek, not a
+    scan of every message, in each insert."""
+    engine = engine_for(database_url)
+    engine.migrate()
+    plan = [row["detail"] for row in engine.query(
+        "EXPLAIN QUERY PLAN INSERT INTO messages (sid, latest_status, created_at, updated_at,"
+        f" storage_order) VALUES ('SM1', 'sent', '', '', {engine.next_storage_order})")]
+    assert "SEARCH messages USING COVERING INDEX messages_by_storage_order" in plan, plan
+    engine.close()
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, make_app,
                                                                  monkeypatch):

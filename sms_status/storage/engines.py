@@ -13,10 +13,9 @@ What differs between them lives here and only here:
 Both engines expose the same methods: `transaction()` (a context manager yielding `tx`
 with `tx.execute(sql, params)` and `tx.lock(name)`), `query(sql, params)` for reads,
 `migrate()`, `compact()` (after a bulk delete), `seconds_between(start, end)`,
-`next_storage_order` (the SQL of a new message's storage order), `describe_error(error)` and
-`close()`. SQLite's engine also has `checkpoint()` and a
-`writer`: under gunicorn, the client of the writer process (writer.py) that db.py's writes
-go through.
+`next_storage_order` (the SQL of a new message's storage order), `describe_error(error)`
+and `close()`. SQLite's engine also has `checkpoint()` and a `writer`: under gunicorn, the
+client of the writer process (writer.py) that db.py's writes go through.
 """
 
 import fcntl
