@@ -91,20 +91,23 @@ QUERY_INDEXES = """
 # Each message's place in the order of storage (`storage_order`, larger is stored later):
 # GET /messages lists messages created in the same millisecond newest-stored first, so its
 # pages follow (created_at, storage_order), as the indexes serving them do. Every insert of a
-# message takes the engine's `next_storage_order`. The same DDL on both engines, after each
-# engine's own ALTER TABLE and numbering of the messages already stored.
+# message takes the engine's `next_storage_order`. The same DDL on both engines around each
+# engine's own ALTER TABLE and numbering of the messages already stored: the indexes that
+# change are dropped before the numbering, which then need not update them row by row.
+DROP_QUERY_INDEXES = """
+    DROP INDEX messages_by_creation;
+    DROP INDEX messages_by_recipient_and_creation;
+    DROP INDEX messages_by_status_and_creation;
+    DROP INDEX messages_by_error_and_creation;
+    """
 STORAGE_ORDER_INDEXES = """
     CREATE UNIQUE INDEX messages_by_storage_order ON messages (storage_order);
-    DROP INDEX messages_by_creation;
     CREATE INDEX messages_by_creation
         ON messages (created_at, storage_order, seconds_to_delivered);
-    DROP INDEX messages_by_recipient_and_creation;
     CREATE INDEX messages_by_recipient_and_creation
         ON messages (to_number, created_at, storage_order);
-    DROP INDEX messages_by_status_and_creation;
     CREATE INDEX messages_by_status_and_creation
         ON messages (latest_status, created_at, storage_order);
-    DROP INDEX messages_by_error_and_creation;
     CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, storage_order)
     """
 
@@ -202,7 +205,7 @@ SQLITE_MIGRATIONS = [
     (7, SENDS_PER_HOUR_INDEXES),
     (8, SERVICE_MODE_TABLE),
     # Messages already stored keep the order SQLite stored them in (their rowid).
-    (9, """
+    (9, DROP_QUERY_INDEXES + """
     ALTER TABLE messages ADD COLUMN storage_order INTEGER;
     UPDATE messages SET storage_order = rowid;
     """ + STORAGE_ORDER_INDEXES),
@@ -689,7 +692,7 @@ POSTGRES_MIGRATIONS = [
     (8, SERVICE_MODE_TABLE),
     # PostgreSQL keeps no order of storage: messages already stored are numbered in the order
     # GET /messages listed them until then (creation, then SID); a sequence numbers new ones.
-    (9, """
+    (9, DROP_QUERY_INDEXES + """
     ALTER TABLE messages ADD COLUMN storage_order BIGINT;
     CREATE SEQUENCE messages_storage_order OWNED BY messages.storage_order;
     UPDATE messages SET storage_order = numbered.n FROM (
