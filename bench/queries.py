@@ -90,7 +90,7 @@ def open_database(repo, database_url):
 
 MESSAGE_COLUMNS = ("sid", "account_sid", "to_number", "from_number", "initial_status",
                    "latest_status", "error_code", "created_at", "updated_at", "sent_at",
-                   "seconds_to_delivered")
+                   "seconds_to_delivered", "storage_order")
 EVENT_COLUMNS = ("message_sid", "status", "error_code", "received_at")
 
 
@@ -123,9 +123,12 @@ def fill(engine, count, now, seed=10):
             latest = statuses[-1] if statuses else "queued"
             messages.append((sid, webhooks.ACCOUNT_SID, rng.choice(recipients),
                              webhooks.SENDER, "queued", latest, code, iso(created),
-                             iso(at), iso(created), to_delivered))
+                             iso(at), iso(created), to_delivered, n + 1))
         bulk_insert(engine, "messages", MESSAGE_COLUMNS, messages)
         bulk_insert(engine, "status_events", EVENT_COLUMNS, events)
+    if engine.name == "postgres" and count:  # new messages are numbered after these
+        with engine.transaction() as tx:
+            tx.execute("SELECT setval('messages_storage_order', ?)", (count,))
     return recipients
 
 

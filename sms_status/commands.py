@@ -8,6 +8,9 @@ SQLite history into PostgreSQL (or any database DATABASE_URL names) without losi
 
 
 import os
+import sys
+import time
+from contextlib import ExitStack
 from dataclasses import replace
 
 import click
@@ -21,6 +24,7 @@ from sms_status.storage import records as db
 
 RATE_LIMIT_RETRIES = 3
 FIRST_BACKOFF_SECONDS = 1.0
+PROGRESS_EVERY_SECONDS = 5.0
 
 
 def parse_duration_option(ctx, param, value):
@@ -81,6 +85,58 @@ def command_storage(*variables, mode=None):
     return storage
 
 
+class Progress:
+    """How far a long command has come, fed as it goes: `progress(label, done, total)`.
+
+    On a terminal, click's progress bar (with a percentage); otherwise (a log, a pipe) a
+    line with the counts every `every` seconds, so a long run is seen to be moving. Used in
+    a `with` block, so that the bar ends before the command's summary.
+    """
+
+    def __init__(self, every):
+        self.every = every
+        self.terminal = sys.stdout.isatty()
+        self.bars = ExitStack()
+        self.bar = self.label = None
+        self.due = time.monotonic() + every
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bars.close()
+
+    def __call__(self, label, done, total):
+        if not total:
+            return
+        if not self.terminal:
+            if time.monotonic() >= self.due:
+                self.due = time.monotonic() + self.every
+                click.echo(f"{label}: {done} of {total} ({100 * done // total}%)")
+            return
+        if label != self.label:
+            self.bars.close()
+            self.label = label
+            self.bar = self.bars.enter_context(
+                click.progressbar(length=total, label=label, show_pos=True,
+                                  show_percent=True))
+        self.bar.update(min(done, total) - self.bar.pos)
+
+    def echo(self, line):
+        """Prints a line of the command's own above the bar (which the next update redraws)."""
+        if self.terminal and self.bar is not None and not self.bar.finished:
+            click.echo("\r\033[K", nl=False)
+        click.echo(line)
+
+
+def progress_option(command):
+    return click.option(
+        "--progress-every", default=PROGRESS_EVERY_SECONDS, show_default=True, metavar="SECONDS",
+        type=click.FloatRange(min=0),
+        help="Without a terminal, print how far the command has come this often (on a "
+             "terminal a progress bar shows it).")(command)
+
+
 def register_commands(app):
     app.cli.add_command(reconcile)
     app.cli.add_command(prune)
@@ -101,46 +157,59 @@ def fetch_with_backoff(client, sid, sleep):
             delay *= 2
 
 
+def check_with_twilio(conn, client, row, counts, echo):
+    """Asks Twilio about one waiting message and records what it says; counts the outcome
+    in `counts` and reports it with `echo`. Returns True when Twilio keeps rate limiting,
+    so the rest waits for the next run."""
+    clock, sleep = current_app.config["CLOCK"], current_app.config["SLEEP"]
+    sid, before = row["sid"], row["latest_status"]
+    try:
+        message = fetch_with_backoff(client, sid, sleep)
+    except twilio_api.TwilioFailure as failure:
+        code = f" (error {failure.code})" if failure.code else ""
+        if failure.not_found:
+            counts["not found"] += 1
+            db.mark_unknown_at_twilio(conn, sid)
+            echo(f"{sid} {before}: unknown at Twilio{code}: {failure.details}")
+            return False
+        counts["failed"] += 1
+        echo(f"{sid} {before}: fetch failed: {failure.error}{code}. {failure.details}")
+        if failure.retry_after is not None:
+            echo("Twilio keeps rate limiting; the rest waits for the next run.")
+            return True
+        return False
+    now = db.utc_now_iso(clock())
+    new = db.record_status(conn, sid, message.status, message.error_code or None, at=now)
+    db.mark_checked(conn, sid, now)
+    after = db.message_with_history(conn, sid)["latestStatus"]
+    counts["updated" if new else "unchanged"] += 1
+    echo(f"{sid} {before} -> {after} (Twilio: {message.status}"
+         f"{f', error {message.error_code}' if message.error_code else ''})")
+    return False
+
+
 @click.command()
 @click.option("--older-than", default="10m", show_default=True, callback=parse_duration_option,
               help="How long since a non-final message's last status update, e.g. 10m.")
 @click.option("--limit", default=100, show_default=True, type=MessageCount(),
               help="At most this many messages per run.")
+@progress_option
 @with_appcontext
-def reconcile(older_than, limit):
+def reconcile(older_than, limit, progress_every):
     """Fetch messages whose final status never arrived from Twilio and record what it says."""
     # Twilio of one mode is asked about the messages of a database of the same mode.
     conn = command_storage(*TWILIO_VARIABLES, mode=current_app.config["SERVICE"].mode)
     client = current_app.extensions["twilio"]
-    clock, sleep = current_app.config["CLOCK"], current_app.config["SLEEP"]
+    clock = current_app.config["CLOCK"]
     counts = {"updated": 0, "unchanged": 0, "not found": 0, "failed": 0}
     try:
         waiting = db.messages_to_reconcile(conn, db.utc_now_iso(clock() - older_than[1]), limit)
-        for row in waiting:
-            sid, before = row["sid"], row["latest_status"]
-            try:
-                message = fetch_with_backoff(client, sid, sleep)
-            except twilio_api.TwilioFailure as failure:
-                code = f" (error {failure.code})" if failure.code else ""
-                if failure.not_found:
-                    counts["not found"] += 1
-                    db.mark_unknown_at_twilio(conn, sid)
-                    click.echo(f"{sid} {before}: unknown at Twilio{code}: {failure.details}")
-                    continue
-                counts["failed"] += 1
-                click.echo(f"{sid} {before}: fetch failed: {failure.error}{code}. "
-                           f"{failure.details}")
-                if failure.retry_after is not None:
-                    click.echo("Twilio keeps rate limiting; the rest waits for the next run.")
+        with Progress(progress_every) as progress:
+            for done, row in enumerate(waiting, 1):
+                stop = check_with_twilio(conn, client, row, counts, progress.echo)
+                progress("Checking messages with Twilio", done, len(waiting))
+                if stop:
                     break
-                continue
-            now = db.utc_now_iso(clock())
-            new = db.record_status(conn, sid, message.status, message.error_code or None, at=now)
-            db.mark_checked(conn, sid, now)
-            after = db.message_with_history(conn, sid)["latestStatus"]
-            counts["updated" if new else "unchanged"] += 1
-            click.echo(f"{sid} {before} -> {after} (Twilio: {message.status}"
-                       f"{f', error {message.error_code}' if message.error_code else ''})")
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
     click.echo(f"Checked {counted(sum(counts.values()), 'message')}: {counts['updated']} updated, "
@@ -155,19 +224,21 @@ def reconcile(older_than, limit):
 @click.command()
 @click.option("--older-than", required=True, callback=parse_duration_option,
               help="Delete messages not updated for this long, e.g. 90d (0s: all).")
+@progress_option
 @with_appcontext
-def prune(older_than):
+def prune(older_than, progress_every):
     """Delete old messages with their history, and clear bodies older than BODY_RETENTION."""
     storage = command_storage("BODY_RETENTION")
     config = current_app.config["SERVICE"]
     now = current_app.config["CLOCK"]()
     try:
-        messages, events, bodies = db.prune(
-            storage,
-            updated_before=db.utc_now_iso(now - older_than[1]),
-            body_before=db.utc_now_iso(now - config.body_retention_seconds),
-            now=now,
-        )
+        with Progress(progress_every) as progress:
+            messages, events, bodies = db.prune(
+                storage,
+                updated_before=db.utc_now_iso(now - older_than[1]),
+                body_before=db.utc_now_iso(now - config.body_retention_seconds),
+                now=now, progress=progress,
+            )
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
     click.echo(f"Removed {counted(messages, 'message')} and {counted(events, 'status event')} "
@@ -178,8 +249,9 @@ def prune(older_than):
 @click.command("copy-database")
 @click.option("--from", "source_url", required=True, metavar="URL",
               help="The database to copy from, e.g. sqlite:///path/to/old.db.")
+@progress_option
 @with_appcontext
-def copy_database(source_url):
+def copy_database(source_url, progress_every):
     """Copy messages, their status history and unexpired idempotency keys from another
     database into the one DATABASE_URL names. Running it again copies nothing twice."""
     try:
@@ -198,8 +270,10 @@ def copy_database(source_url):
     now = current_app.config["CLOCK"]()
     try:
         source.migrate()  # an older file is brought to the current schema first
-        copied = db.copy_history(
-            source, target, keys_created_after=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS)
+        with Progress(progress_every) as progress:
+            copied = db.copy_history(
+                source, target, keys_created_after=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS,
+                progress=progress)
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(
             f"database error: {target.describe_error(source.describe_error(error))}") from None

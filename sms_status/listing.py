@@ -34,8 +34,10 @@ DEFAULT_STATS_WINDOW = timedelta(hours=24)
 MAX_STATS_WINDOW = timedelta(days=90)
 STUCK_AFTER = timedelta(hours=1)
 STORED_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
-MAX_SID_LENGTH = 64
-MESSAGE_COLUMNS = "sid, to_number, from_number, latest_status, error_code, created_at, updated_at"
+# A storage order, as cursors carry it: a positive 64-bit integer.
+MAX_STORAGE_ORDER = 2**63 - 1
+MESSAGE_COLUMNS = ("sid, to_number, from_number, latest_status, error_code, created_at, updated_at,"
+                   " storage_order")
 # Statuses that end a message's delivery, for deliveryRate's denominator.
 DELIVERY_OUTCOMES = ("delivered", "undelivered", "failed")
 
@@ -123,22 +125,26 @@ def parse_to(text):
     return text
 
 
+def page_key(row):
+    """A message's place in the listing order: its creation time, then its storage order."""
+    return row["created_at"], row["storage_order"]
+
+
 def encode_cursor(row):
-    """The opaque position after `row`: its creation time and SID."""
-    raw = json.dumps([row["created_at"], row["sid"]], separators=(",", ":")).encode()
+    """The opaque position after `row`: its page_key."""
+    raw = json.dumps(page_key(row), separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(text):
-    """(created_at, sid) from a cursor this service gave out; refuses anything else."""
+    """(created_at, storage_order) from a cursor this service gave out; refuses anything else
+    (a cursor given out before messages had a storage order included)."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        created_at, sid = json.loads(raw)
+        created_at, order = json.loads(raw)
         if (isinstance(created_at, str) and STORED_TIMESTAMP.fullmatch(created_at)
-                and isinstance(sid, str) and 0 < len(sid) <= MAX_SID_LENGTH
-                and "\x00" not in sid):
-            sid.encode("utf-8")  # a lone surrogate ("\ud800") is no SID either
-            return created_at, sid
+                and type(order) is int and 0 < order <= MAX_STORAGE_ORDER):
+            return created_at, order
     except (binascii.Error, ValueError, TypeError, RecursionError):
         pass
     refuse("Parameter 'cursor' is not a cursor from this endpoint; pass the nextCursor of "
@@ -156,7 +162,10 @@ MESSAGES_PARAMETERS = ("to", "status", "errorCode", "since", "until", "limit", "
 
 
 def list_messages(args):
-    """One page of messages, newest first, with the cursor of the next page."""
+    """One page of messages, newest first, with the cursor of the next page.
+
+    Newest is the latest created, and of those created in the same millisecond the last
+    stored."""
     values = single_values(args, MESSAGES_PARAMETERS)
     limit = parse_limit(values["limit"]) if "limit" in values else DEFAULT_LIMIT
     since = parse_instant("since", values["since"]) if "since" in values else None
@@ -176,10 +185,9 @@ def list_messages(args):
         conditions.append("created_at < ?")
         params.append(until)
     if "cursor" in values:
-        created_at, sid = decode_cursor(values["cursor"])
-        # A row-value comparison: the index on (created_at, sid) seeks straight to it.
-        conditions.append("(created_at, sid) < (?, ?)")
-        params += [created_at, sid]
+        # A row-value comparison: the index on (created_at, storage_order) seeks straight to it.
+        conditions.append("(created_at, storage_order) < (?, ?)")
+        params += decode_cursor(values["cursor"])
 
     # One more row than asked tells whether there is a next page.
     if "status" in values:
@@ -188,8 +196,7 @@ def list_messages(args):
         pages = [page_of_messages(conditions + ["latest_status = ?"], params + [status],
                                   limit + 1)
                  for status in parse_statuses(values["status"])]
-        rows = list(heapq.merge(*pages, key=lambda row: (row["created_at"], row["sid"]),
-                                reverse=True))[:limit + 1]
+        rows = list(heapq.merge(*pages, key=page_key, reverse=True))[:limit + 1]
     else:
         rows = page_of_messages(conditions, params, limit + 1)
 
@@ -200,7 +207,7 @@ def list_messages(args):
 def page_of_messages(conditions, params, limit):
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
     return _rows(f"SELECT {MESSAGE_COLUMNS} FROM messages{where}"
-                 " ORDER BY created_at DESC, sid DESC LIMIT ?", (*params, limit))
+                 " ORDER BY created_at DESC, storage_order DESC LIMIT ?", (*params, limit))
 
 
 def message_item(row):

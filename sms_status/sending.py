@@ -183,6 +183,11 @@ def send_and_record(to, body, reservation=None):
     left counting for the hour it was made for (the outcome is unknown).
     """
     config = current_app.config["SERVICE"]
+    # The message's creation time, to the millisecond, on the service's own clock, read as
+    # the send starts (Twilio's date_created has whole seconds, on Twilio's clock): sends
+    # one after the other list in that order, and the time to delivery is measured on the
+    # clock that times the callbacks.
+    now = db.utc_now_iso(current_app.config["CLOCK"]())
     g.twilio_called = True
     try:
         message = twilio_api.send_message(current_app.extensions["twilio"], config, to, body)
@@ -193,12 +198,7 @@ def send_and_record(to, body, reservation=None):
                               code=failure.code, retry_after=failure.retry_after)
         return SendAnswer(response, not failure.safe_to_retry)
 
-    created_at = (
-        db.utc_now_iso(message.date_created.timestamp())
-        if message.date_created else db.utc_now_iso()
-    )
     answer = {"success": True, "messageSid": message.sid, "status": message.status}
-    now = db.utc_now_iso(current_app.config["CLOCK"]())
     try:
         db.record_sent_message(
             db.get_db(), message.sid,
@@ -208,7 +208,7 @@ def send_and_record(to, body, reservation=None):
             to=to,
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
             body=body if config.store_message_body else None,
-            status=message.status, created_at=created_at, now=now, reservation=reservation,
+            status=message.status, created_at=now, now=now, reservation=reservation,
         )
     except db.DATABASE_ERRORS as error:
         log.error("Message %s was sent but could not be stored: %s", message.sid,

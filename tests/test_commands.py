@@ -1,4 +1,7 @@
 import os
+import pty
+import re
+import select
 import subprocess
 import sys
 import time
@@ -9,6 +12,8 @@ import pytest
 import requests
 from twilio.http.response import Response
 
+from sms_status.storage import open_engine
+from sms_status.storage import records as db
 from support import (
     AUTH,
     CALLBACK_URL,
@@ -268,6 +273,23 @@ def test_copy_database_copies_the_history_once(app, old_history):
     assert count_rows(app, "status_events") == 10
 
 
+def test_copy_database_keeps_the_order_messages_were_stored_in(app, make_app, tmp_path):
+    """Messages created in the same millisecond list newest-stored first, in the copy too."""
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = make_app(DATABASE_URL=url)
+    with old.app_context():
+        for sid in ("SM3", "SM1", "SM2"):
+            db.record_status(db.get_db(), sid, "queued", at="2026-11-26T20:00:00.000Z")
+
+    def listed(service):
+        answer = service.test_client().get("/messages", headers=AUTH).get_json()
+        return [message["sid"] for message in answer["messages"]]
+
+    assert listed(old) == ["SM2", "SM1", "SM3"]
+    assert run(app, "copy-database", "--from", url).exit_code == 0
+    assert listed(app) == ["SM2", "SM1", "SM3"]
+
+
 def test_copy_database_refuses_to_copy_a_database_onto_itself(app):
     config = app.config["SERVICE"]
     itself = config.database_url
@@ -377,3 +399,132 @@ def test_backup_on_postgresql_points_to_pg_dump(database_url, tmp_path):
     password = psycopg.conninfo.conninfo_to_dict(database_url).get("password")
     assert not password or password not in result.stderr + result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+# --- progress of long commands ------------------------------------------------------------
+
+OLD = "2020-01-01T00:00:00.000Z"
+
+
+def fill_old_history(database_url, count, sid_end=""):
+    """`count` messages last updated in 2020, each with one status event, in bulk into a
+    database at the current schema, numbered in storage order as the service numbers them."""
+    engine = open_engine(database_url, pool_size=1)
+    engine.migrate()
+    engine.close()
+    sql_rows(database_url,
+             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+             " INSERT INTO messages (sid, to_number, latest_status, created_at, updated_at,"
+             " storage_order) SELECT 'SM' || substr(z, length(z) - 30) || ?, '+15558675309',"
+             " 'queued', ?, ?, i FROM (SELECT i, '0000000000000000000000000000000' || i AS z"
+             " FROM n) AS numbered",
+             (count, sid_end or "f", OLD, OLD))
+    sql_rows(database_url, "INSERT INTO status_events (message_sid, status, received_at)"
+             " SELECT sid, 'queued', created_at FROM messages")
+    if not database_url.startswith("sqlite:///"):
+        sql_rows(database_url, "SELECT setval('messages_storage_order', ?)", (count,))
+
+
+def progress_lines(output, label):
+    """(done, total, percent) of each line `<label>: <done> of <total> (<percent>%)`."""
+    found = re.findall(rf"^{label}: (\d+) of (\d+) \((\d+)%\)$", output, re.MULTILINE)
+    return [tuple(map(int, line)) for line in found]
+
+
+def test_prune_prints_its_progress_at_the_interval_without_a_terminal(database_url, tmp_path):
+    fill_old_history(database_url, 3000)  # six batches of 500
+    result = flask_command(tmp_path, {"DATABASE_URL": database_url},
+                           "prune", "--older-than", "1d", "--progress-every", "0.001")
+    assert result.returncode == 0, result.stderr
+    lines = progress_lines(result.stdout, "Deleting old messages")
+    assert len(lines) >= 2, result.stdout
+    assert [done for done, _, _ in lines] == sorted({done for done, _, _ in lines})
+    assert all(total == 3000 and percent == 100 * done // 3000 for done, total, percent in lines)
+    assert result.stdout.splitlines()[-1].startswith("Removed 3000 messages and 3000 status")
+
+
+def test_copy_database_prints_its_progress_at_the_interval_without_a_terminal(
+        database_url, tmp_path):
+    source = f"sqlite:///{tmp_path}/old.db"
+    fill_old_history(source, 3000)  # three batches of 1000
+    env = {"DATABASE_URL": database_url}
+    quiet = flask_command(tmp_path, env, "copy-database", "--from", source,
+                          "--progress-every", "600")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.splitlines() == [next(line for line in quiet.stdout.splitlines()
+                                              if line.startswith("Copied 3000 messages"))]
+    again = flask_command(tmp_path, env, "copy-database", "--from", source,
+                          "--progress-every", "0.001")
+    assert again.returncode == 0, again.stderr
+    lines = progress_lines(again.stdout, "Copying messages")
+    assert len(lines) >= 2 and lines[-1] == (3000, 3000, 100), again.stdout
+    assert again.stdout.splitlines()[-1].startswith("Copied 0 messages")
+
+
+def test_reconcile_prints_its_progress_at_the_interval_without_a_terminal(
+        database_url, tmp_path):
+    """Each fetch from the simulated Twilio takes 50 ms, so ten take half a second at least."""
+    fill_old_history(database_url, 10, sid_end="0")  # SIDs the simulator says are delivered
+    env = {"DATABASE_URL": database_url, "TWILIO_SIMULATE": "true",
+           "TWILIO_SIMULATE_LATENCY_MS": "50"}
+    result = flask_command(tmp_path, env, "reconcile", "--older-than", "0s",
+                           "--progress-every", "0.1")
+    assert result.returncode == 0, result.stderr
+    lines = progress_lines(result.stdout, "Checking messages with Twilio")
+    assert len(lines) >= 2 and all(total == 10 for _, total, _ in lines), result.stdout
+    assert result.stdout.count(" queued -> delivered (Twilio: delivered)") == 10
+    assert result.stdout.splitlines()[-1].startswith("Checked 10 messages: 10 updated")
+
+
+def on_a_terminal(cwd, env, *args, timeout=60):
+    """(exit code, output) of `flask --app app ...` run with a terminal (a pty) as its
+    standard input, output and error."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "flask"), "--app", str(ROOT / "app.py"), *args],
+        cwd=cwd, env={"PATH": os.environ["PATH"], "COLUMNS": "100", **env},
+        stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    output, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([controller], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the command ended and closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        return process.wait(timeout=10), output.decode(errors="replace")
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+
+
+def test_prune_on_a_terminal_shows_a_progress_bar(database_url, tmp_path):
+    fill_old_history(database_url, 3000)
+    code, output = on_a_terminal(tmp_path, {"DATABASE_URL": database_url},
+                                 "prune", "--older-than", "1d")
+    assert code == 0, output
+    # Each redraw starts at the line's start (and hides the cursor while the bar shows).
+    bar = re.findall(r"\r(?:\x1b\[\?25l)?Deleting old messages +\[[#-]+\] +(\d+)/3000 +(\d+)%",
+                     output)
+    assert bar and bar[-1] == ("3000", "100"), output
+    assert "Deleting old messages: " not in output, "no periodic lines on a terminal"
+    assert "Removed 3000 messages and 3000 status events" in output
+
+
+def test_reconcile_on_a_terminal_prints_its_lines_above_the_bar(database_url, tmp_path):
+    fill_old_history(database_url, 4, sid_end="0")
+    code, output = on_a_terminal(tmp_path, {"DATABASE_URL": database_url,
+                                            "TWILIO_SIMULATE": "true"},
+                                 "reconcile", "--older-than", "0s")
+    assert code == 0, output
+    # A line printed while the bar shows first clears the bar's line; the bar is redrawn.
+    assert output.count("\r\x1b[KSM") == 3, output
+    assert re.search(r"Checking messages with Twilio +\[#+\] +4/4 +100%", output), output
+    assert output.endswith("Checked 4 messages: 4 updated, 0 unchanged, 0 not found at "
+                           "Twilio, 0 failed.\r\n")

@@ -200,6 +200,51 @@ def test_upgrading_to_version_6_records_the_time_to_delivered_of_stored_messages
     assert seconds == pytest.approx(7.25, abs=0.001)
 
 
+def test_upgrading_to_version_9_gives_stored_messages_a_storage_order(database_url):
+    """Version 9 orders messages created in the same millisecond by storage: SQLite numbers
+    those it has in the order it stored them; PostgreSQL, which keeps no such order, in
+    the order they were listed until then (creation, then SID). New ones come after."""
+    if database_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(database_url[len("sqlite:///"):])
+        for _, script in SQLITE_MIGRATIONS[:8]:
+            conn.executescript(script)
+        conn.execute("PRAGMA user_version = 8")
+        conn.commit()
+        conn.close()
+    else:
+        for _, script in POSTGRES_MIGRATIONS[:4]:
+            sql_rows(database_url, script)
+        sql_rows(database_url, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        sql_rows(database_url, "INSERT INTO schema_version VALUES (8)")
+    for sid, created in (("SM2", "2026-01-01T00:00:01.000Z"), ("SM3", "2026-01-01T00:00:00.000Z"),
+                         ("SM1", "2026-01-01T00:00:01.000Z")):
+        sql_rows(database_url, "INSERT INTO messages (sid, latest_status, created_at, updated_at)"
+                 " VALUES (?, 'sent', ?, ?)", (sid, created, created))
+    engine = engine_for(database_url)
+    assert engine.migrate() == 9
+    db.record_status(engine, "SM0", "queued", at="2026-01-01T00:00:01.000Z")
+    order = [sid for (sid,) in sql_rows(database_url,
+                                         "SELECT sid FROM messages ORDER BY storage_order")]
+    if database_url.startswith("sqlite:///"):
+        assert order == ["SM2", "SM3", "SM1", "SM0"]
+    else:
+        assert order == ["SM3", "SM1", "SM2", "SM0"]
+    engine.close()
+
+
+@sqlite_only
+def test_a_new_messages_storage_order_is_read_from_an_index(database_url):
+    """SQLite numbers a new message after the largest storage order: one index seek, not a
+    scan of every message, in each insert."""
+    engine = engine_for(database_url)
+    engine.migrate()
+    plan = [row["detail"] for row in engine.query(
+        "EXPLAIN QUERY PLAN INSERT INTO messages (sid, latest_status, created_at, updated_at,"
+        f" storage_order) VALUES ('SM1', 'sent', '', '', {engine.next_storage_order})")]
+    assert "SEARCH messages USING COVERING INDEX messages_by_storage_order" in plan, plan
+    engine.close()
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, make_app,
                                                                  monkeypatch):

@@ -1,6 +1,8 @@
 import base64
 import itertools
 import json
+import math
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -79,9 +81,48 @@ def test_messages_are_newest_first_with_the_documented_shape(client, store):
     assert answer["messages"][0]["errorDescription"] is None
 
 
-def test_messages_created_at_the_same_moment_are_ordered_by_sid(client, store):
-    made = [store(60, sid=f"SM{n}") for n in (3, 1, 2)]
-    assert sids(get(client, "/messages")[1]) == sorted(made, reverse=True)
+def walk(client, **params):
+    """The SIDs of every page of /messages, one message per page, following the cursors."""
+    seen, cursor = [], None
+    while True:
+        status, page = get(client, "/messages", limit=1, **params,
+                           **({"cursor": cursor} if cursor else {}))
+        assert status == 200, page
+        seen += sids(page)
+        cursor = page["nextCursor"]
+        if cursor is None:
+            return seen
+        assert len(seen) < 50
+
+
+def test_messages_created_in_the_same_millisecond_list_newest_stored_first(client, store):
+    made = [store(60, sid="SM3"), store(60, ("sent", 0), sid="SM1"), store(60, sid="SM2")]
+    newest_stored_first = made[::-1]
+    store(61, sid="SM9")  # a millisecond older: after them whatever its SID
+    assert sids(get(client, "/messages")[1]) == newest_stored_first + ["SM9"]
+    assert walk(client) == newest_stored_first + ["SM9"]
+    assert walk(client, to="+15558675309") == newest_stored_first + ["SM9"]
+    assert walk(client, status="queued,sent") == newest_stored_first + ["SM9"]
+    assert walk(client, since="2026-11-26T19:59:00Z") == newest_stored_first
+
+
+def test_sends_one_after_the_other_list_in_that_order(client, send, fake_twilio, clock):
+    """Twilio's date_created has whole seconds: the service's own clock gives createdAt its
+    milliseconds, and sends in the same millisecond list newest-stored first."""
+    whole_second = datetime.fromtimestamp(NOW, timezone.utc).strftime(
+        "%a, %d %b %Y %H:%M:%S +0000")
+    answers = [("SM" + "f" * 32, NOW + 0.25), ("SM" + "0" * 32, NOW + 0.251),
+               ("SM" + "8" * 32, NOW + 0.251)]
+    for sid, moment in answers:
+        fake_twilio.answer_next(Response(201, json.dumps({
+            "sid": sid, "status": "queued", "to": "+15558675309", "from": "+15551234567",
+            "account_sid": "AC" + "a1" * 16, "date_created": whole_second})))
+        clock["now"] = moment
+        assert send().status_code == 200
+    answer = get(client, "/messages")[1]
+    assert sids(answer) == [sid for sid, _ in answers][::-1]
+    assert [m["createdAt"] for m in answer["messages"]] == [
+        "2026-11-26T20:00:00.251Z", "2026-11-26T20:00:00.251Z", "2026-11-26T20:00:00.250Z"]
 
 
 def test_messages_filter_by_recipient(client, store):
@@ -200,8 +241,18 @@ def cursor_of(value):
     pytest.param({"cursor": "é"}, "cursor", id="cursor-not-ascii"),
     pytest.param({"cursor": cursor_of({"a": 1})}, "cursor", id="cursor-object"),
     pytest.param({"cursor": cursor_of(["2026-11-26", "SM1"])}, "cursor", id="cursor-bad-time"),
-    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 5])}, "cursor",
-                 id="cursor-bad-sid"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", "SM1"])}, "cursor",
+                 id="cursor-with-a-sid-from-before-the-storage-order"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 0])}, "cursor",
+                 id="cursor-order-zero"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", -5])}, "cursor",
+                 id="cursor-order-negative"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 1.5])}, "cursor",
+                 id="cursor-order-fraction"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", True])}, "cursor",
+                 id="cursor-order-boolean"),
+    pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 2**63])}, "cursor",
+                 id="cursor-order-too-large"),
     pytest.param({"cursor": cursor_of(["2026-11-26T19:00:00.000Z", "SM1", 3])}, "cursor",
                  id="cursor-three-items"),
     pytest.param({"cursor": base64.urlsafe_b64encode(b"[" * 5000).decode()}, "cursor",
@@ -411,22 +462,26 @@ def test_stats_count_messages_sent_through_the_service(client, send, post_callba
 def test_time_to_delivered_counts_from_the_send_even_when_callbacks_came_first(
         client, fake_twilio, post_callback, clock):
     """Twilio may call back before the create call returns: the message is then first
-    stored at the callback's time, and the send moves its creation back."""
-    clock["now"] = datetime.now(timezone.utc).timestamp()
+    stored at the callback's time, and the send moves its creation back to its start, to
+    the millisecond on the service's clock (Twilio's date_created has whole seconds)."""
+    started = math.floor(time.time()) - 42 + 0.789  # a send that started 42 s ago
     sid = "SM" + "d4" * 16
     assert post_callback(callback(sid, "delivered")).status_code == 200
-    created = datetime.now(timezone.utc) - timedelta(seconds=42)
     fake_twilio.answer_next(Response(201, json.dumps({
         "sid": sid, "status": "queued", "to": "+15558675309", "from": "+15551234567",
         "account_sid": "AC" + "a1" * 16,
-        "date_created": created.strftime("%a, %d %b %Y %H:%M:%S +0000")})))
+        "date_created": datetime.fromtimestamp(started, timezone.utc).strftime(
+            "%a, %d %b %Y %H:%M:%S +0000")})))
+    clock["now"] = started
     assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
                        headers=AUTH).status_code == 200
     history = client.get(f"/get-status/{sid}", headers=AUTH).get_json()
+    assert history["createdAt"] == db.utc_now_iso(started)
     delivered_at = next(e["timestamp"] for e in history["history"] if e["status"] == "delivered")
     expected = round((datetime.fromisoformat(delivered_at) - datetime.fromisoformat(
         history["createdAt"])).total_seconds(), 3)
     assert expected > 40
+    clock["now"] = time.time()
     answer = get(client, "/stats")[1]
     assert answer["timeToDeliveredSeconds"] == {"p50": expected, "p90": expected}
 
@@ -435,7 +490,7 @@ def test_time_to_delivered_counts_from_the_send_even_when_callbacks_came_first(
 
 @pytest.mark.parametrize("path, params", [
     pytest.param("/messages", {}, id="first-page"),
-    pytest.param("/messages", {"cursor": cursor_of(["2026-11-26T19:00:00.000Z", "SM5"])},
+    pytest.param("/messages", {"cursor": cursor_of(["2026-11-26T19:00:00.000Z", 5])},
                  id="deep-page"),
     pytest.param("/messages", {"to": "+15558675309"}, id="to"),
     pytest.param("/messages", {"status": "failed,undelivered"}, id="status"),

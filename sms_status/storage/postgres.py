@@ -198,6 +198,9 @@ class PostgresEngine:
         return True
 
     seconds_between = staticmethod(postgres_seconds_between)
+    # The next message's storage order: a sequence, so concurrent transactions never wait
+    # for each other for it (a rolled-back one leaves a gap, which orders nothing wrongly).
+    next_storage_order = "nextval('messages_storage_order')"
 
     @staticmethod
     def describe_error(error):

@@ -158,8 +158,9 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
     with storage.transaction() as tx:
         created = tx.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
-            " error_code, created_at, updated_at, seconds_to_delivered)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sid) DO NOTHING",
+            " error_code, created_at, updated_at, seconds_to_delivered, storage_order)"
+            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {storage.next_storage_order})"
+            " ON CONFLICT (sid) DO NOTHING",
             (sid, account_sid, to, from_, status, error_code, at, at,
              0.0 if status == "delivered" else None),
         ).rowcount
@@ -183,8 +184,8 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
         if reservation is not None:
             tx.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
         tx.execute(
-            "INSERT INTO messages (sid, latest_status, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT (sid) DO NOTHING",
+            "INSERT INTO messages (sid, latest_status, created_at, updated_at, storage_order)"
+            f" VALUES (?, ?, ?, ?, {storage.next_storage_order}) ON CONFLICT (sid) DO NOTHING",
             (sid, status, created_at, now),
         )
         _apply_status(storage, tx, sid, status, None, created_at)
@@ -381,14 +382,22 @@ def mark_unknown_at_twilio(storage, sid):
 PRUNE_BATCH = 500
 
 
-def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH):
+def no_progress(label, done, total):
+    """A progress callback that shows nothing."""
+
+
+def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress=no_progress):
     """Deletes messages (and their history) idle since `updated_before`; clears old bodies.
 
-    Works in batches of `batch` messages, one short transaction each. Also drops the
-    per-recipient reservations that stopped counting (each send clears only its own
-    recipient's). Returns the counts (messages, status events, bodies).
+    Works in batches of `batch` messages, one short transaction each, and calls
+    `progress(label, done, total)` after each. Also drops the per-recipient reservations
+    that stopped counting (each send clears only its own recipient's). Returns the counts
+    (messages, status events, bodies).
     """
     messages = events = bodies = 0
+    total = storage.query("SELECT count(*) AS n FROM messages WHERE updated_at < ?",
+                          (updated_before,))[0]["n"]
+    done = 0
     while True:
         with storage.transaction() as tx:
             candidates = tx.execute(
@@ -408,17 +417,24 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH):
                 ).fetchall()
                 messages += len(deleted)
                 events += sum(events_of[row["sid"]] for row in deleted)
+        if candidates:
+            done += len(candidates)
+            progress("Deleting old messages", done, total)
         if len(candidates) < batch:
             break
-    # Bodies are cleared by walking the messages in creation order, so no row is read twice.
-    after = ("", "")
+    # Bodies are cleared by walking the messages in the order of their index on creation,
+    # so no row is read twice.
+    after = ("", 0)
+    total = storage.query("SELECT count(*) AS n FROM messages WHERE created_at < ?",
+                          (body_before,))[0]["n"]
+    done = 0
     while True:
         with storage.transaction() as tx:
             page = tx.execute(
-                "SELECT sid, created_at FROM messages WHERE created_at < ?"
-                " AND (created_at > ? OR (created_at = ? AND sid > ?))"
-                " ORDER BY created_at, sid LIMIT ?",
-                (body_before, after[0], after[0], after[1], batch),
+                "SELECT sid, created_at, storage_order FROM messages WHERE created_at < ?"
+                " AND (created_at, storage_order) > (?, ?)"
+                " ORDER BY created_at, storage_order LIMIT ?",
+                (body_before, *after, batch),
             ).fetchall()
             if page:
                 bodies += tx.execute(
@@ -426,7 +442,10 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH):
                     f" AND sid IN ({', '.join('?' for _ in page)})",
                     tuple(row["sid"] for row in page),
                 ).rowcount
-                after = (page[-1]["created_at"], page[-1]["sid"])
+                after = (page[-1]["created_at"], page[-1]["storage_order"])
+        if page:
+            done += len(page)
+            progress("Clearing old message bodies", done, total)
         if len(page) < batch:
             break
     with storage.transaction() as tx:
@@ -455,7 +474,8 @@ def check_writable(storage):
     with storage.transaction() as tx:
         tx.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
-            " error_code, created_at, updated_at, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " error_code, created_at, updated_at, sent_at, storage_order)"
+            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {storage.next_storage_order})",
             (HEALTH_CHECK_SID, "AC" + "0" * 32, "+15550000000", "+15550000000", "delivered",
              None, at, at, at),
         )
@@ -481,35 +501,47 @@ MESSAGE_COLUMNS = ("sid", "account_sid", "to_number", "from_number", "body", "in
 KEY_COLUMNS = ("scope", "key", "fingerprint", "created_at", "status_code", "response")
 
 
-def _insert_new(tx, table, columns, rows):
-    """Inserts the rows not there yet; returns how many were new."""
-    statement = (f"INSERT INTO {table} ({', '.join(columns)})"
-                 f" VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT DO NOTHING")
+def _insert_new(tx, table, columns, rows, computed=()):
+    """Inserts the rows not there yet; returns how many were new. `computed`: (column, SQL)
+    pairs of values the target database gives each row."""
+    statement = (f"INSERT INTO {table} ({', '.join((*columns, *(c for c, _ in computed)))})"
+                 f" VALUES ({', '.join((*('?' for _ in columns), *(v for _, v in computed)))})"
+                 " ON CONFLICT DO NOTHING")
     return sum(tx.execute(statement, tuple(row[c] for c in columns)).rowcount for row in rows)
 
 
-def copy_history(source, target, keys_created_after):
+def copy_history(source, target, keys_created_after, progress=no_progress):
     """Copies messages with their status events, and the idempotency keys created after
     `keys_created_after`, from `source` into `target`. What `target` has already is left
-    as it is, so copying twice copies nothing twice. Returns the counts copied."""
+    as it is, so copying twice copies nothing twice. Calls `progress(label, done, total)`
+    after each batch of messages. Returns the counts copied.
+
+    Messages are copied in the order `source` stored them, so `target` lists those created
+    in the same millisecond in the same order."""
     copied = {"messages": 0, "events": 0, "keys": 0}
-    last_sid = ""
+    total = source.query("SELECT count(*) AS n FROM messages")[0]["n"]
+    done = last = 0
     while True:
         messages = source.query(
-            f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages WHERE sid > ?"
-            " ORDER BY sid LIMIT ?", (last_sid, COPY_BATCH))
+            f"SELECT {', '.join(MESSAGE_COLUMNS)}, storage_order FROM messages"
+            " WHERE storage_order > ? ORDER BY storage_order LIMIT ?", (last, COPY_BATCH))
         if not messages:
             break
-        last_sid = messages[-1]["sid"]
+        first, last = messages[0]["storage_order"], messages[-1]["storage_order"]
         events = source.query(
-            "SELECT message_sid, status, error_code, received_at FROM status_events"
-            " WHERE message_sid >= ? AND message_sid <= ? ORDER BY received_at, id",
-            (messages[0]["sid"], last_sid))
+            "SELECT e.message_sid, e.status, e.error_code, e.received_at FROM status_events e"
+            " JOIN messages m ON m.sid = e.message_sid"
+            " WHERE m.storage_order >= ? AND m.storage_order <= ? ORDER BY e.received_at, e.id",
+            (first, last))
         with target.transaction() as tx:
-            copied["messages"] += _insert_new(tx, "messages", MESSAGE_COLUMNS, messages)
+            copied["messages"] += _insert_new(
+                tx, "messages", MESSAGE_COLUMNS, messages,
+                computed=[("storage_order", target.next_storage_order)])
             copied["events"] += _insert_new(
                 tx, "status_events", ("message_sid", "status", "error_code", "received_at"),
                 events)
+        done += len(messages)
+        progress("Copying messages", done, total)
     keys = source.query(f"SELECT {', '.join(KEY_COLUMNS)} FROM idempotency_keys"
                         " WHERE created_at >= ?", (keys_created_after,))
     with target.transaction() as tx:

@@ -7,7 +7,7 @@ this code's is refused, never downgraded.
 
 from sms_status.config import SIMULATED_ACCOUNT_SID
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 def sqlite_seconds_between(start, end):
@@ -40,6 +40,30 @@ QUERY_INDEXES = """
     UPDATE messages SET seconds_to_delivered = (
         SELECT {seconds} FROM status_events
         WHERE status_events.message_sid = messages.sid AND status_events.status = 'delivered')
+    """
+
+
+# Each message's place in the order of storage (`storage_order`, larger is stored later):
+# GET /messages lists messages created in the same millisecond newest-stored first, so its
+# pages follow (created_at, storage_order), as the indexes serving them do. Every insert of a
+# message takes the engine's `next_storage_order`. The same DDL on both engines around each
+# engine's own ALTER TABLE and numbering of the messages already stored: the indexes that
+# change are dropped before the numbering, which then need not update them row by row.
+DROP_QUERY_INDEXES = """
+    DROP INDEX messages_by_creation;
+    DROP INDEX messages_by_recipient_and_creation;
+    DROP INDEX messages_by_status_and_creation;
+    DROP INDEX messages_by_error_and_creation;
+    """
+STORAGE_ORDER_INDEXES = """
+    CREATE UNIQUE INDEX messages_by_storage_order ON messages (storage_order);
+    CREATE INDEX messages_by_creation
+        ON messages (created_at, storage_order, seconds_to_delivered);
+    CREATE INDEX messages_by_recipient_and_creation
+        ON messages (to_number, created_at, storage_order);
+    CREATE INDEX messages_by_status_and_creation
+        ON messages (latest_status, created_at, storage_order);
+    CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, storage_order)
     """
 
 
@@ -133,6 +157,11 @@ SQLITE_MIGRATIONS = [
     # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
     (7, SENDS_PER_HOUR_INDEXES),
     (8, SERVICE_MODE_TABLE),
+    # Messages already stored keep the order SQLite stored them in (their rowid).
+    (9, DROP_QUERY_INDEXES + """
+    ALTER TABLE messages ADD COLUMN storage_order INTEGER;
+    UPDATE messages SET storage_order = rowid;
+    """ + STORAGE_ORDER_INDEXES),
 ]
 
 # PostgreSQL databases start at the current version in one step. Columns compared as text
@@ -189,6 +218,18 @@ POSTGRES_MIGRATIONS = [
     # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
     (7, SENDS_PER_HOUR_INDEXES),
     (8, SERVICE_MODE_TABLE),
+    # PostgreSQL keeps no order of storage: messages already stored are numbered in the order
+    # GET /messages listed them until then (creation, then SID); a sequence numbers new ones.
+    (9, DROP_QUERY_INDEXES + """
+    ALTER TABLE messages ADD COLUMN storage_order BIGINT;
+    CREATE SEQUENCE messages_storage_order OWNED BY messages.storage_order;
+    UPDATE messages SET storage_order = numbered.n FROM (
+        SELECT sid, row_number() OVER (ORDER BY created_at, sid) AS n FROM messages
+    ) AS numbered WHERE messages.sid = numbered.sid;
+    SELECT setval('messages_storage_order',
+                  (SELECT coalesce(max(storage_order), 0) + 1 FROM messages), false);
+    ALTER TABLE messages ALTER COLUMN storage_order SET DEFAULT nextval('messages_storage_order');
+    """ + STORAGE_ORDER_INDEXES),
 ]
 
 # Key of the advisory lock under which instances starting together migrate one at a time.

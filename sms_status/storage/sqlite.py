@@ -438,6 +438,9 @@ class SQLiteEngine:
         return messages
 
     seconds_between = staticmethod(sqlite_seconds_between)
+    # The next message's storage order: SQLite runs one write at a time, so one more than
+    # the largest (an index seek) is larger than every stored message's.
+    next_storage_order = "(SELECT coalesce(max(storage_order), 0) + 1 FROM messages)"
 
     @staticmethod
     def describe_error(error):

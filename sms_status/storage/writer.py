@@ -212,6 +212,7 @@ class BatchStorage:
     def __init__(self, engine, tx):
         self.tx = tx
         self.seconds_between = engine.seconds_between
+        self.next_storage_order = engine.next_storage_order
 
     @contextmanager
     def transaction(self):
