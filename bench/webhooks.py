@@ -131,7 +131,7 @@ def sqlite_commit_rate(repo, directory, synchronous, seconds):
     while time.perf_counter() < deadline:
         with engine.transaction() as tx:
             tx.execute("INSERT INTO events VALUES (?, 'sent', ?)",
-                       (f"SM{count}", db.utc_now_iso()))
+                       (f"SM{count}", db.stored_time()))
         count += 1
     rate = count / (time.perf_counter() - start)
     engine.close()

@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import replace
+from typing import NamedTuple
 
 import click
 from flask import current_app
@@ -20,6 +21,7 @@ from flask.cli import with_appcontext
 from sms_status import rules, twilio_api
 from sms_status.config import ConfigError, parse_database_url, problems_with
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
+from sms_status.storage import reads
 from sms_status.storage import records as db
 
 RATE_LIMIT_RETRIES = 3
@@ -27,10 +29,17 @@ FIRST_BACKOFF_SECONDS = 1.0
 PROGRESS_EVERY_SECONDS = 5.0
 
 
+class Duration(NamedTuple):
+    """A duration option as given (`90d`) and in seconds."""
+
+    text: str
+    seconds: int
+
+
 def parse_duration_option(ctx, param, value):
-    """Click callback: `90d` -> ("90d", 7776000), with a clear error for anything else."""
+    """Click callback: `90d` -> Duration("90d", 7776000), with a clear error otherwise."""
     try:
-        return value, rules.parse_duration(value)
+        return Duration(value, rules.parse_duration(value))
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
 
@@ -157,7 +166,7 @@ def fetch_with_backoff(client, sid, sleep):
             delay *= 2
 
 
-def check_with_twilio(conn, client, row, counts, echo):
+def check_with_twilio(storage, client, row, counts, echo):
     """Asks Twilio about one waiting message and records what it says; counts the outcome
     in `counts` and reports it with `echo`. Returns True when Twilio keeps rate limiting,
     so the rest waits for the next run."""
@@ -169,7 +178,7 @@ def check_with_twilio(conn, client, row, counts, echo):
         code = f" (error {failure.code})" if failure.code else ""
         if failure.not_found:
             counts["not found"] += 1
-            db.mark_unknown_at_twilio(conn, sid)
+            db.mark_unknown_at_twilio(storage, sid)
             echo(f"{sid} {before}: unknown at Twilio{code}: {failure.details}")
             return False
         counts["failed"] += 1
@@ -178,10 +187,10 @@ def check_with_twilio(conn, client, row, counts, echo):
             echo("Twilio keeps rate limiting; the rest waits for the next run.")
             return True
         return False
-    now = db.utc_now_iso(clock())
-    new = db.record_status(conn, sid, message.status, message.error_code or None, at=now)
-    db.mark_checked(conn, sid, now)
-    after = db.message_with_history(conn, sid)["latestStatus"]
+    now = db.stored_time(clock())
+    new = db.record_status(storage, sid, message.status, message.error_code or None, at=now)
+    db.mark_checked(storage, sid, now)
+    after = reads.message_with_history(storage, sid)[0]["latest_status"]
     counts["updated" if new else "unchanged"] += 1
     echo(f"{sid} {before} -> {after} (Twilio: {message.status}"
          f"{f', error {message.error_code}' if message.error_code else ''})")
@@ -198,15 +207,16 @@ def check_with_twilio(conn, client, row, counts, echo):
 def reconcile(older_than, limit, progress_every):
     """Fetch messages whose final status never arrived from Twilio and record what it says."""
     # Twilio of one mode is asked about the messages of a database of the same mode.
-    conn = command_storage(*TWILIO_VARIABLES, mode=current_app.config["SERVICE"].mode)
+    storage = command_storage(*TWILIO_VARIABLES, mode=current_app.config["SERVICE"].mode)
     client = current_app.extensions["twilio"]
     clock = current_app.config["CLOCK"]
     counts = {"updated": 0, "unchanged": 0, "not found": 0, "failed": 0}
     try:
-        waiting = db.messages_to_reconcile(conn, db.utc_now_iso(clock() - older_than[1]), limit)
+        idle_before = db.stored_time(clock() - older_than.seconds)
+        waiting = db.messages_to_reconcile(storage, idle_before, limit)
         with Progress(progress_every) as progress:
             for done, row in enumerate(waiting, 1):
-                stop = check_with_twilio(conn, client, row, counts, progress.echo)
+                stop = check_with_twilio(storage, client, row, counts, progress.echo)
                 progress("Checking messages with Twilio", done, len(waiting))
                 if stop:
                     break
@@ -235,14 +245,14 @@ def prune(older_than, progress_every):
         with Progress(progress_every) as progress:
             messages, events, bodies = db.prune(
                 storage,
-                updated_before=db.utc_now_iso(now - older_than[1]),
-                body_before=db.utc_now_iso(now - config.body_retention_seconds),
+                updated_before=db.stored_time(now - older_than.seconds),
+                body_before=db.stored_time(now - config.body_retention_seconds),
                 now=now, progress=progress,
             )
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
     click.echo(f"Removed {counted(messages, 'message')} and {counted(events, 'status event')} "
-               f"not updated for {older_than[0]}; cleared "
+               f"not updated for {older_than.text}; cleared "
                f"{counted(bodies, 'message body', 'message bodies')} older than BODY_RETENTION.")
 
 

@@ -50,10 +50,10 @@ def send_with_idempotency_key(key, payload):
                                f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters")
     config = current_app.config["SERVICE"]
     now = current_app.config["CLOCK"]()
-    conn = db.get_db()
+    storage = db.get_db()
     scope = hashlib.sha256((config.api_key or "").encode()).hexdigest()[:32]
     state, kept = db.reserve_idempotency_key(
-        conn, scope, key, request_fingerprint(config, payload), now,
+        storage, scope, key, request_fingerprint(config, payload), now,
         expire_before=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS,
         stale_before=now - 2 * config.twilio_timeout,
     )
@@ -71,7 +71,7 @@ def send_with_idempotency_key(key, payload):
             details="The message may or may not have been sent; it will not be sent again "
                     "under this key. Check GET /get-status or let reconciliation settle it.",
         )
-        db.save_idempotent_response(conn, scope, key, 504, response.get_data(as_text=True))
+        db.save_idempotent_response(storage, scope, key, 504, response.get_data(as_text=True))
         return replayed(504, response.get_data(as_text=True))
 
     try:
@@ -80,16 +80,16 @@ def send_with_idempotency_key(key, payload):
         if not g.get("twilio_called"):
             # Nothing was sent (a database error, say): free the key so a retry can go ahead.
             try:
-                db.release_idempotency_key(conn, scope, key)
+                db.release_idempotency_key(storage, scope, key)
             except db.DATABASE_ERRORS as error:
                 log.error("Could not release an Idempotency-Key: %s", db.describe_error(error))
         raise
     try:
         if answer.keep_for_replay:
-            db.save_idempotent_response(conn, scope, key, answer.response.status_code,
+            db.save_idempotent_response(storage, scope, key, answer.response.status_code,
                                         answer.response.get_data(as_text=True))
         else:
-            db.release_idempotency_key(conn, scope, key)
+            db.release_idempotency_key(storage, scope, key)
     except db.DATABASE_ERRORS as error:
         # The key stays claimed, so a retry is answered as an unknown outcome, never re-sent.
         log.error("Could not keep the answer for an Idempotency-Key: %s",
@@ -141,10 +141,12 @@ def checked_send(payload):
     limit, total = config.max_sends_per_recipient_per_hour, config.max_sends_per_hour
     if limit or total:
         now = current_app.config["CLOCK"]()
-        reservation, reached, wait = db.reserve_send(db.get_db(), to, now, limit, total)
-        if reservation is None:
+        place = db.reserve_send(db.get_db(), to, now, limit, total)
+        if place.reservation is None:
+            reached = place.limit_reached
             return SendAnswer(limit_reached(to, reached, limit if reached == "recipient"
-                                            else total, wait), False)
+                                            else total, place.wait_seconds), False)
+        reservation = place.reservation
     return send_and_record(to, payload["body"], reservation)
 
 
@@ -187,7 +189,7 @@ def send_and_record(to, body, reservation=None):
     # the send starts (Twilio's date_created has whole seconds, on Twilio's clock): sends
     # one after the other list in that order, and the time to delivery is measured on the
     # clock that times the callbacks.
-    now = db.utc_now_iso(current_app.config["CLOCK"]())
+    now = db.stored_time(current_app.config["CLOCK"]())
     g.twilio_called = True
     try:
         message = twilio_api.send_message(current_app.extensions["twilio"], config, to, body)

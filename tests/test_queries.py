@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twilio.http.response import Response
 
-from sms_status import listing as queries
 from sms_status.storage import records as db
+from sms_status.storage import times
 from support import AUTH, callback, fill_postgres_messages, sqlite_only
 
 NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
@@ -18,7 +18,7 @@ _sids = itertools.count(1)
 
 def at(seconds_before_now):
     """The stored timestamp of NOW minus `seconds_before_now`."""
-    return db.utc_now_iso(NOW - seconds_before_now)
+    return db.stored_time(NOW - seconds_before_now)
 
 
 @pytest.fixture
@@ -476,7 +476,7 @@ def test_time_to_delivered_counts_from_the_send_even_when_callbacks_came_first(
     assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
                        headers=AUTH).status_code == 200
     history = client.get(f"/get-status/{sid}", headers=AUTH).get_json()
-    assert history["createdAt"] == db.utc_now_iso(started)
+    assert history["createdAt"] == db.stored_time(started)
     delivered_at = next(e["timestamp"] for e in history["history"] if e["status"] == "delivered")
     expected = round((datetime.fromisoformat(delivered_at) - datetime.fromisoformat(
         history["createdAt"])).total_seconds(), 3)
@@ -503,18 +503,19 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
                                                       params):
     store(60, ("delivered", 1))
     seen = []
-    original = queries._rows
-
-    def recording(sql, sql_params):
-        seen.append((sql, sql_params))
-        return original(sql, sql_params)
-
-    monkeypatch.setattr(queries, "_rows", recording)
-    assert get(client, path, **params)[0] == 200
+    # SQLite reports every statement its connection runs, values in place: the test client
+    # serves the request in this thread, on this thread's connection.
+    connection = app.extensions["storage"].connection()
+    connection.set_trace_callback(seen.append)
+    try:
+        assert get(client, path, **params)[0] == 200
+    finally:
+        connection.set_trace_callback(None)
+    seen = [sql for sql in seen if sql.lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert seen
     with app.app_context():
-        for sql, sql_params in seen:
-            plan = [row["detail"] for row in db.get_db().query(
-                "EXPLAIN QUERY PLAN " + sql, sql_params)]
+        for sql in seen:
+            plan = [row["detail"] for row in db.get_db().query("EXPLAIN QUERY PLAN " + sql)]
             tables = [line for line in plan if "messages" in line or "status_events" in line]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
             if path == "/messages":
@@ -527,8 +528,8 @@ def test_timestamps_are_stored_in_the_format_the_queries_compare(app, store):
     sid = store(60)
     with app.app_context():
         row = db.get_db().query("SELECT created_at FROM messages WHERE sid = ?", (sid,))[0]
-    assert queries.STORED_TIMESTAMP.fullmatch(row["created_at"])
-    assert queries.format_instant(
+    assert times.STORED_TIME.fullmatch(row["created_at"])
+    assert times.stored_time_rounded_up(
         datetime.fromisoformat("2026-11-26T21:05:15.8961+01:00")) == "2026-11-26T20:05:15.897Z"
-    assert queries.format_instant(datetime(5, 1, 1, tzinfo=timezone.utc)
+    assert times.stored_time_rounded_up(datetime(5, 1, 1, tzinfo=timezone.utc)
                                   + timedelta(microseconds=5)) == "0005-01-01T00:00:00.001Z"

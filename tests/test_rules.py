@@ -1,6 +1,7 @@
 import pytest
 
 from sms_status import rules
+from sms_status.storage import reads
 from sms_status.storage import records as db
 
 
@@ -66,10 +67,10 @@ def test_the_latest_status_only_moves_forward_where_it_is_stored(app, current, n
     if current is not None:
         assert db.record_status(storage, sid, current)
     db.record_status(storage, sid, new)
-    message = db.message_with_history(storage, sid)
-    assert message["latestStatus"] == latest
+    message, history = reads.message_with_history(storage, sid)
+    assert message["latest_status"] == latest
     # Every status is kept in the history, whether or not it moved the latest one.
-    assert {entry["status"] for entry in message["history"]} == {current, new} - {None}
+    assert {event["status"] for event in history} == {current, new} - {None}
 
 
 @pytest.mark.parametrize("number, masked", [

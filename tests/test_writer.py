@@ -62,13 +62,13 @@ def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(
     url = app_database_url(app)
     now = time.time()
     with app.app_context():
-        reservation, _, _ = db.reserve_send(db.get_db(), "+15558675309", now, 5, 0)
+        reservation = db.reserve_send(db.get_db(), "+15558675309", now, 5, 0).reservation
     answers = batch(
         app,
         ("record_status", (SID_A, "sent")),
         # Deletes its reservation, then fails: a message needs a status (NOT NULL).
         ("record_sent_message", ("SM" + "c" * 32, "AC1", "+15558675309", "+15017122661",
-                                 None, None, db.utc_now_iso(now), None, reservation)),
+                                 None, None, db.stored_time(now), None, reservation)),
         ("record_status", (SID_B, "delivered")),
     )
     assert answers[0] == ("ok", True) and answers[2] == ("ok", True)

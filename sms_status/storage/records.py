@@ -11,7 +11,7 @@ message's latest status), so concurrent updates queue instead of deadlocking on 
 """
 
 import functools
-from datetime import datetime, timezone
+from typing import NamedTuple
 
 from flask import current_app
 
@@ -24,6 +24,7 @@ from sms_status.storage import (  # noqa: F401 (re-exported for the app)
     OutcomeUnknown,
     open_engine,
 )
+from sms_status.storage.times import stored_time, timestamp_of  # noqa: F401 (for callers)
 
 # The rank of a message's stored latest status, for the forward-only rule in SQL; a status
 # this code does not know ranks below every known one, so any known status replaces it.
@@ -34,22 +35,6 @@ LATEST_STATUS_RANK = (
 )
 # An unknown new status never replaces anything (it still goes into the history).
 UNKNOWN_STATUS_RANK = -2
-
-
-def utc_now_iso(timestamp=None):
-    """UTC time as ISO 8601 with milliseconds, e.g. 2026-11-26T20:01:41.123Z."""
-    moment = (
-        datetime.now(timezone.utc)
-        if timestamp is None
-        else datetime.fromtimestamp(timestamp, timezone.utc)
-    )
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def iso_to_timestamp(text):
-    """The inverse of utc_now_iso: seconds since the epoch."""
-    moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-    return moment.timestamp()
 
 
 def get_db():
@@ -109,11 +94,15 @@ def writes(function):
     (writer.py, under gunicorn), batched with other requests' writes, or else here."""
     WRITES[function.__name__] = function
 
+    returns = function.__annotations__.get("return")
+
     @functools.wraps(function)
     def write(storage, *args, writer_timeout=None, **kwargs):
         """`writer_timeout`: at most this many seconds for the writer process's answer."""
         if storage.writer is not None:
-            return storage.writer.call(function.__name__, args, kwargs, writer_timeout)
+            result = storage.writer.call(function.__name__, args, kwargs, writer_timeout)
+            # The writer answers in JSON, where a named tuple arrives as a list.
+            return returns(*result) if returns is not None and result is not None else result
         return function(storage, *args, **kwargs)
 
     return write
@@ -154,7 +143,7 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
     A callback may arrive before /send-sms stored its message, or be about a message
     sent by other software: the message record is then created from the callback.
     """
-    at = at or utc_now_iso()
+    at = at or stored_time()
     with storage.transaction() as tx:
         created = tx.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
@@ -179,7 +168,7 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
     Callbacks may already have stored later statuses, which this never moves back. The
     send's reservation under the per-recipient limit is replaced by the stored message.
     """
-    now = now or utc_now_iso()
+    now = now or stored_time()
     with storage.transaction() as tx:
         if reservation is not None:
             tx.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
@@ -202,32 +191,6 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             (account_sid, to, from_, from_, body, status, now, created_at, created_at,
              created_at, created_at, sid),
         )
-
-
-def message_with_history(storage, sid):
-    """The message and its history (oldest first) as the API shows them, or None."""
-    messages = storage.query("SELECT * FROM messages WHERE sid = ?", (sid,))
-    if not messages:
-        return None
-    message = messages[0]
-    events = storage.query(
-        "SELECT status, error_code, received_at FROM status_events WHERE message_sid = ?"
-        " ORDER BY received_at, id",
-        (sid,),
-    )
-    return {
-        "sid": message["sid"],
-        "to": message["to_number"],
-        "from": message["from_number"],
-        "latestStatus": message["latest_status"],
-        "errorCode": message["error_code"],
-        "createdAt": message["created_at"],
-        "updatedAt": message["updated_at"],
-        "history": [
-            {"status": e["status"], "errorCode": e["error_code"], "timestamp": e["received_at"]}
-            for e in events
-        ],
-    }
 
 
 @writes
@@ -284,8 +247,17 @@ def release_idempotency_key(storage, scope, key):
         tx.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key))
 
 
+class SendPlace(NamedTuple):
+    """What reserve_send answers: the reservation's id, or None when `limit_reached`
+    ("recipient" or "total"), with the seconds until a place is free again."""
+
+    reservation: int | None
+    limit_reached: str | None
+    wait_seconds: float | None
+
+
 @writes
-def reserve_send(storage, to, now, recipient_limit, total_limit):
+def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
     """Claims one place under the hourly limits, for one recipient (`recipient_limit`) and
     for the whole service (`total_limit`; 0 turns either off), atomically across workers
     and instances: the locks serialise each count with its claim.
@@ -299,7 +271,7 @@ def reserve_send(storage, to, now, recipient_limit, total_limit):
     Returns (reservation id, None, None), or (None, the limit reached: "recipient" or
     "total", seconds until the first of the sends it counted stops counting).
     """
-    hour_ago = utc_now_iso(now - 3600)
+    hour_ago = stored_time(now - 3600)
     with storage.transaction() as tx:
         # Always "all sends" before a recipient, so two sends never wait on each other.
         # Messages and reservations are read in one statement: PostgreSQL gives each
@@ -318,8 +290,8 @@ def reserve_send(storage, to, now, recipient_limit, total_limit):
             if counted["sent"] + counted["reserved"] >= total_limit:
                 firsts = [counted["first_reserved"]] if counted["reserved"] else []
                 if counted["sent"]:
-                    firsts.append(iso_to_timestamp(counted["first_sent"]) + 3600)
-                return None, "total", min(firsts) - now
+                    firsts.append(timestamp_of(counted["first_sent"]) + 3600)
+                return SendPlace(None, "total", min(firsts) - now)
         if recipient_limit:
             tx.lock(f"recipient {to}")
             tx.execute("DELETE FROM send_reservations WHERE to_number = ? AND counts_until < ?",
@@ -330,15 +302,15 @@ def reserve_send(storage, to, now, recipient_limit, total_limit):
                 " UNION ALL SELECT NULL, counts_until FROM send_reservations WHERE to_number = ?",
                 (to, hour_ago, to),
             ).fetchall()
-            stop_counting = [iso_to_timestamp(row["sent_at"]) + 3600 if row["sent_at"]
+            stop_counting = [timestamp_of(row["sent_at"]) + 3600 if row["sent_at"]
                              else row["counts_until"] for row in rows]
             if len(stop_counting) >= recipient_limit:
-                return None, "recipient", min(stop_counting) - now
-        return tx.execute(
+                return SendPlace(None, "recipient", min(stop_counting) - now)
+        return SendPlace(tx.execute(
             "INSERT INTO send_reservations (to_number, reserved_at, counts_until)"
             " VALUES (?, ?, ?) RETURNING id",
             (to, now, now + 3600),
-        ).fetchone()["id"], None, None
+        ).fetchone()["id"], None, None)
 
 
 @writes
@@ -470,7 +442,7 @@ def check_writable(storage):
     this inserts a message of the usual size with one event, deletes both, and records the
     time of the check.
     """
-    at = utc_now_iso()
+    at = stored_time()
     with storage.transaction() as tx:
         tx.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"

@@ -5,7 +5,7 @@ import os
 
 from flask import Blueprint, current_app, request
 
-from sms_status import listing, twilio_errors
+from sms_status import listing
 from sms_status.rules import printable
 from sms_status.storage import records as db
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
@@ -79,10 +79,9 @@ def message_status():
 @blueprint.get("/get-status/<sid>")
 @require_api_key
 def get_status(sid):
-    message = db.message_with_history(db.get_db(), sid)
+    message = listing.message_with_history(sid)
     if message is None:
         return json_error(404, f"No message with SID {sid} is known to this service")
-    message["errorDescription"] = twilio_errors.description(message["errorCode"])
     return message
 
 

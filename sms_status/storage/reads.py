@@ -1,0 +1,101 @@
+"""The reads of GET /messages and GET /stats: their SQL, written once for both engines,
+returning rows. Their parameters and the shape of their answers are listing.py's.
+
+Every query walks one of schema.py's QUERY_INDEXES in the order it asks for, so a page or
+a window costs what it returns, not the size of the table.
+"""
+
+from sms_status.rules import FINAL_STATUSES
+
+MESSAGE_COLUMNS = ("sid, to_number, from_number, latest_status, error_code, created_at,"
+                   " updated_at, storage_order")
+
+
+def messages_page(storage, limit, to=None, error_code=None, status=None, since=None,
+                  until=None, before=None):
+    """Up to `limit` messages newest first (creation, then storage order), matching every
+    filter given; `before` is a (created_at, storage_order) position to start after."""
+    conditions, params = [], []
+    for condition, value in (("to_number = ?", to), ("error_code = ?", error_code),
+                             ("latest_status = ?", status), ("created_at >= ?", since),
+                             ("created_at < ?", until)):
+        if value is not None:
+            conditions.append(condition)
+            params.append(value)
+    if before is not None:
+        # A row-value comparison: the index on (created_at, storage_order) seeks straight to it.
+        conditions.append("(created_at, storage_order) < (?, ?)")
+        params += before
+    where = " WHERE " + " AND ".join(conditions) if conditions else ""
+    return storage.query(f"SELECT {MESSAGE_COLUMNS} FROM messages{where}"
+                         " ORDER BY created_at DESC, storage_order DESC LIMIT ?",
+                         (*params, limit))
+
+
+# Every latest status stored, one index seek each (a loose index scan: a plain DISTINCT
+# would read the whole index).
+DISTINCT_STATUSES = (
+    "WITH RECURSIVE found (status) AS ("
+    " SELECT min(latest_status) FROM messages"
+    " UNION ALL SELECT (SELECT min(latest_status) FROM messages"
+    " WHERE latest_status > found.status) FROM found WHERE found.status IS NOT NULL)"
+    " SELECT status FROM found WHERE status IS NOT NULL"
+)
+
+
+def status_counts(storage, since, until, idle_before):
+    """({status: count}, stuck count) of the messages created in [since, until).
+
+    Each status is counted on its own stretch of the (latest_status, created_at) index, which
+    needs no table row; only the messages not final yet are read for their last update.
+    """
+    by_status, stuck = {}, 0
+    for row in storage.query(DISTINCT_STATUSES, ()):
+        status = row["status"]
+        idle = "0" if status in FINAL_STATUSES else (
+            "sum(CASE WHEN updated_at < ? THEN 1 ELSE 0 END)")
+        counts = storage.query(
+            f"SELECT count(*) AS messages, {idle} AS stuck FROM messages"
+            " WHERE latest_status = ? AND created_at >= ? AND created_at < ?",
+            ((idle_before,) if idle != "0" else ()) + (status, since, until),
+        )[0]
+        if counts["messages"]:
+            by_status[status] = counts["messages"]
+            stuck += counts["stuck"] or 0
+    return dict(sorted(by_status.items())), stuck
+
+
+def error_counts(storage, since, until):
+    """[(error code, count)] of the window, most frequent first."""
+    rows = storage.query(
+        "SELECT error_code AS code, count(*) AS messages FROM messages"
+        " WHERE created_at >= ? AND created_at < ? AND error_code IS NOT NULL"
+        " GROUP BY error_code ORDER BY count(*) DESC, error_code",
+        (since, until),
+    )
+    return [(row["code"], row["messages"]) for row in rows]
+
+
+def delivery_times(storage, since, until):
+    """[(seconds from creation to `delivered`, how many messages)] of the window, in order
+    (millisecond steps, so far fewer values than messages)."""
+    rows = storage.query(
+        "SELECT seconds_to_delivered AS seconds, count(*) AS messages FROM messages"
+        " WHERE created_at >= ? AND created_at < ? AND seconds_to_delivered IS NOT NULL"
+        " GROUP BY seconds_to_delivered ORDER BY seconds_to_delivered",
+        (since, until),
+    )
+    return [(row["seconds"], row["messages"]) for row in rows]
+
+
+def message_with_history(storage, sid):
+    """(the message's row, its history's rows oldest first), or None when it is unknown."""
+    messages = storage.query("SELECT * FROM messages WHERE sid = ?", (sid,))
+    if not messages:
+        return None
+    events = storage.query(
+        "SELECT status, error_code, received_at FROM status_events WHERE message_sid = ?"
+        " ORDER BY received_at, id",
+        (sid,),
+    )
+    return messages[0], events
