@@ -22,6 +22,7 @@ from twilio.request_validator import RequestValidator
 
 from sms_status.config import VARIABLES
 from sms_status.storage import PostgresEngine
+from sms_status.storage.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,6 +115,25 @@ def count_rows(app, table):
 def count_rows_at(database_url, table):
     """Rows in one table of the database at `database_url` (a running service's)."""
     return sql_rows(database_url, f"SELECT count(*) FROM {table}")[0][0]
+
+
+def database_at_version(database_url, version):
+    """Creates, in an empty database, the schema an older release left at `version`, with
+    the service's own migrations up to it (PostgreSQL's first one reaches version 5)."""
+    if database_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(database_url[len("sqlite:///"):])
+        for target, script in SQLITE_MIGRATIONS:
+            if target <= version:
+                conn.executescript(script)
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.commit()
+        conn.close()
+        return
+    for target, script in POSTGRES_MIGRATIONS:
+        if target <= version:
+            sql_rows(database_url, script)
+    sql_rows(database_url, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    sql_rows(database_url, "INSERT INTO schema_version VALUES (?)", (version,))
 
 
 def fill_postgres_messages(database_url, count, first="2026-01-01T00:00:00Z", every=4):

@@ -13,8 +13,16 @@ from sms_status import create_app
 from sms_status.config import ConfigError
 from sms_status.storage import DATABASE_ERRORS, SQLiteEngine, open_engine
 from sms_status.storage import records as db
-from sms_status.storage.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION, SQLITE_MIGRATIONS
-from support import AUTH, callback, live_env, post_to_service, sql_rows, sqlite_only
+from sms_status.storage.schema import SCHEMA_VERSION, SQLITE_MIGRATIONS
+from support import (
+    AUTH,
+    callback,
+    database_at_version,
+    live_env,
+    post_to_service,
+    sql_rows,
+    sqlite_only,
+)
 
 
 def engine_for(url, **settings):
@@ -179,17 +187,7 @@ def test_concurrent_updates_of_one_message_lose_nothing(database_url):
 def test_upgrading_to_version_6_records_the_time_to_delivered_of_stored_messages(database_url):
     """Version 6 keeps each message's seconds to its `delivered` event; an older database
     gets them computed from the history it has."""
-    if database_url.startswith("sqlite:///"):
-        conn = sqlite3.connect(database_url[len("sqlite:///"):])
-        for _, script in SQLITE_MIGRATIONS[:5]:
-            conn.executescript(script)
-        conn.execute("PRAGMA user_version = 5")
-        conn.commit()
-        conn.close()
-    else:
-        sql_rows(database_url, POSTGRES_MIGRATIONS[0][1])
-        sql_rows(database_url, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        sql_rows(database_url, "INSERT INTO schema_version VALUES (5)")
+    database_at_version(database_url, 5)
     sql_rows(database_url, "INSERT INTO messages (sid, latest_status, created_at, updated_at)"
              " VALUES ('SM1', 'delivered', '2026-01-01T23:59:58.000Z', '2026-01-02T00:00:05.250Z')")
     sql_rows(database_url, "INSERT INTO status_events (message_sid, status, received_at) VALUES"
@@ -204,18 +202,7 @@ def test_upgrading_to_version_9_gives_stored_messages_a_storage_order(database_u
     """Version 9 orders messages created in the same millisecond by storage: SQLite numbers
     those it has in the order it stored them; PostgreSQL, which keeps no such order, in
     the order they were listed until then (creation, then SID). New ones come after."""
-    if database_url.startswith("sqlite:///"):
-        conn = sqlite3.connect(database_url[len("sqlite:///"):])
-        for _, script in SQLITE_MIGRATIONS[:8]:
-            conn.executescript(script)
-        conn.execute("PRAGMA user_version = 8")
-        conn.commit()
-        conn.close()
-    else:
-        for _, script in POSTGRES_MIGRATIONS[:4]:
-            sql_rows(database_url, script)
-        sql_rows(database_url, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        sql_rows(database_url, "INSERT INTO schema_version VALUES (8)")
+    database_at_version(database_url, 8)
     for sid, created in (("SM2", "2026-01-01T00:00:01.000Z"), ("SM3", "2026-01-01T00:00:00.000Z"),
                          ("SM1", "2026-01-01T00:00:01.000Z")):
         sql_rows(database_url, "INSERT INTO messages (sid, latest_status, created_at, updated_at)"

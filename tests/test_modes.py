@@ -2,7 +2,6 @@
 ones, in either direction."""
 
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from sms_status.config import SIMULATED_ACCOUNT_SID, ConfigError
-from sms_status.storage.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
-from support import ROOT, live_env, sql_rows
+from support import ROOT, database_at_version, live_env, sql_rows
 
 
 def test_a_live_start_on_a_database_used_in_simulation_is_refused(make_app):
@@ -44,18 +42,7 @@ def test_upgrading_a_database_that_holds_simulated_messages_records_simulation(
         make_app, database_url):
     """Before version 8 both modes shared one default file: a database already holding
     messages of the simulated account was used in simulation."""
-    if database_url.startswith("sqlite:///"):
-        conn = sqlite3.connect(database_url[len("sqlite:///"):])
-        for _, script in SQLITE_MIGRATIONS[:7]:
-            conn.executescript(script)
-        conn.execute("PRAGMA user_version = 7")
-        conn.commit()
-        conn.close()
-    else:
-        for _, script in POSTGRES_MIGRATIONS[:3]:
-            sql_rows(database_url, script)
-        sql_rows(database_url, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        sql_rows(database_url, "INSERT INTO schema_version VALUES (7)")
+    database_at_version(database_url, 7)
     sql_rows(database_url, "INSERT INTO messages (sid, account_sid, latest_status, created_at,"
              " updated_at) VALUES ('SM1', ?, 'delivered', '2026-01-01T00:00:00.000Z',"
              " '2026-01-01T00:00:00.000Z')", (SIMULATED_ACCOUNT_SID,))
