@@ -27,7 +27,12 @@ import psycopg
 from sms_status.storage.postgres import READ_TIME_LIMIT_ERRORS, PostgresEngine
 from sms_status.storage.schema import ModeConflict
 from sms_status.storage.sqlite import SQLiteEngine
-from sms_status.storage.writer import OutcomeUnknown
+
+
+class OutcomeUnknown(sqlite3.OperationalError):
+    """SQLite's writer process (writer.py) was handed a write but gave no answer: it may or
+    may not be committed."""
+
 
 # Every error either engine raises (a pool that cannot lend a connection in time included,
 # and the writer process's OutcomeUnknown).

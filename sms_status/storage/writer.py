@@ -46,6 +46,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+from sms_status.storage import OutcomeUnknown
+
 log = logging.getLogger("sms_status")
 
 HEADER = struct.Struct("!I")
@@ -120,10 +122,6 @@ def receive_message(sock):
 
 
 # --- in the workers: hand a write to the writer and wait for its answer --------------------
-
-class OutcomeUnknown(sqlite3.OperationalError):
-    """The writer was handed a write but gave no answer: it may or may not be committed."""
-
 
 class Client:
     """Sends writes to the writer process over one connection per thread.
