@@ -7,7 +7,7 @@ a window costs what it returns, not the size of the table.
 
 from sms_status.rules import FINAL_STATUSES
 
-MESSAGE_COLUMNS = ("sid, to_number, from_number, latest_status, error_code, created_at,"
+LISTED_COLUMNS = ("sid, to_number, from_number, latest_status, error_code, created_at,"
                    " updated_at, storage_order")
 
 
@@ -27,7 +27,7 @@ def messages_page(storage, limit, to=None, error_code=None, status=None, since=N
         conditions.append("(created_at, storage_order) < (?, ?)")
         params += before
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    return storage.query(f"SELECT {MESSAGE_COLUMNS} FROM messages{where}"
+    return storage.query(f"SELECT {LISTED_COLUMNS} FROM messages{where}"
                          " ORDER BY created_at DESC, storage_order DESC LIMIT ?",
                          (*params, limit))
 

@@ -467,7 +467,7 @@ def check_writable(storage):
 # --- copying a history from one database to another ---------------------------------------
 
 COPY_BATCH = 1000
-MESSAGE_COLUMNS = ("sid", "account_sid", "to_number", "from_number", "body", "initial_status",
+COPIED_COLUMNS = ("sid", "account_sid", "to_number", "from_number", "body", "initial_status",
                    "latest_status", "error_code", "created_at", "updated_at", "sent_at",
                    "checked_at", "seconds_to_delivered")
 KEY_COLUMNS = ("scope", "key", "fingerprint", "created_at", "status_code", "response")
@@ -495,7 +495,7 @@ def copy_history(source, target, keys_created_after, progress=no_progress):
     done = last = 0
     while True:
         messages = source.query(
-            f"SELECT {', '.join(MESSAGE_COLUMNS)}, storage_order FROM messages"
+            f"SELECT {', '.join(COPIED_COLUMNS)}, storage_order FROM messages"
             " WHERE storage_order > ? ORDER BY storage_order LIMIT ?", (last, COPY_BATCH))
         if not messages:
             break
@@ -507,7 +507,7 @@ def copy_history(source, target, keys_created_after, progress=no_progress):
             (first, last))
         with target.transaction() as tx:
             copied["messages"] += _insert_new(
-                tx, "messages", MESSAGE_COLUMNS, messages,
+                tx, "messages", COPIED_COLUMNS, messages,
                 computed=[("storage_order", target.next_storage_order)])
             copied["events"] += _insert_new(
                 tx, "status_events", ("message_sid", "status", "error_code", "received_at"),

@@ -68,7 +68,7 @@ def message_status():
     if not sid or not status:
         return json_error(400, "A status callback needs MessageSid and MessageStatus "
                                "(or the older SmsSid and SmsStatus)")
-    error_code = parse_error_code(form.get("ErrorCode"))
+    error_code = callback_error_code(form.get("ErrorCode"))
     stored = db.record_status(db.get_db(), sid, status, error_code, to=form.get("To"),
                               from_=form.get("From"), account_sid=form.get("AccountSid"))
     log.info("Status callback %s %s error=%s%s", printable(sid, 64), printable(status, 32),
@@ -97,7 +97,7 @@ def stats():
     return listing.delivery_stats(request.args, current_app.config["CLOCK"]())
 
 
-def parse_error_code(raw):
+def callback_error_code(raw):
     """Twilio's ErrorCode as an integer, or None when absent or not a plain number."""
     raw = (raw or "").strip()
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None
