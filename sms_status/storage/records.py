@@ -11,6 +11,7 @@ message's latest status), so concurrent updates queue instead of deadlocking on 
 """
 
 import functools
+import time
 from typing import NamedTuple
 
 from flask import current_app
@@ -349,6 +350,7 @@ def mark_unknown_at_twilio(storage, sid):
     mark_checked(storage, sid, NEVER_AGAIN)
 
 
+COMPACT_ATTEMPTS = 20
 # Messages pruned per transaction: each batch is one short write, so callbacks keep landing
 # between batches instead of waiting (or failing) behind one long delete.
 PRUNE_BATCH = 500
@@ -423,7 +425,12 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress
     with storage.transaction() as tx:
         tx.execute("DELETE FROM send_reservations WHERE counts_until < ?", (now,))
     # Give the space of the deleted rows' journal back (SQLite's WAL; nothing on PostgreSQL).
-    storage.compact()
+    # A checkpoint under way elsewhere (the writer process's) makes an attempt give up at
+    # once, so it is tried a few times.
+    for _ in range(COMPACT_ATTEMPTS):
+        if storage.compact():
+            break
+        time.sleep(0.1)
     return messages, events, bodies
 
 
