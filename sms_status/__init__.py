@@ -63,6 +63,9 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
     app.extensions["validator"] = RequestValidator(config.auth_token)
     if config.webhook_signing_key:
         app.extensions["shared_key_validator"] = RequestValidator(config.webhook_signing_key)
+    if for_commands:
+        # A maintenance command's reads (counting a million messages) may take their time.
+        storage_settings = {"read_timeout": 0, **(storage_settings or {})}
     # None only for the commands, when DATABASE_URL is malformed: they say so before use.
     storage = app.extensions["storage"] = (
         db.open_storage(config, **(storage_settings or {})) if config.database_url else None)

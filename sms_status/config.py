@@ -156,7 +156,9 @@ def _unescaped_userinfo(url):
     `postgres://app:p/ss@db/x` to host `app`, port `p`. A bare ':' in a password is read
     right (the first ':' ends the user name).
     """
-    authority, _, path = url.split("://", 1)[1].partition("/")
+    rest = url.split("://", 1)[1]
+    authority = re.split("[/?]", rest, maxsplit=1)[0]  # up to the path, or the query
+    path = rest[len(authority):]
     return authority.count("@") > 1 or ("@" not in authority and "@" in path.split("?")[0])
 
 

@@ -239,6 +239,10 @@ def test_while_postgres_is_down_requests_fail_fast_and_recover_by_themselves(
     assert max(seconds for _, _, seconds, _ in answers) < 1, answers
     reads = [answer["error"] for path, _, _, answer in answers if path == "messages"]
     assert all("nothing was changed" in error and "stored" not in error for error in reads)
+    # /healthz answers anyone: it says why, never where the database is or as whom.
+    health = [answer["error"] for path, _, _, answer in answers if path == "healthz"]
+    assert all(f":{own_postgres.port}" not in error and "postgres'" not in error
+               for error in health), health
 
     own_postgres.start()
     # Each worker's pools reconnect on their own (within a few seconds: their attempts back

@@ -387,6 +387,7 @@ def test_healthz_answers_503_within_a_second_while_the_writer_is_stuck(
     pytest.param(writer.HEADER.pack(5) + b"hello", id="not-json"),
     pytest.param(writer.HEADER.pack(2) + b"{}", id="not-a-write"),
     pytest.param(writer.HEADER.pack(23) + b'["os.system",["id"],{}]', id="unknown-function"),
+    pytest.param(writer.HEADER.pack(11) + b'[[1],[],{}]', id="name-not-a-string"),
     pytest.param(writer.HEADER.pack(2**32 - 1) + b"x" * 100, id="too-large"),
 ])
 def test_a_bad_frame_drops_its_connection_and_the_writer_goes_on(

@@ -60,6 +60,7 @@ CHECKPOINT_INTERVAL_SECONDS = 0.5
 # Past this size the writer rewinds the WAL between two batches (see WalLimit).
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 WAL_RETRY_SECONDS = 0.05
+WAL_MAX_RETRY_SECONDS = 5.0
 # The planner's statistics follow the tables' growth (SQLiteEngine.migrate gathers
 # them at start); SQLite recommends refreshing them periodically on long-lived connections.
 STATISTICS_INTERVAL_SECONDS = 3600
@@ -102,7 +103,8 @@ def take_messages(data):
 
 def check_write(message, functions):
     """A received write as (name, args, kwargs); raises BadFrame for anything else."""
-    if not (isinstance(message, list) and len(message) == 3 and message[0] in functions
+    if not (isinstance(message, list) and len(message) == 3 and isinstance(message[0], str)
+            and message[0] in functions
             and isinstance(message[1], list) and isinstance(message[2], dict)):
         raise BadFrame("a frame that is not a write: [name, [args], {kwargs}]")
     return tuple(message)
@@ -149,6 +151,8 @@ class Client:
                 # so the write goes once more, to the writer that replaced it.
                 self._drop()
                 sock = self._connection()
+                if timeout is not None:
+                    set_timeouts(sock, timeout)
                 send_message(sock, (name, args, kwargs))
             outcome, value = receive_message(sock)
         except (OSError, EOFError) as error:
@@ -307,21 +311,25 @@ class WalLimit:
     def __init__(self, engine, limit=WAL_LIMIT_BYTES, clock=time.monotonic):
         self.engine, self.limit, self.clock = engine, limit, clock
         self.next_try = 0.0
+        self.retry_after = WAL_RETRY_SECONDS
         self.last_problem = None
 
     def check(self):
         """Rewinds the WAL if it is past the limit; when readers or the other checkpoint
-        keep it from finishing, tries again a little later."""
+        keep it from finishing, tries again later, waiting twice as long after each failure
+        (up to WAL_MAX_RETRY_SECONDS): a long read (a backup) must not make every batch
+        wait for a checkpoint that cannot finish."""
         if self.clock() < self.next_try or self.engine.wal_size() <= self.limit:
             return
         try:
             if self.engine.rewind_wal():
-                self.last_problem = None
+                self.last_problem, self.retry_after = None, WAL_RETRY_SECONDS
                 return
             problem = "readers or a checkpoint under way kept it from being rewound"
         except sqlite3.Error as error:
             problem = self.engine.describe_error(error)
-        self.next_try = self.clock() + WAL_RETRY_SECONDS
+        self.next_try = self.clock() + self.retry_after
+        self.retry_after = min(2 * self.retry_after, WAL_MAX_RETRY_SECONDS)
         size = self.engine.wal_size()
         if size > 2 * self.limit and problem != self.last_problem:  # once, not every batch
             log.warning("Database writer: the WAL is %d MiB, past twice its limit of %d MiB: "
@@ -403,9 +411,11 @@ def main(argv):
     """`python -m sms_status.storage.writer <socket> <master pid>`, run by Supervisor in
     gunicorn's folder and environment, so that DATABASE_URL names the same database as the
     app's (the password never appears in a command line)."""
+    from sms_status.web.logs import OneLineFormatter
+
     socket_path, master = argv[0], int(argv[1])
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
 

@@ -50,9 +50,12 @@ def storage_problem():
         db.check_writable(db.get_db(), writer_timeout=HEALTH_CHECK_TIMEOUT_SECONDS)
         return None
     except db.DATABASE_ERRORS as error:
+        storage = db.get_db()
         log.error("Health check failed: the database cannot store updates: %s",
                   db.describe_error(error))
-        return db.describe_error(error) or type(error).__name__
+        # /healthz answers anyone: why, but not where the database is or as whom.
+        return (db.describe_error(error).replace(storage.label, "the database")
+                or type(error).__name__)
 
 
 def current_problem():
