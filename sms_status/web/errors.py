@@ -35,6 +35,12 @@ def http_error_message(error):
             else error.description)
 
 
+def log_database_error(error):
+    """One line for a database error met by a request: its route and the database's words."""
+    log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
+              db.describe_error(error))
+
+
 def database_unavailable(message):
     """503 with Retry-After: the database could not do what the request needed."""
     response = json_error(503, message)
@@ -62,8 +68,7 @@ def register_error_handlers(app):
         return response
 
     def database_error(error):
-        log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
-                  db.describe_error(error))
+        log_database_error(error)
         if isinstance(error, db.READ_TIME_LIMIT_ERRORS):
             return database_unavailable(
                 "The query took longer than reads are allowed and was stopped; nothing was "

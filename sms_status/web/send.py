@@ -4,11 +4,13 @@
 from flask import Blueprint, request
 
 from sms_status import sending
-from sms_status.rules import printable
 from sms_status.storage import records as db
-from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, http_error_message
+from sms_status.web.errors import (
+    DATABASE_RETRY_AFTER_SECONDS,
+    http_error_message,
+    log_database_error,
+)
 from sms_status.web.guards import require_api_key
-from sms_status.web.logs import log
 
 blueprint = Blueprint("send", __name__)
 
@@ -34,8 +36,7 @@ def too_large(error):
 def database_error(error):
     """A send meets the database before Twilio (its key, its place under the limits), so no
     SMS was sent; once Twilio accepted, a storage failure is answered 200 with a warning."""
-    log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
-              db.describe_error(error))
+    log_database_error(error)
     if isinstance(error, db.OutcomeUnknown):
         message = ("No SMS was sent, but the database did not confirm this request (its "
                    "writer process gave no answer), so part of it may be stored. Try again; if "
