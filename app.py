@@ -9,4 +9,6 @@ if __name__ == "__main__":
     config = app.config["SERVICE"]
     # Simulating without API_KEY every endpoint is open: this machine alone may reach it.
     local_only = config.simulate and not config.api_key
+    if "webhooks" in app.extensions:
+        app.extensions["webhooks"].start()
     app.run(host="127.0.0.1" if local_only else "0.0.0.0", port=config.port)

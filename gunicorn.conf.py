@@ -93,7 +93,7 @@ def on_starting(server):
                                ", ".join(server.cfg.bind))
 
 
-# No worker_exit hook closing the database connections: gthread's threads may still be
+# worker_exit (below) closes no database connections: gthread's threads may still be
 # inside a request when it runs, and closing a SQLite connection under a running query
 # answered 500 or crashed the worker (SIGSEGV). The process ends right after; its
 # descriptors close with it, committed data is already in SQLite's WAL (or PostgreSQL),
@@ -114,6 +114,22 @@ def when_ready(server):
     server.database_writer = writer.Supervisor()
     server.database_writer.start()
     storage.writer = writer.Client(server.database_writer.socket_path)
+
+
+def post_worker_init(worker):
+    """Starts this worker's delivery of status webhooks (when STATUS_WEBHOOK_URL is set):
+    after the fork, since threads do not survive one."""
+    delivery = worker.wsgi.extensions.get("webhooks")
+    if delivery is not None:
+        delivery.start()
+
+
+def worker_exit(server, worker):
+    """Lets the worker's webhook attempts in flight end for a few seconds, then gives back
+    the events still in flight, for another worker, instance or the next start."""
+    delivery = worker.wsgi.extensions.get("webhooks")
+    if delivery is not None:
+        delivery.stop()
 
 
 def on_exit(server):

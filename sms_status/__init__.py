@@ -5,7 +5,8 @@
 comes from the environment and an optional .env file (.env.example).
 
 The rooms: web/ (routes, guards, errors, health, logs), storage/ (SQLite and PostgreSQL,
-the records and the writer process), serving/ (gunicorn's worker), and beside them the
+the records, the webhooks' outbox and the writer process), webhooks/ (status events pushed
+to the sender's application), serving/ (gunicorn's worker), and beside them the
 configuration, the send flow, the listings, Twilio's client and its simulator.
 """
 
@@ -25,6 +26,7 @@ from sms_status.storage import records as db
 from sms_status.web.guards import MAX_CALLBACK_FIELDS, MAX_REQUEST_BYTES
 from sms_status.web.health import HealthCheck
 from sms_status.web.logs import LogBudget, configure_logging, log
+from sms_status.webhooks.delivery import Delivery
 
 
 def create_app(test_config=None, http_client=None, clock=time.time, for_commands=False,
@@ -69,6 +71,9 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
     # None only for the commands, when DATABASE_URL is malformed: they say so before use.
     storage = app.extensions["storage"] = (
         db.open_storage(config, **(storage_settings or {})) if config.database_url else None)
+    if config.status_webhook is not None and storage is not None:
+        # Started in each server process (gunicorn.conf.py, app.py), never here.
+        app.extensions["webhooks"] = Delivery(config.status_webhook, storage, clock)
     web.register(app)
     register_commands(app)
     if for_commands:
@@ -83,8 +88,9 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
         log.warning("ALLOWED_DESTINATIONS is unset: /send-sms may send to any country, which "
                     "a leaked API key can use for SMS pumping; set it to the prefixes you "
                     "send to, like ALLOWED_DESTINATIONS=+1,+44")
-    log.info("Ready (%s mode): database %s, status callbacks to %s",
-             config.mode, storage.label, config.status_callback_url)
+    log.info("Ready (%s mode): database %s, status callbacks to %s, status webhooks %s",
+             config.mode, storage.label, config.status_callback_url,
+             f"to {config.status_webhook.display_url}" if config.status_webhook else "off")
     return app
 
 

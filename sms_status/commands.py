@@ -1,4 +1,5 @@
-"""Maintenance commands: `flask --app app reconcile`, `prune`, `copy-database` and `backup`.
+"""Maintenance commands: `flask --app app reconcile`, `prune`, `copy-database`, `backup`
+and `retry-webhooks`.
 
 Status callbacks get lost (a deploy, a proxy, a network blip); reconciliation asks Twilio
 for the status of every message still waiting for a final one. Pruning keeps the
@@ -18,10 +19,10 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from sms_status import rules, twilio_api
+from sms_status import rules, twilio_api, webhooks
 from sms_status.config import ConfigError, parse_database_url, problems_with
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
-from sms_status.storage import reads
+from sms_status.storage import outbox, reads
 from sms_status.storage import records as db
 
 RATE_LIMIT_RETRIES = 3
@@ -68,6 +69,9 @@ DATABASE_VARIABLES = ("DATABASE_URL", "DATABASE_POOL_SIZE", "SQLITE_SYNCHRONOUS"
                       "TWILIO_SIMULATE")  # the default database depends on the mode
 TWILIO_VARIABLES = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_TIMEOUT",
                     "TWILIO_SIMULATE_LATENCY_MS")
+# A command that changes statuses records their events as the service would.
+WEBHOOK_VARIABLES = ("STATUS_WEBHOOK_URL", "STATUS_WEBHOOK_SECRET",
+                     "STATUS_WEBHOOK_RETRY_SCHEDULE", "STATUS_WEBHOOK_TIMEOUT")
 
 
 class ConfigurationProblem(click.ClickException):
@@ -151,6 +155,7 @@ def register_commands(app):
     app.cli.add_command(prune)
     app.cli.add_command(copy_database)
     app.cli.add_command(backup)
+    app.cli.add_command(retry_webhooks)
 
 
 def fetch_with_backoff(client, sid, sleep):
@@ -188,7 +193,8 @@ def check_with_twilio(storage, client, row, counts, echo):
             return True
         return False
     now = db.stored_time(clock())
-    new = db.record_status(storage, sid, message.status, message.error_code or None, at=now)
+    new = db.record_status(storage, sid, message.status, message.error_code or None, at=now,
+                           events=webhooks.recording(current_app))
     db.mark_checked(storage, sid, now)
     after = reads.message_with_history(storage, sid)[0]["latest_status"]
     counts["updated" if new else "unchanged"] += 1
@@ -207,7 +213,8 @@ def check_with_twilio(storage, client, row, counts, echo):
 def reconcile(older_than, limit, progress_every):
     """Fetch messages whose final status never arrived from Twilio and record what it says."""
     # Twilio of one mode is asked about the messages of a database of the same mode.
-    storage = command_storage(*TWILIO_VARIABLES, mode=current_app.config["SERVICE"].mode)
+    storage = command_storage(*TWILIO_VARIABLES, *WEBHOOK_VARIABLES,
+                              mode=current_app.config["SERVICE"].mode)
     client = current_app.extensions["twilio"]
     clock = current_app.config["CLOCK"]
     counts = {"updated": 0, "unchanged": 0, "not found": 0, "failed": 0}
@@ -290,7 +297,8 @@ def copy_database(source_url, progress_every):
     finally:
         source.close()
     click.echo(f"Copied {counted(copied['messages'], 'message')}, "
-               f"{counted(copied['events'], 'status event')} and "
+               f"{counted(copied['events'], 'status event')}, "
+               f"{counted(copied['webhookEvents'], 'webhook event')} and "
                f"{counted(copied['keys'], 'idempotency key')} from {source.label} to "
                f"{target.label} (what was there already was left as it was).")
 
@@ -315,3 +323,24 @@ def backup(target):
         raise click.ClickException(f"backup failed: {error}") from None
     click.echo(f"Backed up {storage.label} to {target}: {counted(messages, 'message')}, "
                f"{os.path.getsize(target)} bytes.")
+
+
+@click.command("retry-webhooks")
+@click.option("--since", default="24h", show_default=True, callback=parse_duration_option,
+              help="Queue again the status webhook events given up on in this window, e.g. 24h.")
+@with_appcontext
+def retry_webhooks(since):
+    """Queue again every status webhook event given up on (failed) recently, after the
+    receiver's outage; the service delivers them at once, each with its schedule restarted."""
+    storage = command_storage()
+    now = current_app.config["CLOCK"]()
+    try:
+        queued = outbox.queue_failed_webhook_events_again(
+            storage, failed_since=db.stored_time(now - since.seconds), now=now)
+    except db.DATABASE_ERRORS as error:
+        raise click.ClickException(f"database error: {db.describe_error(error)}") from None
+    click.echo(f"Queued {counted(queued, 'failed status webhook event')} again (given up on "
+               f"in the last {since.text}).")
+    if queued and not webhooks.recording(current_app):
+        click.echo("STATUS_WEBHOOK_URL is unset: they are delivered once the service runs "
+                   "with it set.")

@@ -4,6 +4,8 @@ Every problem is collected before anything fails, so one start-up message lists
 every variable to fix instead of making the operator fix them one restart at a time.
 """
 
+import base64
+import binascii
 import math
 import os
 import re
@@ -28,6 +30,13 @@ MIN_API_KEY_LENGTH = 16
 PLACEHOLDERS = {"your_auth_token", "change-me-to-a-long-random-string"}
 PLACEHOLDER_PHONE_NUMBER = "+15551234567"
 PLACEHOLDER_BASE_URL_HOST = "your-subdomain.ngrok-free.app"
+PLACEHOLDER_WEBHOOK_HOST = "your-app.example.com"
+PLACEHOLDER_WEBHOOK_SECRET = "whsec_change-me"
+
+# Status webhooks: Svix's schedule, 8 attempts over about 27 hours.
+DEFAULT_RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 36000)
+MAX_RETRY_DELAYS = 20
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 # Credentials of the simulated Twilio: they only sign simulated callbacks.
 SIMULATED_ACCOUNT_SID = "AC" + "0" * 32
@@ -42,7 +51,8 @@ VARIABLES = (
     "TWILIO_TIMEOUT", "BASE_URL", "API_KEY", "DATABASE_URL", "DATABASE_POOL_SIZE",
     "SQLITE_SYNCHRONOUS", "STORE_MESSAGE_BODY", "BODY_RETENTION", "ALLOWED_DESTINATIONS",
     "MAX_SENDS_PER_RECIPIENT_PER_HOUR", "MAX_SENDS_PER_HOUR", "LOG_LEVEL", "PORT",
-    "WEB_CONCURRENCY", "GUNICORN_THREADS", "REQUEST_READ_TIMEOUT",
+    "WEB_CONCURRENCY", "GUNICORN_THREADS", "REQUEST_READ_TIMEOUT", "STATUS_WEBHOOK_URL",
+    "STATUS_WEBHOOK_SECRET", "STATUS_WEBHOOK_RETRY_SCHEDULE", "STATUS_WEBHOOK_TIMEOUT",
 )
 
 
@@ -55,6 +65,23 @@ class ConfigError(Exception):
             "Configuration error; fix these environment variables (see .env.example):\n"
             + "\n".join(f"  - {problem}" for problem in problems)
         )
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Where status events go and how: STATUS_WEBHOOK_URL, _SECRET, _RETRY_SCHEDULE, _TIMEOUT."""
+
+    url: str = field(repr=False)  # may hold user:password@
+    secrets: tuple = field(repr=False)  # one or two whsec_ secrets
+    retry_schedule: tuple  # seconds between attempts: N delays make N + 1 attempts
+    timeout: float
+
+    @property
+    def display_url(self):
+        """The URL for logs: without the credentials it may hold."""
+        parts = urlparse(self.url)
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=host).geturl()
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,7 @@ class Config:
     webhook_signing_key: str | None = field(repr=False)
     body_retention_seconds: float
     simulate_latency: float
+    status_webhook: WebhookSettings | None = field(default=None, repr=False)  # None: off
 
     @property
     def status_callback_url(self):
@@ -235,6 +263,89 @@ def _sender(phone_number, messaging_service_sid, problems):
         problems.append("TWILIO_MESSAGING_SERVICE_SID must be MG followed by 32 hex characters")
 
 
+def _webhook_secrets(raw, problems):
+    """STATUS_WEBHOOK_SECRET: one Standard Webhooks secret, or two separated by one space."""
+    name = "STATUS_WEBHOOK_SECRET"
+    if raw is None or raw.strip() == "":
+        problems.append(f"{name} is required when STATUS_WEBHOOK_URL is set: whsec_ followed "
+                        "by the base64 of 24 to 64 random bytes; make one with: python3 -c "
+                        "'import base64, secrets; print(\"whsec_\" + "
+                        "base64.b64encode(secrets.token_bytes(32)).decode())'")
+        return ()
+    raw = raw.strip()
+    if PLACEHOLDER_WEBHOOK_SECRET in raw:
+        problems.append(f"{name} is still the placeholder from .env.example; make a random one")
+        return ()
+    secrets = raw.split(" ")
+    if len(secrets) > 2:
+        problems.append(f"{name} holds at most two secrets separated by one space (to rotate "
+                        f"without a gap), got {len(secrets)} parts")
+        return ()
+    for number, secret in enumerate(secrets, 1):
+        try:
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not secret.startswith("whsec_") or not 24 <= len(key) <= 64:
+            which = f"its secret number {number}" if len(secrets) > 1 else "it"
+            # The value itself is never repeated: it is a secret.
+            problems.append(f"{name} must be whsec_ followed by the base64 of 24 to 64 random "
+                            f"bytes; {which} is not")
+            return ()
+    return tuple(secrets)
+
+
+def _retry_schedule(raw, problems):
+    name = "STATUS_WEBHOOK_RETRY_SCHEDULE"
+    if raw is None or raw.strip() == "":
+        return DEFAULT_RETRY_SCHEDULE
+    delays = []
+    for part in raw.split(","):
+        try:
+            delay = float(part.strip())
+        except ValueError:
+            delay = math.nan
+        if not (math.isfinite(delay) and 0 <= delay <= 7 * 86400):
+            problems.append(f"{name} must be comma-separated delays in seconds (each from 0 to "
+                            f"604800), like 5,300,1800; got {raw!r}")
+            return DEFAULT_RETRY_SCHEDULE
+        delays.append(delay)
+    if len(delays) > MAX_RETRY_DELAYS:
+        problems.append(f"{name} has {len(delays)} delays; at most {MAX_RETRY_DELAYS} are allowed")
+        return DEFAULT_RETRY_SCHEDULE
+    return tuple(delays)
+
+
+def _status_webhook(env, simulate, problems):
+    """The status webhooks' settings, or None when STATUS_WEBHOOK_URL is unset (off)."""
+    raw = (env.get("STATUS_WEBHOOK_URL") or "").strip()
+    if not raw:
+        return None
+    name = "STATUS_WEBHOOK_URL"
+    try:
+        parts = urlparse(raw)
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises ValueError when out of range)
+    except ValueError:
+        parts, host = None, None
+    # Never repeated in a message: it may hold a user name and password.
+    if parts is None or parts.scheme not in ("http", "https") or not host or parts.fragment:
+        problems.append(f"{name} must be an http(s) URL like https://example.com/sms-events, "
+                        "without a #fragment")
+    elif host == PLACEHOLDER_WEBHOOK_HOST:
+        problems.append(f"{name} is still the placeholder from .env.example; set the URL of "
+                        "your application's receiver")
+    elif not simulate and parts.scheme != "https" and host not in LOOPBACK_HOSTS:
+        problems.append(f"{name} must be https:// when live (http:// only for localhost, "
+                        "127.0.0.1 and [::1])")
+    return WebhookSettings(
+        url=raw,
+        secrets=_webhook_secrets(env.get("STATUS_WEBHOOK_SECRET"), problems),
+        retry_schedule=_retry_schedule(env.get("STATUS_WEBHOOK_RETRY_SCHEDULE"), problems),
+        timeout=_number(env, "STATUS_WEBHOOK_TIMEOUT", 15.0, problems, float, 0.1, 600),
+    )
+
+
 def load_config(env):
     """Builds a Config from an environment mapping, or raises ConfigError listing every problem."""
     config, problems = read_config(env)
@@ -352,6 +463,7 @@ def read_config(env):
         body_retention_seconds=body_retention_seconds,
         simulate_latency=_number(env, "TWILIO_SIMULATE_LATENCY_MS", 0, problems, int, 0, 60000)
         / 1000,
+        status_webhook=_status_webhook(env, simulate, problems),
     )
     return config, problems
 
@@ -363,7 +475,8 @@ def problems_with(problems, variables):
 
 
 # Without API_KEY (allowed only when simulating) these need no key.
-ENDPOINTS_OPEN_WITHOUT_KEY = ("/send-sms", "/get-status", "/messages", "/stats")
+ENDPOINTS_OPEN_WITHOUT_KEY = ("/send-sms", "/get-status", "/messages", "/stats",
+                              "/webhook-events")
 
 
 def serves_locally_only(env):

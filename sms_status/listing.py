@@ -101,20 +101,27 @@ def parse_to(text):
     return text
 
 
+def parse_reference(text):
+    if not rules.is_reference(text):
+        refuse(f"Parameter 'reference' {rules.REFERENCE_RULE}")
+    return text
+
+
 def page_key(row):
     """A message's place in the listing order: its creation time, then its storage order."""
     return row["created_at"], row["storage_order"]
 
 
-def encode_cursor(row):
-    """The opaque position after `row`: its page_key."""
-    raw = json.dumps(page_key(row), separators=(",", ":")).encode()
+def encode_cursor(key):
+    """The opaque position after a row whose place in the order is `key` (a page_key)."""
+    raw = json.dumps(key, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(text):
-    """(created_at, storage_order) from a cursor this service gave out; refuses anything else
-    (a cursor given out before messages had a storage order included)."""
+    """(created_at, storage_order) from a cursor this service gave out (for webhook events:
+    (created_at, seq)); refuses anything else (a cursor given out before messages had a
+    storage order included)."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         created_at, order = json.loads(raw)
@@ -134,7 +141,8 @@ def refuse_empty_window(since, until):
 
 # --- GET /messages ------------------------------------------------------------------------
 
-MESSAGES_PARAMETERS = ("to", "status", "errorCode", "since", "until", "limit", "cursor")
+MESSAGES_PARAMETERS = ("to", "status", "errorCode", "reference", "since", "until", "limit",
+                       "cursor")
 
 
 def list_messages(args):
@@ -151,6 +159,7 @@ def list_messages(args):
         "to": parse_to(values["to"]) if "to" in values else None,
         "error_code": (parse_error_code(values["errorCode"]) if "errorCode" in values
                        else None),
+        "reference": parse_reference(values["reference"]) if "reference" in values else None,
         "since": since, "until": until,
         "before": decode_cursor(values["cursor"]) if "cursor" in values else None,
     }
@@ -164,7 +173,7 @@ def list_messages(args):
     else:
         rows = reads.messages_page(db.get_db(), limit + 1, **filters)
 
-    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    next_cursor = encode_cursor(page_key(rows[limit - 1])) if len(rows) > limit else None
     return {"messages": [message_item(row) for row in rows[:limit]], "nextCursor": next_cursor}
 
 
@@ -177,6 +186,7 @@ def message_item(row):
         "latestStatus": row["latest_status"],
         "errorCode": row["error_code"],
         "errorDescription": twilio_errors.description(row["error_code"]),
+        "reference": row["reference"],
         "createdAt": row["created_at"],
         "updatedAt": row["updated_at"],
     }
@@ -227,6 +237,7 @@ def delivery_stats(args, now):
                    for code, count in reads.error_counts(storage, since, until)],
         "timeToDeliveredSeconds": time_to_delivered(since, until),
         "stuck": stuck,
+        "webhooks": reads.webhook_event_counts(storage, since, until),
     }
 
 
@@ -257,3 +268,51 @@ def message_with_history(sid):
     return {**message_item(message), "history": [
         {"status": e["status"], "errorCode": e["error_code"], "timestamp": e["received_at"]}
         for e in events]}
+
+
+# --- GET /webhook-events ------------------------------------------------------------------
+
+WEBHOOK_EVENTS_PARAMETERS = ("state", "sid", "limit", "cursor")
+WEBHOOK_EVENT_STATES = ("pending", "delivered", "failed")
+MAX_SID_LENGTH = 64
+
+
+def list_webhook_events(args):
+    """One page of status webhook events, newest first, with the cursor of the next page."""
+    values = single_values(args, WEBHOOK_EVENTS_PARAMETERS)
+    limit = parse_limit(values["limit"]) if "limit" in values else DEFAULT_LIMIT
+    state = values.get("state")
+    if state is not None and state not in WEBHOOK_EVENT_STATES:
+        refuse(f"Parameter 'state' must be one of {', '.join(WEBHOOK_EVENT_STATES)}")
+    sid = values.get("sid")
+    if sid is not None and not (sid.isascii() and sid.isalnum() and len(sid) <= MAX_SID_LENGTH):
+        refuse("Parameter 'sid' must be a message SID, like SM followed by 32 hex characters")
+    before = decode_cursor(values["cursor"]) if "cursor" in values else None
+    rows = reads.webhook_events_page(db.get_db(), limit + 1, state=state, sid=sid,
+                                     before=before)
+    next_cursor = (encode_cursor((rows[limit - 1]["created_at"], rows[limit - 1]["seq"]))
+                   if len(rows) > limit else None)
+    return {"events": [webhook_event_item(row) for row in rows[:limit]],
+            "nextCursor": next_cursor}
+
+
+def webhook_event_item(row):
+    """A status webhook event as the API shows it, from its stored row."""
+    return {
+        "id": row["id"],
+        "type": row["type"],
+        "sid": row["message_sid"],
+        "state": row["state"],
+        "attempts": row["attempts"],
+        "createdAt": row["created_at"],
+        "lastAttemptAt": row["last_attempt_at"],
+        "nextAttemptAt": row["next_attempt_at"] if row["state"] == "pending" else None,
+        "deliveredAt": row["delivered_at"],
+        "lastError": row["last_error"],
+    }
+
+
+def webhook_event(event_id):
+    """One event's item, or None when it is unknown."""
+    row = reads.webhook_event(db.get_db(), event_id)
+    return webhook_event_item(row) if row is not None else None

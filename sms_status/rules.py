@@ -8,7 +8,8 @@ import secrets
 
 E164_PATTERN = re.compile(r"\+[1-9][0-9]{1,14}")
 MAX_BODY_LENGTH = 1600
-SEND_FIELDS = ("to", "body")
+SEND_FIELDS = ("to", "body", "reference")
+MAX_REFERENCE_LENGTH = 128
 
 # Twilio's outbound message lifecycle. A status may only move latestStatus forward;
 # the final ones share a rank, so a late final status never replaces an earlier one.
@@ -45,7 +46,7 @@ def send_request_problem(payload):
         # Refused rather than ignored: a caller who sends mediaUrl or sendAt must not be
         # told that a plain SMS, sent now, was what they asked for.
         return (f"Unknown field {printable(unknown[0], 40)!r}: /send-sms takes only "
-                "'to' and 'body'")
+                "'to', 'body' and 'reference'")
     to = payload.get("to")
     if to is None:
         return "Field 'to' is required: the recipient in E.164 format, like +15558675309"
@@ -71,7 +72,21 @@ def send_request_problem(payload):
         return (f"Field 'body' has an unpaired UTF-16 surrogate at character {error.start}, "
                 "which no SMS can carry; send the whole character (a \\ud83d\\ude00 pair, "
                 "or the character itself)")
+    reference = payload.get("reference")
+    if reference is not None and not is_reference(reference):
+        return f"Field 'reference' {REFERENCE_RULE}, or null for none"
     return None
+
+
+REFERENCE_RULE = (f"must be a string of 1 to {MAX_REFERENCE_LENGTH} printable characters "
+                  "(letters of any language, digits, punctuation, spaces; no control "
+                  "characters), your own id such as an order number")
+
+
+def is_reference(value):
+    """A caller's own reference for a message: 1 to 128 printable characters."""
+    return (isinstance(value, str) and 1 <= len(value) <= MAX_REFERENCE_LENGTH
+            and value.isprintable())
 
 
 def printable(value, limit=200):

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from flask import Response, current_app, g, jsonify, request
 
-from sms_status import rules, twilio_api
+from sms_status import rules, twilio_api, webhooks
 from sms_status.storage import records as db
 
 log = logging.getLogger("sms_status")
@@ -101,13 +101,16 @@ def request_fingerprint(config, payload):
     """A keyed hash of the request's shape, recipient and body: bodies (one-time codes) are
     not kept in clear.
 
-    The shape (a JSON object and its field names, or the raw body) is part of it, so a raw
+    The shape (a JSON object and its field names, or the raw body) and the reference are
+    part of it, so a raw
     body like `["+15558675309", "hi"]` never matches the object with those values. Keyed
     with the API key, whose change starts a new key scope anyway.
     """
     if isinstance(payload, dict):
-        material = json.dumps(["object", sorted(payload), payload.get("to"),
-                               payload.get("body")])
+        fields = ["object", sorted(payload), payload.get("to"), payload.get("body")]
+        if "reference" in payload:  # so a key's fingerprint from before references holds
+            fields.append(payload["reference"])
+        material = json.dumps(fields)
     else:
         material = json.dumps(["raw", request.get_data(as_text=True)])
     secret = (config.api_key or config.auth_token).encode()
@@ -147,7 +150,7 @@ def checked_send(payload):
             return SendAnswer(limit_reached(to, reached, limit if reached == "recipient"
                                             else total, place.wait_seconds), False)
         reservation = place.reservation
-    return send_and_record(to, payload["body"], reservation)
+    return send_and_record(to, payload["body"], reservation, payload.get("reference"))
 
 
 def limit_reached(to, reached, limit, wait):
@@ -177,7 +180,7 @@ def release_reservation(reservation):
                   db.describe_error(error))
 
 
-def send_and_record(to, body, reservation=None):
+def send_and_record(to, body, reservation=None, reference=None):
     """Sends through Twilio, then stores the message; returns a SendAnswer.
 
     `reservation` is this send's place under the hourly limits: replaced by the stored
@@ -200,7 +203,8 @@ def send_and_record(to, body, reservation=None):
                               code=failure.code, retry_after=failure.retry_after)
         return SendAnswer(response, not failure.safe_to_retry)
 
-    answer = {"success": True, "messageSid": message.sid, "status": message.status}
+    answer = {"success": True, "messageSid": message.sid, "status": message.status,
+              "reference": reference}
     try:
         db.record_sent_message(
             db.get_db(), message.sid,
@@ -211,7 +215,9 @@ def send_and_record(to, body, reservation=None):
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
             body=body if config.store_message_body else None,
             status=message.status, created_at=now, now=now, reservation=reservation,
+            reference=reference, events=webhooks.recording(current_app),
         )
+        webhooks.nudge(current_app)
     except db.DATABASE_ERRORS as error:
         log.error("Message %s was sent but could not be stored: %s", message.sid,
                   db.describe_error(error))

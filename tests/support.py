@@ -1,6 +1,7 @@
 """Helpers of the tests, the benchmarks and CI: importable (`from support import ...`),
 unlike conftest.py, which holds the pytest fixtures built from them."""
 
+import json
 import os
 import shlex
 import shutil
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
@@ -337,3 +339,67 @@ class Service:
         return self.log_path.read_text()
 
 
+
+
+WEBHOOK_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # 24 bytes, for tests only
+OTHER_WEBHOOK_SECRET = "whsec_" + "QmF0dGVyeSBzdGFwbGUgY29ycmVjdCBob3JzZQ=="
+
+
+class WebhookReceiver:
+    """A local HTTP server standing in for the sender's application: keeps every request it
+    gets (arrival time, headers, body) and answers as told.
+
+    `answers` is a list consumed one request at a time, each an HTTP status, "hang" (never
+    answer until `release()`), or "redirect" (a 302 to itself); once it is empty, every
+    request gets `default` (204).
+    """
+
+    def __init__(self, default=204):
+        self.requests, self.answers, self.default = [], [], default
+        self.lock = threading.Lock()
+        self.released = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.requests.append((time.time(), dict(self.headers), body))
+                    answer = receiver.answers.pop(0) if receiver.answers else receiver.default
+                if answer == "hang":
+                    receiver.released.wait(120)
+                    return
+                status = 302 if answer == "redirect" else answer
+                self.send_response(status)
+                if answer == "redirect":
+                    self.send_header("Location", "/elsewhere")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/events"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def release(self):
+        self.released.set()
+
+    def events(self):
+        """[(webhook-id, the JSON body)] of every request so far, in arrival order."""
+        with self.lock:
+            return [(headers.get("webhook-id"), json.loads(body))
+                    for _, headers, body in self.requests]

@@ -208,7 +208,7 @@ def test_upgrading_to_version_9_gives_stored_messages_a_storage_order(database_u
         sql_rows(database_url, "INSERT INTO messages (sid, latest_status, created_at, updated_at)"
                  " VALUES (?, 'sent', ?, ?)", (sid, created, created))
     engine = engine_for(database_url)
-    assert engine.migrate() == 9
+    assert engine.migrate() == SCHEMA_VERSION
     db.record_status(engine, "SM0", "queued", at="2026-01-01T00:00:01.000Z")
     order = [sid for (sid,) in sql_rows(database_url,
                                          "SELECT sid FROM messages ORDER BY storage_order")]

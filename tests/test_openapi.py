@@ -1,4 +1,5 @@
 import json
+import re
 
 from openapi_spec_validator import validate
 
@@ -6,7 +7,8 @@ from sms_status.web.routes import OPENAPI_DOCUMENT
 
 ROUTES = {("/", "get"), ("/healthz", "get"), ("/openapi.json", "get"), ("/send-sms", "post"),
           ("/message-status", "post"), ("/get-status/{sid}", "get"), ("/messages", "get"),
-          ("/stats", "get")}
+          ("/stats", "get"), ("/webhook-events", "get"),
+          ("/webhook-events/{event_id}/retry", "post")}
 
 
 def test_openapi_document_is_served_without_a_key_and_is_valid_openapi_3_1(client):
@@ -21,7 +23,7 @@ def test_openapi_document_describes_every_route_of_the_app(app):
     with open(OPENAPI_DOCUMENT) as source:
         documented = {(path, method) for path, item in json.load(source)["paths"].items()
                       for method in item}
-    served = {(rule.rule.replace("<sid>", "{sid}"), method.lower())
+    served = {(re.sub(r"<(\w+)>", r"{\1}", rule.rule), method.lower())
               for rule in app.url_map.iter_rules() if rule.endpoint != "static"
               for method in rule.methods - {"HEAD", "OPTIONS"}}
     assert documented == served == ROUTES

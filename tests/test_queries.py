@@ -2,6 +2,7 @@ import base64
 import itertools
 import json
 import math
+import re
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -75,7 +76,7 @@ def test_messages_are_newest_first_with_the_documented_shape(client, store):
         "sid": older, "to": "+15558675309", "from": "+15551234567",
         "latestStatus": "undelivered", "errorCode": 30003,
         "errorDescription": item["errorDescription"],
-        "createdAt": at(120), "updatedAt": at(117),
+        "reference": None, "createdAt": at(120), "updatedAt": at(117),
     }
     assert item["errorDescription"].startswith("Unreachable handset")
     assert answer["messages"][0]["errorDescription"] is None
@@ -325,6 +326,7 @@ def test_stats_arithmetic_over_a_window(client, store):
         ],
         "timeToDeliveredSeconds": {"p50": 10, "p90": 18},
         "stuck": 2,
+        "webhooks": {"pending": 0, "failed": 0},
     }
     assert answer["errors"][0]["description"].startswith("Carrier filtering")
     assert answer["errors"][1]["description"].startswith("Unreachable handset")
@@ -358,7 +360,7 @@ def test_stats_of_an_empty_window(client, store):
     assert get(client, "/stats")[1] == {
         "since": "2026-11-25T20:00:00.000Z", "until": "2026-11-26T20:00:00.000Z",
         "total": 0, "byStatus": {}, "deliveryRate": None, "errors": [],
-        "timeToDeliveredSeconds": None, "stuck": 0,
+        "timeToDeliveredSeconds": None, "stuck": 0, "webhooks": {"pending": 0, "failed": 0},
     }
 
 
@@ -496,7 +498,11 @@ def test_time_to_delivered_counts_from_the_send_even_when_callbacks_came_first(
     pytest.param("/messages", {"status": "failed,undelivered"}, id="status"),
     pytest.param("/messages", {"errorCode": "30007"}, id="error-code"),
     pytest.param("/messages", {"since": "2026-11-26T19:00:00Z"}, id="since"),
+    pytest.param("/messages", {"reference": "order-1"}, id="reference"),
     pytest.param("/stats", {}, id="stats"),
+    pytest.param("/webhook-events", {}, id="events"),
+    pytest.param("/webhook-events", {"state": "failed"}, id="events-state"),
+    pytest.param("/webhook-events", {"sid": "SM" + "0" * 32}, id="events-sid"),
 ])
 @sqlite_only
 def test_queries_read_through_indexes_without_sorting(app, client, store, monkeypatch, path,
@@ -516,9 +522,10 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
     with app.app_context():
         for sql in seen:
             plan = [row["detail"] for row in db.get_db().query("EXPLAIN QUERY PLAN " + sql)]
-            tables = [line for line in plan if "messages" in line or "status_events" in line]
+            tables = [line for line in plan
+                      if re.search(r"\b(messages|status_events|webhook_events)\b", line)]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
-            if path == "/messages":
+            if path in ("/messages", "/webhook-events"):
                 assert not any("TEMP B-TREE" in line for line in plan), plan
             if params:  # a filter or a cursor seeks into the index instead of scanning it
                 assert plan[0].startswith("SEARCH"), plan

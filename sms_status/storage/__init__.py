@@ -10,8 +10,8 @@ Both engines are the same to their callers (the Engine protocol):
 - `transaction()`: a context manager yielding `tx`, with `tx.execute(sql, params)` (`?`
   placeholders) and `tx.lock(name)` (writers of one name take turns);
 - `query(sql, params)`: rows of a read, read by column name;
-- `migrate(mode=None)`, `compact()` (after a bulk delete), `seconds_between(start, end)`
-  and `next_storage_order` (SQL), `describe_error(error)`, `identity()`, `label`, and
+- `migrate(mode=None)`, `compact()` (after a bulk delete), `seconds_between(start, end)`,
+  `next_storage_order` and `skip_locked` (SQL), `describe_error(error)`, `identity()`, `label`, and
   `close()`, which closes this engine's connections in this process;
 - `writer`: under gunicorn on SQLite, the client of the writer process that the writes of
   records.py go through (writer.py); None otherwise;

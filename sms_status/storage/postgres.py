@@ -201,6 +201,8 @@ class PostgresEngine:
     # The next message's storage order: a sequence, so concurrent transactions never wait
     # for each other for it (a rolled-back one leaves a gap, which orders nothing wrongly).
     next_storage_order = "nextval('messages_storage_order')"
+    # A claim passes over the rows another transaction is settling (storage/outbox.py).
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     @staticmethod
     def describe_error(error):

@@ -1,5 +1,5 @@
-"""The reads of GET /messages and GET /stats: their SQL, written once for both engines,
-returning rows. Their parameters and the shape of their answers are listing.py's.
+"""The reads of GET /messages, GET /stats and GET /webhook-events: their SQL, written once
+for both engines, returning rows. Their parameters and the shape of their answers are listing.py's.
 
 Every query walks one of schema.py's QUERY_INDEXES in the order it asks for, so a page or
 a window costs what it returns, not the size of the table.
@@ -8,17 +8,17 @@ a window costs what it returns, not the size of the table.
 from sms_status.rules import FINAL_STATUSES
 
 LISTED_COLUMNS = ("sid, to_number, from_number, latest_status, error_code, created_at,"
-                   " updated_at, storage_order")
+                   " updated_at, storage_order, reference")
 
 
 def messages_page(storage, limit, to=None, error_code=None, status=None, since=None,
-                  until=None, before=None):
+                  until=None, before=None, reference=None):
     """Up to `limit` messages newest first (creation, then storage order), matching every
     filter given; `before` is a (created_at, storage_order) position to start after."""
     conditions, params = [], []
     for condition, value in (("to_number = ?", to), ("error_code = ?", error_code),
                              ("latest_status = ?", status), ("created_at >= ?", since),
-                             ("created_at < ?", until)):
+                             ("created_at < ?", until), ("reference = ?", reference)):
         if value is not None:
             conditions.append(condition)
             params.append(value)
@@ -99,3 +99,40 @@ def message_with_history(storage, sid):
         (sid,),
     )
     return messages[0], events
+
+
+# --- the outbox of status webhooks -------------------------------------------------------
+
+EVENT_COLUMNS = ("seq, id, message_sid, type, state, attempts, created_at, next_attempt_at,"
+                 " last_attempt_at, delivered_at, last_error")
+
+
+def webhook_events_page(storage, limit, state=None, sid=None, before=None):
+    """Up to `limit` events newest first (creation, then recording order), of one state or
+    message when given; `before` is a (created_at, seq) position to start after."""
+    conditions, params = [], []
+    for condition, value in (("state = ?", state), ("message_sid = ?", sid)):
+        if value is not None:
+            conditions.append(condition)
+            params.append(value)
+    if before is not None:
+        conditions.append("(created_at, seq) < (?, ?)")
+        params += before
+    where = " WHERE " + " AND ".join(conditions) if conditions else ""
+    return storage.query(f"SELECT {EVENT_COLUMNS} FROM webhook_events{where}"
+                         " ORDER BY created_at DESC, seq DESC LIMIT ?", (*params, limit))
+
+
+def webhook_event(storage, event_id):
+    """One event's row, or None."""
+    rows = storage.query(f"SELECT {EVENT_COLUMNS} FROM webhook_events WHERE id = ?",
+                         (event_id,))
+    return rows[0] if rows else None
+
+
+def webhook_event_counts(storage, since, until):
+    """{"pending": n, "failed": n}: the events created in [since, until) in those states."""
+    return {state: storage.query(
+        "SELECT count(*) AS n FROM webhook_events WHERE state = ? AND created_at >= ?"
+        " AND created_at < ?", (state, since, until))[0]["n"]
+        for state in ("pending", "failed")}

@@ -10,7 +10,6 @@ touch its rows in the same order (the message row if missing, then the history, 
 message's latest status), so concurrent updates queue instead of deadlocking on PostgreSQL.
 """
 
-import functools
 import time
 from typing import NamedTuple
 
@@ -24,8 +23,10 @@ from sms_status.storage import (  # noqa: F401 (re-exported for the app)
     ModeConflict,
     OutcomeUnknown,
     open_engine,
+    outbox,
 )
 from sms_status.storage.times import stored_time, timestamp_of  # noqa: F401 (for callers)
+from sms_status.storage.writes import WRITES, writes  # noqa: F401 (WRITES: for the writer)
 
 # The rank of a message's stored latest status, for the forward-only rule in SQL; a status
 # this code does not know ranks below every known one, so any known status replaces it.
@@ -86,29 +87,6 @@ INSERT_STATUS_EVENT = (
     "INSERT INTO status_events (message_sid, status, error_code, received_at)"
     " VALUES (?, ?, ?, ?) ON CONFLICT (message_sid, status) DO NOTHING")
 
-# The functions below marked @writes, by name: what the writer process may be asked to run.
-WRITES = {}
-
-
-def writes(function):
-    """Marks a function that writes: it runs in the writer process when the engine has one
-    (writer.py, under gunicorn), batched with other requests' writes, or else here."""
-    WRITES[function.__name__] = function
-
-    returns = function.__annotations__.get("return")
-
-    @functools.wraps(function)
-    def write(storage, *args, writer_timeout=None, **kwargs):
-        """`writer_timeout`: at most this many seconds for the writer process's answer."""
-        if storage.writer is not None:
-            result = storage.writer.call(function.__name__, args, kwargs, writer_timeout)
-            # The writer answers in JSON, where a named tuple arrives as a list.
-            return returns(*result) if returns is not None and result is not None else result
-        return function(storage, *args, **kwargs)
-
-    return write
-
-
 def _apply_status(storage, tx, sid, status, error_code, at, from_=None):
     """Adds (sid, status) to the history once and moves latestStatus only forward.
 
@@ -116,33 +94,42 @@ def _apply_status(storage, tx, sid, status, error_code, at, from_=None):
     update: PostgreSQL re-evaluates it on the newest row once the row's lock is free. The
     `delivered` event also records the seconds since the message's creation, for /stats,
     and a callback's sender number replaces a Messaging Service's MG SID.
+
+    Returns None for a repeat (the history has this status already), else the message's
+    (latest status, previous status) after the update. The latest status is `status` only
+    when this update moved it there: a status enters the history together with every move
+    to it, so it cannot have been the latest before.
     """
     inserted = tx.execute(INSERT_STATUS_EVENT, (sid, status, error_code, at)).rowcount
     if not inserted:
-        return False
+        return None
     rank = STATUS_RANK.get(status, UNKNOWN_STATUS_RANK)
-    tx.execute(
-        f"UPDATE messages SET latest_status = CASE WHEN ? > {LATEST_STATUS_RANK}"
-        " THEN ? ELSE latest_status END,"
+    # Every right-hand side reads the row as it was, so previous_status gets the old latest.
+    row = tx.execute(
+        f"UPDATE messages SET previous_status = CASE WHEN ? > {LATEST_STATUS_RANK}"
+        " THEN latest_status ELSE previous_status END,"
+        f" latest_status = CASE WHEN ? > {LATEST_STATUS_RANK} THEN ? ELSE latest_status END,"
         f" error_code = CASE WHEN ? > {LATEST_STATUS_RANK} THEN ? ELSE error_code END,"
         " updated_at = CASE WHEN updated_at < ? THEN ? ELSE updated_at END,"
         " seconds_to_delivered = CASE WHEN ? = 'delivered'"
         f" THEN {storage.seconds_between('created_at', '?')} ELSE seconds_to_delivered END,"
         " from_number = CASE WHEN from_number LIKE 'MG%' AND ? NOT LIKE 'MG%'"
         " THEN ? ELSE from_number END"
-        " WHERE sid = ?",
-        (rank, status, rank, error_code, at, at, status, at, from_, from_, sid),
-    )
-    return True
+        " WHERE sid = ? RETURNING latest_status, previous_status",
+        (rank, rank, status, rank, error_code, at, at, status, at, from_, from_, sid),
+    ).fetchone()
+    return row["latest_status"], row["previous_status"]
 
 
 @writes
 def record_status(storage, sid, status, error_code=None, to=None, from_=None, account_sid=None,
-                  at=None):
+                  at=None, events=False):
     """Stores one status update (callback or reconciliation); False when it was a repeat.
 
     A callback may arrive before /send-sms stored its message, or be about a message
-    sent by other software: the message record is then created from the callback.
+    sent by other software: the message record is then created from the callback. With
+    `events` (status webhooks on), a move of the latest status adds its event to the
+    outbox in the same transaction.
     """
     at = at or stored_time()
     with storage.transaction() as tx:
@@ -157,17 +144,26 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
         if created:
             # The new message already holds this status: only its history is missing.
             tx.execute(INSERT_STATUS_EVENT, (sid, status, error_code, at))
+            if events:
+                outbox.record_event(tx, sid, None, at)
             return True
-        return _apply_status(storage, tx, sid, status, error_code, at, from_)
+        applied = _apply_status(storage, tx, sid, status, error_code, at, from_)
+        if applied is None:
+            return False
+        latest, previous = applied
+        if events and latest == status:
+            outbox.record_event(tx, sid, previous, at)
+        return True
 
 
 @writes
 def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
-                        now=None, reservation=None):
+                        now=None, reservation=None, reference=None, events=False):
     """Stores a message Twilio accepted; its create-time status is the first history entry.
 
     Callbacks may already have stored later statuses, which this never moves back. The
     send's reservation under the per-recipient limit is replaced by the stored message.
+    With `events`, a move of the latest status adds its event to the outbox.
     """
     now = now or stored_time()
     with storage.transaction() as tx:
@@ -178,7 +174,7 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             f" VALUES (?, ?, ?, ?, {storage.next_storage_order}) ON CONFLICT (sid) DO NOTHING",
             (sid, status, created_at, now),
         )
-        _apply_status(storage, tx, sid, status, None, created_at)
+        applied = _apply_status(storage, tx, sid, status, None, created_at)
         # A callback that came first may have stored the number a Messaging Service sent
         # from (the service's MG SID never replaces it), and created the message at its
         # own, later, time.
@@ -186,12 +182,16 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             "UPDATE messages SET account_sid = ?, to_number = ?,"
             " from_number = CASE WHEN ? LIKE 'MG%' AND from_number IS NOT NULL"
             " THEN from_number ELSE ? END, body = ?, initial_status = ?, sent_at = ?,"
+            " reference = ?,"
             " seconds_to_delivered = CASE WHEN created_at > ? THEN seconds_to_delivered"
             f" + {storage.seconds_between('?', 'created_at')} ELSE seconds_to_delivered END,"
             " created_at = CASE WHEN created_at > ? THEN ? ELSE created_at END WHERE sid = ?",
-            (account_sid, to, from_, from_, body, status, now, created_at, created_at,
-             created_at, created_at, sid),
+            (account_sid, to, from_, from_, body, status, now, reference, created_at,
+             created_at, created_at, created_at, sid),
         )
+        if events and applied is not None and applied[0] == status:
+            # After the update above, so the event carries the number and the reference.
+            outbox.record_event(tx, sid, applied[1], created_at)
 
 
 @writes
@@ -360,8 +360,14 @@ def no_progress(label, done, total):
     """A progress callback that shows nothing."""
 
 
+# A message whose status webhooks are still to be delivered is kept, however old.
+NO_PENDING_EVENT = (" AND NOT EXISTS (SELECT 1 FROM webhook_events w"
+                    " WHERE w.message_sid = messages.sid AND w.state = 'pending')")
+
+
 def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress=no_progress):
-    """Deletes messages (and their history) idle since `updated_before`; clears old bodies.
+    """Deletes messages (their history and webhook events with them) idle since
+    `updated_before`, but none with an event still pending; clears old bodies.
 
     Works in batches of `batch` messages, one short transaction each, and calls
     `progress(label, done, total)` after each. Also drops the per-recipient reservations
@@ -369,15 +375,17 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress
     (messages, status events, bodies).
     """
     messages = events = bodies = 0
-    total = storage.query("SELECT count(*) AS n FROM messages WHERE updated_at < ?",
-                          (updated_before,))[0]["n"]
+    total = storage.query(
+        f"SELECT count(*) AS n FROM messages WHERE updated_at < ?{NO_PENDING_EVENT}",
+        (updated_before,))[0]["n"]
     done = 0
     while True:
         with storage.transaction() as tx:
             candidates = tx.execute(
                 "SELECT sid, (SELECT count(*) FROM status_events"
                 " WHERE status_events.message_sid = messages.sid) AS events"
-                " FROM messages WHERE updated_at < ? ORDER BY updated_at LIMIT ?",
+                f" FROM messages WHERE updated_at < ?{NO_PENDING_EVENT}"
+                " ORDER BY updated_at LIMIT ?",
                 (updated_before, batch),
             ).fetchall()
             events_of = {row["sid"]: row["events"] for row in candidates}
@@ -386,7 +394,7 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress
                 # (PostgreSQL), and it must then keep its history. Events go by cascade.
                 deleted = tx.execute(
                     f"DELETE FROM messages WHERE sid IN ({', '.join('?' for _ in events_of)})"
-                    " AND updated_at < ? RETURNING sid",
+                    f" AND updated_at < ?{NO_PENDING_EVENT} RETURNING sid",
                     (*events_of, updated_before),
                 ).fetchall()
                 messages += len(deleted)
@@ -476,7 +484,10 @@ def check_writable(storage):
 COPY_BATCH = 1000
 COPIED_COLUMNS = ("sid", "account_sid", "to_number", "from_number", "body", "initial_status",
                    "latest_status", "error_code", "created_at", "updated_at", "sent_at",
-                   "checked_at", "seconds_to_delivered")
+                   "checked_at", "seconds_to_delivered", "reference", "previous_status")
+EVENT_COLUMNS = ("id", "message_sid", "type", "payload", "state", "attempts", "schedule_start",
+                 "created_at", "next_attempt_at", "last_attempt_at", "delivered_at",
+                 "last_error")
 KEY_COLUMNS = ("scope", "key", "fingerprint", "created_at", "status_code", "response")
 
 
@@ -490,14 +501,15 @@ def _insert_new(tx, table, columns, rows, computed=()):
 
 
 def copy_history(source, target, keys_created_after, progress=no_progress):
-    """Copies messages with their status events, and the idempotency keys created after
-    `keys_created_after`, from `source` into `target`. What `target` has already is left
+    """Copies messages with their status events and webhook events, and the idempotency
+    keys created after `keys_created_after`, from `source` into `target`. What `target`
+    has already is left
     as it is, so copying twice copies nothing twice. Calls `progress(label, done, total)`
     after each batch of messages. Returns the counts copied.
 
     Messages are copied in the order `source` stored them, so `target` lists those created
     in the same millisecond in the same order."""
-    copied = {"messages": 0, "events": 0, "keys": 0}
+    copied = {"messages": 0, "events": 0, "webhookEvents": 0, "keys": 0}
     total = source.query("SELECT count(*) AS n FROM messages")[0]["n"]
     done = last = 0
     while True:
@@ -512,6 +524,12 @@ def copy_history(source, target, keys_created_after, progress=no_progress):
             " JOIN messages m ON m.sid = e.message_sid"
             " WHERE m.storage_order >= ? AND m.storage_order <= ? ORDER BY e.received_at, e.id",
             (first, last))
+        # Webhook events in the order they were recorded, without their leases.
+        webhook_events = source.query(
+            f"SELECT {', '.join('w.' + c for c in EVENT_COLUMNS)} FROM webhook_events w"
+            " JOIN messages m ON m.sid = w.message_sid"
+            " WHERE m.storage_order >= ? AND m.storage_order <= ? ORDER BY w.seq",
+            (first, last))
         with target.transaction() as tx:
             copied["messages"] += _insert_new(
                 tx, "messages", COPIED_COLUMNS, messages,
@@ -519,6 +537,8 @@ def copy_history(source, target, keys_created_after, progress=no_progress):
             copied["events"] += _insert_new(
                 tx, "status_events", ("message_sid", "status", "error_code", "received_at"),
                 events)
+            copied["webhookEvents"] += _insert_new(tx, "webhook_events", EVENT_COLUMNS,
+                                                   webhook_events)
         done += len(messages)
         progress("Copying messages", done, total)
     keys = source.query(f"SELECT {', '.join(KEY_COLUMNS)} FROM idempotency_keys"

@@ -441,6 +441,8 @@ class SQLiteEngine:
     # The next message's storage order: SQLite runs one write at a time, so one more than
     # the largest (an index seek) is larger than every stored message's.
     next_storage_order = "(SELECT coalesce(max(storage_order), 0) + 1 FROM messages)"
+    # Claims need no row locks: one writer at a time.
+    skip_locked = ""
 
     @staticmethod
     def describe_error(error):

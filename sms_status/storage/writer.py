@@ -215,6 +215,7 @@ class BatchStorage:
         self.tx = tx
         self.seconds_between = engine.seconds_between
         self.next_storage_order = engine.next_storage_order
+        self.skip_locked = engine.skip_locked
 
     @contextmanager
     def transaction(self):
@@ -420,8 +421,8 @@ def main(argv):
     log.setLevel(logging.INFO)
 
     from sms_status.config import load_config
-    from sms_status.storage import open_engine
-    from sms_status.storage import records as db
+    from sms_status.storage import open_engine, outbox, records  # noqa: F401 (their writes)
+    from sms_status.storage.writes import WRITES
 
     config = load_config(os.environ)
     engine = open_engine(config.database_url, **config.storage_settings, checkpoints=False)
@@ -431,7 +432,7 @@ def main(argv):
     listener.bind(socket_path)
     listener.listen(1024)
     log.info("Database writer %d ready for %s", os.getpid(), engine.label)
-    serve(engine, listener, db.WRITES, master)
+    serve(engine, listener, WRITES, master)
 
 
 # --- in gunicorn's master: start the writer, restart it when it dies -----------------------

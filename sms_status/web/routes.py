@@ -5,7 +5,7 @@ import os
 
 from flask import Blueprint, current_app, request
 
-from sms_status import listing
+from sms_status import listing, webhooks
 from sms_status.rules import printable
 from sms_status.storage import records as db
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
@@ -31,9 +31,14 @@ def index():
             "GET /get-status/<sid>": "a message's latest status and history "
                                      "(Authorization: Bearer <API_KEY>)",
             "GET /messages": "messages newest first, filtered by to, status, errorCode, "
-                             "since, until; paged by cursor (Authorization: Bearer <API_KEY>)",
+                             "reference, since, until; paged by cursor "
+                             "(Authorization: Bearer <API_KEY>)",
             "GET /stats": "delivery statistics of a time window, by default the last 24 "
                           "hours (Authorization: Bearer <API_KEY>)",
+            "GET /webhook-events": "status webhook events newest first, filtered by state "
+                                   "and sid; paged by cursor (Authorization: Bearer <API_KEY>)",
+            "POST /webhook-events/<id>/retry": "attempt a status webhook event again now "
+                                               "(Authorization: Bearer <API_KEY>)",
             "GET /healthz": "200 when statuses can be stored, 503 when not",
             "GET /openapi.json": "the OpenAPI 3.1 description of this API",
         },
@@ -70,7 +75,10 @@ def message_status():
                                "(or the older SmsSid and SmsStatus)")
     error_code = callback_error_code(form.get("ErrorCode"))
     stored = db.record_status(db.get_db(), sid, status, error_code, to=form.get("To"),
-                              from_=form.get("From"), account_sid=form.get("AccountSid"))
+                              from_=form.get("From"), account_sid=form.get("AccountSid"),
+                              events=webhooks.recording(current_app))
+    if stored:
+        webhooks.nudge(current_app)
     log.info("Status callback %s %s error=%s%s", printable(sid, 64), printable(status, 32),
              error_code, "" if stored else " (repeat, ignored)")
     return {"received": True, "duplicate": not stored}

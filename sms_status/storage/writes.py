@@ -1,0 +1,30 @@
+"""Writes that run in SQLite's writer process under gunicorn (writer.py), or in place.
+
+A function marked `@writes` takes the storage engine first. When the engine has a writer
+process, a call sends the function's name and arguments there, where it runs batched with
+other requests' writes; otherwise it runs in the calling thread.
+"""
+
+import functools
+
+# The functions marked @writes, by name: what the writer process may be asked to run.
+WRITES = {}
+
+
+def writes(function):
+    """Marks a function that writes: it runs in the writer process when the engine has one
+    (writer.py, under gunicorn), batched with other requests' writes, or else here."""
+    WRITES[function.__name__] = function
+
+    returns = function.__annotations__.get("return")
+
+    @functools.wraps(function)
+    def write(storage, *args, writer_timeout=None, **kwargs):
+        """`writer_timeout`: at most this many seconds for the writer process's answer."""
+        if storage.writer is not None:
+            result = storage.writer.call(function.__name__, args, kwargs, writer_timeout)
+            # The writer answers in JSON, where a named tuple arrives as a list.
+            return returns(*result) if returns is not None and result is not None else result
+        return function(storage, *args, **kwargs)
+
+    return write

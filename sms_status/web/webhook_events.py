@@ -1,0 +1,37 @@
+"""GET /webhook-events and POST /webhook-events/<id>/retry: what became of the status
+webhooks, and sending one again."""
+
+from flask import Blueprint, current_app, request
+
+from sms_status import listing
+from sms_status.storage import outbox
+from sms_status.storage import records as db
+from sms_status.web.errors import json_error
+from sms_status.web.guards import require_api_key
+
+blueprint = Blueprint("webhook_events", __name__)
+
+
+@blueprint.get("/webhook-events")
+@require_api_key
+def webhook_events():
+    return listing.list_webhook_events(request.args)
+
+
+@blueprint.post("/webhook-events/<event_id>/retry")
+@require_api_key
+def retry_webhook_event(event_id):
+    """Attempts the event again now, its retry schedule restarted (a delivered one is sent
+    again under the same webhook-id), and answers the event as it then is."""
+    if listing.webhook_event(event_id) is None:
+        return json_error(404, f"No status webhook event with id {event_id} is known to this "
+                               "service; GET /webhook-events lists them")
+    delivery = current_app.extensions.get("webhooks")
+    if delivery is None:
+        return json_error(409, "Status webhooks are off: set STATUS_WEBHOOK_URL and "
+                               "STATUS_WEBHOOK_SECRET, then retry")
+    outbox.queue_webhook_event_again(db.get_db(), event_id, current_app.config["CLOCK"]())
+    if not delivery.deliver_now(event_id):
+        # Another event of its message is in flight: the delivery loop sends it next.
+        delivery.nudge()
+    return listing.webhook_event(event_id)

@@ -1,0 +1,21 @@
+"""Status webhooks: each change of a message's latest status, pushed to the sender's own
+application (STATUS_WEBHOOK_URL), signed as Standard Webhooks defines.
+
+- events.py: an event's body and its signed headers;
+- attempt.py: one HTTP attempt, bounded by STATUS_WEBHOOK_TIMEOUT from connecting to the
+  end of the answer;
+- delivery.py: the loop in each server process that claims due events from the outbox
+  (storage/outbox.py), attempts them, and records what happened.
+"""
+
+
+def recording(app):
+    """Whether a status change adds its event to the outbox (STATUS_WEBHOOK_URL is set)."""
+    return "webhooks" in app.extensions
+
+
+def nudge(app):
+    """Wakes this process's delivery loop: an event may have been stored."""
+    delivery = app.extensions.get("webhooks")
+    if delivery is not None:
+        delivery.nudge()
