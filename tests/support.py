@@ -328,6 +328,14 @@ class Service:
             time.sleep(0.1)
         raise RuntimeError(f"service did not start: {self.log_path.read_text()}")
 
+    def stop(self, timeout=30):
+        """SIGTERM to gunicorn's master, as a deploy or a host's shutdown sends; waits for the
+        end and returns the exit status."""
+        self.process.terminate()
+        status = self.process.wait(timeout=timeout)
+        self.log.close()
+        return status
+
     def kill(self):
         """SIGKILLs master and workers at once, as a crash or power cut of the host would."""
         if self.process.poll() is None:
@@ -354,7 +362,7 @@ class WebhookReceiver:
     request gets `default` (204).
     """
 
-    def __init__(self, default=204):
+    def __init__(self, default=204, port=0):
         self.requests, self.answers, self.default = [], [], default
         self.lock = threading.Lock()
         self.released = threading.Event()
@@ -381,8 +389,11 @@ class WebhookReceiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # every attempt of several services at once
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/events"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -18,7 +18,9 @@ from support import (
     AUTH,
     CALLBACK_URL,
     ROOT,
+    WEBHOOK_SECRET,
     CallbackLoad,
+    app_database_url,
     callback,
     count_rows,
     sign,
@@ -238,11 +240,14 @@ def test_prune_command_refuses_a_malformed_duration_with_exit_code(service_env):
 
 @pytest.fixture
 def old_history(make_app, tmp_path, post_callback):
-    """A SQLite database with sent messages, their callbacks and a kept idempotency key."""
+    """A SQLite database with sent messages (with references), their callbacks, their
+    status webhook events and a kept idempotency key."""
     url = f"sqlite:///{tmp_path}/old.db"
-    old = make_app(DATABASE_URL=url)
+    old = make_app(DATABASE_URL=url, STATUS_WEBHOOK_URL="http://127.0.0.1:9/events",
+                   STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
     client = old.test_client()
-    sids = [client.post("/send-sms", json={"to": "+15558675309", "body": f"alert {n}"},
+    sids = [client.post("/send-sms", json={"to": "+15558675309", "body": f"alert {n}",
+                                           "reference": f"order-{n}"},
                         headers=AUTH).get_json()["messageSid"] for n in range(3)]
     client.post("/send-sms", json={"to": "+15558675309", "body": "code 1"},
                 headers={**AUTH, "Idempotency-Key": "k-1"})
@@ -252,6 +257,8 @@ def old_history(make_app, tmp_path, post_callback):
             client.post("/message-status", data=params,
                         headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
     histories = {sid: latest(client, sid) for sid in sids}
+    # Delivered, as a running service would have done (pending ones would stop prune).
+    sql_rows(url, "UPDATE webhook_events SET state = 'delivered', attempts = 1")
     return url, histories
 
 
@@ -259,17 +266,23 @@ def test_copy_database_copies_the_history_once(app, old_history):
     url, histories = old_history
     first = run(app, "copy-database", "--from", url)
     assert first.exit_code == 0, first.output
-    assert "Copied 4 messages, 10 status events and 1 idempotency key from" in first.output
+    assert ("Copied 4 messages, 10 status events, 10 webhook events and 1 idempotency key "
+            "from") in first.output
     client = app.test_client()
     for sid, history in histories.items():
         assert latest(client, sid) == history
+    source_events = sql_rows(url, "SELECT id, message_sid, payload, state FROM webhook_events"
+                                  " ORDER BY seq")
+    assert sql_rows(app_database_url(app), "SELECT id, message_sid, payload, state"
+                    " FROM webhook_events ORDER BY seq") == source_events
     replay = client.post("/send-sms", json={"to": "+15558675309", "body": "code 1"},
                          headers={**AUTH, "Idempotency-Key": "k-1"})
     assert replay.headers["Idempotent-Replayed"] == "true"
 
     again = run(app, "copy-database", "--from", url)
     assert again.exit_code == 0, again.output
-    assert "Copied 0 messages, 0 status events and 0 idempotency keys" in again.output
+    assert ("Copied 0 messages, 0 status events, 0 webhook events and 0 idempotency keys"
+            in again.output)
     assert count_rows(app, "status_events") == 10
 
 

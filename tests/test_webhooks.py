@@ -1,0 +1,421 @@
+"""Status webhooks, through the app (Flask's test client, the real delivery code, a real
+local receiver): which changes make events, what they say, their signatures, the API that
+shows and retries them, and their configuration. The same under real gunicorn processes:
+test_webhook_delivery.py."""
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+
+import pytest
+from standardwebhooks import Webhook
+from twilio.http.response import Response
+
+from sms_status.config import read_config
+from sms_status.storage import records as db
+from support import (
+    AUTH,
+    CALLBACK_URL,
+    OTHER_WEBHOOK_SECRET,
+    WEBHOOK_SECRET,
+    WebhookReceiver,
+    app_database_url,
+    callback,
+    live_env,
+    sign,
+    sql_rows,
+)
+
+
+@pytest.fixture
+def receiver():
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def webhook_app(make_app, receiver):
+    return make_app(STATUS_WEBHOOK_URL=receiver.url, STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                    STATUS_WEBHOOK_RETRY_SCHEDULE="60,60", STATUS_WEBHOOK_TIMEOUT="2")
+
+
+@pytest.fixture
+def webhook_client(webhook_app):
+    return webhook_app.test_client()
+
+
+def recorded_events(app):
+    """(type, data) of every stored event, in the order they were recorded."""
+    return [(row["type"], json.loads(row["payload"])["data"]) for row in sql_rows(
+        app_database_url(app), "SELECT type, payload FROM webhook_events ORDER BY seq",
+        as_dicts=True)]
+
+
+def post(client, sid, status, **extra):
+    params = callback(sid, status, **extra)
+    answer = client.post("/message-status", data=params,
+                         headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+    assert answer.status_code == 200, answer.get_json()
+    return answer.get_json()
+
+
+def deliver_all(app):
+    """Attempts every due event once, oldest first, as the delivery loop would."""
+    delivery = app.extensions["webhooks"]
+    with app.app_context():
+        for row in sql_rows(app_database_url(app), "SELECT id FROM webhook_events WHERE"
+                            " state = 'pending' ORDER BY seq", as_dicts=True):
+            delivery.deliver_now(row["id"])
+
+
+# --- which changes make events ------------------------------------------------------------
+
+def test_an_event_for_each_move_of_the_latest_status_and_none_for_repeats_or_late_ones(
+        webhook_app, webhook_client):
+    sid = "SM" + "e1" * 16
+    post(webhook_client, sid, "sent")  # the first status stored: a change from nothing
+    post(webhook_client, sid, "queued")  # late: latestStatus stays sent
+    post(webhook_client, sid, "sent")  # a repeat
+    post(webhook_client, sid, "undelivered", ErrorCode="30003")
+    post(webhook_client, sid, "undelivered", ErrorCode="30003")  # a repeat
+    post(webhook_client, sid, "sending")  # late
+    assert [(kind, data["previousStatus"], data["errorCode"])
+            for kind, data in recorded_events(webhook_app)] == [
+        ("message.sent", None, None), ("message.undelivered", "sent", 30003)]
+
+
+def test_a_send_and_its_callbacks_make_one_event_each_with_the_reference(
+        webhook_app, webhook_client):
+    answer = webhook_client.post("/send-sms", json={"to": "+15558675309", "body": "code 123456",
+                                                    "reference": "order-42 ü"}, headers=AUTH)
+    sid = answer.get_json()["messageSid"]
+    assert answer.get_json()["reference"] == "order-42 ü"
+    post(webhook_client, sid, "sent")
+    post(webhook_client, sid, "delivered")
+    events = recorded_events(webhook_app)
+    assert [kind for kind, _ in events] == ["message.queued", "message.sent", "message.delivered"]
+    assert [data["previousStatus"] for _, data in events] == [None, "queued", "sent"]
+    assert {data["reference"] for _, data in events} == {"order-42 ü"}
+    assert {data["to"] for _, data in events} == {"+15558675309"}
+
+
+def test_a_callback_before_the_send_stored_its_message_makes_no_second_event(
+        webhook_app, webhook_client, fake_twilio):
+    """Twilio's `sent` may be stored before /send-sms stores `queued`: the late `queued`
+    makes no event (it would tell the receiver the message went back), but the send still
+    completes the message with the reference, which the next event carries."""
+    sid = "SM" + "e2" * 16
+    post(webhook_client, sid, "sent")
+    fake_twilio.answer_next(Response(201, json.dumps({
+        "sid": sid, "status": "queued", "date_created": "Thu, 26 Nov 2026 20:00:00 +0000"})))
+    answer = webhook_client.post("/send-sms", json={"to": "+15558675309", "body": "hi",
+                                                    "reference": "order-9"}, headers=AUTH)
+    assert answer.get_json()["messageSid"] == sid
+    post(webhook_client, sid, "delivered")
+    assert [(kind, data["previousStatus"], data["reference"])
+            for kind, data in recorded_events(webhook_app)] == [
+        ("message.sent", None, None), ("message.delivered", "sent", "order-9")]
+
+
+def test_reconcile_records_events_like_callbacks(webhook_app, webhook_client):
+    sid = webhook_client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
+                              headers=AUTH).get_json()["messageSid"]
+    fake = webhook_app.extensions["twilio"].http_client
+    fake.answer_next(Response(200, json.dumps({
+        "sid": sid, "status": "delivered", "error_code": None,
+        "date_created": "Thu, 26 Nov 2026 20:00:00 +0000"})))
+    result = webhook_app.test_cli_runner().invoke(args=["reconcile", "--older-than", "0s"])
+    assert result.exit_code == 0, result.output
+    assert [(kind, data["previousStatus"]) for kind, data in recorded_events(webhook_app)] == [
+        ("message.queued", None), ("message.delivered", "queued")]
+
+
+def test_without_a_webhook_url_nothing_is_recorded(app, client):
+    post(client, "SM" + "e3" * 16, "delivered")
+    assert recorded_events(app) == []
+
+
+# --- what an event says, and its signature -------------------------------------------------
+
+def test_the_request_body_headers_and_signatures(webhook_app, webhook_client, receiver):
+    sid = webhook_client.post("/send-sms", json={"to": "+15558675309",
+                                                 "body": "Your code is 917356",
+                                                 "reference": "user-7"},
+                              headers=AUTH).get_json()["messageSid"]
+    post(webhook_client, sid, "undelivered", ErrorCode="30003")
+    deliver_all(webhook_app)
+    assert len(receiver.requests) == 2
+    listed = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"]
+    for (arrived, headers, body), item in zip(receiver.requests, reversed(listed), strict=True):
+        assert headers["Content-Type"] == "application/json"
+        assert headers["webhook-id"] == item["id"] and item["state"] == "delivered"
+        assert abs(int(headers["webhook-timestamp"]) - arrived) < 5
+        assert b"917356" not in body  # the message body never leaves
+        # With the receivers' library...
+        event = Webhook(WEBHOOK_SECRET).verify(body, headers)
+        # ...and by hand: HMAC-SHA256 of "id.timestamp.body" with the secret's bytes.
+        key = base64.b64decode(WEBHOOK_SECRET.removeprefix("whsec_"))
+        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+        expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        assert headers["webhook-signature"] == f"v1,{expected}"
+    assert event == {
+        "type": "message.undelivered", "timestamp": event["timestamp"],
+        "data": {"sid": sid, "status": "undelivered", "previousStatus": "queued",
+                 "errorCode": 30003, "errorDescription": event["data"]["errorDescription"],
+                 "to": "+15558675309", "from": "+15017122661", "reference": "user-7",
+                 "createdAt": event["data"]["createdAt"],
+                 "updatedAt": event["timestamp"]}}
+    assert event["data"]["errorDescription"].startswith("Unreachable handset")
+
+
+def test_two_secrets_sign_every_attempt_twice(make_app, receiver):
+    app = make_app(STATUS_WEBHOOK_URL=receiver.url,
+                   STATUS_WEBHOOK_SECRET=f"{WEBHOOK_SECRET} {OTHER_WEBHOOK_SECRET}")
+    post(app.test_client(), "SM" + "e4" * 16, "delivered")
+    deliver_all(app)
+    (_, headers, body), = receiver.requests
+    signatures = headers["webhook-signature"].split(" ")
+    assert len(signatures) == 2 and signatures[0] != signatures[1]
+    for secret in (WEBHOOK_SECRET, OTHER_WEBHOOK_SECRET):
+        Webhook(secret).verify(body, headers)  # raises when no signature matches
+        only_this = {**headers, "webhook-signature": signatures[
+            [WEBHOOK_SECRET, OTHER_WEBHOOK_SECRET].index(secret)]}
+        Webhook(secret).verify(body, only_this)
+
+
+# --- seeing and retrying -------------------------------------------------------------------
+
+def test_webhook_events_are_listed_newest_first_filtered_and_paged(
+        webhook_app, webhook_client, receiver):
+    sids = ["SM" + f"{n:02x}" * 16 for n in range(3)]
+    for sid in sids:
+        post(webhook_client, sid, "sent")
+        post(webhook_client, sid, "delivered")
+    receiver.answers = [500]  # the oldest event's attempt fails
+    deliver_all(webhook_app)
+
+    def listed(**params):
+        answer = webhook_client.get("/webhook-events", query_string=params, headers=AUTH)
+        assert answer.status_code == 200, answer.get_json()
+        return answer.get_json()
+
+    everything = listed()
+    assert [(e["sid"], e["type"]) for e in everything["events"]] == [
+        (sid, f"message.{status}") for sid in reversed(sids)
+        for status in ("delivered", "sent")]
+    pending = listed(state="pending")["events"]
+    assert [(e["sid"], e["attempts"], e["lastError"]) for e in pending] == [
+        (sids[0], 1, "HTTP 500")]
+    assert pending[0]["nextAttemptAt"] > pending[0]["lastAttemptAt"]
+    assert all(e["state"] == "delivered" and e["deliveredAt"] and e["nextAttemptAt"] is None
+               for e in listed(state="delivered")["events"])
+    assert [e["type"] for e in listed(sid=sids[1])["events"]] == [
+        "message.delivered", "message.sent"]
+    pages, cursor = [], None
+    while True:
+        page = listed(limit=4, **({"cursor": cursor} if cursor else {}))
+        pages.append([e["id"] for e in page["events"]])
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert sum(pages, []) == [e["id"] for e in everything["events"]]
+    assert [len(page) for page in pages] == [4, 2]
+
+
+@pytest.mark.parametrize("params, named", [
+    pytest.param({"state": "lost"}, "state", id="state"),
+    pytest.param({"sid": "SM<script>"}, "sid", id="sid"),
+    pytest.param({"limit": "0"}, "limit", id="limit"),
+    pytest.param({"cursor": "nonsense"}, "cursor", id="cursor"),
+    pytest.param({"status": "sent"}, "status", id="unknown"),
+])
+def test_bad_webhook_event_parameters_are_a_400_naming_them(webhook_client, params, named):
+    answer = webhook_client.get("/webhook-events", query_string=params, headers=AUTH)
+    assert answer.status_code == 400 and f"'{named}'" in answer.get_json()["error"]
+
+
+def test_webhook_events_need_the_api_key(webhook_client):
+    assert webhook_client.get("/webhook-events").status_code == 401
+    assert webhook_client.post("/webhook-events/evt_x/retry").status_code == 401
+
+
+def test_retry_sends_a_failed_event_again_and_replays_a_delivered_one(
+        webhook_app, webhook_client, receiver):
+    sid = "SM" + "e5" * 16
+    post(webhook_client, sid, "delivered")
+    receiver.answers = [503, 503, 503]  # every attempt of the schedule (2 delays: 3 attempts)
+    delivery = webhook_app.extensions["webhooks"]
+    event_id = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]["id"]
+    with webhook_app.app_context():
+        for _ in range(3):  # each made due at once
+            sql_rows(app_database_url(webhook_app), "UPDATE webhook_events SET"
+                     " next_attempt_at = '2000-01-01T00:00:00.000Z'")
+            assert delivery.deliver_now(event_id)
+    failed = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]
+    assert (failed["state"], failed["attempts"], failed["lastError"]) == ("failed", 3, "HTTP 503")
+
+    answer = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
+    assert answer.status_code == 200
+    assert answer.get_json()["state"] == "delivered" and answer.get_json()["attempts"] == 4
+    replay = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
+    assert replay.get_json()["state"] == "delivered" and replay.get_json()["attempts"] == 5
+    ids = [headers["webhook-id"] for _, headers, _ in receiver.requests]
+    assert ids == [event_id] * 5
+
+
+def test_retrying_an_unknown_event_is_a_404(webhook_client):
+    answer = webhook_client.post("/webhook-events/evt_unknown/retry", headers=AUTH)
+    assert answer.status_code == 404 and "GET /webhook-events" in answer.get_json()["error"]
+
+
+def test_retry_webhooks_queues_again_the_events_given_up_on_in_the_window(
+        webhook_app, webhook_client, receiver):
+    for n in range(3):
+        post(webhook_client, "SM" + f"f{n}" * 16, "delivered")
+    url = app_database_url(webhook_app)
+    sql_rows(url, "UPDATE webhook_events SET state = 'failed', attempts = 8,"
+             " last_error = 'HTTP 500', last_attempt_at = ?", (db.stored_time(time.time()),))
+    sql_rows(url, "UPDATE webhook_events SET last_attempt_at = ? WHERE message_sid = ?",
+             (db.stored_time(time.time() - 3 * 86400), "SM" + "f0" * 16))
+    result = webhook_app.test_cli_runner().invoke(args=["retry-webhooks", "--since", "24h"])
+    assert result.exit_code == 0, result.output
+    assert "Queued 2 failed status webhook events again" in result.output
+    deliver_all(webhook_app)
+    states = dict(sql_rows(url, "SELECT message_sid, state FROM webhook_events"))
+    assert states == {"SM" + "f0" * 16: "failed", "SM" + "f1" * 16: "delivered",
+                      "SM" + "f2" * 16: "delivered"}
+
+
+def test_stats_count_the_pending_and_failed_events_of_the_window(webhook_app, webhook_client):
+    for n in range(3):
+        post(webhook_client, "SM" + f"a{n}" * 16, "delivered")
+    sql_rows(app_database_url(webhook_app), "UPDATE webhook_events SET state = 'failed'"
+             " WHERE message_sid = ?", ("SM" + "a0" * 16,))
+    stats = webhook_client.get("/stats", headers=AUTH).get_json()
+    assert stats["webhooks"] == {"pending": 2, "failed": 1}
+
+
+def test_prune_removes_events_with_their_message_but_never_pending_ones(
+        webhook_app, webhook_client):
+    for n in range(3):
+        post(webhook_client, "SM" + f"b{n}" * 16, "delivered")
+    url = app_database_url(webhook_app)
+    sql_rows(url, "UPDATE webhook_events SET state = 'delivered' WHERE message_sid <> ?",
+             ("SM" + "b0" * 16,))
+    result = webhook_app.test_cli_runner().invoke(args=["prune", "--older-than", "0s"])
+    assert result.exit_code == 0, result.output
+    assert "Removed 2 messages" in result.output
+    assert sql_rows(url, "SELECT message_sid, state FROM webhook_events") == [
+        ("SM" + "b0" * 16, "pending")]
+    assert [row[0] for row in sql_rows(url, "SELECT sid FROM messages")] == ["SM" + "b0" * 16]
+
+
+# --- a caller's reference -----------------------------------------------------------------
+
+def test_a_reference_is_stored_returned_and_found(webhook_client):
+    sids = [webhook_client.post("/send-sms", json={"to": "+15558675309", "body": "hi",
+                                                   "reference": reference},
+                                headers=AUTH).get_json()["messageSid"]
+            for reference in ("order-1", "order-2", "order-1", None)]
+    status = webhook_client.get(f"/get-status/{sids[0]}", headers=AUTH).get_json()
+    assert status["reference"] == "order-1"
+    found = webhook_client.get("/messages", query_string={"reference": "order-1"},
+                               headers=AUTH).get_json()["messages"]
+    assert [m["sid"] for m in found] == [sids[2], sids[0]]
+    assert all(m["reference"] == "order-1" for m in found)
+    every = webhook_client.get("/messages", headers=AUTH).get_json()["messages"]
+    assert [m["reference"] for m in every] == [None, "order-1", "order-2", "order-1"]
+
+
+@pytest.mark.parametrize("reference", [
+    pytest.param("", id="empty"), pytest.param("x" * 129, id="too-long"),
+    pytest.param("a\nb", id="control"), pytest.param(42, id="number"),
+    pytest.param(["a"], id="list"), pytest.param("\u200b", id="format-character"),
+])
+def test_a_bad_reference_is_a_400_naming_it(webhook_client, reference):
+    answer = webhook_client.post("/send-sms", json={"to": "+15558675309", "body": "hi",
+                                                    "reference": reference}, headers=AUTH)
+    assert answer.status_code == 400 and "'reference'" in answer.get_json()["error"]
+    if isinstance(reference, str):
+        search = webhook_client.get("/messages", query_string={"reference": reference},
+                                    headers=AUTH)
+        assert search.status_code == 400 and "'reference'" in search.get_json()["error"]
+
+
+def test_the_reference_is_part_of_the_idempotency_fingerprint(webhook_client):
+    def keyed(reference):
+        return webhook_client.post("/send-sms", headers={**AUTH, "Idempotency-Key": "k-7"},
+                                   json={"to": "+15558675309", "body": "hi",
+                                         "reference": reference})
+
+    assert keyed("order-1").status_code == 200
+    assert keyed("order-1").headers.get("Idempotent-Replayed") == "true"
+    assert keyed("order-2").status_code == 422
+
+
+# --- configuration ------------------------------------------------------------------------
+
+SECRET_24 = WEBHOOK_SECRET
+
+
+@pytest.mark.parametrize("settings, named, simulate", [
+    pytest.param({"STATUS_WEBHOOK_URL": "ftp://127.0.0.1/x"}, "STATUS_WEBHOOK_URL", False,
+                 id="not-http"),
+    pytest.param({"STATUS_WEBHOOK_URL": "http://hooks.example.com/x"}, "STATUS_WEBHOOK_URL",
+                 False, id="http-when-live"),
+    pytest.param({"STATUS_WEBHOOK_URL": "https://your-app.example.com/sms-events"},
+                 "STATUS_WEBHOOK_URL", False, id="placeholder-url"),
+    pytest.param({"STATUS_WEBHOOK_SECRET": None}, "STATUS_WEBHOOK_SECRET", False,
+                 id="no-secret"),
+    pytest.param({"STATUS_WEBHOOK_SECRET": "whsec_change-me"}, "STATUS_WEBHOOK_SECRET", False,
+                 id="placeholder-secret"),
+    pytest.param({"STATUS_WEBHOOK_SECRET": "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"},
+                 "STATUS_WEBHOOK_SECRET", False, id="no-prefix"),
+    pytest.param({"STATUS_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"x" * 16).decode()},
+                 "STATUS_WEBHOOK_SECRET", False, id="too-short"),
+    pytest.param({"STATUS_WEBHOOK_SECRET": "whsec_not*base64"}, "STATUS_WEBHOOK_SECRET",
+                 False, id="not-base64"),
+    pytest.param({"STATUS_WEBHOOK_SECRET": f"{SECRET_24}  {SECRET_24}"},
+                 "STATUS_WEBHOOK_SECRET", False, id="two-spaces"),
+    pytest.param({"STATUS_WEBHOOK_SECRET": f"{SECRET_24} {SECRET_24} {SECRET_24}"},
+                 "STATUS_WEBHOOK_SECRET", False, id="three-secrets"),
+    pytest.param({"STATUS_WEBHOOK_RETRY_SCHEDULE": "5,soon"}, "STATUS_WEBHOOK_RETRY_SCHEDULE",
+                 False, id="schedule-word"),
+    pytest.param({"STATUS_WEBHOOK_RETRY_SCHEDULE": "5,-1"}, "STATUS_WEBHOOK_RETRY_SCHEDULE",
+                 False, id="schedule-negative"),
+    pytest.param({"STATUS_WEBHOOK_TIMEOUT": "0"}, "STATUS_WEBHOOK_TIMEOUT", False,
+                 id="timeout-zero"),
+    pytest.param({"STATUS_WEBHOOK_TIMEOUT": "nan"}, "STATUS_WEBHOOK_TIMEOUT", False,
+                 id="timeout-nan"),
+])
+def test_bad_webhook_settings_are_refused_naming_the_variable(tmp_path, settings, named,
+                                                             simulate):
+    env = live_env(tmp_path, STATUS_WEBHOOK_URL="https://hooks.example.com/sms?x=1",
+                   STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    env.update(settings)
+    env = {key: value for key, value in env.items() if value is not None}
+    _, problems = read_config(env)
+    assert len(problems) == 1 and problems[0].startswith(named), problems
+    assert WEBHOOK_SECRET.removeprefix("whsec_") not in problems[0]
+
+
+@pytest.mark.parametrize("url", ["http://localhost:4000/x", "http://127.0.0.1/x",
+                                 "http://[::1]:8080/x", "https://hooks.example.com/x"])
+def test_live_webhook_urls_are_https_or_this_machine(tmp_path, url):
+    config, problems = read_config(live_env(tmp_path, STATUS_WEBHOOK_URL=url,
+                                            STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET))
+    assert problems == [] and config.status_webhook.url == url
+
+
+def test_webhook_settings_defaults_and_what_is_never_shown(tmp_path):
+    config, problems = read_config(live_env(
+        tmp_path, STATUS_WEBHOOK_URL="https://hook-user:hook-pass@hooks.example.com/x",
+        STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET))
+    settings = config.status_webhook
+    assert problems == []
+    assert settings.retry_schedule == (5, 300, 1800, 7200, 18000, 36000, 36000)
+    assert settings.timeout == 15
+    assert settings.display_url == "https://hooks.example.com/x"
+    assert "hook-pass" not in repr(config) and WEBHOOK_SECRET not in repr(config)
