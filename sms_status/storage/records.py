@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from flask import current_app
 
+from sms_status import metrics
 from sms_status.config import ConfigError
 from sms_status.rules import FINAL_STATUSES, STATUS_RANK
 from sms_status.storage import (  # noqa: F401 (re-exported for the app)
@@ -100,11 +101,15 @@ def writes(function):
     @functools.wraps(function)
     def write(storage, *args, writer_timeout=None, **kwargs):
         """`writer_timeout`: at most this many seconds for the writer process's answer."""
-        if storage.writer is not None:
-            result = storage.writer.call(function.__name__, args, kwargs, writer_timeout)
-            # The writer answers in JSON, where a named tuple arrives as a list.
-            return returns(*result) if returns is not None and result is not None else result
-        return function(storage, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            if storage.writer is not None:
+                result = storage.writer.call(function.__name__, args, kwargs, writer_timeout)
+                # The writer answers in JSON, where a named tuple arrives as a list.
+                return returns(*result) if returns is not None and result is not None else result
+            return function(storage, *args, **kwargs)
+        finally:
+            metrics.observe_write(function.__name__, time.perf_counter() - started)
 
     return write
 
