@@ -150,15 +150,18 @@ def register(app):
 def exposition():
     """(body, content type) of GET /metrics: every worker's numbers summed under gunicorn,
     this process's otherwise."""
-    from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, REGISTRY, generate_latest
+    from prometheus_client import (
+        CONTENT_TYPE_PLAIN_0_0_4,
+        REGISTRY,
+        CollectorRegistry,
+        generate_latest,
+    )
     from prometheus_client.multiprocess import MultiProcessCollector
 
     metrics()  # so that a scrape before any request shows the metrics at 0
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
-    from prometheus_client import CollectorRegistry
-
     registry = CollectorRegistry()
     MultiProcessCollector(registry, folder)
     return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
