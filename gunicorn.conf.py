@@ -10,6 +10,7 @@ from dotenv import load_dotenv
 load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from sms_status import metrics  # noqa: E402
 from sms_status.config import (  # noqa: E402
     ENDPOINTS_OPEN_WITHOUT_KEY,
     ConfigError,
@@ -79,6 +80,9 @@ worker_connections = max(_files - 5 * _threads - 64, 16)
 
 
 def on_starting(server):
+    # Before the first worker: each writes its metrics into this start's folder, and
+    # GET /metrics sums them (sms_status/metrics.py).
+    server.metrics_folder = metrics.start_folder()
     server.log.info("Open files limit %d per process: up to %d connections per worker",
                     _files, worker_connections)
     if serves_locally_only(os.environ):
@@ -132,7 +136,14 @@ def worker_exit(server, worker):
         delivery.stop()
 
 
+def child_exit(server, worker):
+    metrics.worker_gone(worker.pid)
+
+
 def on_exit(server):
-    """Stops the writer process after the workers, so their last writes are answered."""
+    """Stops the writer process after the workers, so their last writes are answered, and
+    removes this start's metrics folder."""
     if getattr(server, "database_writer", None) is not None:
         server.database_writer.stop()
+    if getattr(server, "metrics_folder", None) is not None:
+        metrics.remove_folder(server.metrics_folder)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from flask import Response, current_app, g, jsonify, request
 
-from sms_status import rules, twilio_api, webhooks
+from sms_status import metrics, rules, twilio_api, webhooks
 from sms_status.storage import records as db
 
 log = logging.getLogger("sms_status")
@@ -131,11 +131,13 @@ def checked_send(payload):
     """
     problem = rules.send_request_problem(payload)
     if problem:
+        metrics.count_send("invalid")
         return SendAnswer(send_error(400, problem), True)
     config = current_app.config["SERVICE"]
     to = payload["to"]
     if not rules.destination_allowed(to, config.allowed_destinations):
         log.warning("Refused send to %s: outside ALLOWED_DESTINATIONS", rules.mask_phone(to))
+        metrics.count_send("destination_refused")
         return SendAnswer(send_error(
             403, "The recipient is outside this service's allowed destinations "
                  f"(ALLOWED_DESTINATIONS={','.join(config.allowed_destinations)})",
@@ -146,6 +148,7 @@ def checked_send(payload):
         now = current_app.config["CLOCK"]()
         place = db.reserve_send(db.get_db(), to, now, limit, total)
         if place.reservation is None:
+            metrics.count_send("limited")
             reached = place.limit_reached
             return SendAnswer(limit_reached(to, reached, limit if reached == "recipient"
                                             else total, place.wait_seconds), False)
@@ -197,12 +200,15 @@ def send_and_record(to, body, reservation=None, reference=None):
     try:
         message = twilio_api.send_message(current_app.extensions["twilio"], config, to, body)
     except twilio_api.TwilioFailure as failure:
+        metrics.count_send("rejected_by_twilio" if failure.http_status == 400
+                           else "twilio_failed")
         if reservation is not None and (failure.http_status == 400 or failure.safe_to_retry):
             release_reservation(reservation)
         response = send_error(failure.http_status, failure.error, details=failure.details,
                               code=failure.code, retry_after=failure.retry_after)
         return SendAnswer(response, not failure.safe_to_retry)
 
+    metrics.count_send("sent")
     answer = {"success": True, "messageSid": message.sid, "status": message.status,
               "reference": reference}
     try:

@@ -6,12 +6,14 @@ or Twilio's (502), a rate limit (503), or an unknown outcome (504).
 """
 
 import logging
+import time
 
 import requests
 from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
+from sms_status import metrics
 from sms_status.rules import mask_phone
 from sms_status.simulator import SimulatedTwilio
 
@@ -112,6 +114,7 @@ def translate(exc, fetching=False):
 
 
 def _call(action, what, fetching=False):
+    started = time.perf_counter()
     try:
         return action()
     except (TwilioException, requests.RequestException, ValueError, TypeError,
@@ -123,6 +126,9 @@ def _call(action, what, fetching=False):
             exc.__class__.__name__, failure.error,
         )
         raise failure from exc
+    finally:
+        metrics.observe_twilio_call("fetch" if fetching else "create",
+                                    time.perf_counter() - started)
 
 
 def send_message(client, config, to, body):

@@ -8,7 +8,7 @@ from sms_status.web.routes import OPENAPI_DOCUMENT
 ROUTES = {("/", "get"), ("/healthz", "get"), ("/openapi.json", "get"), ("/send-sms", "post"),
           ("/message-status", "post"), ("/get-status/{sid}", "get"), ("/messages", "get"),
           ("/stats", "get"), ("/webhook-events", "get"),
-          ("/webhook-events/{event_id}/retry", "post")}
+          ("/webhook-events/{event_id}/retry", "post"), ("/metrics", "get")}
 
 
 def test_openapi_document_is_served_without_a_key_and_is_valid_openapi_3_1(client):

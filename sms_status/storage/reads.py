@@ -136,3 +136,9 @@ def webhook_event_counts(storage, since, until):
         "SELECT count(*) AS n FROM webhook_events WHERE state = ? AND created_at >= ?"
         " AND created_at < ?", (state, since, until))[0]["n"]
         for state in ("pending", "failed")}
+
+
+def pending_webhook_events(storage):
+    """How many events are still to be delivered (the webhooks' backlog)."""
+    return storage.query("SELECT count(*) AS n FROM webhook_events WHERE state = 'pending'",
+                         ())[0]["n"]

@@ -6,6 +6,9 @@ other requests' writes; otherwise it runs in the calling thread.
 """
 
 import functools
+import time
+
+from sms_status import metrics
 
 # The functions marked @writes, by name: what the writer process may be asked to run.
 WRITES = {}
@@ -21,10 +24,14 @@ def writes(function):
     @functools.wraps(function)
     def write(storage, *args, writer_timeout=None, **kwargs):
         """`writer_timeout`: at most this many seconds for the writer process's answer."""
-        if storage.writer is not None:
-            result = storage.writer.call(function.__name__, args, kwargs, writer_timeout)
-            # The writer answers in JSON, where a named tuple arrives as a list.
-            return returns(*result) if returns is not None and result is not None else result
-        return function(storage, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            if storage.writer is not None:
+                result = storage.writer.call(function.__name__, args, kwargs, writer_timeout)
+                # The writer answers in JSON, where a named tuple arrives as a list.
+                return returns(*result) if returns is not None and result is not None else result
+            return function(storage, *args, **kwargs)
+        finally:
+            metrics.observe_write(function.__name__, time.perf_counter() - started)
 
     return write

@@ -9,9 +9,9 @@ from functools import wraps
 from flask import abort, current_app, request
 from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, get_signature_algorithm
 from werkzeug.datastructures import WWWAuthenticate
-from werkzeug.exceptions import ClientDisconnected, Unauthorized
+from werkzeug.exceptions import BadRequest, ClientDisconnected, Unauthorized
 
-from sms_status import rules
+from sms_status import metrics, rules
 from sms_status.rules import printable
 from sms_status.web.logs import log, warn_rejection
 
@@ -49,11 +49,17 @@ def require_twilio_signature(view):
     @wraps(view)
     def checked(*args, **kwargs):
         if form_fields() > MAX_CALLBACK_FIELDS:
+            metrics.count_callback("invalid")
             abort(400, description=f"A status callback has at most {MAX_CALLBACK_FIELDS} form "
                                    "fields (Twilio sends about 20)")
         if not signed_by_twilio():
+            metrics.count_callback("bad_signature")
             abort(403, description="Invalid Twilio signature")
-        refuse_nul_characters(checked_after_signature=True)
+        try:
+            refuse_nul_characters(checked_after_signature=True)
+        except BadRequest:
+            metrics.count_callback("invalid")
+            raise
         return view(*args, **kwargs)
 
     checked.signed_by_twilio = True

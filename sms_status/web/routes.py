@@ -5,8 +5,9 @@ import os
 
 from flask import Blueprint, current_app, request
 
-from sms_status import listing, webhooks
+from sms_status import listing, metrics, webhooks
 from sms_status.rules import printable
+from sms_status.storage import reads
 from sms_status.storage import records as db
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
 from sms_status.web.guards import require_api_key, require_twilio_signature
@@ -41,6 +42,7 @@ def index():
                                                "(Authorization: Bearer <API_KEY>)",
             "GET /healthz": "200 when statuses can be stored, 503 when not",
             "GET /openapi.json": "the OpenAPI 3.1 description of this API",
+            "GET /metrics": "Prometheus metrics (Authorization: Bearer <API_KEY>)",
         },
     }
 
@@ -63,6 +65,15 @@ def healthz():
     return {"status": "ok", "mode": mode}
 
 
+@blueprint.get("/metrics")
+@require_api_key
+def prometheus_metrics():
+    if webhooks.recording(current_app):
+        metrics.set_webhook_backlog(reads.pending_webhook_events(db.get_db()))
+    body, content_type = metrics.exposition()
+    return current_app.response_class(body, content_type=content_type)
+
+
 @blueprint.post("/message-status")
 @require_twilio_signature
 def message_status():
@@ -71,13 +82,16 @@ def message_status():
     sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
     status = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
     if not sid or not status:
+        metrics.count_callback("invalid")
         return json_error(400, "A status callback needs MessageSid and MessageStatus "
                                "(or the older SmsSid and SmsStatus)")
     error_code = callback_error_code(form.get("ErrorCode"))
     stored = db.record_status(db.get_db(), sid, status, error_code, to=form.get("To"),
                               from_=form.get("From"), account_sid=form.get("AccountSid"),
                               events=webhooks.recording(current_app))
+    metrics.count_callback("stored" if stored else "repeat")
     if stored:
+        metrics.count_status_change(status)
         webhooks.nudge(current_app)
     log.info("Status callback %s %s error=%s%s", printable(sid, 64), printable(status, 32),
              error_code, "" if stored else " (repeat, ignored)")

@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from sms_status import rules
+from sms_status import metrics, rules
 from sms_status.storage import DATABASE_ERRORS, outbox
 from sms_status.storage.times import stored_time
 from sms_status.webhooks.attempt import Attempt
@@ -217,6 +217,8 @@ class Delivery:
         return stored_time(self.clock() + schedule[made - 1])
 
     def log_outcome(self, event, error, next_at):
+        metrics.count_webhook_attempt(
+            "delivered" if error is None else "retrying" if next_at else "gave_up")
         if error is None:
             return
         attempts = event["attempts"] + 1

@@ -1,0 +1,232 @@
+"""The service's Prometheus metrics: every definition, the calls that record them, and the
+text GET /metrics answers (prometheus_client).
+
+Under gunicorn every worker process writes its numbers to files in a folder of its own
+server start, and GET /metrics, whichever worker answers it, sums all workers' files:
+prometheus_client's multiprocess mode. gunicorn.conf.py makes the folder before the first
+worker starts (`start_folder`), names it in PROMETHEUS_MULTIPROC_DIR, and removes it when
+the server stops. Outside gunicorn (`python app.py`, Flask's test client, the commands)
+the numbers live in the process.
+
+prometheus_client chooses between the two when it is first imported, from the
+environment. gunicorn's master loads the app before any hook runs, so the library is not
+imported with this module: the metrics are made by the first call that records one, in a
+worker, after the folder is named.
+"""
+
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+from flask import g, request
+
+from sms_status.rules import STATUS_RANK
+
+PREFIX = "sms_status_"
+FOLDER_PREFIX = "sms-status-metrics-"
+# Each histogram's bucket bounds, in seconds: around what each duration usually is.
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+TWILIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+CALLBACK_RESULTS = ("stored", "repeat", "bad_signature", "invalid")
+SEND_OUTCOMES = ("sent", "invalid", "destination_refused", "limited", "rejected_by_twilio",
+                 "twilio_failed")
+WEBHOOK_RESULTS = ("delivered", "retrying", "gave_up")
+# The route label of a request that matched no route (404, or 405 for a wrong method).
+UNMATCHED = "unmatched"
+
+
+class Metrics:
+    """Every metric of the service. Label values are fixed sets (a callback's status that is
+    not one of Twilio's known ones counts as "other"), and HTTP requests are labelled by
+    their route's pattern, so callers cannot grow the number of series."""
+
+    def __init__(self):
+        from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+        # The *_created series: only in a single process, and Prometheus does not need them.
+        disable_created_metrics()
+
+        def counter(name, documentation, label):
+            return Counter(PREFIX + name, documentation, [label])
+
+        def histogram(name, documentation, labels, buckets):
+            return Histogram(PREFIX + name, documentation, labels, buckets=buckets)
+
+        self.callbacks = counter("callbacks_total", "Status callbacks by result", "result")
+        self.sends = counter("sends_total", "POST /send-sms attempts by outcome", "outcome")
+        self.status_changes = counter("status_changes_total", "New message statuses stored "
+                                      "from Twilio's callbacks, by status", "status")
+        self.twilio_seconds = histogram("twilio_request_duration_seconds",
+                                        "Calls to Twilio's API", ["operation"], TWILIO_BUCKETS)
+        self.write_seconds = histogram("database_write_duration_seconds", "Database writes, "
+                                       "by the storage function", ["operation"], WRITE_BUCKETS)
+        self.http_requests = Counter(PREFIX + "http_requests_total",
+                                     "HTTP requests by route and status code", ["route", "code"])
+        self.http_seconds = histogram("http_request_duration_seconds",
+                                      "HTTP requests by route", ["route"], HTTP_BUCKETS)
+        self.webhook_deliveries = counter(
+            "webhook_deliveries_total", "Status webhook attempts by result: delivered, "
+            "retrying (failed, attempted again later) or gave_up (failed, the last one)", "result")
+        # Set by the process that answers a scrape, from the database: the most recent counts.
+        self.webhook_backlog = Gauge(PREFIX + "webhook_backlog", "Status webhook events still "
+                                     "to be delivered (pending)",
+                                     multiprocess_mode="livemostrecent")
+        # The label sets known in advance count from 0, so that rate() sees their first rise.
+        for result in CALLBACK_RESULTS:
+            self.callbacks.labels(result)
+        for outcome in SEND_OUTCOMES:
+            self.sends.labels(outcome)
+        for result in WEBHOOK_RESULTS:
+            self.webhook_deliveries.labels(result)
+        # One request's labelled children, kept: labels() costs a lock and a lookup each time.
+        self.children = {}
+
+    def child(self, metric, *labels):
+        key = (id(metric), labels)
+        found = self.children.get(key)
+        if found is None:
+            found = self.children[key] = metric.labels(*labels)
+        return found
+
+
+_made = None
+_making = threading.Lock()
+
+
+def metrics():
+    """This process's metrics, made on first use."""
+    global _made
+    if _made is None:
+        with _making:
+            if _made is None:
+                _made = Metrics()
+    return _made
+
+
+def count_callback(result):
+    """One status callback: stored, repeat, bad_signature or invalid."""
+    found = metrics()
+    found.child(found.callbacks, result).inc()
+
+
+def count_status_change(status):
+    found = metrics()
+    found.child(found.status_changes, status if status in STATUS_RANK else "other").inc()
+
+
+def count_send(outcome):
+    found = metrics()
+    found.child(found.sends, outcome).inc()
+
+
+def observe_twilio_call(operation, seconds):
+    found = metrics()
+    found.child(found.twilio_seconds, operation).observe(seconds)
+
+
+def observe_write(operation, seconds):
+    found = metrics()
+    found.child(found.write_seconds, operation).observe(seconds)
+
+
+def count_webhook_attempt(result):
+    """One status webhook attempt: delivered, retrying or gave_up."""
+    found = metrics()
+    found.child(found.webhook_deliveries, result).inc()
+
+
+def set_webhook_backlog(pending):
+    metrics().webhook_backlog.set(pending)
+
+
+def request_started():
+    """Flask before_request hook: the request's clock starts."""
+    g.metrics_started = time.perf_counter()
+
+
+def request_finished(response):
+    """Flask after_request hook: counts the request by its route's pattern and code."""
+    started = g.get("metrics_started")
+    rule = request.url_rule
+    route = rule.rule if rule is not None else UNMATCHED
+    found = metrics()
+    found.child(found.http_requests, route, str(response.status_code)).inc()
+    if started is not None:
+        found.child(found.http_seconds, route).observe(time.perf_counter() - started)
+    return response
+
+
+def register(app):
+    """Times and counts every request of `app`; call before the other request hooks."""
+    app.before_request(request_started)
+    app.after_request(request_finished)
+
+
+def exposition():
+    """(body, content type) of GET /metrics: every worker's numbers summed under gunicorn,
+    this process's otherwise."""
+    from prometheus_client import (
+        CONTENT_TYPE_PLAIN_0_0_4,
+        REGISTRY,
+        CollectorRegistry,
+        generate_latest,
+    )
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    metrics()  # so that a scrape before any request shows the metrics at 0
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, folder)
+    return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+# --- gunicorn: the folder of one server start (gunicorn.conf.py) -----------------------
+
+def start_folder():
+    """Makes this server start's empty folder, private to this user, in the temporary
+    directory ($TMPDIR), names it in PROMETHEUS_MULTIPROC_DIR for the workers to come, and
+    removes the folders of earlier starts that ended without removing theirs (killed).
+
+    Run by gunicorn's master before its first worker, and before prometheus_client is
+    imported in it: the library reads the variable once, at its import.
+    """
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was "
+                           "set: the workers' metrics would not be summed")
+    remove_abandoned_folders()
+    folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    return folder
+
+
+def remove_abandoned_folders():
+    """Removes this user's metrics folders whose server (the pid in the name) is gone."""
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), FOLDER_PREFIX + "*")):
+        try:
+            pid = int(os.path.basename(folder)[len(FOLDER_PREFIX):].split("-")[0])
+            if os.stat(folder).st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, OSError):
+            continue  # not one of ours, or its server still runs (maybe as another user)
+
+
+def worker_gone(pid):
+    """A worker ended: its live gauges stop counting (its counters and histograms stay in
+    the sums, so that totals never go down)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+def remove_folder(folder):
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,300 @@
+"""GET /metrics: Prometheus' text format, behind the API key, and counts that rise by
+exactly what was done, summed over gunicorn's workers."""
+
+import glob
+import os
+import signal
+import threading
+from collections import Counter
+
+import pytest
+import requests
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from support import (
+    AUTH,
+    CALLBACK_URL,
+    WEBHOOK_SECRET,
+    WebhookReceiver,
+    callback,
+    post_to_service,
+    sign,
+    sqlite_only,
+    wait_until,
+)
+from twilio_fakes import twilio_error
+
+METRICS = {
+    "sms_status_callbacks": "counter",
+    "sms_status_sends": "counter",
+    "sms_status_status_changes": "counter",
+    "sms_status_twilio_request_duration_seconds": "histogram",
+    "sms_status_database_write_duration_seconds": "histogram",
+    "sms_status_http_requests": "counter",
+    "sms_status_http_request_duration_seconds": "histogram",
+}
+
+
+def families(text):
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def values(text):
+    """{(sample name, ((label, value), ...)): value} of a /metrics text, the service's own
+    (not the Python process's, which only a single process shows)."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name.startswith("sms_status_")}
+
+
+def scrape(client, headers=AUTH):
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return values(response.get_data(as_text=True))
+
+
+def rise(before, after):
+    """What rose between two scrapes: counters, and how many observations each histogram
+    took (not the sums or buckets); the samples that did not move are left out."""
+    return {key: value - before.get(key, 0) for key, value in after.items()
+            if value != before.get(key, 0) and not key[0].endswith(("_sum", "_bucket"))}
+
+
+def sample(name, **labels):
+    return name, tuple(sorted(labels.items()))
+
+
+def callbacks(result):
+    return sample("sms_status_callbacks_total", result=result)
+
+
+def http_requests(route, code):
+    return sample("sms_status_http_requests_total", route=route, code=str(code))
+
+
+def observations(histogram, **labels):
+    return sample(f"sms_status_{histogram}_count", **labels)
+
+
+# --- in one process (Flask's test client) -----------------------------------------------
+
+@sqlite_only
+def test_metrics_are_prometheus_text_with_every_metric_named_by_convention(client):
+    response = client.get("/metrics", headers=AUTH)
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    found = families(response.get_data(as_text=True))
+    for name, kind in METRICS.items():
+        assert found[name].type == kind, name
+    # Known results and outcomes are there from the start, at 0.
+    assert {s.labels["result"] for s in found["sms_status_callbacks"].samples} == {
+        "stored", "repeat", "bad_signature", "invalid"}
+
+
+@sqlite_only
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-wrong-key"}])
+def test_metrics_need_the_api_key(client, headers):
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in response.get_json()["error"]
+
+
+@sqlite_only
+def test_metrics_are_open_when_simulating_without_a_key(make_app):
+    client = make_app(TWILIO_SIMULATE="true", API_KEY=None).test_client()
+    assert "sms_status_callbacks" in families(client.get("/metrics").get_data(as_text=True))
+
+
+@sqlite_only
+def test_callbacks_count_by_result_and_new_statuses_by_status(client, post_callback):
+    before = scrape(client)
+    sid = "SM" + "c1" * 16
+    assert post_callback(callback(sid, "sent")).status_code == 200
+    assert post_callback(callback(sid, "delivered")).status_code == 200
+    assert post_callback(callback(sid, "delivered")).get_json()["duplicate"] is True
+    assert post_callback(callback(sid, "no-such-status")).status_code == 200
+    assert client.post("/message-status", data=callback(sid, "read"),
+                       headers={"X-Twilio-Signature": "forged"}).status_code == 403
+    assert post_callback({"MessageStatus": "sent"}).status_code == 400
+    assert post_callback(callback(sid, "sent\x00")).status_code == 400
+    assert post_callback({f"Field{n}": "x" for n in range(150)}).status_code == 400
+
+    assert rise(before, scrape(client)) == {
+        callbacks("stored"): 3, callbacks("repeat"): 1, callbacks("bad_signature"): 1,
+        callbacks("invalid"): 3,
+        sample("sms_status_status_changes_total", status="sent"): 1,
+        sample("sms_status_status_changes_total", status="delivered"): 1,
+        sample("sms_status_status_changes_total", status="other"): 1,
+        # 8 callbacks, answered 200 four times, 403 once, 400 three times.
+        http_requests("/message-status", 200): 4, http_requests("/message-status", 403): 1,
+        http_requests("/message-status", 400): 3,
+        observations("http_request_duration_seconds", route="/message-status"): 8,
+        observations("database_write_duration_seconds", operation="record_status"): 4,
+        # The scrape before this one.
+        http_requests("/metrics", 200): 1,
+        observations("http_request_duration_seconds", route="/metrics"): 1,
+    }
+
+
+@sqlite_only
+def test_sends_count_by_outcome_and_time_twilio(make_app, fake_twilio):
+    client = make_app(ALLOWED_DESTINATIONS="+1",
+                      MAX_SENDS_PER_RECIPIENT_PER_HOUR="1").test_client()
+    before = scrape(client)
+
+    def send(to, status):
+        response = client.post("/send-sms", json={"to": to, "body": "hi"}, headers=AUTH)
+        assert response.status_code == status, response.get_json()
+
+    send("+15558675309", 200)
+    send("+15558675309", 429)  # its one send this hour is used
+    send("+445558675309", 403)
+    send("555", 400)
+    fake_twilio.answer_next(twilio_error(400, 21211, "Invalid 'To' Phone Number"))
+    send("+15558675310", 400)
+    fake_twilio.answer_next(requests.ConnectionError("refused"))
+    send("+15558675311", 502)
+
+    rose = rise(before, scrape(client))
+    assert {key[1][0][1]: value for key, value in rose.items()
+            if key[0] == "sms_status_sends_total"} == {
+        "sent": 1, "limited": 1, "destination_refused": 1, "invalid": 1,
+        "rejected_by_twilio": 1, "twilio_failed": 1}
+    # Three calls reached Twilio: the sent one and the two that failed.
+    assert rose[observations("twilio_request_duration_seconds", operation="create")] == 3
+    assert rose[http_requests("/send-sms", 200)] == 1
+    assert rose[observations("database_write_duration_seconds",
+                             operation="record_sent_message")] == 1
+
+
+@sqlite_only
+def test_requests_are_labelled_by_route_pattern_never_by_path(client):
+    before = scrape(client)
+    for n in range(50):
+        assert client.get(f"/get-status/SM{n:032x}", headers=AUTH).status_code == 404
+        assert client.get(f"/no-such-path/{n}").status_code == 404
+    assert client.delete("/get-status/SM1", headers=AUTH).status_code == 405
+
+    rose = rise(before, scrape(client))
+    routes = {dict(labels)["route"] for name, labels in rose
+              if name == "sms_status_http_requests_total"}
+    assert routes == {"/get-status/<sid>", "unmatched", "/metrics"}
+    assert rose[http_requests("/get-status/<sid>", 404)] == 50
+    assert rose[http_requests("unmatched", 404)] == 50
+    assert rose[http_requests("unmatched", 405)] == 1
+    assert rose[observations("http_request_duration_seconds", route="/get-status/<sid>")] == 50
+
+
+# --- under gunicorn, two workers ------------------------------------------------------
+
+def metrics_folders(env):
+    return glob.glob(os.path.join(env["TMPDIR"], "sms-status-metrics-*"))
+
+
+def stored_callbacks_per_worker(folder):
+    """{worker pid: stored callbacks it counted}, from each worker's own file."""
+    counted = {}
+    for path in glob.glob(os.path.join(folder, "counter_*.db")):
+        pid = int(os.path.basename(path)[len("counter_"):-len(".db")])
+        for family in MultiProcessCollector.merge([path]):
+            for s in family.samples:
+                if s.name == "sms_status_callbacks_total" and s.labels == {"result": "stored"}:
+                    counted[pid] = counted.get(pid, 0) + s.value
+    return counted
+
+
+def scrape_service(service):
+    response = requests.get(service.url + "/metrics", headers=AUTH, timeout=10)
+    assert response.status_code == 200
+    return values(response.text)
+
+
+def test_counts_are_summed_exactly_over_two_workers(service_env, start_service):
+    env = service_env(simulate=False, WEB_CONCURRENCY=2, GUNICORN_THREADS=8)
+    service = start_service(env)
+    [folder] = metrics_folders(env)
+    before = scrape_service(service)
+
+    # New connections from several threads at once, batch after batch, until both workers
+    # have taken some (each request is counted by the worker that answered it).
+    answers, lock = Counter(), threading.Lock()
+
+    def post(first):
+        for n in range(first, first + 5):
+            status = post_to_service(service, env, callback(f"SM{n:032x}", "delivered"))
+            with lock:
+                answers[status.status_code] += 1
+
+    sent = 0
+    for _ in range(20):
+        threads = [threading.Thread(target=post, args=(sent + 5 * t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        sent += 40
+        if len([n for n in stored_callbacks_per_worker(folder).values() if n]) >= 2:
+            break
+    assert answers == {200: sent}
+
+    per_worker = stored_callbacks_per_worker(folder)
+    assert len([n for n in per_worker.values() if n]) == 2, per_worker
+    assert sum(per_worker.values()) == sent
+    rose = rise(before, scrape_service(service))
+    assert rose[callbacks("stored")] == sent
+    assert rose[http_requests("/message-status", 200)] == sent
+    assert rose[sample("sms_status_status_changes_total", status="delivered")] == sent
+    assert rose[observations("http_request_duration_seconds", route="/message-status")] == sent
+    # Each stored callback is one write, through SQLite's writer process or PostgreSQL's pool.
+    assert rose[observations("database_write_duration_seconds", operation="record_status")] == sent
+
+
+@sqlite_only
+def test_each_start_counts_in_a_fresh_folder_removed_at_the_end(service_env, start_service):
+    env = service_env(simulate=False, WEB_CONCURRENCY=2, GUNICORN_THREADS=8)
+    killed = start_service(env)
+    for n in range(5):
+        assert post_to_service(killed, env, callback(f"SM{n:032x}", "sent")).status_code == 200
+    assert scrape_service(killed)[callbacks("stored")] == 5
+    [left_behind] = metrics_folders(env)
+    killed.kill()  # SIGKILL: no hook runs, the folder stays
+    assert os.path.isdir(left_behind)
+
+    service = start_service(env)
+    [folder] = metrics_folders(env)
+    assert folder != left_behind  # the killed start's folder was removed at this start
+    assert scrape_service(service)[callbacks("stored")] == 0
+    assert post_to_service(service, env, callback("SM" + "e" * 32, "sent")).status_code == 200
+    assert scrape_service(service)[callbacks("stored")] == 1
+
+    os.killpg(service.process.pid, signal.SIGTERM)
+    service.process.wait(timeout=30)
+    wait_until(lambda: not metrics_folders(env), 5, "the metrics folder removed at exit")
+
+
+@sqlite_only
+def test_webhook_attempts_count_by_result_and_the_backlog_is_read_from_the_database(
+        make_app):
+    with WebhookReceiver() as receiver:
+        app = make_app(STATUS_WEBHOOK_URL=receiver.url, STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                       STATUS_WEBHOOK_RETRY_SCHEDULE="60")
+        client = app.test_client()
+        before = scrape(client)
+        for n in range(3):
+            params = callback("SM" + f"d{n}" * 16, "delivered")
+            client.post("/message-status", data=params,
+                        headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+        assert scrape(client)[sample("sms_status_webhook_backlog")] == 3
+        receiver.answers = [500]
+        delivery = app.extensions["webhooks"]
+        with app.app_context():
+            for item in client.get("/webhook-events", headers=AUTH).get_json()["events"]:
+                delivery.deliver_now(item["id"])
+        after = scrape(client)
+    assert after[sample("sms_status_webhook_backlog")] == 1
+    risen = rise(before, after)
+    assert {key: value for key, value in risen.items() if "webhook_deliveries" in key[0]} == {
+        sample("sms_status_webhook_deliveries_total", result="delivered"): 2,
+        sample("sms_status_webhook_deliveries_total", result="retrying"): 1}
