@@ -1,5 +1,5 @@
 """Maintenance commands: `flask --app app reconcile`, `prune`, `copy-database`, `backup`
-and `retry-webhooks`.
+and `retry-webhooks`; and `receive-webhooks`, to try the status webhooks out.
 
 Status callbacks get lost (a deploy, a proxy, a network blip); reconciliation asks Twilio
 for the status of every message still waiting for a final one. Pruning keeps the
@@ -20,7 +20,12 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from sms_status import rules, twilio_api, webhooks
-from sms_status.config import ConfigError, parse_database_url, problems_with
+from sms_status.config import (
+    ConfigError,
+    parse_database_url,
+    parse_webhook_secrets,
+    problems_with,
+)
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
 from sms_status.storage import outbox, reads
 from sms_status.storage import records as db
@@ -156,6 +161,7 @@ def register_commands(app):
     app.cli.add_command(copy_database)
     app.cli.add_command(backup)
     app.cli.add_command(retry_webhooks)
+    app.cli.add_command(receive_webhooks)
 
 
 def fetch_with_backoff(client, sid, sleep):
@@ -344,3 +350,19 @@ def retry_webhooks(since):
     if queued and not webhooks.recording(current_app):
         click.echo("STATUS_WEBHOOK_URL is unset: they are delivered once the service runs "
                    "with it set.")
+
+
+@click.command("receive-webhooks")
+@click.option("--port", default=4000, show_default=True, type=click.IntRange(1, 65535),
+              help="The port to listen on, on 127.0.0.1.")
+def receive_webhooks(port):
+    """Receive status webhooks on this machine and print each event whose signature
+    verifies with STATUS_WEBHOOK_SECRET; point STATUS_WEBHOOK_URL at
+    http://127.0.0.1:PORT/ to try them out."""
+    from sms_status.webhooks import receiver
+
+    secrets, problems = parse_webhook_secrets(os.environ.get("STATUS_WEBHOOK_SECRET"))
+    if problems:
+        raise ConfigurationProblem(str(ConfigError(problems)))
+    click.echo(f"Receiving status webhooks at http://127.0.0.1:{port}/ (Ctrl-C stops)")
+    receiver.serve(secrets, "127.0.0.1", port)

@@ -263,11 +263,17 @@ def _sender(phone_number, messaging_service_sid, problems):
         problems.append("TWILIO_MESSAGING_SERVICE_SID must be MG followed by 32 hex characters")
 
 
+def parse_webhook_secrets(raw):
+    """(secrets, problems) of a STATUS_WEBHOOK_SECRET value, for a receiver of the events."""
+    problems = []
+    return _webhook_secrets(raw, problems), problems
+
+
 def _webhook_secrets(raw, problems):
     """STATUS_WEBHOOK_SECRET: one Standard Webhooks secret, or two separated by one space."""
     name = "STATUS_WEBHOOK_SECRET"
     if raw is None or raw.strip() == "":
-        problems.append(f"{name} is required when STATUS_WEBHOOK_URL is set: whsec_ followed "
+        problems.append(f"{name} is required with STATUS_WEBHOOK_URL: whsec_ followed "
                         "by the base64 of 24 to 64 random bytes; make one with: python3 -c "
                         "'import base64, secrets; print(\"whsec_\" + "
                         "base64.b64encode(secrets.token_bytes(32)).decode())'")

@@ -282,3 +282,38 @@ def test_bad_webhook_settings_stop_the_start_naming_the_variable(service_env):
     assert "STATUS_WEBHOOK_URL must be https:// when live" in result.stderr
     assert "STATUS_WEBHOOK_SECRET must be whsec_" in result.stderr
     assert "pa55word" not in result.stderr and "tooshort" not in result.stderr
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_receive_webhooks_command_prints_what_a_simulated_send_makes(
+        service_env, start_service, tmp_path):
+    """The README's way to try the webhooks: the command receives, the service simulates."""
+    port = free_port()
+    env = service_env(simulate=True, STATUS_WEBHOOK_URL=f"http://127.0.0.1:{port}/",
+                      STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    out = open(tmp_path / "receiver.out", "w+")
+    receiver = subprocess.Popen([sys.executable, "-m", "flask", "--app", "app",
+                                 "receive-webhooks", "--port", str(port)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: "Receiving status webhooks" in (tmp_path / "receiver.out")
+                   .read_text(), 20, "the receiver")
+        service = start_service(env)
+        sid = requests.post(service.url + "/send-sms", timeout=10, json={
+            "to": "+15005551003", "body": "hi", "reference": "order-9"}).json()["messageSid"]
+        wait_until(lambda: "-> undelivered" in (tmp_path / "receiver.out").read_text(), 20,
+                   "the last event printed")
+        forged = requests.post(f"http://127.0.0.1:{port}/", data=b"{}", timeout=10, headers={
+            "webhook-id": "evt_x", "webhook-timestamp": str(int(time.time())),
+            "webhook-signature": "v1,AAAA"})
+        assert forged.status_code == 401
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    lines = (tmp_path / "receiver.out").read_text().splitlines()[1:]
+    assert [line.split(" ", 1)[1].split(" reference=")[0].split(" ", 1)[1] for line in lines
+            if "evt_" in line] == [f"message.queued {sid} None -> queued",
+                                   f"message.sent {sid} queued -> sent",
+                                   f"message.undelivered {sid} sent -> undelivered"]
+    assert all("reference=order-9" in line for line in lines if "evt_" in line)
+    assert "REFUSED: no valid signature" in lines[-1]

@@ -1,0 +1,48 @@
+"""A receiver of status webhooks that prints each verified event: `flask --app app
+receive-webhooks`, for trying the webhooks out on this machine (in simulation, say) and for
+seeing what an application receives. It verifies each request with the `standardwebhooks`
+package, as an application should, and refuses what does not verify."""
+
+import logging
+import sys
+import time
+
+import click
+from flask import Flask, request
+from standardwebhooks import Webhook, WebhookVerificationError
+from werkzeug.serving import run_simple
+
+
+def receiver_app(secrets, out=sys.stdout):
+    """A WSGI app that takes events on any path: 204 for each verified one (printed as one
+    line), 401 for anything else."""
+    app = Flask(__name__)
+    verifiers = [Webhook(secret) for secret in secrets]
+
+    @app.post("/", defaults={"path": ""})
+    @app.post("/<path:path>")
+    def receive(path):
+        body, headers = request.get_data(), dict(request.headers)
+        for verifier in verifiers:
+            try:
+                event = verifier.verify(body, headers)
+                break
+            except WebhookVerificationError:
+                continue
+        else:
+            click.echo(f"{time.strftime('%H:%M:%S')} REFUSED: no valid signature", file=out)
+            return {"error": "no valid signature"}, 401
+        data = event.get("data", {})
+        click.echo(f"{time.strftime('%H:%M:%S')} {headers.get('Webhook-Id')} {event.get('type')}"
+                   f" {data.get('sid')} {data.get('previousStatus')} -> {data.get('status')}"
+                   f" reference={data.get('reference')} errorCode={data.get('errorCode')}",
+                   file=out)
+        return "", 204
+
+    return app
+
+
+def serve(secrets, host, port):
+    # Only the events' lines: no line per request, no development-server banner.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    run_simple(host, port, receiver_app(secrets), threaded=True)
