@@ -358,7 +358,8 @@ class WebhookReceiver:
     gets (arrival time, headers, body) and answers as told.
 
     `answers` is a list consumed one request at a time, each an HTTP status, "hang" (never
-    answer until `release()`), or "redirect" (a 302 to itself); once it is empty, every
+    answer until `release()`), "trickle" (an answer a byte at a time, never finished) or
+    "redirect" (a 302 to itself); once it is empty, every
     request gets `default` (204).
     """
 
@@ -378,6 +379,16 @@ class WebhookReceiver:
                     answer = receiver.answers.pop(0) if receiver.answers else receiver.default
                 if answer == "hang":
                     receiver.released.wait(120)
+                    return
+                if answer == "trickle":  # a byte of its headers every 0.2 s, for 20 s
+                    try:
+                        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"x" * 100:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            if receiver.released.wait(0.2):
+                                return
+                    except OSError:
+                        return
                     return
                 status = 302 if answer == "redirect" else answer
                 self.send_response(status)

@@ -155,6 +155,20 @@ def test_retries_follow_the_schedule_then_give_up_and_can_be_retried(
             [redirected["id"], hung["id"], refused["id"]])
 
 
+def test_a_receiver_that_trickles_its_answer_cannot_hold_an_attempt_past_the_timeout(
+        service_env, start_service, receiver):
+    env = webhook_env(service_env, receiver.url, STATUS_WEBHOOK_TIMEOUT="1",
+                      STATUS_WEBHOOK_RETRY_SCHEDULE="30")
+    service = start_service(env)
+    receiver.answers = ["trickle"]  # each byte well within a socket timeout of 1 s
+    post(service, env, "SM" + "b1" * 16, "delivered")
+    wait_until(lambda: events_of(service)[0]["attempts"] == 1, 10, "the attempt's end")
+    assert events_of(service)[0]["lastError"] == "timed out after 1 s"
+    started, _, _ = receiver.requests[0]
+    ended = time.time()
+    assert ended - started < 5  # the trickle goes on for 20 s
+
+
 def test_every_event_of_a_receiver_outage_arrives_once(service_env, start_service):
     port = free_port()
     env = webhook_env(service_env, f"http://127.0.0.1:{port}/events",
