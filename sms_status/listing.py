@@ -273,7 +273,7 @@ def message_with_history(sid):
 # --- GET /webhook-events ------------------------------------------------------------------
 
 WEBHOOK_EVENTS_PARAMETERS = ("state", "sid", "limit", "cursor")
-WEBHOOK_EVENT_STATES = ("pending", "delivered", "failed")
+WEBHOOK_EVENT_STATES = reads.WEBHOOK_EVENT_STATES
 MAX_SID_LENGTH = 64
 
 

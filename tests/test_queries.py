@@ -527,7 +527,10 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
             if path in ("/messages", "/webhook-events"):
                 assert not any("TEMP B-TREE" in line for line in plan), plan
-            if params:  # a filter or a cursor seeks into the index instead of scanning it
+            if "state" in params:  # the partial index of that state's events alone
+                assert plan[0].startswith(f"SCAN webhook_events USING INDEX webhook_events_"
+                                          f"{params['state']}"), plan
+            elif params:  # a filter or a cursor seeks into the index instead of scanning it
                 assert plan[0].startswith("SEARCH"), plan
 
 

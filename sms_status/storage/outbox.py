@@ -51,7 +51,10 @@ CLAIMED_COLUMNS = "id, message_sid, payload, attempts, schedule_start, lease"
 def claim_webhook_events(storage, lease, now, lease_seconds, limit, event_id=None):
     """Leases up to `limit` due events (only `event_id`, when given) under the token
     `lease` for `lease_seconds`; returns them as [{id, message_sid, payload, attempts,
-    schedule_start, lease}], oldest first.
+    schedule_start, lease}], longest due first.
+
+    They are taken in the order of the index of due events (when due, then recorded), so a
+    claim reads the few it takes, even with a large backlog waiting for retries.
 
     Instances claim one at a time (a lock), so two never lease two events of one message.
     """
@@ -61,7 +64,8 @@ def claim_webhook_events(storage, lease, now, lease_seconds, limit, event_id=Non
         tx.lock("webhook claims")
         rows = tx.execute(
             f"UPDATE webhook_events SET lease = ?, lease_until = ? WHERE seq IN ({CLAIMABLE}"
-            f"{only} ORDER BY e.seq LIMIT ?{storage.skip_locked}) RETURNING seq, "
+            f"{only} ORDER BY e.next_attempt_at, e.seq LIMIT ?{storage.skip_locked})"
+            " RETURNING seq, "
             + CLAIMED_COLUMNS,
             (lease, now + lease_seconds, at, now, now, at,
              *([event_id] if event_id is not None else []), limit),

@@ -107,14 +107,26 @@ EVENT_COLUMNS = ("seq, id, message_sid, type, state, attempts, created_at, next_
                  " last_attempt_at, delivered_at, last_error")
 
 
+WEBHOOK_EVENT_STATES = ("pending", "delivered", "failed")
+
+
+def state_is(state):
+    """The condition on an event's state, written out so that the partial index of pending
+    or failed events serves it (a `?` would hide which state it is from the planner)."""
+    if state not in WEBHOOK_EVENT_STATES:
+        raise ValueError(f"not an event state: {state!r}")
+    return f"state = '{state}'"
+
+
 def webhook_events_page(storage, limit, state=None, sid=None, before=None):
     """Up to `limit` events newest first (creation, then recording order), of one state or
     message when given; `before` is a (created_at, seq) position to start after."""
     conditions, params = [], []
-    for condition, value in (("state = ?", state), ("message_sid = ?", sid)):
-        if value is not None:
-            conditions.append(condition)
-            params.append(value)
+    if state is not None:
+        conditions.append(state_is(state))
+    if sid is not None:
+        conditions.append("message_sid = ?")
+        params.append(sid)
     if before is not None:
         conditions.append("(created_at, seq) < (?, ?)")
         params += before
@@ -133,8 +145,8 @@ def webhook_event(storage, event_id):
 def webhook_event_counts(storage, since, until):
     """{"pending": n, "failed": n}: the events created in [since, until) in those states."""
     return {state: storage.query(
-        "SELECT count(*) AS n FROM webhook_events WHERE state = ? AND created_at >= ?"
-        " AND created_at < ?", (state, since, until))[0]["n"]
+        f"SELECT count(*) AS n FROM webhook_events WHERE {state_is(state)} AND created_at >= ?"
+        " AND created_at < ?", (since, until))[0]["n"]
         for state in ("pending", "failed")}
 
 
