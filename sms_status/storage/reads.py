@@ -1,9 +1,12 @@
-"""The reads of GET /messages and GET /stats: their SQL, written once for both engines,
-returning rows. Their parameters and the shape of their answers are listing.py's.
+"""The reads of GET /messages, GET /stats and the dashboard's chart: their SQL, written
+once for both engines, returning rows. Their parameters and the shape of their answers are
+listing.py's (the chart's, overview.py's).
 
 Every query walks one of schema.py's QUERY_INDEXES in the order it asks for, so a page or
 a window costs what it returns, not the size of the table.
 """
+
+from itertools import pairwise
 
 from sms_status.rules import FINAL_STATUSES
 
@@ -33,13 +36,15 @@ def messages_page(storage, limit, to=None, error_code=None, status=None, since=N
 
 
 # Every latest status stored, one index seek each (a loose index scan: a plain DISTINCT
-# would read the whole index).
-DISTINCT_STATUSES = (
-    "WITH RECURSIVE found (status) AS ("
+# would read the whole index); `found` also holds a last NULL row.
+FOUND_STATUSES = (
+    "found (status) AS ("
     " SELECT min(latest_status) FROM messages"
     " UNION ALL SELECT (SELECT min(latest_status) FROM messages"
     " WHERE latest_status > found.status) FROM found WHERE found.status IS NOT NULL)"
-    " SELECT status FROM found WHERE status IS NOT NULL"
+)
+DISTINCT_STATUSES = (
+    f"WITH RECURSIVE {FOUND_STATUSES} SELECT status FROM found WHERE status IS NOT NULL"
 )
 
 
@@ -63,6 +68,29 @@ def status_counts(storage, since, until, idle_before):
             by_status[status] = counts["messages"]
             stuck += counts["stuck"] or 0
     return dict(sorted(by_status.items())), stuck
+
+
+def messages_per_bucket(storage, boundaries):
+    """[(bucket start, latest status, count)] of the messages created in each stretch
+    [boundaries[i], boundaries[i + 1]) (stored timestamps, ascending), leaving out zeros.
+
+    Each (bucket, status) pair is counted on its own stretch of the (latest_status,
+    created_at) index, which needs no table row: the cost is the window's index entries.
+    """
+    buckets = list(pairwise(boundaries))
+    if not buckets:
+        return []
+    rows = storage.query(
+        f"WITH RECURSIVE {FOUND_STATUSES},"
+        f" buckets (start, stop) AS (VALUES {', '.join('(?, ?)' for _ in buckets)})"
+        " SELECT buckets.start AS bucket, found.status AS status,"
+        " (SELECT count(*) FROM messages WHERE latest_status = found.status"
+        " AND created_at >= buckets.start AND created_at < buckets.stop) AS messages"
+        " FROM buckets, found WHERE found.status IS NOT NULL",
+        tuple(moment for bucket in buckets for moment in bucket),
+    )
+    return sorted((row["bucket"], row["status"], row["messages"]) for row in rows
+                  if row["messages"])
 
 
 def error_counts(storage, since, until):

@@ -1,7 +1,7 @@
-"""The web room: routes (two blueprints), the guards every request passes, errors as JSON,
-the health check and the log."""
+"""The web room: routes (two blueprints), the dashboard (a third), the guards every request
+passes, errors as JSON (pages on the dashboard), the health check and the log."""
 
-from sms_status.web import routes, send
+from sms_status.web import dashboard, routes, send
 from sms_status.web.errors import register_error_handlers
 from sms_status.web.guards import read_whole_body, refuse_nul_characters
 
@@ -13,3 +13,4 @@ def register(app):
     register_error_handlers(app)
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(send.blueprint)
+    dashboard.init_app(app)

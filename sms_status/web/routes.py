@@ -36,6 +36,7 @@ def index():
                           "hours (Authorization: Bearer <API_KEY>)",
             "GET /healthz": "200 when statuses can be stored, 503 when not",
             "GET /openapi.json": "the OpenAPI 3.1 description of this API",
+            "GET /dashboard": "the delivery dashboard, for a browser (log in with the API key)",
         },
     }
 
