@@ -262,7 +262,10 @@ blueprint.add_app_template_filter(chart.status_class, "status_class")
 # --- answers ------------------------------------------------------------------------------
 
 def page(template, status=200, **context):
-    """A page of templates/dashboard/, with the dashboard's headers."""
+    """A page of templates/dashboard/, with the dashboard's headers. Its `problem`, if
+    any, is what a 400 is logged with (errors.py's log_bad_request reads it from g)."""
+    if context.get("problem"):
+        g.refusal = context["problem"]
     response = current_app.make_response((render_template(
         f"dashboard/{template}", signed_in_nav=key_required() and signed_in(),
         key_required=key_required(), **context), status))
@@ -278,8 +281,5 @@ def with_headers(response):
 
 
 def error_page(status, message, **context):
-    """An HTML error page saying what to do; a 400's message is logged, as the API's are
-    (errors.py's log_bad_request reads it from g)."""
-    g.refusal = message
-    return page("error.html", status, title=f"Error {status}",
-                message=message, **context)
+    """An HTML error page saying what to do."""
+    return page("error.html", status, title=f"Error {status}", problem=message, **context)
