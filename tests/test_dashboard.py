@@ -13,8 +13,9 @@ from datetime import datetime, timezone
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 
+from sms_status import overview
 from sms_status.storage import records as db
-from sms_status.web import dashboard
+from sms_status.web import chart, dashboard
 from support import API_KEY, AUTH, callback, fill_postgres_messages, sqlite_only
 
 NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
@@ -369,10 +370,17 @@ def test_the_search_lists_what_messages_lists(signed_in, store):
         assert listed_sids(page.text) == [m["sid"] for m in api["messages"]] == expected
 
 
-def test_the_search_ignores_the_fields_left_empty(signed_in, store):
+def test_the_search_leaves_out_the_fields_left_empty(signed_in, store):
     sid = store(600, ("delivered", 1))
-    page = signed_in.get("/dashboard/messages?to=&status=&errorCode=+&reference=&since=&until=")
+    response = signed_in.get("/dashboard/messages?to=+%2B15558675309+&status=&errorCode=+"
+                             "&reference=&since=&until=")
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/dashboard/messages?to=%2B15558675309"
+    page = signed_in.get(response.headers["Location"])
     assert page.status_code == 200 and listed_sids(page.text) == [sid]
+    empty = signed_in.get("/dashboard/messages?to=&status=", follow_redirects=True)
+    assert empty.request.path == "/dashboard/messages" and not empty.request.args
+    assert listed_sids(empty.text) == [sid]
 
 
 def test_the_search_keeps_what_was_asked_in_the_form(signed_in):
@@ -503,3 +511,28 @@ def test_the_stylesheet_is_served_without_a_session(client):
     assert response.status_code == 200 and response.mimetype == "text/css"
     assert "status-delivered" in response.text
 
+
+
+# --- the chart's arithmetic ---------------------------------------------------------------
+
+def test_buckets_start_on_round_times_and_cover_the_window_exactly():
+    since, until = "2026-11-26T09:44:16.123Z", "2026-11-27T09:44:16.123Z"
+    boundaries = overview.bucket_boundaries(since, until, overview.WINDOWS["24h"][1])
+    assert boundaries[0] == since and boundaries[-1] == until and len(boundaries) == 26
+    assert boundaries[1:3] == ["2026-11-26T10:00:00.000Z", "2026-11-26T11:00:00.000Z"]
+    days = overview.bucket_boundaries("2026-11-01T00:00:00.000Z", "2026-11-03T00:00:00.000Z",
+                                      overview.WINDOWS["30d"][1])
+    assert days == ["2026-11-01T00:00:00.000Z", "2026-11-02T00:00:00.000Z",
+                    "2026-11-03T00:00:00.000Z"]
+
+
+@pytest.mark.parametrize("value, top", [(0, 1), (1, 1), (3, 3), (7, 8), (9, 10), (270, 300),
+                                        (33_001, 40_000)])
+def test_the_axis_ends_on_a_round_number(value, top):
+    assert chart.nice_ceiling(value) == top
+
+
+@pytest.mark.parametrize("count, text", [(950, "950"), (1500, "1.5k"), (40_000, "40k"),
+                                         (1_200_000, "1.2M")])
+def test_axis_numbers_are_short(count, text):
+    assert chart.compact(count) == text

@@ -47,14 +47,18 @@ def compact(count):
 
 
 def x_labels(buckets, bucket_seconds):
-    """Labels under at most MAX_X_LABELS bars: whole buckets only (the first starts with the
-    window, at any time), and for buckets of hours, only those starting a day."""
+    """(bucket number, text) of the labelled bars, at most MAX_X_LABELS: whole buckets only
+    (the first starts with the window, at any time) at round times (buckets of hours are
+    labelled by the days they start), every 1, 2, 3, 4, 6, 12 or 24 units apart."""
     daily = bucket_seconds >= 6 * 3600
-    candidates = [n for n, bucket in enumerate(buckets) if n and (
-        not daily or bucket["start"][11:23] == "00:00:00.000")]
-    every = max(1, -(-len(candidates) // MAX_X_LABELS))
-    return [(n, datetime.fromisoformat(buckets[n]["start"]).strftime(
-        "%b %d" if daily else "%H:%M")) for n in candidates[::every]]
+    unit = 86400 if daily else bucket_seconds
+    starts = {n: datetime.fromisoformat(bucket["start"]) for n, bucket in enumerate(buckets)}
+    candidates = [n for n in starts if n and starts[n].timestamp() % unit == 0]
+    for every in (1, 2, 3, 4, 6, 12, 24):
+        chosen = [n for n in candidates if starts[n].timestamp() // unit % every == 0]
+        if len(chosen) <= MAX_X_LABELS:
+            break
+    return [(n, starts[n].strftime("%b %d" if daily else "%H:%M")) for n in chosen]
 
 
 def stacked_bars(buckets, bucket_seconds):

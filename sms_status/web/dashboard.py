@@ -193,9 +193,12 @@ def error_row(entry):
 @blueprint.get("/messages", endpoint="messages")
 def messages_page():
     # The form sends its empty fields too: only those filled in are parameters, named and
-    # checked as GET /messages names and checks them.
+    # checked as GET /messages names and checks them. A search with empty fields is sent on
+    # to its short address, which is the one to share and the one "older" pages extend.
     args = MultiDict([(name, value.strip()) for name, value in request.args.items(multi=True)
                       if value.strip()])
+    if list(args.items(multi=True)) != list(request.args.items(multi=True)):
+        return redirect(url_for("dashboard.messages", **args.to_dict(flat=False)), 303)
     form = {name: args.get(name, "") for name in SEARCH_FIELDS}
     try:
         found = listing.list_messages(args)
