@@ -183,11 +183,18 @@ def message_webhook_events(sid):
     return None
 
 
+def explained(code):
+    """(what a Twilio error code means, or None when this service does not know it, and
+    Twilio's page for it)."""
+    sentence, link = twilio_errors.ERRORS.get(code, (None, None))
+    return sentence, link or TWILIO_ERROR_PAGE.format(code=code)
+
+
 def error_row(entry):
     """An error of the overview: code, count, what it means and Twilio's page for it."""
-    sentence, link = twilio_errors.ERRORS.get(entry["code"], (None, None))
+    sentence, link = explained(entry["code"])
     return {"code": entry["code"], "count": entry["count"], "description": sentence,
-            "link": link or TWILIO_ERROR_PAGE.format(code=entry["code"])}
+            "link": link}
 
 
 @blueprint.get("/messages", endpoint="messages")
@@ -223,9 +230,7 @@ def message_page(sid):
     message = listing.message_with_history(sid)
     if message is None:
         return error_page(404, f"No message with SID {sid} is known to this service.")
-    sentence, link = twilio_errors.ERRORS.get(message["errorCode"], (None, None))
-    if message["errorCode"] is not None and link is None:
-        link = TWILIO_ERROR_PAGE.format(code=message["errorCode"])
+    sentence, link = explained(message["errorCode"])
     return page("message.html", title=f"Message {sid}", message=message,
                 error_sentence=sentence, error_link=link,
                 webhook_events=message_webhook_events(sid))
