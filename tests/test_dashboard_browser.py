@@ -87,11 +87,15 @@ def console_errors(driver, expected=()):
 
 
 def screenshot(driver, request, name):
-    """Saves the whole page, desktop and phone sized, under tests/screenshots/."""
+    """Saves the whole page, desktop and phone sized, under tests/screenshots/; on both the
+    page fits the window's width (nothing to scroll sideways)."""
     SCREENSHOTS.mkdir(exist_ok=True)
     engine = request.node.callspec.params.get("database_url", "")
     for size, (width, height) in (("desktop", DESKTOP), ("phone", PHONE)):
         driver.set_window_size(width, height)
+        overflow = driver.execute_script("return document.documentElement.scrollWidth"
+                                         " - document.documentElement.clientWidth")
+        assert overflow <= 0, f"{name} is {overflow} px wider than a {size} window"
         full = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(width, min(max(height, full + 140), 5000))
         path = SCREENSHOTS / f"{engine}-{name}-{size}.png"
