@@ -36,15 +36,13 @@ def messages_page(storage, limit, to=None, error_code=None, status=None, since=N
 
 
 # Every latest status stored, one index seek each (a loose index scan: a plain DISTINCT
-# would read the whole index); `found` also holds a last NULL row.
-FOUND_STATUSES = (
-    "found (status) AS ("
+# would read the whole index).
+DISTINCT_STATUSES = (
+    "WITH RECURSIVE found (status) AS ("
     " SELECT min(latest_status) FROM messages"
     " UNION ALL SELECT (SELECT min(latest_status) FROM messages"
     " WHERE latest_status > found.status) FROM found WHERE found.status IS NOT NULL)"
-)
-DISTINCT_STATUSES = (
-    f"WITH RECURSIVE {FOUND_STATUSES} SELECT status FROM found WHERE status IS NOT NULL"
+    " SELECT status FROM found WHERE status IS NOT NULL"
 )
 
 
@@ -74,23 +72,22 @@ def messages_per_bucket(storage, boundaries):
     """[(bucket start, latest status, count)] of the messages created in each stretch
     [boundaries[i], boundaries[i + 1]) (stored timestamps, ascending), leaving out zeros.
 
-    Each (bucket, status) pair is counted on its own stretch of the (latest_status,
+    One count per status and bucket, each on its own stretch of the (latest_status,
     created_at) index, which needs no table row: the cost is the window's index entries.
+    (Separate statements, each with its own values: as one statement, PostgreSQL planned
+    the counts blind and compiled it with JIT, which took ten times as long as the counts.)
     """
-    buckets = list(pairwise(boundaries))
-    if not buckets:
-        return []
-    rows = storage.query(
-        f"WITH RECURSIVE {FOUND_STATUSES},"
-        f" buckets (start, stop) AS (VALUES {', '.join('(?, ?)' for _ in buckets)})"
-        " SELECT buckets.start AS bucket, found.status AS status,"
-        " (SELECT count(*) FROM messages WHERE latest_status = found.status"
-        " AND created_at >= buckets.start AND created_at < buckets.stop) AS messages"
-        " FROM buckets, found WHERE found.status IS NOT NULL",
-        tuple(moment for bucket in buckets for moment in bucket),
-    )
-    return sorted((row["bucket"], row["status"], row["messages"]) for row in rows
-                  if row["messages"])
+    statuses = [row["status"] for row in storage.query(DISTINCT_STATUSES, ())]
+    counts = []
+    for start, stop in pairwise(boundaries):
+        for status in statuses:
+            messages = storage.query(
+                "SELECT count(*) AS messages FROM messages"
+                " WHERE latest_status = ? AND created_at >= ? AND created_at < ?",
+                (status, start, stop))[0]["messages"]
+            if messages:
+                counts.append((start, status, messages))
+    return counts
 
 
 def error_counts(storage, since, until):
