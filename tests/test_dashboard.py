@@ -444,6 +444,7 @@ def test_a_message_page_shows_its_details_and_history(signed_in, store):
         "queued", "sent", "undelivered"]
     assert [t for (t,) in attributes(page.text, "time", "datetime")] == [
         db.stored_time(NOW - 600), db.stored_time(NOW - 599), db.stored_time(NOW - 595)]
+    assert f"{db.stored_time(NOW - 595)[11:23]} UTC" in page.text  # to the millisecond
     assert "+15558675309" in page.text and "Unreachable handset" in page.text
     assert 'href="https://www.twilio.com/docs/api/errors/30003"' in page.text
 

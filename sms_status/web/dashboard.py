@@ -239,9 +239,9 @@ def message_page(sid):
 # --- how the pages write numbers and times -------------------------------------------------
 
 @blueprint.app_template_filter("when")
-def when(stored):
-    """A stored timestamp as people read it: 2026-12-03 07:21:55 UTC."""
-    return f"{stored[:10]} {stored[11:19]} UTC" if stored else ""
+def when(stored, milliseconds=False):
+    """A stored timestamp as people read it: 2026-12-03 07:21:55 UTC (or 07:21:55.412)."""
+    return f"{stored[:10]} {stored[11:23 if milliseconds else 19]} UTC" if stored else ""
 
 
 @blueprint.app_template_filter("number")
