@@ -8,14 +8,18 @@ and measures, one request at a time over a kept-alive connection:
 
 - /messages?to=<a recipient> (alone, with a status, with an error code), an unfiltered first
   page, and page 50 reached by cursor;
-- /stats over the last 24 hours and over 30 days.
+- /stats over the last 24 hours and over 30 days;
+- the dashboard, side by side with them, logged in with its session cookie: the overview of
+  24 hours and of 30 days, the search by recipient, its first page, and a message's page.
 
-Targets: every /messages query p99 < 20 ms, /stats 24 h < 200 ms, /stats 30 days < 2 s.
+Targets: every /messages query p99 < 20 ms, /stats 24 h < 200 ms, /stats 30 days < 2 s;
+the dashboard's overview of 24 hours p99 < 300 ms, of 30 days < 2 s, a search page p99
+< 50 ms.
 
 Then it measures status-callback ingestion (bench/webhooks.py's pre-signed callbacks,
 fired with wrk) side by side on two copies of the filled database, one with the indexes
 of GET /messages and /stats and one without, in interleaved rounds: the indexes must not
-cost more than 5% of the callbacks per second.
+cost more than 5% of the callbacks per second (--queries-only leaves this out).
 
 Exits non-zero on any answer other than 200 or a lost callback; timings never fail it.
 """
@@ -29,7 +33,7 @@ import sqlite3
 import sys
 import time
 from datetime import datetime, timedelta, timezone
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import webhooks
 from common import (
@@ -71,7 +75,11 @@ def parse_args():
     parser.add_argument("--messages", type=int, default=1_000_000,
                         help="messages to fill the database with")
     parser.add_argument("--requests", type=int, default=200,
-                        help="requests per /messages query (/stats: a tenth, at least 3)")
+                        help="requests per /messages query and search page (/stats and "
+                             "the 30-day overview: a tenth, at least 3; the 24-hour "
+                             "overview: a quarter)")
+    parser.add_argument("--queries-only", action="store_true",
+                        help="measure the queries and pages only, not the ingestion")
     args = parse_bench_args(parser)
     if args.smoke:
         args.messages, args.requests = min(args.messages, 3000), 10
@@ -149,11 +157,12 @@ def iso(moment):
 
 
 class Client:
-    """GET requests on one kept-alive connection, timed."""
+    """GET requests on one kept-alive connection, timed, with `headers` (the API key, or
+    the dashboard's session cookie)."""
 
-    def __init__(self, port, api_key):
+    def __init__(self, port, headers):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        self.headers = {"Authorization": f"Bearer {api_key}"}
+        self.headers = headers
 
     def get(self, path):
         """(seconds, status, body)."""
@@ -165,6 +174,22 @@ class Client:
 
     def close(self):
         self.conn.close()
+
+
+def dashboard_session(port, api_key):
+    """The dashboard's session cookie, from its login form."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/dashboard/login", body=urlencode({"api_key": api_key}),
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        answer = conn.getresponse()
+        answer.read()
+        cookie = answer.getheader("Set-Cookie") or ""
+        if answer.status != 303 or not cookie:
+            raise RuntimeError(f"the dashboard's login answered {answer.status}")
+        return cookie.split(";")[0]
+    finally:
+        conn.close()
 
 
 def measure(client, name, paths, failures):
@@ -179,7 +204,7 @@ def measure(client, name, paths, failures):
     figures = {k: percentile(times, p) for k, p in (("p50", 50), ("p99", 99), ("max", 100))}
     print(f"  {name:<28} {len(times):5d} requests  p50 {ms(figures['p50']):>7}  "
           f"p99 {ms(figures['p99']):>7}  max {ms(figures['max']):>7} ms")
-    figures["answer"] = json.loads(body)
+    figures["answer"] = json.loads(body) if body.startswith(b"{") else None
     return figures
 
 
@@ -217,6 +242,26 @@ def query_figures(client, args, recipients, now, failures):
     since = quote(iso(now - timedelta(days=DAYS)))
     results["stats 30d"] = measure(client, "/stats (30 days)", [f"/stats?since={since}"]
                                    * stats_n, failures)
+    return results
+
+
+def page_figures(client, args, recipients, sid, failures):
+    """The dashboard's pages, timed as the API's queries are."""
+    rng = random.Random(1)
+    n = args.requests
+    results = {}
+    results["search ?to"] = measure(
+        client, "/dashboard/messages?to=...",
+        [f"/dashboard/messages?to={quote(rng.choice(recipients))}" for _ in range(n)],
+        failures)
+    results["search first page"] = measure(client, "/dashboard/messages",
+                                           ["/dashboard/messages"] * n, failures)
+    results["message page"] = measure(client, "/dashboard/messages/<sid>",
+                                      [f"/dashboard/messages/{sid}"] * n, failures)
+    results["overview 24h"] = measure(client, "/dashboard?window=24h",
+                                      ["/dashboard?window=24h"] * max(3, n // 4), failures)
+    results["overview 30d"] = measure(client, "/dashboard?window=30d",
+                                      ["/dashboard?window=30d"] * max(3, n // 10), failures)
     return results
 
 
@@ -260,14 +305,23 @@ def measure_on(args, workdir, processes, database_url):
         service_env(port, None, DATABASE_URL=database_url, **settings), base_url + "/healthz")
 
     print(f"\nqueries, one at a time over a kept-alive connection ({args.messages} messages):")
-    client = Client(port, api_key)
+    client = Client(port, {"Authorization": f"Bearer {api_key}"})
     try:
         results = query_figures(client, args, recipients, now, failures)
+        sid = results["messages first page"]["answer"]["messages"][0]["sid"]
+    finally:
+        client.close()
+    print("the dashboard's pages, the same way, with its session cookie:")
+    client = Client(port, {"Cookie": dashboard_session(port, api_key)})
+    try:
+        results.update(page_figures(client, args, recipients, sid, failures))
     finally:
         client.close()
     if not failures:
         report_targets(results)
 
+    if args.queries_only:
+        return failures
     if engine.name != "sqlite":
         print("\n(the ingestion comparison with and without the query indexes runs on SQLite)")
         return failures
@@ -288,6 +342,9 @@ def measure_on(args, workdir, processes, database_url):
 
 def report_targets(results):
     worst = max(results[name]["p99"] for name in results if name.startswith("messages"))
+    worst_page = max(results[name]["p99"] for name in ("search ?to", "search first page",
+                                                       "message page"))
+    overview_24h, overview_30d = results["overview 24h"]["p99"], results["overview 30d"]["max"]
     stats_24h, stats_30d = results["stats 24h"]["max"], results["stats 30d"]["max"]
     print(f"\n/messages p99, worst query = {worst / 1000:7.1f} ms  "
           f"(target < 20 ms: {verdict(worst < 20_000)})")
@@ -295,6 +352,12 @@ def report_targets(results):
           f"(target < 200 ms: {verdict(stats_24h < 200_000)})")
     print(f"/stats 30 days, slowest    = {stats_30d / 1000:7.1f} ms  "
           f"(target < 2000 ms: {verdict(stats_30d < 2_000_000)})")
+    print(f"dashboard search and message pages p99, worst = {worst_page / 1000:7.1f} ms  "
+          f"(target < 50 ms: {verdict(worst_page < 50_000)})")
+    print(f"dashboard overview 24 hours p99 = {overview_24h / 1000:7.1f} ms  "
+          f"(target < 300 ms: {verdict(overview_24h < 300_000)})")
+    print(f"dashboard overview 30 days, slowest = {overview_30d / 1000:7.1f} ms  "
+          f"(target < 2000 ms: {verdict(overview_30d < 2_000_000)})")
     answer = results["stats 30d"]["answer"]
     print(f"(30 days: {answer['total']} messages, delivery rate {answer['deliveryRate']:.3f}, "
           f"time to delivered {answer['timeToDeliveredSeconds']}, {answer['stuck']} stuck)")

@@ -482,7 +482,7 @@ def problems_with(problems, variables):
 
 # Without API_KEY (allowed only when simulating) these need no key.
 ENDPOINTS_OPEN_WITHOUT_KEY = ("/send-sms", "/get-status", "/messages", "/stats",
-                              "/webhook-events", "/metrics")
+                              "/webhook-events", "/metrics", "/dashboard")
 
 
 def serves_locally_only(env):

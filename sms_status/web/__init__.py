@@ -1,8 +1,8 @@
-"""The web room: routes (two blueprints), the guards every request passes, errors as JSON,
-the health check and the log."""
+"""The web room: routes (two blueprints), the dashboard (a third), the guards every request
+passes, errors as JSON (pages on the dashboard), the health check and the log."""
 
 from sms_status import metrics
-from sms_status.web import routes, send, webhook_events
+from sms_status.web import dashboard, routes, send, webhook_events
 from sms_status.web.errors import register_error_handlers
 from sms_status.web.guards import read_whole_body, refuse_nul_characters
 
@@ -16,3 +16,4 @@ def register(app):
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(send.blueprint)
     app.register_blueprint(webhook_events.blueprint)
+    dashboard.init_app(app)

@@ -1,14 +1,16 @@
-"""Every error as a JSON body with a message that tells the caller what to fix.
+"""Every error as a JSON body with a message that tells the caller what to fix, or, under
+/dashboard, as an HTML page with that message (dashboard.error_page).
 
 Routes with an answer shape of their own (POST /send-sms) register their own handlers on
 their blueprint; these are the app's defaults.
 """
 
-from flask import jsonify, request
+from flask import g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from sms_status.rules import printable
 from sms_status.storage import records as db
+from sms_status.web import dashboard
 from sms_status.web.guards import MAX_REQUEST_BYTES
 from sms_status.web.logs import log, warn_rejection
 
@@ -28,8 +30,18 @@ def json_error(status, message, **extra):
     return response
 
 
+def error_answer(status, message):
+    """An error as its caller reads it: a page of the dashboard's under /dashboard, else
+    JSON."""
+    if dashboard.under_dashboard(request.path):
+        return dashboard.error_page(status, message)
+    return json_error(status, message)
+
+
 def http_error_message(error):
     """The message of an HTTP error: a fixed one for the generic errors, else its own."""
+    if error.code == 404 and dashboard.under_dashboard(request.path):
+        return f"No such page: {request.path}. The dashboard starts at /dashboard."
     template = HTTP_ERROR_MESSAGES.get(error.code)
     return (template.format(method=request.method, path=request.path) if template
             else error.description)
@@ -43,7 +55,7 @@ def log_database_error(error):
 
 def database_unavailable(message):
     """503 with Retry-After: the database could not do what the request needed."""
-    response = json_error(503, message)
+    response = error_answer(503, message)
     response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
     return response
 
@@ -51,7 +63,7 @@ def database_unavailable(message):
 def register_error_handlers(app):
     @app.errorhandler(HTTPException)
     def http_error(error):
-        response = json_error(error.code, http_error_message(error))
+        response = error_answer(error.code, http_error_message(error))
         original_headers = error.get_response().headers
         for name in ("Allow", "Retry-After", "WWW-Authenticate"):
             if name in original_headers:
@@ -64,7 +76,8 @@ def register_error_handlers(app):
         if response.status_code == 400:
             answer = response.get_json(silent=True) or {}
             warn_rejection("Refused %s %s with 400: %s", request.method,
-                           printable(request.path, 100), printable(answer.get("error"), 300))
+                           printable(request.path, 100),
+                           printable(g.get("refusal") or answer.get("error"), 300))
         return response
 
     def database_error(error):
@@ -91,4 +104,4 @@ def register_error_handlers(app):
     @app.errorhandler(Exception)
     def unexpected_error(error):
         log.exception("Unexpected error on %s %s", request.method, printable(request.path, 100))
-        return json_error(500, "Internal server error; it has been logged.")
+        return error_answer(500, "Internal server error; it has been logged.")

@@ -43,6 +43,7 @@ def index():
             "GET /healthz": "200 when statuses can be stored, 503 when not",
             "GET /openapi.json": "the OpenAPI 3.1 description of this API",
             "GET /metrics": "Prometheus metrics (Authorization: Bearer <API_KEY>)",
+            "GET /dashboard": "the delivery dashboard, for a browser (log in with the API key)",
         },
     }
 

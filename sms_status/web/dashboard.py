@@ -1,0 +1,300 @@
+"""The delivery dashboard: HTML pages under /dashboard for a person with the API key.
+
+Its numbers and searches are the API's own (listing.py, overview.py), read through the same
+storage functions as GET /stats and GET /messages; the pages are Jinja templates
+(templates/dashboard/), the chart an SVG drawn on the server, the stylesheet a static file:
+no script at all, so a strict Content-Security-Policy holds.
+
+Signing in: the API key, typed into a form once, gives a session cookie (Flask's own signed
+session) for 12 hours. Its signing secret is derived from API_KEY, so a new key ends every
+session; the cookie holds only the time of the login, never the key. docs/dashboard.md
+explains the choices (cookies, cross-site forms, failed logins).
+"""
+
+import hashlib
+import hmac
+import secrets
+from datetime import timedelta
+
+from flask import (
+    Blueprint,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException
+
+from sms_status import listing, overview, rules, twilio_errors, webhooks
+from sms_status.storage import reads
+from sms_status.storage import records as db
+from sms_status.web import chart
+from sms_status.web.logs import log, warn_rejection
+
+SESSION_LIFETIME = timedelta(hours=12)
+SESSION_COOKIE = "dashboard_session"
+# The Content-Security-Policy of every page: nothing but this service's own files, no
+# inline script or style, no framing, forms posted only here.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; base-uri 'none'; form-action 'self'; "
+                           "frame-ancestors 'none'")
+SEARCH_FIELDS = ("to", "status", "errorCode", "reference", "since", "until")
+TWILIO_ERROR_PAGE = twilio_errors.DOCS_URL
+
+blueprint = Blueprint("dashboard", __name__, url_prefix="/dashboard",
+                      template_folder="templates", static_folder="static")
+
+
+def init_app(app):
+    """The session cookie's settings: signed with a secret derived from API_KEY, HttpOnly,
+    SameSite=Strict, Secure when BASE_URL is https, sent to /dashboard only, and valid for
+    12 hours from the login (not renewed by use)."""
+    config = app.config["SERVICE"]
+    if config.api_key:
+        app.secret_key = hmac.new(config.api_key.encode(), b"sms-status dashboard session",
+                                  hashlib.sha256).hexdigest()
+    app.config.update(
+        SESSION_COOKIE_NAME=SESSION_COOKIE,
+        SESSION_COOKIE_PATH=blueprint.url_prefix,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=config.base_url.startswith("https://"),
+        SESSION_REFRESH_EACH_REQUEST=False,
+        PERMANENT_SESSION_LIFETIME=SESSION_LIFETIME,
+    )
+    app.register_blueprint(blueprint)
+
+
+def under_dashboard(path):
+    return path == blueprint.url_prefix or path.startswith(blueprint.url_prefix + "/")
+
+
+# --- signing in ---------------------------------------------------------------------------
+
+def key_required():
+    """False when the service runs without API_KEY (simulation only): the dashboard is then
+    open, as the API is."""
+    return bool(current_app.config["SERVICE"].api_key)
+
+
+def signed_in():
+    """True when the request's session is a live login: its signature holds (the current
+    API_KEY's) and it is less than 12 hours old by the service's clock."""
+    if not key_required():
+        return True
+    started = session.get("signed_in_at")
+    now = current_app.config["CLOCK"]()
+    return isinstance(started, (int, float)) and started <= now < started + (
+        SESSION_LIFETIME.total_seconds())
+
+
+@blueprint.before_request
+def require_session():
+    if request.endpoint in ("dashboard.static", "dashboard.login", "dashboard.logout"):
+        return None
+    if not signed_in():
+        return redirect(url_for("dashboard.login"), 303)
+    return None
+
+
+@blueprint.before_request
+def refuse_cross_site_posts():
+    """A form posted from another site is refused, whatever its cookie (SameSite=Strict
+    keeps the session away from it already): browsers say where a request comes from in
+    Sec-Fetch-Site."""
+    if request.method == "POST" and request.headers.get("Sec-Fetch-Site") in (
+            "cross-site", "same-site"):
+        warn_rejection("Refused %s %s: a form posted from another site", request.method,
+                       rules.printable(request.path, 100))
+        return error_page(403, "This form was posted from another site. Open the dashboard "
+                               "at this service's own address and use its forms.")
+    return None
+
+
+@blueprint.route("/login", methods=["GET", "POST"])
+def login():
+    if not key_required():
+        return redirect(url_for("dashboard.overview"), 303)
+    if request.method == "GET":
+        if signed_in():
+            return redirect(url_for("dashboard.overview"), 303)
+        return page("login.html", title="Log in")
+    given = request.form.get("api_key", "")
+    if not given.strip():
+        return page("login.html", 400, title="Log in",
+                    problem="Enter the service's API key (API_KEY) to log in.")
+    if not secrets.compare_digest(given.strip().encode(),
+                                  current_app.config["SERVICE"].api_key.encode()):
+        # Counted like every refusal: a line each, within the log's budget (logs.py).
+        warn_rejection("Refused dashboard login: wrong API key")
+        return page("login.html", 401, title="Log in",
+                    problem="That is not this service's API key. Enter the value of its "
+                            "API_KEY setting, exactly as set.")
+    session.clear()
+    session.permanent = True
+    session["signed_in_at"] = current_app.config["CLOCK"]()
+    log.info("Dashboard login")
+    return redirect(url_for("dashboard.overview"), 303)
+
+
+@blueprint.post("/logout")
+def logout():
+    if not key_required():
+        return redirect(url_for("dashboard.overview"), 303)
+    session.clear()
+    return redirect(url_for("dashboard.login"), 303)
+
+
+# --- pages --------------------------------------------------------------------------------
+
+@blueprint.get("", endpoint="overview")
+def overview_page():
+    window = request.args.get("window", overview.DEFAULT_WINDOW)
+    if window not in overview.WINDOWS:
+        return error_page(400, "The overview shows one of these windows: "
+                               + ", ".join(f"window={name}" for name in overview.WINDOWS)
+                               + f" (default {overview.DEFAULT_WINDOW}).",
+                          windows=overview.WINDOWS)
+    found = overview.delivery_overview(window, current_app.config["CLOCK"]())
+    stats = found["stats"]
+    return page("overview.html", title="Overview", window=window, windows=overview.WINDOWS,
+                stats=stats, statuses=chart.ordered_statuses(stats["byStatus"]),
+                chart=chart.stacked_bars(
+                    found["buckets"], overview.WINDOWS[window][1].total_seconds()),
+                errors=[error_row(entry) for entry in stats["errors"]],
+                outcomes=listing.DELIVERY_OUTCOMES,
+                pending=",".join(s for s in rules.STATUS_RANK if s not in rules.FINAL_STATUSES),
+                status_webhooks=status_webhooks_overview(stats))
+
+
+def status_webhooks_overview(stats):
+    """The status webhooks' section of the overview: the events of the window still pending
+    and given up on (as /stats counts them), the whole backlog, and the latest failures;
+    None when webhooks are off."""
+    if not webhooks.recording(current_app):
+        return None
+    failed = listing.list_webhook_events(MultiDict({"state": "failed", "limit": "10"}))
+    return {**stats["webhooks"], "backlog": reads.pending_webhook_events(db.get_db()),
+            "latestFailures": failed["events"]}
+
+
+def message_webhook_events(sid):
+    """A message's status webhook events, newest first, with their attempts; None when
+    webhooks are off and it has none."""
+    events = listing.list_webhook_events(MultiDict({"sid": sid, "limit": "200"}))["events"]
+    if not events and not webhooks.recording(current_app):
+        return None
+    return events
+
+
+def explained(code):
+    """(what a Twilio error code means, or None when this service does not know it, and
+    Twilio's page for it)."""
+    sentence, link = twilio_errors.ERRORS.get(code, (None, None))
+    return sentence, link or TWILIO_ERROR_PAGE.format(code=code)
+
+
+def error_row(entry):
+    """An error of the overview: code, count, what it means and Twilio's page for it."""
+    sentence, link = explained(entry["code"])
+    return {"code": entry["code"], "count": entry["count"], "description": sentence,
+            "link": link}
+
+
+@blueprint.get("/messages", endpoint="messages")
+def messages_page():
+    # The form sends its empty fields too: only those filled in are parameters, named and
+    # checked as GET /messages names and checks them. A search with empty fields is sent on
+    # to its short address, which is the one to share and the one "older" pages extend.
+    args = MultiDict([(name, value.strip()) for name, value in request.args.items(multi=True)
+                      if value.strip()])
+    if list(args.items(multi=True)) != list(request.args.items(multi=True)):
+        return redirect(url_for("dashboard.messages", **args.to_dict(flat=False)), 303)
+    form = {name: args.get(name, "") for name in SEARCH_FIELDS}
+    try:
+        found = listing.list_messages(args)
+    except HTTPException as refusal:
+        if refusal.code != 400:
+            raise
+        return page("messages.html", 400, title="Messages", form=form,
+                    statuses=rules.STATUS_RANK, problem=refusal.description)
+    older = None
+    if found["nextCursor"]:
+        older = url_for("dashboard.messages",
+                        **{**args.to_dict(flat=True), "cursor": found["nextCursor"]})
+    return page("messages.html", title="Messages", form=form, statuses=rules.STATUS_RANK,
+                messages=found["messages"], older=older, paged="cursor" in args,
+                newest=url_for("dashboard.messages",
+                               **{k: v for k, v in args.to_dict(flat=True).items()
+                                  if k != "cursor"}))
+
+
+@blueprint.get("/messages/<sid>", endpoint="message")
+def message_page(sid):
+    message = listing.message_with_history(sid)
+    if message is None:
+        return error_page(404, f"No message with SID {sid} is known to this service.")
+    sentence, link = explained(message["errorCode"])
+    return page("message.html", title=f"Message {sid}", message=message,
+                error_sentence=sentence, error_link=link,
+                webhook_events=message_webhook_events(sid))
+
+
+# --- how the pages write numbers and times -------------------------------------------------
+
+@blueprint.app_template_filter("when")
+def when(stored, milliseconds=False):
+    """A stored timestamp as people read it: 2026-12-03 07:21:55 UTC (or 07:21:55.412)."""
+    return f"{stored[:10]} {stored[11:23 if milliseconds else 19]} UTC" if stored else ""
+
+
+@blueprint.app_template_filter("number")
+def number(value):
+    return f"{value:,}"
+
+
+@blueprint.app_template_filter("percent")
+def percent(share):
+    return "–" if share is None else f"{share * 100:.1f}%"
+
+
+@blueprint.app_template_filter("seconds")
+def seconds(value):
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, rest = divmod(round(value), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+blueprint.add_app_template_filter(chart.status_class, "status_class")
+
+
+# --- answers ------------------------------------------------------------------------------
+
+def page(template, status=200, **context):
+    """A page of templates/dashboard/, with the dashboard's headers. Its `problem`, if
+    any, is what a 400 is logged with (errors.py's log_bad_request reads it from g)."""
+    if context.get("problem"):
+        g.refusal = context["problem"]
+    response = current_app.make_response((render_template(
+        f"dashboard/{template}", signed_in_nav=key_required() and signed_in(),
+        key_required=key_required(), **context), status))
+    return with_headers(response)
+
+
+def with_headers(response):
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def error_page(status, message, **context):
+    """An HTML error page saying what to do."""
+    return page("error.html", status, title=f"Error {status}", problem=message, **context)
