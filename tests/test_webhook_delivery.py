@@ -149,8 +149,9 @@ def test_retries_follow_the_schedule_then_give_up_and_can_be_retried(
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert "Queued 2 failed status webhook events again" in result.stdout
-        wait_until(lambda: len(receiver.requests) == 3, 20, "the two events queued again")
-        assert {e["state"] for e in events_of(service)} == {"delivered"}
+        wait_until(lambda: {e["state"] for e in events_of(service)} == {"delivered"}, 20,
+                   "the two events queued again, delivered")
+        assert len(receiver.requests) == 3
         assert sorted(headers["webhook-id"] for _, headers, _ in receiver.requests) == sorted(
             [redirected["id"], hung["id"], refused["id"]])
 
