@@ -34,13 +34,20 @@ def record_event(tx, sid, previous_status, changed_at):
 
 # The events that may be attempted now (see the module's docstring); `?`s: now (stored
 # time), now (seconds), now (seconds), now (stored time), limit.
+#
+# Each candidate's message is looked up by message_sid: `o.state || ''` keeps SQLite from
+# choosing the state index instead (it did without statistics, walking every pending event
+# for each candidate: a claim took 160 ms with 1,000 pending, 8 s with 4,000, and held the
+# writer process meanwhile). The candidates are taken in the order of that state index
+# (pending, oldest first), so a claim stops at its limit instead of sorting every pending
+# event.
 CLAIMABLE = """
     SELECT e.seq FROM webhook_events e
     WHERE e.state = 'pending' AND e.next_attempt_at <= ?
       AND (e.lease_until IS NULL OR e.lease_until < ?)
       AND NOT EXISTS (
         SELECT 1 FROM webhook_events o
-        WHERE o.message_sid = e.message_sid AND o.state = 'pending' AND o.seq <> e.seq
+        WHERE o.message_sid = e.message_sid AND o.state || '' = 'pending' AND o.seq <> e.seq
           AND (o.lease_until >= ?
                OR (o.seq < e.seq AND (o.attempts = 0 OR o.next_attempt_at <= ?))))
     """
@@ -61,7 +68,8 @@ def claim_webhook_events(storage, lease, now, lease_seconds, limit, event_id=Non
         tx.lock("webhook claims")
         rows = tx.execute(
             f"UPDATE webhook_events SET lease = ?, lease_until = ? WHERE seq IN ({CLAIMABLE}"
-            f"{only} ORDER BY e.seq LIMIT ?{storage.skip_locked}) RETURNING seq, "
+            f"{only} ORDER BY e.created_at, e.seq LIMIT ?{storage.skip_locked})"
+            " RETURNING seq, "
             + CLAIMED_COLUMNS,
             (lease, now + lease_seconds, at, now, now, at,
              *([event_id] if event_id is not None else []), limit),
