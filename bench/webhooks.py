@@ -77,24 +77,34 @@ def callback_params(sid, status, to):
     return params
 
 
-def write_pool(path, round_no, count, url, load="lifecycle"):
-    """Writes `count` distinct signed callbacks, one "<signature>\\t<form body>" per line."""
+def signed_callbacks(round_no, count, url, load="lifecycle", sids_per_block=SIDS_PER_BLOCK):
+    """Distinct callbacks signed for `url`, at least `count` (whole blocks), as (sid,
+    status, signature, form body); the round's number is part of every SID."""
     validator = RequestValidator(AUTH_TOKEN)
     steps = LOAD_STEPS[load]
+    made, block = 0, 0
+    while made < count:
+        sids = [(f"SM{round_no:02x}{block * sids_per_block + i:030x}", f"+1555{i:07d}")
+                for i in range(sids_per_block)]
+        for step in steps:
+            for i, (sid, to) in enumerate(sids):
+                status = step if step != "final" else (
+                    "undelivered" if i % 10 == 9 else "delivered")
+                params = callback_params(sid, status, to)
+                yield (sid, status, validator.compute_signature(url, params),
+                       urllib.parse.urlencode(params))
+        made += len(steps) * sids_per_block
+        block += 1
+
+
+def write_pool(path, round_no, count, url, load="lifecycle"):
+    """Writes `count` distinct signed callbacks (or a few more: whole blocks), one
+    "<signature>\\t<form body>" per line; returns how many."""
+    written = 0
     with open(path, "w") as out:
-        written, block = 0, 0
-        while written < count:
-            sids = [(f"SM{round_no:02x}{block * SIDS_PER_BLOCK + i:030x}", f"+1555{i:07d}")
-                    for i in range(SIDS_PER_BLOCK)]
-            for step in steps:
-                for i, (sid, to) in enumerate(sids):
-                    status = step if step != "final" else (
-                        "undelivered" if i % 10 == 9 else "delivered")
-                    params = callback_params(sid, status, to)
-                    signature = validator.compute_signature(url, params)
-                    out.write(f"{signature}\t{urllib.parse.urlencode(params)}\n")
-            written += len(steps) * SIDS_PER_BLOCK
-            block += 1
+        for _, _, signature, body in signed_callbacks(round_no, count, url, load):
+            out.write(f"{signature}\t{body}\n")
+            written += 1
     return written
 
 

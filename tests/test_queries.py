@@ -9,8 +9,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twilio.http.response import Response
 
+from sms_status.storage import outbox, times
 from sms_status.storage import records as db
-from sms_status.storage import times
 from support import AUTH, callback, fill_postgres_messages, sqlite_only
 
 NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
@@ -532,6 +532,33 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
                                           f"{params['state']}"), plan
             elif params:  # a filter or a cursor seeks into the index instead of scanning it
                 assert plan[0].startswith("SEARCH"), plan
+
+
+@sqlite_only
+def test_a_claim_of_webhook_events_seeks_each_message_and_stops_at_its_limit(app):
+    """Claiming status webhook events looks each candidate's earlier events up by its
+    message's SID, and walks the pending events oldest first without sorting them all.
+    Without statistics, SQLite once looked them up through the state index instead: every
+    pending event walked for each candidate, and a backlog of 4,000 took 8 s a claim."""
+    with app.app_context():
+        storage = db.get_db()
+        for n in range(20):
+            for status in ("queued", "sent"):
+                db.record_status(storage, f"SM{n:032x}", status, events=True)
+        connection = app.extensions["storage"].connection()
+        seen = []
+        connection.set_trace_callback(seen.append)
+        try:
+            claimed = outbox.claim_webhook_events(storage, "lease", time.time(), 20, 16)
+        finally:
+            connection.set_trace_callback(None)
+        claim = next(sql for sql in seen if sql.lstrip().startswith("UPDATE webhook_events"))
+        plan = [row["detail"] for row in storage.query("EXPLAIN QUERY PLAN " + claim)]
+    assert "SEARCH o USING INDEX webhook_events_of_message (message_sid=?)" in plan, plan
+    assert not any("TEMP B-TREE" in line for line in plan), plan
+    # The oldest 16 messages' first events: a message's later event waits for its first.
+    assert [event["message_sid"] for event in claimed] == [f"SM{n:032x}" for n in range(16)]
+    assert all(json.loads(event["payload"])["type"] == "message.queued" for event in claimed)
 
 
 def test_timestamps_are_stored_in_the_format_the_queries_compare(app, store):

@@ -26,7 +26,6 @@ from support import (
     live_env,
     sign,
     sql_rows,
-    sqlite_only,
 )
 
 
@@ -420,21 +419,3 @@ def test_webhook_settings_defaults_and_what_is_never_shown(tmp_path):
     assert settings.timeout == 15
     assert settings.display_url == "https://hooks.example.com/x"
     assert "hook-pass" not in repr(config) and WEBHOOK_SECRET not in repr(config)
-
-
-@sqlite_only
-def test_a_claim_walks_the_due_events_and_each_message_s_own_without_statistics(app):
-    """With a backlog of 100,000 events waiting for retries a claim that read every pending
-    event took minutes; it must walk the index of due events, and each candidate's message's
-    own events, whether or not the planner has statistics yet."""
-    from sms_status.storage.outbox import CLAIMABLE
-
-    now = time.time()
-    at = db.stored_time(now)
-    with app.app_context():
-        plan = [row["detail"] for row in db.get_db().query(
-            f"EXPLAIN QUERY PLAN {CLAIMABLE} ORDER BY e.next_attempt_at, e.seq LIMIT 16",
-            (at, now, now, at))]
-    assert any("webhook_events_due (next_attempt_at<?)" in line for line in plan), plan
-    assert any("webhook_events_of_message (message_sid=?)" in line for line in plan), plan
-    assert not any("TEMP B-TREE" in line for line in plan), plan
