@@ -365,12 +365,18 @@ class WebhookReceiver:
 
     def __init__(self, default=204, port=0):
         self.requests, self.answers, self.default = [], [], default
+        self.connections = []  # kept alive between requests, like any HTTP/1.1 server's
         self.lock = threading.Lock()
         self.released = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with receiver.lock:
+                    receiver.connections.append(self.connection)
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -416,6 +422,16 @@ class WebhookReceiver:
         self.release()
         self.server.shutdown()
         self.server.server_close()
+        self.drop_connections()  # a server that stops closes its connections too
+
+    def drop_connections(self):
+        """Closes every connection kept alive, as a receiver that times idle ones out does."""
+        with self.lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def release(self):
         self.released.set()

@@ -185,6 +185,21 @@ def test_two_secrets_sign_every_attempt_twice(make_app, receiver):
         Webhook(secret).verify(body, only_this)
 
 
+def test_attempts_keep_their_connection_and_reconnect_when_the_receiver_closed_it(
+        webhook_app, webhook_client, receiver):
+    for n in range(3):
+        post(webhook_client, "SM" + f"c{n}" * 16, "delivered")
+    deliver_all(webhook_app)
+    assert len(receiver.requests) == 3 and len(receiver.connections) == 1  # one, kept
+    receiver.drop_connections()  # the receiver closes it while it is idle
+    post(webhook_client, "SM" + "c9" * 16, "delivered")
+    deliver_all(webhook_app)
+    assert len(receiver.requests) == 4 and len(receiver.connections) == 2
+    events = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"]
+    assert [(e["state"], e["attempts"], e["lastError"]) for e in events] == [
+        ("delivered", 1, None)] * 4  # the closed connection cost no failed attempt
+
+
 # --- seeing and retrying -------------------------------------------------------------------
 
 def test_webhook_events_are_listed_newest_first_filtered_and_paged(
