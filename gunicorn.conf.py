@@ -137,6 +137,7 @@ def worker_exit(server, worker):
 
 
 def child_exit(server, worker):
+    """Marks a worker's metrics files dead, as prometheus_client's multiprocess mode asks."""
     metrics.worker_gone(worker.pid)
 
 
