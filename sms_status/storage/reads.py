@@ -25,13 +25,21 @@ def messages_page(storage, limit, to=None, error_code=None, status=None, since=N
         if value is not None:
             conditions.append(condition)
             params.append(value)
+    return newest_first(storage, f"SELECT {LISTED_COLUMNS} FROM messages", conditions,
+                        params, ("created_at", "storage_order"), before, limit)
+
+
+def newest_first(storage, select, conditions, params, order, before, limit):
+    """A keyset page: up to `limit` rows of `select` meeting every condition, newest first
+    in the order of the two `order` columns, after the position `before` (or from the top).
+
+    The position is a row-value comparison, so the index on those columns seeks straight to
+    it instead of counting an offset."""
     if before is not None:
-        # A row-value comparison: the index on (created_at, storage_order) seeks straight to it.
-        conditions.append("(created_at, storage_order) < (?, ?)")
-        params += before
+        conditions = [*conditions, f"({order[0]}, {order[1]}) < (?, ?)"]
+        params = [*params, *before]
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    return storage.query(f"SELECT {LISTED_COLUMNS} FROM messages{where}"
-                         " ORDER BY created_at DESC, storage_order DESC LIMIT ?",
+    return storage.query(f"{select}{where} ORDER BY {order[0]} DESC, {order[1]} DESC LIMIT ?",
                          (*params, limit))
 
 
@@ -130,8 +138,6 @@ def message_with_history(storage, sid):
 
 EVENT_COLUMNS = ("seq, id, message_sid, type, state, attempts, created_at, next_attempt_at,"
                  " last_attempt_at, delivered_at, last_error")
-
-
 WEBHOOK_EVENT_STATES = ("pending", "delivered", "failed")
 
 
@@ -152,12 +158,8 @@ def webhook_events_page(storage, limit, state=None, sid=None, before=None):
     if sid is not None:
         conditions.append("message_sid = ?")
         params.append(sid)
-    if before is not None:
-        conditions.append("(created_at, seq) < (?, ?)")
-        params += before
-    where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    return storage.query(f"SELECT {EVENT_COLUMNS} FROM webhook_events{where}"
-                         " ORDER BY created_at DESC, seq DESC LIMIT ?", (*params, limit))
+    return newest_first(storage, f"SELECT {EVENT_COLUMNS} FROM webhook_events", conditions,
+                        params, ("created_at", "seq"), before, limit)
 
 
 def webhook_event(storage, event_id):

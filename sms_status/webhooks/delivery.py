@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from sms_status import metrics, rules
+from sms_status import metrics
 from sms_status.storage import DATABASE_ERRORS, outbox
 from sms_status.storage.times import stored_time
 from sms_status.webhooks.attempt import Attempt
@@ -100,7 +100,7 @@ class Delivery:
         except DATABASE_ERRORS as error:
             log.error("Could not record or give back status webhook attempts on stopping: %s;"
                       " their events are attempted again when their leases end",
-                      rules.printable(str(error), 300))
+                      self.storage.describe_error(error))
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # --- the loop -------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class Delivery:
                 self.turn()
             except DATABASE_ERRORS as error:
                 log.error("Status webhooks: database error: %s; trying again in %g s",
-                          rules.printable(str(error), 300), DATABASE_BACKOFF_SECONDS)
+                          self.storage.describe_error(error), DATABASE_BACKOFF_SECONDS)
                 self.stopping.wait(DATABASE_BACKOFF_SECONDS)
             except Exception:  # the loop must outlive a bug, which the log then shows
                 log.exception("Status webhooks: unexpected error in the delivery loop")
