@@ -1,5 +1,6 @@
-"""GET /messages, GET /stats and GET /get-status: their parameters and the shape of their
-answers (their SQL is storage/reads.py's), and the one mapping of a message row to JSON.
+"""GET /messages, GET /stats, GET /get-status and GET /webhook-events: their parameters and
+the shape of their answers (their SQL is storage/reads.py's), and the one mapping of a
+message row (and of an event row) to JSON.
 
 Timestamps are stored as text in one fixed format (`2026-11-26T20:05:15.896Z`), so they
 compare correctly as strings; every instant a caller gives is converted to that format first.

@@ -176,18 +176,28 @@ def status_webhooks_overview(stats):
     None when webhooks are off."""
     if not webhooks.recording(current_app):
         return None
-    failed = listing.list_webhook_events(MultiDict({"state": "failed", "limit": "10"}))
-    return {**stats["webhooks"], "backlog": reads.pending_webhook_events(db.get_db()),
-            "latestFailures": failed["events"]}
+    storage = db.get_db()
+    return {**stats["webhooks"], "backlog": reads.pending_webhook_events(storage),
+            "latestFailures": webhook_events(storage, 10, state="failed")}
 
 
 def message_webhook_events(sid):
     """A message's status webhook events, newest first, with their attempts; None when
     webhooks are off and it has none."""
-    events = listing.list_webhook_events(MultiDict({"sid": sid, "limit": "200"}))["events"]
+    events = webhook_events(db.get_db(), MAX_EVENTS_OF_A_MESSAGE, sid=sid)
     if not events and not webhooks.recording(current_app):
         return None
     return events
+
+
+# More than a message's statuses and replays ever make.
+MAX_EVENTS_OF_A_MESSAGE = 200
+
+
+def webhook_events(storage, limit, **filters):
+    """Events newest first as GET /webhook-events shows them."""
+    return [listing.webhook_event_item(row)
+            for row in reads.webhook_events_page(storage, limit, **filters)]
 
 
 def explained(code):
