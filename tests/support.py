@@ -23,7 +23,7 @@ from psycopg.rows import dict_row, tuple_row
 from twilio.request_validator import RequestValidator
 
 from sms_status.config import VARIABLES
-from sms_status.storage import PostgresEngine
+from sms_status.storage import PostgresEngine, SQLiteEngine
 from sms_status.storage.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,10 +138,13 @@ def database_at_version(database_url, version):
     sql_rows(database_url, "INSERT INTO schema_version VALUES (?)", (version,))
 
 
-def fill_postgres_messages(database_url, count, first="2026-01-01T00:00:00Z", every=4):
-    """Stores `count` messages (no history) in a PostgreSQL database, migrated first, in one
-    statement, one each `every` seconds from `first`: mostly delivered, some undelivered,
-    failed, sent or queued. Vacuumed and analysed after, as autovacuum would."""
+def fill_messages(database_url, count, first="2026-01-01T00:00:00Z", every=4):
+    """Stores `count` messages (no history), the database migrated first, in one statement,
+    one each `every` seconds from `first`: mostly delivered, some undelivered, failed, sent
+    or queued. Analysed after (vacuumed too on PostgreSQL, as autovacuum would)."""
+    if database_url.startswith("sqlite:///"):
+        fill_sqlite_messages(database_url[len("sqlite:///"):], count, first, every)
+        return
     PostgresEngine(database_url, 1).migrate()
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
@@ -157,6 +160,29 @@ def fill_postgres_messages(database_url, count, first="2026-01-01T00:00:00Z", ev
             " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS stamp) AS created",
             (count, first, every))
         conn.execute("VACUUM ANALYZE messages")
+
+
+def fill_sqlite_messages(path, count, first, every):
+    """fill_messages on SQLite: the same messages, through the service's own migrations."""
+    SQLiteEngine(path).migrate()
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.execute(
+                "WITH RECURSIVE k (n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM k WHERE n < ?)"
+                " INSERT INTO messages (sid, to_number, from_number, latest_status, error_code,"
+                " created_at, updated_at, seconds_to_delivered, storage_order)"
+                " SELECT printf('SM%032x', n), printf('+1555%07d', n % 5000), '+15017122661',"
+                " CASE n % 7 WHEN 3 THEN 'undelivered' WHEN 4 THEN 'failed' WHEN 5 THEN 'sent'"
+                " WHEN 6 THEN 'queued' ELSE 'delivered' END,"
+                " CASE WHEN n % 7 IN (3, 4) THEN 30003 + n % 5 END, stamp, stamp,"
+                " CASE WHEN n % 7 < 3 THEN (n % 9000) / 1000.0 END, n"
+                " FROM (SELECT n, strftime('%Y-%m-%dT%H:%M:%fZ', ?, printf('+%d seconds',"
+                " n * ?)) AS stamp FROM k)",
+                (count, first, every))
+        conn.execute("ANALYZE")
+    finally:
+        conn.close()
 
 
 def sign(url, params, token=AUTH_TOKEN):

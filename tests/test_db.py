@@ -292,3 +292,26 @@ def test_sqlite_plans_a_recipients_messages_of_one_status_on_the_recipient_index
                     " WHERE to_number = ? AND latest_status = ?"
                     " ORDER BY created_at DESC, sid DESC LIMIT 51", ("+15550000007", "sent"))
     assert "messages_by_recipient_and_creation" in str(plan), plan
+
+
+# Counts to a hundred million: seconds of work in one statement.
+LONG_READ = ("WITH RECURSIVE c (x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000000)"
+             " SELECT count(*) FROM c")
+
+
+def test_a_sqlite_read_is_stopped_at_its_time_limit_and_the_connection_reads_on(tmp_path):
+    engine = SQLiteEngine(str(tmp_path / "limit.db"), read_timeout=0.2)
+    engine.migrate()
+    started = time.monotonic()
+    with pytest.raises(db.READ_TIME_LIMIT_ERRORS, match="longer than 0.2 s"):
+        engine.query(LONG_READ)
+    assert time.monotonic() - started < 3
+    assert engine.query("SELECT count(*) AS n FROM messages")[0]["n"] == 0
+    engine.close()
+
+
+def test_the_commands_reads_have_no_time_limit(tmp_path):
+    app = create_app(live_env(tmp_path, DATABASE_URL=f"sqlite:///{tmp_path}/commands.db"),
+                     for_commands=True)
+    assert app.extensions["storage"].read_timeout == 0
+    app.extensions["storage"].close()

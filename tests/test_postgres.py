@@ -22,7 +22,7 @@ from support import (
     ROOT,
     CallbackLoad,
     callback,
-    fill_postgres_messages,
+    fill_messages,
     free_port,
     post_to_service,
     procfile_command,
@@ -382,7 +382,7 @@ def test_a_flood_of_stats_reads_never_holds_up_status_callbacks(
         postgres_url, service_env, start_service):
     # About two weeks of messages: each /stats over them takes a while, as on a large
     # history. One worker with one connection to share makes a flood easy to see.
-    fill_postgres_messages(postgres_url, 300_000)
+    fill_messages(postgres_url, 300_000)
     env = service_env(simulate=False, DATABASE_URL=postgres_url, WEB_CONCURRENCY=1,
                       GUNICORN_THREADS=64, DATABASE_POOL_SIZE=1)
     service = start_service(env)

@@ -9,9 +9,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twilio.http.response import Response
 
-from sms_status.storage import outbox, times
+from sms_status.storage import outbox, reads, times
 from sms_status.storage import records as db
-from support import AUTH, callback, fill_postgres_messages, sqlite_only
+from support import AUTH, callback, fill_messages, sqlite_only
 
 NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
 _sids = itertools.count(1)
@@ -435,16 +435,58 @@ def test_stats_take_a_window_of_exactly_90_days(client, store):
     assert status == 200 and answer["total"] == 1
 
 
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_a_read_past_its_time_limit_answers_503_saying_what_to_do(make_app, database_url):
     client = make_app(storage_settings={"read_timeout": 0.001}).test_client()
-    fill_postgres_messages(database_url, 50_000, first="2026-10-01T00:00:00Z", every=60)
+    fill_messages(database_url, 50_000, first="2026-10-01T00:00:00Z", every=60)
     response = client.get("/stats", query_string={"since": "2026-10-01T00:00:00Z"},
                           headers=AUTH)
     assert response.status_code == 503 and response.headers["Retry-After"]
     error = response.get_json()["error"]
     assert "nothing was changed" in error and "shorter window" in error
     assert "stored" not in error
+
+
+@pytest.mark.parametrize("per_minute", [
+    pytest.param(1, id="quiet"),
+    pytest.param(23, id="a-million-a-month"),
+    pytest.param(20_000, id="a-burst"),
+])
+def test_a_window_is_read_in_contiguous_stretches_of_bounded_rows(per_minute):
+    """Each statement of a window's counts reads a bounded number of rows, whatever the
+    window's density, and the stretches cover the window exactly once."""
+    since, until = "2026-10-01T00:00:00.000Z", "2026-10-31T00:00:00.123Z"
+    stretches, covered = reads.Stretches(since, until), []
+    for start, stop in stretches:
+        rows = (times.milliseconds_of(stop) - times.milliseconds_of(start)) * per_minute // 60_000
+        assert rows <= 2 * reads.STRETCH_ROWS, (start, stop, rows)
+        stretches.counted(rows)
+        covered.append((start, stop))
+    assert covered[0][0] == since and covered[-1][1] == until
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(covered))
+    assert len(covered) < 60 + 30 * 24 * 60 * per_minute // reads.STRETCH_ROWS
+
+
+def test_stats_read_a_window_in_short_statements_and_count_it_whole(make_app, database_url):
+    """A month of 45,000 messages is read in stretches, each its own statement (seen on
+    SQLite, which runs them on this thread's connection), and counted whole."""
+    app = make_app()
+    fill_messages(database_url, 45_000, first="2026-10-01T00:00:00Z", every=57)
+    storage, statements = app.extensions["storage"], []
+    if storage.name == "sqlite":
+        storage.connection().set_trace_callback(statements.append)
+    status, answer = get(app.test_client(), "/stats", since="2026-10-01T00:00:00Z",
+                         until="2026-10-31T00:00:00Z")
+    assert status == 200 and answer["total"] == 45_000
+    whole = {row["latest_status"]: row["n"] for row in storage.query(
+        "SELECT latest_status, count(*) AS n FROM messages GROUP BY latest_status")}
+    assert answer["byStatus"] == whole
+    errors = storage.query("SELECT count(*) AS n FROM messages WHERE error_code IS NOT NULL")
+    assert sum(error["count"] for error in answer["errors"]) == errors[0]["n"]
+    assert answer["timeToDeliveredSeconds"] is not None
+    if storage.name == "sqlite":
+        storage.connection().set_trace_callback(None)
+        windows = [sql for sql in statements if "seconds_to_delivered AS value" in sql]
+        assert len(windows) > 3  # the time to delivery read in stretches, not in one
 
 
 def test_stats_need_the_api_key(client):

@@ -24,9 +24,9 @@ import sqlite3
 
 import psycopg
 
-from sms_status.storage.postgres import READ_TIME_LIMIT_ERRORS, PostgresEngine
+from sms_status.storage.postgres import PostgresEngine
 from sms_status.storage.schema import ModeConflict
-from sms_status.storage.sqlite import SQLiteEngine
+from sms_status.storage.sqlite import ReadTimeLimit, SQLiteEngine
 
 
 class OutcomeUnknown(sqlite3.OperationalError):
@@ -37,6 +37,8 @@ class OutcomeUnknown(sqlite3.OperationalError):
 # Every error either engine raises (a pool that cannot lend a connection in time included,
 # and the writer process's OutcomeUnknown).
 DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
+# A read stopped for taking longer than its engine's time limit.
+READ_TIME_LIMIT_ERRORS = (psycopg.errors.QueryCanceled, ReadTimeLimit)
 
 __all__ = ["DATABASE_ERRORS", "READ_TIME_LIMIT_ERRORS", "ModeConflict", "OutcomeUnknown",
            "PostgresEngine", "SQLiteEngine", "open_engine"]
@@ -48,7 +50,7 @@ def open_engine(url, **settings):
     `sqlite:///relative.db`, `sqlite:////absolute/path.db`, or `postgres://` and
     `postgresql://` URLs. Each engine takes the settings it knows (its SETTINGS) and leaves
     the other's: `synchronous`, `checkpoints` and `busy_timeout` for SQLite; `pool_size`,
-    `pool_timeout`, `lock_timeout` and `read_timeout` for PostgreSQL (seconds).
+    `pool_timeout` and `lock_timeout` for PostgreSQL; `read_timeout` for both (seconds).
     """
     if url.startswith(("postgres://", "postgresql://")):
         engine_class, location = PostgresEngine, url

@@ -31,9 +31,6 @@ from sms_status.storage.schema import (
     postgres_seconds_between,
 )
 
-# A read stopped for taking longer than its time limit.
-READ_TIME_LIMIT_ERRORS = (psycopg.errors.QueryCanceled,)
-
 POOL_TIMEOUT_SECONDS = 5.0
 CONNECT_TIMEOUT_SECONDS = 5
 # Lock waits are bounded like SQLite's busy timeout: a stuck transaction elsewhere makes a

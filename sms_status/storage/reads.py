@@ -3,12 +3,15 @@ their SQL, written once for both engines, returning rows. Their parameters and t
 their answers are listing.py's (the chart's, overview.py's).
 
 Every query walks one of schema.py's QUERY_INDEXES in the order it asks for, so a page or
-a window costs what it returns, not the size of the table.
+a window costs what it returns, not the size of the table. A window's counts are read in
+stretches of about STRETCH_ROWS rows, each its own short statement (see Stretches).
 """
 
+from collections import Counter
 from itertools import pairwise
 
 from sms_status.rules import FINAL_STATUSES
+from sms_status.storage.times import milliseconds_of, stored_time_of_milliseconds
 
 LISTED_COLUMNS = ("sid, to_number, from_number, latest_status, error_code, created_at,"
                    " updated_at, storage_order, reference")
@@ -54,6 +57,71 @@ DISTINCT_STATUSES = (
 )
 
 
+# Rows one statement of a window's counts reads, about: some tens of milliseconds of work.
+STRETCH_ROWS = 50_000
+FIRST_STRETCH_MS = 60_000  # a minute: nothing is known of the window yet
+SHORTEST_STRETCH_MS = 1_000
+
+
+class Stretches:
+    """The window [since, until) (stored times) as consecutive stretches, each to be read by
+    a statement of its own; `counted(rows)` after each says how many rows it read, and the
+    next stretch is sized to hold about STRETCH_ROWS of them.
+
+    Why: on SQLite a statement holds its snapshot of the WAL until it ends, and the WAL is
+    rewound to its start only when no reader holds an older one. A month of a million
+    messages read as one statement took a second or more; readers polling it back to back
+    always held one, and the WAL grew under the callbacks until the disk was full. Short
+    statements leave gaps the writer's checkpoint gets through (writer.py's WalLimit).
+    """
+
+    def __init__(self, since, until):
+        self.since, self.until = since, until
+        self.rows = 0
+
+    def counted(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        start, end = milliseconds_of(self.since), milliseconds_of(self.until)
+        span = FIRST_STRETCH_MS
+        while start < end:
+            stop = min(start + span, end)
+            self.rows = 0
+            yield (stored_time_of_milliseconds(start),
+                   self.until if stop == end else stored_time_of_milliseconds(stop))
+            # As many milliseconds as held about STRETCH_ROWS rows, growing at most fourfold.
+            span = max(SHORTEST_STRETCH_MS,
+                       min(4 * span, span * STRETCH_ROWS // max(self.rows, 1)))
+            start = stop
+
+
+def count_in_stretches(storage, sql, params, since, until):
+    """(messages, idle) summed over [since, until), a statement per stretch: `sql` selects
+    the columns `messages` (the rows it read) and `idle`, and ends with `created_at >= ? AND
+    created_at < ?`."""
+    stretches, messages, idle = Stretches(since, until), 0, 0
+    for start, stop in stretches:
+        row = storage.query(sql, (*params, start, stop))[0]
+        stretches.counted(row["messages"])
+        messages, idle = messages + row["messages"], idle + (row["idle"] or 0)
+    return messages, idle
+
+
+def grouped_in_stretches(storage, column, since, until):
+    """{value of `column`: how many messages} of the messages created in [since, until),
+    a statement per stretch; NULL is counted too (under None), so that each stretch's rows
+    read are known."""
+    stretches, counts = Stretches(since, until), Counter()
+    for start, stop in stretches:
+        rows = storage.query(
+            f"SELECT {column} AS value, count(*) AS messages FROM messages"
+            f" WHERE created_at >= ? AND created_at < ? GROUP BY {column}", (start, stop))
+        stretches.counted(sum(row["messages"] for row in rows))
+        counts.update({row["value"]: row["messages"] for row in rows})
+    return counts
+
+
 def status_counts(storage, since, until, idle_before):
     """({status: count}, stuck count) of the messages created in [since, until).
 
@@ -65,14 +133,13 @@ def status_counts(storage, since, until, idle_before):
         status = row["status"]
         idle = "0" if status in FINAL_STATUSES else (
             "sum(CASE WHEN updated_at < ? THEN 1 ELSE 0 END)")
-        counts = storage.query(
-            f"SELECT count(*) AS messages, {idle} AS stuck FROM messages"
+        messages, idle_messages = count_in_stretches(
+            storage, f"SELECT count(*) AS messages, {idle} AS idle FROM messages"
             " WHERE latest_status = ? AND created_at >= ? AND created_at < ?",
-            ((idle_before,) if idle != "0" else ()) + (status, since, until),
-        )[0]
-        if counts["messages"]:
-            by_status[status] = counts["messages"]
-            stuck += counts["stuck"] or 0
+            ((idle_before,) if idle != "0" else ()) + (status,), since, until)
+        if messages:
+            by_status[status] = messages
+            stuck += idle_messages
     return dict(sorted(by_status.items())), stuck
 
 
@@ -89,10 +156,10 @@ def messages_per_bucket(storage, boundaries):
     counts = []
     for start, stop in pairwise(boundaries):
         for status in statuses:
-            messages = storage.query(
-                "SELECT count(*) AS messages FROM messages"
+            messages, _ = count_in_stretches(
+                storage, "SELECT count(*) AS messages, 0 AS idle FROM messages"
                 " WHERE latest_status = ? AND created_at >= ? AND created_at < ?",
-                (status, start, stop))[0]["messages"]
+                (status,), start, stop)
             if messages:
                 counts.append((start, status, messages))
     return counts
@@ -100,25 +167,17 @@ def messages_per_bucket(storage, boundaries):
 
 def error_counts(storage, since, until):
     """[(error code, count)] of the window, most frequent first."""
-    rows = storage.query(
-        "SELECT error_code AS code, count(*) AS messages FROM messages"
-        " WHERE created_at >= ? AND created_at < ? AND error_code IS NOT NULL"
-        " GROUP BY error_code ORDER BY count(*) DESC, error_code",
-        (since, until),
-    )
-    return [(row["code"], row["messages"]) for row in rows]
+    counts = grouped_in_stretches(storage, "error_code", since, until)
+    counts.pop(None, None)
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def delivery_times(storage, since, until):
     """[(seconds from creation to `delivered`, how many messages)] of the window, in order
     (millisecond steps, so far fewer values than messages)."""
-    rows = storage.query(
-        "SELECT seconds_to_delivered AS seconds, count(*) AS messages FROM messages"
-        " WHERE created_at >= ? AND created_at < ? AND seconds_to_delivered IS NOT NULL"
-        " GROUP BY seconds_to_delivered ORDER BY seconds_to_delivered",
-        (since, until),
-    )
-    return [(row["seconds"], row["messages"]) for row in rows]
+    counts = grouped_in_stretches(storage, "seconds_to_delivered", since, until)
+    counts.pop(None, None)
+    return sorted(counts.items())
 
 
 def message_with_history(storage, sid):

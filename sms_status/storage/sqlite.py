@@ -33,6 +33,16 @@ BUSY_TIMEOUT_SECONDS = 5.0
 JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 # How long a blocking checkpoint waits for readers to leave the WAL; writers wait meanwhile.
 CHECKPOINT_BUSY_TIMEOUT_MS = 200
+# A read's statement is stopped after this long, as PostgreSQL's statement_timeout stops
+# one there: a statement holds its snapshot of the WAL, and one that never ends would keep
+# the WAL from ever being rewound. 0: no limit (the maintenance commands).
+READ_TIMEOUT_SECONDS = 5.0
+# SQLite's virtual machine steps between two looks at a read's deadline.
+DEADLINE_CHECK_STEPS = 10_000
+
+
+class ReadTimeLimit(sqlite3.OperationalError):
+    """A read stopped for taking longer than its time limit."""
 
 
 class Features:
@@ -203,11 +213,12 @@ def _switch_to_wal(conn, attempts=100):
 class SQLiteEngine:
     name = "sqlite"
     features = Features()
-    SETTINGS = ("synchronous", "checkpoints", "busy_timeout")
+    SETTINGS = ("synchronous", "checkpoints", "busy_timeout", "read_timeout")
 
     def __init__(self, path, synchronous="NORMAL", checkpoints=True,
-                 busy_timeout=BUSY_TIMEOUT_SECONDS):
+                 busy_timeout=BUSY_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS):
         self.path = path
+        self.read_timeout = read_timeout
         self.synchronous = synchronous
         self.checkpoints = checkpoints  # False: checkpoint() is called from elsewhere
         self.busy_timeout = busy_timeout
@@ -328,7 +339,21 @@ class SQLiteEngine:
             yield tx
 
     def query(self, sql, params=()):
-        return self.connection().execute(sql, params).fetchall()
+        """The rows of a read, stopped (ReadTimeLimit) once it takes `read_timeout` seconds."""
+        conn = self.connection()
+        if not self.read_timeout:
+            return conn.execute(sql, params).fetchall()
+        deadline = time.monotonic() + self.read_timeout
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, DEADLINE_CHECK_STEPS)
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as error:
+            if str(error) == "interrupted":
+                raise ReadTimeLimit(f"the read took longer than {self.read_timeout:g} s "
+                                    "and was stopped") from None
+            raise
+        finally:
+            conn.set_progress_handler(None, 0)
 
     def checkpoint(self):
         """Copies the WAL's committed pages into the database, without waiting for readers

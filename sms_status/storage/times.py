@@ -37,3 +37,18 @@ def timestamp_of(text):
 def _text(moment):
     return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
             f"{moment.minute:02d}:{moment.second:02d}.{moment.microsecond // 1000:03d}Z")
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+ONE_MILLISECOND = timedelta(milliseconds=1)
+
+
+def milliseconds_of(text):
+    """A stored time as whole milliseconds since the epoch (exact, unlike timestamp_of)."""
+    moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return (moment - EPOCH) // ONE_MILLISECOND
+
+
+def stored_time_of_milliseconds(milliseconds):
+    """The inverse of milliseconds_of."""
+    return _text(EPOCH + milliseconds * ONE_MILLISECOND)
