@@ -434,3 +434,24 @@ def test_webhook_settings_defaults_and_what_is_never_shown(tmp_path):
     assert settings.timeout == 15
     assert settings.display_url == "https://hooks.example.com/x"
     assert "hook-pass" not in repr(config) and WEBHOOK_SECRET not in repr(config)
+
+
+@pytest.mark.parametrize("url, shown", [
+    pytest.param("https://hooks.example.com/x?token=s3cret", "https://hooks.example.com/x?token=***",
+                 id="token"),
+    pytest.param("https://u:p@hooks.example.com/x?a=s3cret&b=&s3cret",
+                 "https://hooks.example.com/x?a=***&b=***&***", id="credentials-and-query"),
+    pytest.param("https://hooks.example.com/x?", "https://hooks.example.com/x", id="empty"),
+])
+def test_the_logged_webhook_url_masks_its_query(tmp_path, url, shown):
+    config, problems = read_config(live_env(tmp_path, STATUS_WEBHOOK_URL=url,
+                                            STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET))
+    assert problems == [] and config.status_webhook.display_url == shown
+
+
+def test_the_webhook_urls_query_is_never_logged(make_app, receiver, caplog):
+    app = make_app(STATUS_WEBHOOK_URL=receiver.url + "?token=s3cret",
+                   STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    app.extensions["webhooks"].start()
+    app.extensions["webhooks"].stop()
+    assert "token=***" in caplog.text and "s3cret" not in caplog.text
