@@ -23,9 +23,11 @@ from support import (
     WebhookReceiver,
     app_database_url,
     callback,
+    free_port,
     live_env,
     sign,
     sql_rows,
+    wait_until,
 )
 
 
@@ -325,6 +327,65 @@ def test_prune_removes_events_with_their_message_but_never_pending_ones(
     assert sql_rows(url, "SELECT message_sid, state FROM webhook_events") == [
         ("SM" + "b0" * 16, "pending")]
     assert [row[0] for row in sql_rows(url, "SELECT sid FROM messages")] == ["SM" + "b0" * 16]
+
+
+# --- the log ---------------------------------------------------------------------------------
+
+def test_failed_attempts_are_logged_within_a_budget_and_summarised_each_minute(
+        make_app, caplog):
+    """A receiver that is down: 100 events fail, then are given up on, in moments; at most
+    30 lines a minute of each kind are written, and a summary a minute counts them all."""
+    now = [time.time()]
+    app = make_app(clock=lambda: now[0], STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                   STATUS_WEBHOOK_URL=f"http://127.0.0.1:{free_port()}/events",
+                   STATUS_WEBHOOK_RETRY_SCHEDULE="120", STATUS_WEBHOOK_TIMEOUT="2")
+    client = app.test_client()
+    for n in range(100):
+        post(client, f"SM{n:032x}", "delivered")
+    url = app_database_url(app)
+
+    def settled(attempts):
+        return sql_rows(url, "SELECT count(*) FROM webhook_events WHERE attempts = ?"
+                        " AND lease IS NULL", (attempts,))[0][0] == 100
+
+    def lines(containing):
+        return [record.getMessage() for record in caplog.records
+                if record.name == "sms_status" and containing in record.getMessage()]
+
+    def summary():
+        wait_until(lambda: lines("Status webhooks in the last"), 10, "a summary")
+        [line] = lines("Status webhooks in the last")
+        caplog.clear()
+        return line
+
+    delivery = app.extensions["webhooks"]
+    now[0] = time.time() + 1  # every event is due
+    caplog.clear()
+    delivery.start()
+    try:
+        wait_until(lambda: settled(1), 30, "a failed attempt of each event")
+        assert len(lines("failed (attempt 1): connection refused")) == 30
+        assert lines("Status webhooks in the last") == []  # not before a minute
+        now[0] += 61
+        assert summary() == (
+            "Status webhooks in the last 61 s: 100 attempts failed, 0 of them the last of"
+            " their event's schedule (given up on); 70 of these were not logged one by one;"
+            " 100 events pending")
+
+        now[0] += 120  # each event's second and last attempt is due
+        wait_until(lambda: settled(2), 30, "a second failed attempt of each event")
+        assert len(lines("Gave up on status webhook")) == 30
+        assert lines("failed (attempt 2)") == []
+        now[0] += 61
+        assert summary() == (
+            "Status webhooks in the last 61 s: 100 attempts failed, 100 of them the last of"
+            " their event's schedule (given up on); 70 of these were not logged one by one;"
+            " 0 events pending")
+        now[0] += 61
+        time.sleep(0.5)  # a few turns of the loop
+        assert lines("Status webhooks in the last") == []  # no summary without failures
+    finally:
+        delivery.stop()
 
 
 # --- a caller's reference -----------------------------------------------------------------
