@@ -273,18 +273,57 @@ def test_retry_sends_a_failed_event_again_and_replays_a_delivered_one(
     failed = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]
     assert (failed["state"], failed["attempts"], failed["lastError"]) == ("failed", 3, "HTTP 503")
 
-    answer = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
-    assert answer.status_code == 200
-    assert answer.get_json()["state"] == "delivered" and answer.get_json()["attempts"] == 4
-    replay = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
-    assert replay.get_json()["state"] == "delivered" and replay.get_json()["attempts"] == 5
+    def listed():
+        return webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]
+
+    delivery.start()  # the retry's attempt is the delivery loop's, as in a server process
+    try:
+        for attempts in (4, 5):  # the failed event sent again, then the delivered one replayed
+            answer = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
+            assert answer.status_code == 202
+            assert answer.get_json() == {**listed(), **answer.get_json()}  # an item's shape
+            assert (answer.get_json()["state"], answer.get_json()["attempts"]) == (
+                "pending", attempts - 1)
+            assert answer.get_json()["nextAttemptAt"] >= answer.get_json()["lastAttemptAt"]
+            wait_until(lambda: listed()["state"] == "delivered", 10,  # noqa: B023
+                       "the event delivered by the loop")
+            assert listed()["attempts"] == attempts
+    finally:
+        delivery.stop()
     ids = [headers["webhook-id"] for _, headers, _ in receiver.requests]
     assert ids == [event_id] * 5
+
+
+def test_a_retry_answers_at_once_while_the_receiver_hangs(webhook_app, webhook_client,
+                                                           receiver):
+    """The request queues the attempt and returns: it never waits the webhook timeout (2 s
+    here) on a receiver that does not answer."""
+    post(webhook_client, "SM" + "e7" * 16, "delivered")
+    event_id = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]["id"]
+    receiver.answers = ["hang"]
+    delivery = webhook_app.extensions["webhooks"]
+    delivery.start()
+    try:
+        started = time.monotonic()
+        answer = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
+        assert answer.status_code == 202 and time.monotonic() - started < 1
+        wait_until(lambda: len(receiver.requests) == 1, 10, "the loop's attempt")
+    finally:
+        receiver.release()
+        delivery.stop()
 
 
 def test_retrying_an_unknown_event_is_a_404(webhook_client):
     answer = webhook_client.post("/webhook-events/evt_unknown/retry", headers=AUTH)
     assert answer.status_code == 404 and "GET /webhook-events" in answer.get_json()["error"]
+
+
+def test_retrying_while_webhooks_are_off_is_a_409(webhook_app, webhook_client, make_app):
+    post(webhook_client, "SM" + "e6" * 16, "delivered")
+    event_id = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]["id"]
+    turned_off = make_app().test_client()  # the same database, STATUS_WEBHOOK_URL unset
+    answer = turned_off.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
+    assert answer.status_code == 409 and "STATUS_WEBHOOK_URL" in answer.get_json()["error"]
 
 
 def test_retry_webhooks_queues_again_the_events_given_up_on_in_the_window(

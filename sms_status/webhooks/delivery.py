@@ -171,8 +171,9 @@ class Delivery:
         return Attempt(self.settings.url, body, headers, self.settings.timeout)
 
     def deliver_now(self, event_id):
-        """Attempts one event in the calling thread, unless another attempt of its message
-        is in flight (then the loop attempts it soon); returns whether it was attempted."""
+        """Attempts one due event in the calling thread, unless another attempt of its
+        message is in flight; returns whether it was attempted. For callers that want the
+        outcome before they go on; the server's own attempts are the loop's."""
         claimed = outbox.claim_webhook_events(
             self.storage, secrets.token_hex(12), self.clock(),
             self.settings.timeout + LEASE_MARGIN_SECONDS, 1, event_id=event_id)
