@@ -71,17 +71,20 @@ class ConfigError(Exception):
 class WebhookSettings:
     """Where status events go and how: STATUS_WEBHOOK_URL, _SECRET, _RETRY_SCHEDULE, _TIMEOUT."""
 
-    url: str = field(repr=False)  # may hold user:password@
+    url: str = field(repr=False)  # may hold user:password@ and a ?token=
     secrets: tuple = field(repr=False)  # one or two whsec_ secrets
     retry_schedule: tuple  # seconds between attempts: N delays make N + 1 attempts
     timeout: float
 
     @property
     def display_url(self):
-        """The URL for logs: without the credentials it may hold."""
+        """The URL for logs: without the credentials it may hold, its user:password@ left
+        out and its query's values masked (`?token=***`)."""
         parts = urlparse(self.url)
         host = parts.netloc.rpartition("@")[2]
-        return parts._replace(netloc=host).geturl()
+        query = "&".join(name + "=***" if found else "***" for name, found, _ in (
+            pair.partition("=") for pair in parts.query.split("&"))) if parts.query else ""
+        return parts._replace(netloc=host, query=query).geturl()
 
 
 @dataclass(frozen=True)

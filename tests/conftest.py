@@ -8,6 +8,7 @@ import pytest
 
 from postgres import PostgresServer, PostgresUnavailable, create_database, drop_database
 from sms_status import create_app
+from sms_status.web.logs import configure_logging
 from support import (
     ACCOUNT_SID,
     AUTH,
@@ -20,6 +21,14 @@ from support import (
     sign,
 )
 from twilio_fakes import FakeTwilio
+
+
+@pytest.fixture(scope="session", autouse=True)
+def service_logger():
+    """Sets the service's logger up before the first test: caplog reaches a logger that does
+    not propagate only if it exists when the test starts, so a test that builds the first
+    app of the run would otherwise see none of its lines."""
+    configure_logging("INFO")
 
 
 @pytest.fixture

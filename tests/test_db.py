@@ -7,17 +7,20 @@ import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 
 from sms_status import create_app
 from sms_status.config import ConfigError
 from sms_status.storage import DATABASE_ERRORS, SQLiteEngine, open_engine
 from sms_status.storage import records as db
+from sms_status.storage.postgres import PostgresEngine
 from sms_status.storage.schema import SCHEMA_VERSION, SQLITE_MIGRATIONS
 from support import (
     AUTH,
     callback,
     database_at_version,
+    free_port,
     live_env,
     post_to_service,
     sql_rows,
@@ -99,6 +102,22 @@ def test_postgres_errors_never_show_the_password(postgres_url):
     assert "password authentication failed" in str(caught.value)
     assert password not in engine.describe_error(caught.value)
     assert password not in engine.label
+
+
+@pytest.mark.parametrize("url", [
+    pytest.param("postgresql://someone:secret@127.0.0.1:{port}/x", id="tcp"),
+    pytest.param("postgresql://someone@/x?host={socket_dir}", id="socket"),
+    pytest.param("postgresql://someone@127.0.0.1:{port},127.0.0.1:{port}/x", id="two-hosts"),
+])
+def test_postgres_errors_read_as_separate_sentences(url, tmp_path):
+    """libpq's message and its hint, on two lines, become two sentences on one."""
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(url.format(port=free_port(), socket_dir=tmp_path), connect_timeout=2)
+    described = PostgresEngine.describe_error(caught.value)
+    assert "\n" in str(caught.value) and "\n" not in described
+    assert (described.startswith("Connection refused. Is the server running")
+            or described.startswith("No such file or directory. Is the server running"))
+    assert described.endswith("?") and ". . " not in described
 
 
 def test_a_refused_login_is_told_in_the_servers_words_with_where_and_who(

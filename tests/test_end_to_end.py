@@ -1,9 +1,11 @@
 """The service as it is deployed: the Procfile's gunicorn command, real HTTP, a real SQLite
 file or PostgreSQL database."""
 
+import re
 import threading
 import time
 
+import gunicorn
 import pytest
 import requests
 
@@ -82,6 +84,16 @@ def test_simulated_mode_is_reported_and_announced(simulated_service):
         "simulated"
     assert requests.get(simulated_service.url + "/", timeout=5).json()["mode"] == "simulated"
     assert "SIMULATION MODE" in simulated_service.logs()
+
+
+def test_gunicorns_lines_and_the_services_share_one_format(simulated_service):
+    lines = simulated_service.logs().splitlines()
+    assert any(line.endswith("Starting gunicorn " + gunicorn.__version__) for line in lines)
+    assert any("Ready (simulated mode)" in line for line in lines)  # the service's
+    one_format = re.compile(
+        r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2},[0-9]{3} "
+        r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S")
+    assert [line for line in lines if not one_format.match(line)] == []
 
 
 def test_simulated_callbacks_are_signed_like_twilio(simulated_service):

@@ -23,9 +23,11 @@ from support import (
     WebhookReceiver,
     app_database_url,
     callback,
+    free_port,
     live_env,
     sign,
     sql_rows,
+    wait_until,
 )
 
 
@@ -271,18 +273,57 @@ def test_retry_sends_a_failed_event_again_and_replays_a_delivered_one(
     failed = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]
     assert (failed["state"], failed["attempts"], failed["lastError"]) == ("failed", 3, "HTTP 503")
 
-    answer = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
-    assert answer.status_code == 200
-    assert answer.get_json()["state"] == "delivered" and answer.get_json()["attempts"] == 4
-    replay = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
-    assert replay.get_json()["state"] == "delivered" and replay.get_json()["attempts"] == 5
+    def listed():
+        return webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]
+
+    delivery.start()  # the retry's attempt is the delivery loop's, as in a server process
+    try:
+        for attempts in (4, 5):  # the failed event sent again, then the delivered one replayed
+            answer = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
+            assert answer.status_code == 202
+            assert answer.get_json() == {**listed(), **answer.get_json()}  # an item's shape
+            assert (answer.get_json()["state"], answer.get_json()["attempts"]) == (
+                "pending", attempts - 1)
+            assert answer.get_json()["nextAttemptAt"] >= answer.get_json()["lastAttemptAt"]
+            wait_until(lambda: listed()["state"] == "delivered", 10,  # noqa: B023
+                       "the event delivered by the loop")
+            assert listed()["attempts"] == attempts
+    finally:
+        delivery.stop()
     ids = [headers["webhook-id"] for _, headers, _ in receiver.requests]
     assert ids == [event_id] * 5
+
+
+def test_a_retry_answers_at_once_while_the_receiver_hangs(webhook_app, webhook_client,
+                                                           receiver):
+    """The request queues the attempt and returns: it never waits the webhook timeout (2 s
+    here) on a receiver that does not answer."""
+    post(webhook_client, "SM" + "e7" * 16, "delivered")
+    event_id = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]["id"]
+    receiver.answers = ["hang"]
+    delivery = webhook_app.extensions["webhooks"]
+    delivery.start()
+    try:
+        started = time.monotonic()
+        answer = webhook_client.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
+        assert answer.status_code == 202 and time.monotonic() - started < 1
+        wait_until(lambda: len(receiver.requests) == 1, 10, "the loop's attempt")
+    finally:
+        receiver.release()
+        delivery.stop()
 
 
 def test_retrying_an_unknown_event_is_a_404(webhook_client):
     answer = webhook_client.post("/webhook-events/evt_unknown/retry", headers=AUTH)
     assert answer.status_code == 404 and "GET /webhook-events" in answer.get_json()["error"]
+
+
+def test_retrying_while_webhooks_are_off_is_a_409(webhook_app, webhook_client, make_app):
+    post(webhook_client, "SM" + "e6" * 16, "delivered")
+    event_id = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]["id"]
+    turned_off = make_app().test_client()  # the same database, STATUS_WEBHOOK_URL unset
+    answer = turned_off.post(f"/webhook-events/{event_id}/retry", headers=AUTH)
+    assert answer.status_code == 409 and "STATUS_WEBHOOK_URL" in answer.get_json()["error"]
 
 
 def test_retry_webhooks_queues_again_the_events_given_up_on_in_the_window(
@@ -325,6 +366,65 @@ def test_prune_removes_events_with_their_message_but_never_pending_ones(
     assert sql_rows(url, "SELECT message_sid, state FROM webhook_events") == [
         ("SM" + "b0" * 16, "pending")]
     assert [row[0] for row in sql_rows(url, "SELECT sid FROM messages")] == ["SM" + "b0" * 16]
+
+
+# --- the log ---------------------------------------------------------------------------------
+
+def test_failed_attempts_are_logged_within_a_budget_and_summarised_each_minute(
+        make_app, caplog):
+    """A receiver that is down: 100 events fail, then are given up on, in moments; at most
+    30 lines a minute of each kind are written, and a summary a minute counts them all."""
+    now = [time.time()]
+    app = make_app(clock=lambda: now[0], STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                   STATUS_WEBHOOK_URL=f"http://127.0.0.1:{free_port()}/events",
+                   STATUS_WEBHOOK_RETRY_SCHEDULE="120", STATUS_WEBHOOK_TIMEOUT="2")
+    client = app.test_client()
+    for n in range(100):
+        post(client, f"SM{n:032x}", "delivered")
+    url = app_database_url(app)
+
+    def settled(attempts):
+        return sql_rows(url, "SELECT count(*) FROM webhook_events WHERE attempts = ?"
+                        " AND lease IS NULL", (attempts,))[0][0] == 100
+
+    def lines(containing):
+        return [record.getMessage() for record in caplog.records
+                if record.name == "sms_status" and containing in record.getMessage()]
+
+    def summary():
+        wait_until(lambda: lines("Status webhooks in the last"), 10, "a summary")
+        [line] = lines("Status webhooks in the last")
+        caplog.clear()
+        return line
+
+    delivery = app.extensions["webhooks"]
+    now[0] = time.time() + 1  # every event is due
+    caplog.clear()
+    delivery.start()
+    try:
+        wait_until(lambda: settled(1), 30, "a failed attempt of each event")
+        assert len(lines("failed (attempt 1): connection refused")) == 30
+        assert lines("Status webhooks in the last") == []  # not before a minute
+        now[0] += 61
+        assert summary() == (
+            "Status webhooks in the last 61 s: 100 attempts failed, 0 of them the last of"
+            " their event's schedule (given up on); 70 of these were not logged one by one;"
+            " 100 events pending")
+
+        now[0] += 120  # each event's second and last attempt is due
+        wait_until(lambda: settled(2), 30, "a second failed attempt of each event")
+        assert len(lines("Gave up on status webhook")) == 30
+        assert lines("failed (attempt 2)") == []
+        now[0] += 61
+        assert summary() == (
+            "Status webhooks in the last 61 s: 100 attempts failed, 100 of them the last of"
+            " their event's schedule (given up on); 70 of these were not logged one by one;"
+            " 0 events pending")
+        now[0] += 61
+        time.sleep(0.5)  # a few turns of the loop
+        assert lines("Status webhooks in the last") == []  # no summary without failures
+    finally:
+        delivery.stop()
 
 
 # --- a caller's reference -----------------------------------------------------------------
@@ -434,3 +534,24 @@ def test_webhook_settings_defaults_and_what_is_never_shown(tmp_path):
     assert settings.timeout == 15
     assert settings.display_url == "https://hooks.example.com/x"
     assert "hook-pass" not in repr(config) and WEBHOOK_SECRET not in repr(config)
+
+
+@pytest.mark.parametrize("url, shown", [
+    pytest.param("https://hooks.example.com/x?token=s3cret", "https://hooks.example.com/x?token=***",
+                 id="token"),
+    pytest.param("https://u:p@hooks.example.com/x?a=s3cret&b=&s3cret",
+                 "https://hooks.example.com/x?a=***&b=***&***", id="credentials-and-query"),
+    pytest.param("https://hooks.example.com/x?", "https://hooks.example.com/x", id="empty"),
+])
+def test_the_logged_webhook_url_masks_its_query(tmp_path, url, shown):
+    config, problems = read_config(live_env(tmp_path, STATUS_WEBHOOK_URL=url,
+                                            STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET))
+    assert problems == [] and config.status_webhook.display_url == shown
+
+
+def test_the_webhook_urls_query_is_never_logged(make_app, receiver, caplog):
+    app = make_app(STATUS_WEBHOOK_URL=receiver.url + "?token=s3cret",
+                   STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    app.extensions["webhooks"].start()
+    app.extensions["webhooks"].stop()
+    assert "token=***" in caplog.text and "s3cret" not in caplog.text

@@ -69,7 +69,7 @@ def _lock_key(name):
 
 # libpq's lead-in to a failed connection attempt: the host and port that `label` names.
 _CONNECTION_ATTEMPT = re.compile(
-    r'(connection failed: )?connection to server (at|on socket) "[^"]*"( \([^)]*\))?'
+    r'(connection (failed|is bad): )?connection to server (at|on socket) "[^"]*"( \([^)]*\))?'
     r'(, port [0-9]+)? failed: ')
 
 
@@ -208,8 +208,15 @@ class PostgresEngine:
         Never built from DATABASE_URL: where and as whom is `label`'s to say, and libpq's
         messages never quote the password.
         """
-        text = _CONNECTION_ATTEMPT.sub("", " ".join(str(error).split()))
-        return text or type(error).__name__
+        text = ""
+        # libpq continues a message on lines of its own (a hint, another host's attempt),
+        # each a sentence: joined with a bare space they would read as one.
+        for line in str(error).splitlines():
+            line = " ".join(line.split())
+            if line:
+                text += line if not text else (
+                    " " if text.endswith((".", "?", "!", ":")) else ". ") + line
+        return _CONNECTION_ATTEMPT.sub("", text) or type(error).__name__
 
     def close(self):
         """Closes this engine's pools in this process."""

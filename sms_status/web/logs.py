@@ -17,6 +17,9 @@ log = logging.getLogger("sms_status")
 REJECTION_WARNINGS_PER_MINUTE = 30
 
 
+# Every line of the log, the service's and gunicorn's (serving/log.py).
+LINE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
 # What str.splitlines() splits on.
 LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 
@@ -34,7 +37,7 @@ def configure_logging(level):
     """One line per event to stdout; set up once however often create_app runs."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(OneLineFormatter(LINE_FORMAT))
         log.addHandler(handler)
         log.propagate = False
         # The PostgreSQL pool's warnings (a lost server, reconnection attempts), in the same form.

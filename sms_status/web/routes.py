@@ -38,8 +38,9 @@ def index():
                           "hours (Authorization: Bearer <API_KEY>)",
             "GET /webhook-events": "status webhook events newest first, filtered by state "
                                    "and sid; paged by cursor (Authorization: Bearer <API_KEY>)",
-            "POST /webhook-events/<id>/retry": "attempt a status webhook event again now "
-                                               "(Authorization: Bearer <API_KEY>)",
+            "POST /webhook-events/<id>/retry": "queue a status webhook event to be attempted "
+                                               "again now; answers 202 (Authorization: "
+                                               "Bearer <API_KEY>)",
             "GET /healthz": "200 when statuses can be stored, 503 when not",
             "GET /openapi.json": "the OpenAPI 3.1 description of this API",
             "GET /metrics": "Prometheus metrics (Authorization: Bearer <API_KEY>)",

@@ -1,5 +1,5 @@
 """GET /webhook-events and POST /webhook-events/<id>/retry: what became of the status
-webhooks, and sending one again."""
+webhooks, and queueing one to be sent again."""
 
 from flask import Blueprint, current_app, request
 
@@ -21,8 +21,9 @@ def webhook_events():
 @blueprint.post("/webhook-events/<event_id>/retry")
 @require_api_key
 def retry_webhook_event(event_id):
-    """Attempts the event again now, its retry schedule restarted (a delivered one is sent
-    again under the same webhook-id), and answers the event as it then is."""
+    """Makes the event due now, its retry schedule restarted (a delivered one is sent again
+    under the same webhook-id), wakes this process's delivery loop, and answers 202 with the
+    event: the attempt is the loop's, so no request thread waits on the receiver."""
     if listing.webhook_event(event_id) is None:
         return json_error(404, f"No status webhook event with id {event_id} is known to this "
                                "service; GET /webhook-events lists them")
@@ -31,7 +32,5 @@ def retry_webhook_event(event_id):
         return json_error(409, "Status webhooks are off: set STATUS_WEBHOOK_URL and "
                                "STATUS_WEBHOOK_SECRET, then retry")
     outbox.queue_webhook_event_again(db.get_db(), event_id, current_app.config["CLOCK"]())
-    if not delivery.deliver_now(event_id):
-        # Another event of its message is in flight: the delivery loop sends it next.
-        delivery.nudge()
-    return listing.webhook_event(event_id)
+    delivery.nudge()
+    return listing.webhook_event(event_id), 202

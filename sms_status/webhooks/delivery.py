@@ -10,6 +10,11 @@ holder of its lease alone, and a lease outlives its attempt's deadline, so an ev
 claimed again only when its holder died mid-attempt (then it is sent again, with the same
 `webhook-id`: at least once, never lost). A stopping server finishes its attempts for a
 few seconds, then gives back the events still in flight for another process to claim.
+
+A receiver that is down fails every attempt, hundreds a second under load: each failed
+attempt and each event given up on is one line, but within a budget per process (the one
+refused requests have, web/logs.py), and while attempts fail a summary line a minute counts
+them all, with the backlog.
 """
 
 import logging
@@ -20,8 +25,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from sms_status import metrics
-from sms_status.storage import DATABASE_ERRORS, outbox
+from sms_status.storage import DATABASE_ERRORS, outbox, reads
 from sms_status.storage.times import stored_time
+from sms_status.web.logs import LogBudget
 from sms_status.webhooks.attempt import Attempt
 from sms_status.webhooks.events import signed_headers
 
@@ -43,6 +49,12 @@ LEASE_MARGIN_SECONDS = 5.0
 STOP_GRACE_SECONDS = 3.0
 # After a database error the loop waits this long before trying again.
 DATABASE_BACKOFF_SECONDS = 1.0
+# Lines a minute per process about failed attempts, and as many about events given up on:
+# enough to see what fails, too few to fill a disk while a receiver is down (without a
+# budget, 650 failed attempts a second wrote about 10 GB of log a day).
+FAILURE_LINES_PER_MINUTE = 30
+# While attempts fail, a summary line at most this often counts them all.
+FAILURE_SUMMARY_SECONDS = 60
 
 
 class Delivery:
@@ -60,6 +72,10 @@ class Delivery:
         self.lock = threading.Lock()
         self.thread = None
         self.pool = None
+        self.failed_attempt_log = LogBudget(FAILURE_LINES_PER_MINUTE)
+        self.gave_up_log = LogBudget(FAILURE_LINES_PER_MINUTE)
+        # Since the last summary: when the first attempt failed, and how many did.
+        self.failures_since, self.failed, self.gave_up, self.left_out = None, 0, 0, 0
 
     def start(self):
         """Starts the loop in this process (after gunicorn's fork: threads do not survive one)."""
@@ -121,6 +137,7 @@ class Delivery:
         """One round: record ended attempts, cut off overdue ones, claim into free slots,
         then wait for a nudge, an ended attempt, or the poll."""
         self.record_finished()
+        self.summarise_failures()
         self.abort_overdue()
         free = SLOTS - len(self.in_flight)
         claimed = []
@@ -154,8 +171,9 @@ class Delivery:
         return Attempt(self.settings.url, body, headers, self.settings.timeout)
 
     def deliver_now(self, event_id):
-        """Attempts one event in the calling thread, unless another attempt of its message
-        is in flight (then the loop attempts it soon); returns whether it was attempted."""
+        """Attempts one due event in the calling thread, unless another attempt of its
+        message is in flight; returns whether it was attempted. For callers that want the
+        outcome before they go on; the server's own attempts are the loop's."""
         claimed = outbox.claim_webhook_events(
             self.storage, secrets.token_hex(12), self.clock(),
             self.settings.timeout + LEASE_MARGIN_SECONDS, 1, event_id=event_id)
@@ -220,9 +238,22 @@ class Delivery:
         return stored_time(self.clock() + schedule[made - 1])
 
     def log_outcome(self, event, error, next_at):
+        """Counts the attempt; a failed one is logged within its budget, and counted for
+        the next summary."""
         metrics.count_webhook_attempt(
             "delivered" if error is None else "retrying" if next_at else "gave_up")
         if error is None:
+            return
+        now = self.clock()
+        budget = self.failed_attempt_log if next_at else self.gave_up_log
+        written = budget.take(now) is not None
+        with self.lock:
+            if self.failures_since is None:
+                self.failures_since = now
+            self.failed += 1
+            self.gave_up += next_at is None
+            self.left_out += not written
+        if not written:
             return
         attempts = event["attempts"] + 1
         if next_at is None:
@@ -231,3 +262,20 @@ class Delivery:
         else:
             log.warning("Status webhook %s for %s failed (attempt %d): %s; next attempt at %s",
                         event["id"], event["message_sid"], attempts, error, next_at)
+
+    def summarise_failures(self):
+        """Once FAILURE_SUMMARY_SECONDS have passed since the first attempt that failed
+        after the last summary, logs how many failed since then and the backlog."""
+        now = self.clock()
+        with self.lock:
+            since = self.failures_since
+        if since is None or now - since < FAILURE_SUMMARY_SECONDS:
+            return
+        pending = reads.pending_webhook_events(self.storage)
+        with self.lock:
+            failed, gave_up, left_out = self.failed, self.gave_up, self.left_out
+            self.failures_since, self.failed, self.gave_up, self.left_out = None, 0, 0, 0
+        log.warning("Status webhooks in the last %.0f s: %d attempts failed, %d of them the "
+                    "last of their event's schedule (given up on); %d of these were not "
+                    "logged one by one; %d events pending", now - since, failed, gave_up,
+                    left_out, pending)
