@@ -313,6 +313,7 @@ def copy_database(source_url, progress_every):
 @click.option("--to", "target", required=True, metavar="FILE",
               type=click.Path(dir_okay=False, writable=True),
               help="The file to write the copy to (replaced once the copy is complete).")
+@with_appcontext
 def backup(target):
     """Copy the SQLite database into FILE, safely while the service runs."""
     storage = command_storage()
@@ -321,6 +322,10 @@ def backup(target):
             f"DATABASE_URL names {storage.label}: back up PostgreSQL with its own pg_dump, "
             "for example: pg_dump --format=custom --file=FILE \"$DATABASE_URL\"")
     target = os.path.abspath(target)
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise click.ClickException(
+            f"--to: the folder {folder} does not exist; create it first (mkdir -p {folder})")
     try:
         messages = storage.backup(target)
     except ValueError as error:

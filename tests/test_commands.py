@@ -404,6 +404,33 @@ def test_backup_while_the_service_takes_callbacks_holds_every_acknowledged_one(
     assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
 
 
+@sqlite_only
+def test_a_backup_is_as_private_as_the_database_under_a_permissive_umask(app, send, tmp_path):
+    sent_messages(send, 2)
+    copy = tmp_path / "copies" / "copy.db"
+    copy.parent.mkdir()
+    copy.write_bytes(b"")  # an earlier, world-readable copy is replaced by a private one
+    copy.chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        result = run(app, "backup", "--to", str(copy))
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert "2 messages" in result.output
+    assert copy.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
+
+
+@sqlite_only
+def test_a_backup_into_a_missing_folder_names_the_folder(app, tmp_path):
+    folder = tmp_path / "no-such-folder"
+    result = run(app, "backup", "--to", str(folder / "copy.db"))
+    assert result.exit_code == 1
+    assert f"the folder {folder} does not exist" in result.output
+    assert not folder.exists()
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_backup_on_postgresql_points_to_pg_dump(database_url, tmp_path):
     result = flask_command(tmp_path, {"DATABASE_URL": database_url}, "backup", "--to", "x.db")
