@@ -21,6 +21,7 @@ from flask.cli import with_appcontext
 
 from sms_status import rules, twilio_api, webhooks
 from sms_status.config import (
+    DEFAULT_DATABASE_FILES,
     ConfigError,
     parse_database_url,
     parse_webhook_secrets,
@@ -85,15 +86,63 @@ class ConfigurationProblem(click.ClickException):
     exit_code = 2
 
 
+def database_line(storage, copying_from=None):
+    """The command's first line: the database it uses, as the storage names it (never
+    with a password), and why, when it is the default file of the mode."""
+    config = current_app.config["SERVICE"]
+    why = ""
+    if config.database_url == parse_database_url(None, config.simulate):
+        why = f" (the default file in {config.mode} mode)"
+    source = f", copying from {copying_from}" if copying_from else ""
+    return f"Database: {storage.label}{why}{source}"
+
+
+def missing_database(storage):
+    """Why a command will not create the SQLite file it was pointed at, and where the
+    database it wants may be instead."""
+    config = current_app.config["SERVICE"]
+    problem = f"no database at {storage.label} (none was created)."
+    if config.database_url != parse_database_url(None, config.simulate):
+        return (f"{problem} Check DATABASE_URL: sqlite:///relative.db is read from the "
+                f"working directory ({os.getcwd()}), sqlite:////absolute/path.db is not.")
+    live, simulated = DEFAULT_DATABASE_FILES[False], DEFAULT_DATABASE_FILES[True]
+    hint = (f" Without DATABASE_URL, the database is {live} in the working directory, or "
+            f"{simulated} when TWILIO_SIMULATE=true.")
+    other = parse_database_url(None, not config.simulate)[len("sqlite:///"):]
+    if os.path.exists(other):
+        switch = "unset TWILIO_SIMULATE" if config.simulate else "set TWILIO_SIMULATE=true"
+        return (f"{problem}{hint} {os.path.basename(other)} is here: {switch} to use it, "
+                "as the service that made it does.")
+    return (f"{problem}{hint} Run the command in the service's folder (where its .env "
+            "is), or set DATABASE_URL to the service's database.")
+
+
 def command_storage(*variables, mode=None):
+    """The app's database, named on the command's first line and refused when its SQLite
+    file is not there (named_storage), with its schema created or brought up to date
+    (prepared)."""
+    return prepared(named_storage(*variables), mode)
+
+
+def named_storage(*variables, create=False, copying_from=None):
     """The app's database, once every variable the command uses (the database's and
-    `variables`) is valid; its schema is created or brought up to date on first use, and
-    with `mode` the database must not have been used in the other mode (records.prepare)."""
+    `variables`) is valid; prints its name first. A SQLite file that is not there is
+    refused, unless `create` (copy-database's destination): a command pointed at the wrong
+    file would otherwise work on a new, empty database and report nothing to do."""
     problems = problems_with(current_app.config["CONFIG_PROBLEMS"],
                              DATABASE_VARIABLES + variables)
     if problems:
         raise ConfigurationProblem(str(ConfigError(problems)))
     storage = db.get_db()
+    click.echo(database_line(storage, copying_from))
+    if not create and not storage.exists():
+        raise click.ClickException(missing_database(storage))
+    return storage
+
+
+def prepared(storage, mode=None):
+    """`storage` with its schema created or brought up to date on first use; with `mode`,
+    the database must not have been used in the other mode (records.prepare)."""
     if not current_app.extensions.get("storage_prepared"):
         try:
             db.prepare(storage, mode)
@@ -282,14 +331,15 @@ def copy_database(source_url, progress_every):
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--from") from None
     config = current_app.config["SERVICE"]
-    target = command_storage()
     source = db.open_storage(replace(config, database_url=source_url))
+    target = named_storage(create=True, copying_from=source.label)
     if source.identity() == target.identity():
         raise click.ClickException(
             f"--from names the database DATABASE_URL names ({target.label}); "
             "nothing to copy onto itself")
     if not source.exists():
         raise click.ClickException(f"--from: no database file at {source.label}")
+    prepared(target)  # created only once the source is known to be there
     now = current_app.config["CLOCK"]()
     try:
         source.migrate()  # an older file is brought to the current schema first

@@ -12,6 +12,7 @@ import pytest
 import requests
 from twilio.http.response import Response
 
+from sms_status import create_app
 from sms_status.storage import open_engine
 from sms_status.storage import records as db
 from support import (
@@ -380,6 +381,67 @@ def test_a_command_names_a_malformed_variable_it_uses(tmp_path):
     assert "TWILIO_ACCOUNT_SID" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [
+    pytest.param(["reconcile"], id="reconcile"),
+    pytest.param(["prune", "--older-than", "90d"], id="prune"),
+    pytest.param(["backup", "--to", "copy.db"], id="backup"),
+    pytest.param(["retry-webhooks"], id="retry-webhooks"),
+    pytest.param(["copy-database", "--from", "sqlite:///old.db"], id="copy-database"),
+])
+def test_every_command_names_its_database_first_without_its_password(
+        app, database_url, tmp_path, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = run(app, *command).output.splitlines()[0]
+    if database_url.startswith("sqlite:///"):
+        assert first.startswith(f"Database: {tmp_path}/test.db"), first
+    else:
+        parts = psycopg.conninfo.conninfo_to_dict(database_url)
+        assert first.startswith(f"Database: PostgreSQL database '{parts['dbname']}' at "), first
+        assert not parts.get("password") or parts["password"] not in first
+    if command[0] == "copy-database":
+        assert first.endswith(f", copying from {tmp_path}/old.db")
+
+
+@pytest.fixture
+def simulated_database(tmp_path):
+    """The quick start's database: sms_status_simulated.db in tmp_path, made by the service
+    started in simulation."""
+    create_app({"TWILIO_SIMULATE": "true", "DATABASE_URL":
+                f"sqlite:///{tmp_path}/sms_status_simulated.db"}).extensions["storage"].close()
+    return tmp_path / "sms_status_simulated.db"
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param(["prune", "--older-than", "90d"], id="prune"),
+    pytest.param(["backup", "--to", "copy.db"], id="backup"),
+    pytest.param(["retry-webhooks"], id="retry-webhooks"),
+])
+def test_a_command_without_the_mode_of_the_quick_start_creates_no_database(
+        simulated_database, tmp_path, command):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = flask_command(tmp_path, {}, *command)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == (
+        f"Database: {tmp_path}/sms_status.db (the default file in live mode)")
+    assert f"no database at {tmp_path}/sms_status.db (none was created)" in result.stderr
+    assert ("sms_status_simulated.db is here: set TWILIO_SIMULATE=true to use it"
+            in result.stderr)
+    assert "Queued" not in result.stdout and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_command_pointed_at_a_missing_file_says_how_to_name_the_right_one(tmp_path):
+    result = flask_command(tmp_path, {"DATABASE_URL": "sqlite:///sms-status.db"},
+                           "prune", "--older-than", "90d")
+    assert result.returncode == 1
+    assert f"no database at {tmp_path}/sms-status.db (none was created)" in result.stderr
+    assert "Check DATABASE_URL" in result.stderr
+    live = flask_command(tmp_path, {"TWILIO_SIMULATE": "true"}, "retry-webhooks")
+    assert live.returncode == 1
+    assert "Run the command in the service's folder" in live.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @sqlite_only
 def test_backup_while_the_service_takes_callbacks_holds_every_acknowledged_one(
         service_env, start_service, tmp_path):
@@ -491,8 +553,8 @@ def test_copy_database_prints_its_progress_at_the_interval_without_a_terminal(
     quiet = flask_command(tmp_path, env, "copy-database", "--from", source,
                           "--progress-every", "600")
     assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stdout.splitlines() == [next(line for line in quiet.stdout.splitlines()
-                                              if line.startswith("Copied 3000 messages"))]
+    first, summary = quiet.stdout.splitlines()
+    assert first.startswith("Database: ") and summary.startswith("Copied 3000 messages")
     again = flask_command(tmp_path, env, "copy-database", "--from", source,
                           "--progress-every", "0.001")
     assert again.returncode == 0, again.stderr
