@@ -318,6 +318,35 @@ def prune(older_than, progress_every):
                f"{counted(bodies, 'message body', 'message bodies')} older than BODY_RETENTION.")
 
 
+def copy_within_one_mode(source, target, config):
+    """Refuses a copy between a simulated and a live database, naming both modes; else
+    records the copy's mode in `target` (created now, once the source is known to be
+    there), so that a start in the other mode refuses it as it would the source.
+
+    A database no service has used yet has the mode the command runs in (TWILIO_SIMULATE),
+    as a start of the service in this configuration would record."""
+    source_mode = db.recorded_mode(source)
+    target_mode = None
+    if target.exists():
+        target_mode = db.recorded_mode(prepared(target))
+    why = ""
+    if target_mode is None:
+        target_mode = config.mode
+        why = (f", new to {target_mode} mode since "
+               f"TWILIO_SIMULATE is {'true' if config.simulate else 'not true'}")
+    if source_mode and source_mode != target_mode:
+        switch = "TWILIO_SIMULATE=true" if source_mode == "simulated" else "TWILIO_SIMULATE unset"
+        raise click.ClickException(
+            f"--from names {source.label}, a {source_mode} database, and DATABASE_URL names "
+            f"{target.label}, a {target_mode} database{why}: simulated messages are never "
+            "mixed with live ones, so nothing was copied. Copy it into a "
+            f"{source_mode} database, or into a new one with {switch}.")
+    try:
+        db.prepare(target, target_mode)
+    except ConfigError as error:
+        raise ConfigurationProblem(str(error)) from None
+
+
 @click.command("copy-database")
 @click.option("--from", "source_url", required=True, metavar="URL",
               help="The database to copy from, e.g. sqlite:///path/to/old.db.")
@@ -339,10 +368,10 @@ def copy_database(source_url, progress_every):
             "nothing to copy onto itself")
     if not source.exists():
         raise click.ClickException(f"--from: no database file at {source.label}")
-    prepared(target)  # created only once the source is known to be there
-    now = current_app.config["CLOCK"]()
     try:
         source.migrate()  # an older file is brought to the current schema first
+        copy_within_one_mode(source, target, config)
+        now = current_app.config["CLOCK"]()
         with Progress(progress_every) as progress:
             copied = db.copy_history(
                 source, target, keys_created_after=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS,

@@ -24,6 +24,7 @@ from support import (
     app_database_url,
     callback,
     count_rows,
+    live_env,
     sign,
     sql_rows,
     sqlite_only,
@@ -321,6 +322,49 @@ def test_copy_database_refuses_a_bad_source_clearly(app, source, expected):
     assert result.exit_code != 0
     assert expected in result.output and "s3cret-pw" not in result.output
     assert "Traceback" not in result.output
+
+
+def simulated_history(tmp_path):
+    """A SQLite database the service used in simulation, holding one message."""
+    url = f"sqlite:///{tmp_path}/simulated.db"
+    simulated = create_app({"TWILIO_SIMULATE": "true", "DATABASE_URL": url})
+    with simulated.app_context():
+        db.record_status(db.get_db(), "SM" + "5" * 32, "delivered",
+                         at="2026-11-26T20:00:00.000Z")
+    simulated.extensions["storage"].close()
+    return url
+
+
+def test_copy_database_refuses_simulated_messages_into_a_live_database(app, tmp_path):
+    result = run(app, "copy-database", "--from", simulated_history(tmp_path))
+    assert result.exit_code == 1
+    assert (f"--from names {tmp_path}/simulated.db, a simulated database, and DATABASE_URL "
+            "names ") in result.output
+    assert ", a live database: simulated messages are never mixed with live ones, so " \
+        "nothing was copied" in result.output
+    assert count_rows(app, "messages") == 0
+
+
+def test_copy_database_into_a_new_database_takes_the_mode_of_the_command(
+        database_url, tmp_path):
+    source = simulated_history(tmp_path)
+    live = flask_command(tmp_path, {"DATABASE_URL": database_url}, "copy-database",
+                         "--from", source)
+    assert live.returncode == 1, live.stdout
+    assert ("a simulated database, and DATABASE_URL names" in live.stderr
+            and "a live database, new to live mode since TWILIO_SIMULATE is not true"
+            in live.stderr), live.stderr
+    assert "into a new one with TWILIO_SIMULATE=true" in live.stderr
+    if database_url.startswith("sqlite:///"):
+        assert not os.path.exists(database_url[len("sqlite:///"):]), "nothing was created"
+
+    simulated = flask_command(tmp_path, {"DATABASE_URL": database_url, "TWILIO_SIMULATE": "true"},
+                              "copy-database", "--from", source)
+    assert simulated.returncode == 0, simulated.stderr
+    assert "Copied 1 message" in simulated.stdout
+    from sms_status.config import ConfigError
+    with pytest.raises(ConfigError, match="which was used in simulation"):
+        create_app(live_env(tmp_path, DATABASE_URL=database_url))
 
 
 @pytest.mark.parametrize("limit", ["abc", "0", "-3"])

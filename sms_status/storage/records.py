@@ -82,6 +82,13 @@ def prepare(storage, mode=None):
             "sms_status_simulated.db, or name another database"]) from None
 
 
+def recorded_mode(storage):
+    """The mode ("live" or "simulated") a database at the current schema was first used
+    in, or None when no service has used it yet."""
+    rows = storage.query("SELECT mode FROM service_mode")
+    return rows[0]["mode"] if rows else None
+
+
 # A history entry, once per (message, status).
 INSERT_STATUS_EVENT = (
     "INSERT INTO status_events (message_sid, status, error_code, received_at)"
