@@ -296,26 +296,54 @@ def reconcile(older_than, limit, progress_every):
 @click.command()
 @click.option("--older-than", required=True, callback=parse_duration_option,
               help="Delete messages not updated for this long, e.g. 90d (0s: all).")
+@click.option("--dry-run", is_flag=True,
+              help="Say what would be removed, cleared and kept; change nothing.")
+@click.option("--drop-pending-webhooks", is_flag=True,
+              help="Also delete old messages whose status webhook events are still pending, "
+                   "with those events, which are then never delivered (for status webhooks "
+                   "turned off for good).")
 @progress_option
 @with_appcontext
-def prune(older_than, progress_every):
+def prune(older_than, dry_run, drop_pending_webhooks, progress_every):
     """Delete old messages with their history, and clear bodies older than BODY_RETENTION."""
     storage = command_storage("BODY_RETENTION")
     config = current_app.config["SERVICE"]
     now = current_app.config["CLOCK"]()
+    limits = {"updated_before": db.stored_time(now - older_than.seconds),
+              "body_before": db.stored_time(now - config.body_retention_seconds),
+              "drop_pending": drop_pending_webhooks}
     try:
-        with Progress(progress_every) as progress:
-            messages, events, bodies = db.prune(
-                storage,
-                updated_before=db.stored_time(now - older_than.seconds),
-                body_before=db.stored_time(now - config.body_retention_seconds),
-                now=now, progress=progress,
-            )
+        if dry_run:
+            pruned = db.prune_preview(storage, **limits)
+        else:
+            with Progress(progress_every) as progress:
+                pruned = db.prune(storage, now=now, progress=progress, **limits)
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
-    click.echo(f"Removed {counted(messages, 'message')} and {counted(events, 'status event')} "
-               f"not updated for {older_than.text}; cleared "
-               f"{counted(bodies, 'message body', 'message bodies')} older than BODY_RETENTION.")
+    for line in pruned_lines(pruned, older_than, dry_run, drop_pending_webhooks):
+        click.echo(line)
+
+
+def pruned_lines(pruned, older_than, dry_run, drop_pending):
+    """prune's summary: what it removed and cleared (or would), and what it kept and why."""
+    remove, clear, keep, drop = (("Would remove", "would clear", "Would keep", "Would drop")
+                                 if dry_run else ("Removed", "cleared", "Kept", "Dropped"))
+    lines = [f"{'Dry run, nothing changed. ' if dry_run else ''}"
+             f"{remove} {counted(pruned.messages, 'message')} and "
+             f"{counted(pruned.events, 'status event')} not updated for {older_than.text}; "
+             f"{clear} {counted(pruned.bodies, 'message body', 'message bodies')} older than "
+             "BODY_RETENTION."]
+    if drop_pending:
+        lines.append(f"{drop} {counted(pruned.pending_dropped, 'pending status webhook event')}"
+                     " with them: those are never delivered.")
+    if pruned.kept:
+        lines.append(
+            f"{keep} {counted(pruned.kept, 'message')} not updated for {older_than.text} for "
+            f"their {counted(pruned.kept_pending, 'status webhook event')} still pending: a "
+            "service running with status webhooks on delivers them (while webhooks are off "
+            "they wait). If status webhooks are off for good, prune --older-than "
+            f"{older_than.text} --drop-pending-webhooks removes them too.")
+    return lines
 
 
 def copy_within_one_mode(source, target, config):

@@ -189,6 +189,75 @@ def test_prune_deletes_old_messages_and_history(make_app, fake_twilio, post_call
     assert client.get(f"/get-status/{old}", headers=AUTH).status_code == 404
 
 
+def test_prune_keeps_messages_with_pending_webhook_events_and_says_so(
+        make_app, database_url):
+    """Events recorded while status webhooks were on stay pending after they are turned off:
+    prune keeps their messages and says why, a dry run changes nothing, and
+    --drop-pending-webhooks removes them."""
+    with_webhooks = make_app(STATUS_WEBHOOK_URL="http://127.0.0.1:9/events",
+                             STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    client = with_webhooks.test_client()
+    delivered, pending = (client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
+                                      headers=AUTH).get_json()["messageSid"] for _ in range(2))
+    params = callback(pending, "delivered")
+    client.post("/message-status", data=params,
+                headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+    sql_rows(database_url, "UPDATE webhook_events SET state = 'delivered' WHERE message_sid = ?",
+             (delivered,))
+    time.sleep(0.01)
+    app = make_app()  # status webhooks off
+    everything = {table: count_rows(app, table)
+                  for table in ("messages", "status_events", "webhook_events")}
+
+    dry = run(app, "prune", "--older-than", "0s", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.splitlines()[1:] == [
+        "Dry run, nothing changed. Would remove 1 message and 1 status event not updated for "
+        "0s; would clear 0 message bodies older than BODY_RETENTION.",
+        "Would keep 1 message not updated for 0s for their 2 status webhook events still "
+        "pending: a service running with status webhooks on delivers them (while webhooks "
+        "are off they wait). If status webhooks are off for good, prune --older-than 0s "
+        "--drop-pending-webhooks removes them too."]
+    assert {table: count_rows(app, table) for table in everything} == everything
+
+    pruned = run(app, "prune", "--older-than", "0s")
+    assert pruned.exit_code == 0, pruned.output
+    assert pruned.output.splitlines()[1:] == [
+        line.replace("Dry run, nothing changed. Would remove", "Removed")
+            .replace("would clear", "cleared").replace("Would keep", "Kept")
+        for line in dry.output.splitlines()[1:]]
+    assert latest(client, pending)["latestStatus"] == "delivered"
+    assert client.get(f"/get-status/{delivered}", headers=AUTH).status_code == 404
+
+    dropping = run(app, "prune", "--older-than", "0s", "--drop-pending-webhooks", "--dry-run")
+    assert "Would remove 1 message and 2 status events" in dropping.output
+    assert "Would drop 2 pending status webhook events with them" in dropping.output
+    assert "Would keep" not in dropping.output and count_rows(app, "messages") == 1
+    dropped = run(app, "prune", "--older-than", "0s", "--drop-pending-webhooks")
+    assert dropped.exit_code == 0, dropped.output
+    assert "Removed 1 message and 2 status events" in dropped.output
+    assert "Dropped 2 pending status webhook events with them" in dropped.output
+    assert count_rows(app, "messages") == count_rows(app, "webhook_events") == 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_dry_run_counts_what_prune_then_does(make_app, database_url):
+    app = make_app(STORE_MESSAGE_BODY="true", BODY_RETENTION="1h")
+    fill_old_history(database_url, 1200)
+    client = app.test_client()
+    client.post("/send-sms", json={"to": "+15558675309", "body": "kept, cleared"},
+                headers=AUTH)
+    sql_rows(database_url, "UPDATE messages SET body = 'old' WHERE storage_order <= 3")
+    app.config["CLOCK"] = lambda: time.time() + 3601
+    dry = run(app, "prune", "--older-than", "2h", "--dry-run").output.splitlines()[1]
+    done = run(app, "prune", "--older-than", "2h").output.splitlines()[1]
+    assert dry == ("Dry run, nothing changed. Would remove 1200 messages and 1200 status "
+                   "events not updated for 2h; would clear 1 message body older than "
+                   "BODY_RETENTION.")
+    assert done == ("Removed 1200 messages and 1200 status events not updated for 2h; "
+                    "cleared 1 message body older than BODY_RETENTION.")
+
+
 def test_prune_clears_bodies_after_body_retention(make_app, fake_twilio):
     app = make_app(STORE_MESSAGE_BODY="true", BODY_RETENTION="1h")
     client = app.test_client()
