@@ -459,9 +459,10 @@ def retry_webhooks(since):
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
     click.echo(f"Queued {counted(queued, 'failed status webhook event')} again (given up on "
                f"in the last {since.text}).")
-    if queued and not webhooks.recording(current_app):
-        click.echo("STATUS_WEBHOOK_URL is unset: they are delivered once the service runs "
-                   "with it set.")
+    if queued:
+        # This command delivers nothing itself, and cannot know the running service's settings.
+        click.echo("They are due now: a running service with status webhooks on delivers "
+                   "them at once (one with them off, once they are turned on).")
 
 
 @click.command("receive-webhooks")

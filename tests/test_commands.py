@@ -436,6 +436,30 @@ def test_copy_database_into_a_new_database_takes_the_mode_of_the_command(
         create_app(live_env(tmp_path, DATABASE_URL=database_url))
 
 
+@pytest.mark.parametrize("webhooks_here", [
+    pytest.param({}, id="url-unset-here"),
+    pytest.param({"STATUS_WEBHOOK_URL": "http://127.0.0.1:9/events",
+                  "STATUS_WEBHOOK_SECRET": WEBHOOK_SECRET}, id="url-set-here"),
+])
+def test_retry_webhooks_says_the_events_are_due_now_whatever_its_own_settings(
+        make_app, database_url, tmp_path, webhooks_here):
+    """The command cannot know whether the running service has status webhooks on: its
+    message is true either way."""
+    app = make_app(STATUS_WEBHOOK_URL="http://127.0.0.1:9/events",
+                   STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    app.test_client().post("/send-sms", json={"to": "+15558675309", "body": "hi"}, headers=AUTH)
+    sql_rows(database_url, "UPDATE webhook_events SET state = 'failed', attempts = 8,"
+             " last_attempt_at = ?", (db.stored_time(time.time()),))
+    result = flask_command(tmp_path, {"DATABASE_URL": database_url, **webhooks_here},
+                           "retry-webhooks", "--since", "1h")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "Queued 1 failed status webhook event again (given up on in the last 1h).",
+        "They are due now: a running service with status webhooks on delivers them at once "
+        "(one with them off, once they are turned on)."]
+    assert sql_rows(database_url, "SELECT state FROM webhook_events") == [("pending",)]
+
+
 @pytest.mark.parametrize("limit", ["abc", "0", "-3"])
 def test_a_malformed_limit_says_what_to_give(app, limit):
     result = run(app, "reconcile", "--limit", limit)
