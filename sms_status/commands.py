@@ -382,7 +382,8 @@ def copy_within_one_mode(source, target, config):
 @with_appcontext
 def copy_database(source_url, progress_every):
     """Copy messages, their status history and unexpired idempotency keys from another
-    database into the one DATABASE_URL names. Running it again copies nothing twice."""
+    database into the one DATABASE_URL names, never between a simulated and a live one.
+    Running it again copies nothing twice."""
     try:
         source_url = parse_database_url(source_url)
     except ValueError as error:
