@@ -21,6 +21,7 @@ from flask.cli import with_appcontext
 
 from sms_status import rules, twilio_api, webhooks
 from sms_status.config import (
+    DEFAULT_DATABASE_FILES,
     ConfigError,
     parse_database_url,
     parse_webhook_secrets,
@@ -85,15 +86,63 @@ class ConfigurationProblem(click.ClickException):
     exit_code = 2
 
 
+def database_line(storage, copying_from=None):
+    """The command's first line: the database it uses, as the storage names it (never
+    with a password), and why, when it is the default file of the mode."""
+    config = current_app.config["SERVICE"]
+    why = ""
+    if config.database_url == parse_database_url(None, config.simulate):
+        why = f" (the default file in {config.mode} mode)"
+    source = f", copying from {copying_from}" if copying_from else ""
+    return f"Database: {storage.label}{why}{source}"
+
+
+def missing_database(storage):
+    """Why a command will not create the SQLite file it was pointed at, and where the
+    database it wants may be instead."""
+    config = current_app.config["SERVICE"]
+    problem = f"no database at {storage.label} (none was created)."
+    if config.database_url != parse_database_url(None, config.simulate):
+        return (f"{problem} Check DATABASE_URL: sqlite:///relative.db is read from the "
+                f"working directory ({os.getcwd()}), sqlite:////absolute/path.db is not.")
+    live, simulated = DEFAULT_DATABASE_FILES[False], DEFAULT_DATABASE_FILES[True]
+    hint = (f" Without DATABASE_URL, the database is {live} in the working directory, or "
+            f"{simulated} when TWILIO_SIMULATE=true.")
+    other = parse_database_url(None, not config.simulate)[len("sqlite:///"):]
+    if os.path.exists(other):
+        switch = "unset TWILIO_SIMULATE" if config.simulate else "set TWILIO_SIMULATE=true"
+        return (f"{problem}{hint} {os.path.basename(other)} is here: {switch} to use it, "
+                "as the service that made it does.")
+    return (f"{problem}{hint} Run the command in the service's folder (where its .env "
+            "is), or set DATABASE_URL to the service's database.")
+
+
 def command_storage(*variables, mode=None):
+    """The app's database, named on the command's first line and refused when its SQLite
+    file is not there (named_storage), with its schema created or brought up to date
+    (prepared)."""
+    return prepared(named_storage(*variables), mode)
+
+
+def named_storage(*variables, create=False, copying_from=None):
     """The app's database, once every variable the command uses (the database's and
-    `variables`) is valid; its schema is created or brought up to date on first use, and
-    with `mode` the database must not have been used in the other mode (records.prepare)."""
+    `variables`) is valid; prints its name first. A SQLite file that is not there is
+    refused, unless `create` (copy-database's destination): a command pointed at the wrong
+    file would otherwise work on a new, empty database and report nothing to do."""
     problems = problems_with(current_app.config["CONFIG_PROBLEMS"],
                              DATABASE_VARIABLES + variables)
     if problems:
         raise ConfigurationProblem(str(ConfigError(problems)))
     storage = db.get_db()
+    click.echo(database_line(storage, copying_from))
+    if not create and not storage.exists():
+        raise click.ClickException(missing_database(storage))
+    return storage
+
+
+def prepared(storage, mode=None):
+    """`storage` with its schema created or brought up to date on first use; with `mode`,
+    the database must not have been used in the other mode (records.prepare)."""
     if not current_app.extensions.get("storage_prepared"):
         try:
             db.prepare(storage, mode)
@@ -247,26 +296,83 @@ def reconcile(older_than, limit, progress_every):
 @click.command()
 @click.option("--older-than", required=True, callback=parse_duration_option,
               help="Delete messages not updated for this long, e.g. 90d (0s: all).")
+@click.option("--dry-run", is_flag=True,
+              help="Say what would be removed, cleared and kept; change nothing.")
+@click.option("--drop-pending-webhooks", is_flag=True,
+              help="Also delete old messages whose status webhook events are still pending, "
+                   "with those events, which are then never delivered (for status webhooks "
+                   "turned off for good).")
 @progress_option
 @with_appcontext
-def prune(older_than, progress_every):
+def prune(older_than, dry_run, drop_pending_webhooks, progress_every):
     """Delete old messages with their history, and clear bodies older than BODY_RETENTION."""
     storage = command_storage("BODY_RETENTION")
     config = current_app.config["SERVICE"]
     now = current_app.config["CLOCK"]()
+    limits = {"updated_before": db.stored_time(now - older_than.seconds),
+              "body_before": db.stored_time(now - config.body_retention_seconds),
+              "drop_pending": drop_pending_webhooks}
     try:
-        with Progress(progress_every) as progress:
-            messages, events, bodies = db.prune(
-                storage,
-                updated_before=db.stored_time(now - older_than.seconds),
-                body_before=db.stored_time(now - config.body_retention_seconds),
-                now=now, progress=progress,
-            )
+        if dry_run:
+            pruned = db.prune_preview(storage, **limits)
+        else:
+            with Progress(progress_every) as progress:
+                pruned = db.prune(storage, now=now, progress=progress, **limits)
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
-    click.echo(f"Removed {counted(messages, 'message')} and {counted(events, 'status event')} "
-               f"not updated for {older_than.text}; cleared "
-               f"{counted(bodies, 'message body', 'message bodies')} older than BODY_RETENTION.")
+    for line in pruned_lines(pruned, older_than, dry_run, drop_pending_webhooks):
+        click.echo(line)
+
+
+def pruned_lines(pruned, older_than, dry_run, drop_pending):
+    """prune's summary: what it removed and cleared (or would), and what it kept and why."""
+    remove, clear, keep, drop = (("Would remove", "would clear", "Would keep", "Would drop")
+                                 if dry_run else ("Removed", "cleared", "Kept", "Dropped"))
+    lines = [f"{'Dry run, nothing changed. ' if dry_run else ''}"
+             f"{remove} {counted(pruned.messages, 'message')} and "
+             f"{counted(pruned.events, 'status event')} not updated for {older_than.text}; "
+             f"{clear} {counted(pruned.bodies, 'message body', 'message bodies')} older than "
+             "BODY_RETENTION."]
+    if drop_pending:
+        lines.append(f"{drop} {counted(pruned.pending_dropped, 'pending status webhook event')}"
+                     " with them: those are never delivered.")
+    if pruned.kept:
+        lines.append(
+            f"{keep} {counted(pruned.kept, 'message')} not updated for {older_than.text} for "
+            f"their {counted(pruned.kept_pending, 'status webhook event')} still pending: a "
+            "service running with status webhooks on delivers them (while webhooks are off "
+            "they wait). If status webhooks are off for good, prune --older-than "
+            f"{older_than.text} --drop-pending-webhooks removes them too.")
+    return lines
+
+
+def copy_within_one_mode(source, target, config):
+    """Refuses a copy between a simulated and a live database, naming both modes; else
+    records the copy's mode in `target` (created now, once the source is known to be
+    there), so that a start in the other mode refuses it as it would the source.
+
+    A database no service has used yet has the mode the command runs in (TWILIO_SIMULATE),
+    as a start of the service in this configuration would record."""
+    source_mode = db.recorded_mode(source)
+    target_mode = None
+    if target.exists():
+        target_mode = db.recorded_mode(prepared(target))
+    why = ""
+    if target_mode is None:
+        target_mode = config.mode
+        why = (f", new to {target_mode} mode since "
+               f"TWILIO_SIMULATE is {'true' if config.simulate else 'not true'}")
+    if source_mode and source_mode != target_mode:
+        switch = "TWILIO_SIMULATE=true" if source_mode == "simulated" else "TWILIO_SIMULATE unset"
+        raise click.ClickException(
+            f"--from names {source.label}, a {source_mode} database, and DATABASE_URL names "
+            f"{target.label}, a {target_mode} database{why}: simulated messages are never "
+            "mixed with live ones, so nothing was copied. Copy it into a "
+            f"{source_mode} database, or into a new one with {switch}.")
+    try:
+        db.prepare(target, target_mode)
+    except ConfigError as error:
+        raise ConfigurationProblem(str(error)) from None
 
 
 @click.command("copy-database")
@@ -276,23 +382,25 @@ def prune(older_than, progress_every):
 @with_appcontext
 def copy_database(source_url, progress_every):
     """Copy messages, their status history and unexpired idempotency keys from another
-    database into the one DATABASE_URL names. Running it again copies nothing twice."""
+    database into the one DATABASE_URL names, never between a simulated and a live one.
+    Running it again copies nothing twice."""
     try:
         source_url = parse_database_url(source_url)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--from") from None
     config = current_app.config["SERVICE"]
-    target = command_storage()
     source = db.open_storage(replace(config, database_url=source_url))
+    target = named_storage(create=True, copying_from=source.label)
     if source.identity() == target.identity():
         raise click.ClickException(
             f"--from names the database DATABASE_URL names ({target.label}); "
             "nothing to copy onto itself")
     if not source.exists():
         raise click.ClickException(f"--from: no database file at {source.label}")
-    now = current_app.config["CLOCK"]()
     try:
         source.migrate()  # an older file is brought to the current schema first
+        copy_within_one_mode(source, target, config)
+        now = current_app.config["CLOCK"]()
         with Progress(progress_every) as progress:
             copied = db.copy_history(
                 source, target, keys_created_after=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS,
@@ -313,6 +421,7 @@ def copy_database(source_url, progress_every):
 @click.option("--to", "target", required=True, metavar="FILE",
               type=click.Path(dir_okay=False, writable=True),
               help="The file to write the copy to (replaced once the copy is complete).")
+@with_appcontext
 def backup(target):
     """Copy the SQLite database into FILE, safely while the service runs."""
     storage = command_storage()
@@ -321,6 +430,10 @@ def backup(target):
             f"DATABASE_URL names {storage.label}: back up PostgreSQL with its own pg_dump, "
             "for example: pg_dump --format=custom --file=FILE \"$DATABASE_URL\"")
     target = os.path.abspath(target)
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise click.ClickException(
+            f"--to: the folder {folder} does not exist; create it first (mkdir -p {folder})")
     try:
         messages = storage.backup(target)
     except ValueError as error:
@@ -347,9 +460,10 @@ def retry_webhooks(since):
         raise click.ClickException(f"database error: {db.describe_error(error)}") from None
     click.echo(f"Queued {counted(queued, 'failed status webhook event')} again (given up on "
                f"in the last {since.text}).")
-    if queued and not webhooks.recording(current_app):
-        click.echo("STATUS_WEBHOOK_URL is unset: they are delivered once the service runs "
-                   "with it set.")
+    if queued:
+        # This command delivers nothing itself, and cannot know the running service's settings.
+        click.echo("They are due now: a running service with status webhooks on delivers "
+                   "them at once (one with them off, once they are turned on).")
 
 
 @click.command("receive-webhooks")

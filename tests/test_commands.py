@@ -12,6 +12,7 @@ import pytest
 import requests
 from twilio.http.response import Response
 
+from sms_status import create_app
 from sms_status.storage import open_engine
 from sms_status.storage import records as db
 from support import (
@@ -23,6 +24,7 @@ from support import (
     app_database_url,
     callback,
     count_rows,
+    live_env,
     sign,
     sql_rows,
     sqlite_only,
@@ -187,6 +189,75 @@ def test_prune_deletes_old_messages_and_history(make_app, fake_twilio, post_call
     assert client.get(f"/get-status/{old}", headers=AUTH).status_code == 404
 
 
+def test_prune_keeps_messages_with_pending_webhook_events_and_says_so(
+        make_app, database_url):
+    """Events recorded while status webhooks were on stay pending after they are turned off:
+    prune keeps their messages and says why, a dry run changes nothing, and
+    --drop-pending-webhooks removes them."""
+    with_webhooks = make_app(STATUS_WEBHOOK_URL="http://127.0.0.1:9/events",
+                             STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    client = with_webhooks.test_client()
+    delivered, pending = (client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
+                                      headers=AUTH).get_json()["messageSid"] for _ in range(2))
+    params = callback(pending, "delivered")
+    client.post("/message-status", data=params,
+                headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+    sql_rows(database_url, "UPDATE webhook_events SET state = 'delivered' WHERE message_sid = ?",
+             (delivered,))
+    time.sleep(0.01)
+    app = make_app()  # status webhooks off
+    everything = {table: count_rows(app, table)
+                  for table in ("messages", "status_events", "webhook_events")}
+
+    dry = run(app, "prune", "--older-than", "0s", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.splitlines()[1:] == [
+        "Dry run, nothing changed. Would remove 1 message and 1 status event not updated for "
+        "0s; would clear 0 message bodies older than BODY_RETENTION.",
+        "Would keep 1 message not updated for 0s for their 2 status webhook events still "
+        "pending: a service running with status webhooks on delivers them (while webhooks "
+        "are off they wait). If status webhooks are off for good, prune --older-than 0s "
+        "--drop-pending-webhooks removes them too."]
+    assert {table: count_rows(app, table) for table in everything} == everything
+
+    pruned = run(app, "prune", "--older-than", "0s")
+    assert pruned.exit_code == 0, pruned.output
+    assert pruned.output.splitlines()[1:] == [
+        line.replace("Dry run, nothing changed. Would remove", "Removed")
+            .replace("would clear", "cleared").replace("Would keep", "Kept")
+        for line in dry.output.splitlines()[1:]]
+    assert latest(client, pending)["latestStatus"] == "delivered"
+    assert client.get(f"/get-status/{delivered}", headers=AUTH).status_code == 404
+
+    dropping = run(app, "prune", "--older-than", "0s", "--drop-pending-webhooks", "--dry-run")
+    assert "Would remove 1 message and 2 status events" in dropping.output
+    assert "Would drop 2 pending status webhook events with them" in dropping.output
+    assert "Would keep" not in dropping.output and count_rows(app, "messages") == 1
+    dropped = run(app, "prune", "--older-than", "0s", "--drop-pending-webhooks")
+    assert dropped.exit_code == 0, dropped.output
+    assert "Removed 1 message and 2 status events" in dropped.output
+    assert "Dropped 2 pending status webhook events with them" in dropped.output
+    assert count_rows(app, "messages") == count_rows(app, "webhook_events") == 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_dry_run_counts_what_prune_then_does(make_app, database_url):
+    app = make_app(STORE_MESSAGE_BODY="true", BODY_RETENTION="1h")
+    fill_old_history(database_url, 1200)
+    client = app.test_client()
+    client.post("/send-sms", json={"to": "+15558675309", "body": "kept, cleared"},
+                headers=AUTH)
+    sql_rows(database_url, "UPDATE messages SET body = 'old' WHERE storage_order <= 3")
+    app.config["CLOCK"] = lambda: time.time() + 3601
+    dry = run(app, "prune", "--older-than", "2h", "--dry-run").output.splitlines()[1]
+    done = run(app, "prune", "--older-than", "2h").output.splitlines()[1]
+    assert dry == ("Dry run, nothing changed. Would remove 1200 messages and 1200 status "
+                   "events not updated for 2h; would clear 1 message body older than "
+                   "BODY_RETENTION.")
+    assert done == ("Removed 1200 messages and 1200 status events not updated for 2h; "
+                    "cleared 1 message body older than BODY_RETENTION.")
+
+
 def test_prune_clears_bodies_after_body_retention(make_app, fake_twilio):
     app = make_app(STORE_MESSAGE_BODY="true", BODY_RETENTION="1h")
     client = app.test_client()
@@ -322,6 +393,73 @@ def test_copy_database_refuses_a_bad_source_clearly(app, source, expected):
     assert "Traceback" not in result.output
 
 
+def simulated_history(tmp_path):
+    """A SQLite database the service used in simulation, holding one message."""
+    url = f"sqlite:///{tmp_path}/simulated.db"
+    simulated = create_app({"TWILIO_SIMULATE": "true", "DATABASE_URL": url})
+    with simulated.app_context():
+        db.record_status(db.get_db(), "SM" + "5" * 32, "delivered",
+                         at="2026-11-26T20:00:00.000Z")
+    simulated.extensions["storage"].close()
+    return url
+
+
+def test_copy_database_refuses_simulated_messages_into_a_live_database(app, tmp_path):
+    result = run(app, "copy-database", "--from", simulated_history(tmp_path))
+    assert result.exit_code == 1
+    assert (f"--from names {tmp_path}/simulated.db, a simulated database, and DATABASE_URL "
+            "names ") in result.output
+    assert ", a live database: simulated messages are never mixed with live ones, so " \
+        "nothing was copied" in result.output
+    assert count_rows(app, "messages") == 0
+
+
+def test_copy_database_into_a_new_database_takes_the_mode_of_the_command(
+        database_url, tmp_path):
+    source = simulated_history(tmp_path)
+    live = flask_command(tmp_path, {"DATABASE_URL": database_url}, "copy-database",
+                         "--from", source)
+    assert live.returncode == 1, live.stdout
+    assert ("a simulated database, and DATABASE_URL names" in live.stderr
+            and "a live database, new to live mode since TWILIO_SIMULATE is not true"
+            in live.stderr), live.stderr
+    assert "into a new one with TWILIO_SIMULATE=true" in live.stderr
+    if database_url.startswith("sqlite:///"):
+        assert not os.path.exists(database_url[len("sqlite:///"):]), "nothing was created"
+
+    simulated = flask_command(tmp_path, {"DATABASE_URL": database_url, "TWILIO_SIMULATE": "true"},
+                              "copy-database", "--from", source)
+    assert simulated.returncode == 0, simulated.stderr
+    assert "Copied 1 message" in simulated.stdout
+    from sms_status.config import ConfigError
+    with pytest.raises(ConfigError, match="which was used in simulation"):
+        create_app(live_env(tmp_path, DATABASE_URL=database_url))
+
+
+@pytest.mark.parametrize("webhooks_here", [
+    pytest.param({}, id="url-unset-here"),
+    pytest.param({"STATUS_WEBHOOK_URL": "http://127.0.0.1:9/events",
+                  "STATUS_WEBHOOK_SECRET": WEBHOOK_SECRET}, id="url-set-here"),
+])
+def test_retry_webhooks_says_the_events_are_due_now_whatever_its_own_settings(
+        make_app, database_url, tmp_path, webhooks_here):
+    """The command cannot know whether the running service has status webhooks on: its
+    message is true either way."""
+    app = make_app(STATUS_WEBHOOK_URL="http://127.0.0.1:9/events",
+                   STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    app.test_client().post("/send-sms", json={"to": "+15558675309", "body": "hi"}, headers=AUTH)
+    sql_rows(database_url, "UPDATE webhook_events SET state = 'failed', attempts = 8,"
+             " last_attempt_at = ?", (db.stored_time(time.time()),))
+    result = flask_command(tmp_path, {"DATABASE_URL": database_url, **webhooks_here},
+                           "retry-webhooks", "--since", "1h")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "Queued 1 failed status webhook event again (given up on in the last 1h).",
+        "They are due now: a running service with status webhooks on delivers them at once "
+        "(one with them off, once they are turned on)."]
+    assert sql_rows(database_url, "SELECT state FROM webhook_events") == [("pending",)]
+
+
 @pytest.mark.parametrize("limit", ["abc", "0", "-3"])
 def test_a_malformed_limit_says_what_to_give(app, limit):
     result = run(app, "reconcile", "--limit", limit)
@@ -380,6 +518,67 @@ def test_a_command_names_a_malformed_variable_it_uses(tmp_path):
     assert "TWILIO_ACCOUNT_SID" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [
+    pytest.param(["reconcile"], id="reconcile"),
+    pytest.param(["prune", "--older-than", "90d"], id="prune"),
+    pytest.param(["backup", "--to", "copy.db"], id="backup"),
+    pytest.param(["retry-webhooks"], id="retry-webhooks"),
+    pytest.param(["copy-database", "--from", "sqlite:///old.db"], id="copy-database"),
+])
+def test_every_command_names_its_database_first_without_its_password(
+        app, database_url, tmp_path, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = run(app, *command).output.splitlines()[0]
+    if database_url.startswith("sqlite:///"):
+        assert first.startswith(f"Database: {tmp_path}/test.db"), first
+    else:
+        parts = psycopg.conninfo.conninfo_to_dict(database_url)
+        assert first.startswith(f"Database: PostgreSQL database '{parts['dbname']}' at "), first
+        assert not parts.get("password") or parts["password"] not in first
+    if command[0] == "copy-database":
+        assert first.endswith(f", copying from {tmp_path}/old.db")
+
+
+@pytest.fixture
+def simulated_database(tmp_path):
+    """The quick start's database: sms_status_simulated.db in tmp_path, made by the service
+    started in simulation."""
+    create_app({"TWILIO_SIMULATE": "true", "DATABASE_URL":
+                f"sqlite:///{tmp_path}/sms_status_simulated.db"}).extensions["storage"].close()
+    return tmp_path / "sms_status_simulated.db"
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param(["prune", "--older-than", "90d"], id="prune"),
+    pytest.param(["backup", "--to", "copy.db"], id="backup"),
+    pytest.param(["retry-webhooks"], id="retry-webhooks"),
+])
+def test_a_command_without_the_mode_of_the_quick_start_creates_no_database(
+        simulated_database, tmp_path, command):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = flask_command(tmp_path, {}, *command)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == (
+        f"Database: {tmp_path}/sms_status.db (the default file in live mode)")
+    assert f"no database at {tmp_path}/sms_status.db (none was created)" in result.stderr
+    assert ("sms_status_simulated.db is here: set TWILIO_SIMULATE=true to use it"
+            in result.stderr)
+    assert "Queued" not in result.stdout and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_command_pointed_at_a_missing_file_says_how_to_name_the_right_one(tmp_path):
+    result = flask_command(tmp_path, {"DATABASE_URL": "sqlite:///sms-status.db"},
+                           "prune", "--older-than", "90d")
+    assert result.returncode == 1
+    assert f"no database at {tmp_path}/sms-status.db (none was created)" in result.stderr
+    assert "Check DATABASE_URL" in result.stderr
+    live = flask_command(tmp_path, {"TWILIO_SIMULATE": "true"}, "retry-webhooks")
+    assert live.returncode == 1
+    assert "Run the command in the service's folder" in live.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @sqlite_only
 def test_backup_while_the_service_takes_callbacks_holds_every_acknowledged_one(
         service_env, start_service, tmp_path):
@@ -402,6 +601,33 @@ def test_backup_while_the_service_takes_callbacks_holds_every_acknowledged_one(
     stored = {sid for (sid,) in sql_rows(url, "SELECT message_sid FROM status_events")}
     assert set(acknowledged) <= stored
     assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
+
+
+@sqlite_only
+def test_a_backup_is_as_private_as_the_database_under_a_permissive_umask(app, send, tmp_path):
+    sent_messages(send, 2)
+    copy = tmp_path / "copies" / "copy.db"
+    copy.parent.mkdir()
+    copy.write_bytes(b"")  # an earlier, world-readable copy is replaced by a private one
+    copy.chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        result = run(app, "backup", "--to", str(copy))
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert "2 messages" in result.output
+    assert copy.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
+
+
+@sqlite_only
+def test_a_backup_into_a_missing_folder_names_the_folder(app, tmp_path):
+    folder = tmp_path / "no-such-folder"
+    result = run(app, "backup", "--to", str(folder / "copy.db"))
+    assert result.exit_code == 1
+    assert f"the folder {folder} does not exist" in result.output
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -464,8 +690,8 @@ def test_copy_database_prints_its_progress_at_the_interval_without_a_terminal(
     quiet = flask_command(tmp_path, env, "copy-database", "--from", source,
                           "--progress-every", "600")
     assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stdout.splitlines() == [next(line for line in quiet.stdout.splitlines()
-                                              if line.startswith("Copied 3000 messages"))]
+    first, summary = quiet.stdout.splitlines()
+    assert first.startswith("Database: ") and summary.startswith("Copied 3000 messages")
     again = flask_command(tmp_path, env, "copy-database", "--from", source,
                           "--progress-every", "0.001")
     assert again.returncode == 0, again.stderr

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import (
     AUTH,
     CALLBACK_URL,
+    ROOT,
     WEBHOOK_SECRET,
     WebhookReceiver,
     callback,
@@ -298,3 +299,23 @@ def test_webhook_attempts_count_by_result_and_the_backlog_is_read_from_the_datab
     assert {key: value for key, value in risen.items() if "webhook_deliveries" in key[0]} == {
         sample("sms_status_webhook_deliveries_total", result="delivered"): 2,
         sample("sms_status_webhook_deliveries_total", result="retrying"): 1}
+
+
+@sqlite_only
+def test_the_operations_guide_lists_every_metric_served_with_its_labels(make_app):
+    """docs/operations.md's table has a row for each metric /metrics serves (status webhooks
+    on), naming each of its labels."""
+    app = make_app(STATUS_WEBHOOK_URL="http://127.0.0.1:9/events",
+                   STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    response = app.test_client().get("/metrics", headers=AUTH)
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in guide.splitlines()
+            if line.startswith("| `sms_status_")}
+    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+        if not family.name.startswith("sms_status_"):
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert name in rows, f"{name} has no row in docs/operations.md"
+        labels = {label for sample in family.samples for label in sample.labels
+                  if label not in ("le", "quantile")}
+        assert all(f"`{label}`" in rows[name] for label in labels), (name, labels)

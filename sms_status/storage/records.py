@@ -82,6 +82,13 @@ def prepare(storage, mode=None):
             "sms_status_simulated.db, or name another database"]) from None
 
 
+def recorded_mode(storage):
+    """The mode ("live" or "simulated") a database at the current schema was first used
+    in, or None when no service has used it yet."""
+    rows = storage.query("SELECT mode FROM service_mode")
+    return rows[0]["mode"] if rows else None
+
+
 # A history entry, once per (message, status).
 INSERT_STATUS_EVENT = (
     "INSERT INTO status_events (message_sid, status, error_code, received_at)"
@@ -360,45 +367,92 @@ def no_progress(label, done, total):
     """A progress callback that shows nothing."""
 
 
-# A message whose status webhooks are still to be delivered is kept, however old.
+# A message whose status webhooks are still to be delivered is kept, however old, unless
+# the operator drops them (prune --drop-pending-webhooks).
 NO_PENDING_EVENT = (" AND NOT EXISTS (SELECT 1 FROM webhook_events w"
                     " WHERE w.message_sid = messages.sid AND w.state = 'pending')")
+PENDING_EVENTS_OF_MESSAGE = ("(SELECT count(*) FROM webhook_events w"
+                             " WHERE w.message_sid = messages.sid AND w.state = 'pending')")
 
 
-def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress=no_progress):
+class Pruned(NamedTuple):
+    """What prune removed, or would remove (a dry run): messages, their status events and
+    the pending webhook events dropped with them; bodies cleared; and the old messages kept
+    for their pending webhook events, with those events."""
+
+    messages: int
+    events: int
+    pending_dropped: int
+    bodies: int
+    kept: int
+    kept_pending: int
+
+
+def kept_for_pending_events(storage, updated_before):
+    """(messages, events): the messages idle since `updated_before` that have status webhook
+    events pending, and those events."""
+    row = storage.query(
+        "SELECT count(DISTINCT m.sid) AS messages, count(*) AS events FROM messages m"
+        " JOIN webhook_events w ON w.message_sid = m.sid AND w.state = 'pending'"
+        " WHERE m.updated_at < ?", (updated_before,))[0]
+    return row["messages"], row["events"]
+
+
+def prune_preview(storage, updated_before, body_before, drop_pending=False):
+    """What prune would do now with the same arguments (Pruned), changing nothing."""
+    keep = "" if drop_pending else NO_PENDING_EVENT
+    old = storage.query(
+        "SELECT count(*) AS messages, coalesce(sum((SELECT count(*) FROM status_events"
+        " WHERE status_events.message_sid = messages.sid)), 0) AS events,"
+        f" coalesce(sum({PENDING_EVENTS_OF_MESSAGE}), 0) AS pending"
+        f" FROM messages WHERE updated_at < ?{keep}", (updated_before,))[0]
+    # Bodies are cleared after the deletion, so only the remaining messages' count.
+    bodies = storage.query(
+        "SELECT count(*) AS n FROM messages WHERE created_at < ? AND body IS NOT NULL"
+        f" AND NOT (updated_at < ?{keep})", (body_before, updated_before))[0]["n"]
+    kept = (0, 0) if drop_pending else kept_for_pending_events(storage, updated_before)
+    return Pruned(old["messages"], int(old["events"]), int(old["pending"]), bodies, *kept)
+
+
+def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress=no_progress,
+          drop_pending=False):
     """Deletes messages (their history and webhook events with them) idle since
-    `updated_before`, but none with an event still pending; clears old bodies.
+    `updated_before`, but none with an event still pending unless `drop_pending`; clears
+    old bodies.
 
     Works in batches of `batch` messages, one short transaction each, and calls
     `progress(label, done, total)` after each. Also drops the per-recipient reservations
     that stopped counting (each send clears only its own recipient's). Returns the counts
-    (messages, status events, bodies).
+    (Pruned).
     """
-    messages = events = bodies = 0
+    keep = "" if drop_pending else NO_PENDING_EVENT
+    messages = events = pending = bodies = 0
     total = storage.query(
-        f"SELECT count(*) AS n FROM messages WHERE updated_at < ?{NO_PENDING_EVENT}",
+        f"SELECT count(*) AS n FROM messages WHERE updated_at < ?{keep}",
         (updated_before,))[0]["n"]
     done = 0
     while True:
         with storage.transaction() as tx:
             candidates = tx.execute(
                 "SELECT sid, (SELECT count(*) FROM status_events"
-                " WHERE status_events.message_sid = messages.sid) AS events"
-                f" FROM messages WHERE updated_at < ?{NO_PENDING_EVENT}"
+                " WHERE status_events.message_sid = messages.sid) AS events,"
+                f" {PENDING_EVENTS_OF_MESSAGE} AS pending"
+                f" FROM messages WHERE updated_at < ?{keep}"
                 " ORDER BY updated_at LIMIT ?",
                 (updated_before, batch),
             ).fetchall()
-            events_of = {row["sid"]: row["events"] for row in candidates}
-            if events_of:
+            counts_of = {row["sid"]: (row["events"], row["pending"]) for row in candidates}
+            if counts_of:
                 # updated_at is checked again: a callback may have revived a message since
                 # (PostgreSQL), and it must then keep its history. Events go by cascade.
                 deleted = tx.execute(
-                    f"DELETE FROM messages WHERE sid IN ({', '.join('?' for _ in events_of)})"
-                    f" AND updated_at < ?{NO_PENDING_EVENT} RETURNING sid",
-                    (*events_of, updated_before),
+                    f"DELETE FROM messages WHERE sid IN ({', '.join('?' for _ in counts_of)})"
+                    f" AND updated_at < ?{keep} RETURNING sid",
+                    (*counts_of, updated_before),
                 ).fetchall()
                 messages += len(deleted)
-                events += sum(events_of[row["sid"]] for row in deleted)
+                events += sum(counts_of[row["sid"]][0] for row in deleted)
+                pending += sum(counts_of[row["sid"]][1] for row in deleted)
         if candidates:
             done += len(candidates)
             progress("Deleting old messages", done, total)
@@ -439,7 +493,8 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress
         if storage.compact():
             break
         time.sleep(0.1)
-    return messages, events, bodies
+    kept = (0, 0) if drop_pending else kept_for_pending_events(storage, updated_before)
+    return Pruned(messages, events, pending, bodies, *kept)
 
 
 # The message the health check writes and deletes again: not a Twilio SID (those are

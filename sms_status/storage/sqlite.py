@@ -443,6 +443,9 @@ class SQLiteEngine:
         partial = target + ".partial"
         if os.path.exists(partial):
             os.remove(partial)
+        # Created private before a byte is written, like the database itself (an empty file
+        # is an empty database to SQLite, and its journal takes the file's permissions).
+        os.close(os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
         source = open_sqlite(self.path, self.synchronous, create=False)
         try:
             copy = sqlite3.connect(partial)
