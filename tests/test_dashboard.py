@@ -222,6 +222,42 @@ def test_forms_posted_from_another_site_are_refused(client, path, site):
     assert session_cookie(client) is None
 
 
+@pytest.mark.parametrize("origin", [
+    pytest.param("https://attacker.example", id="other-host"),
+    pytest.param("http://sms.example.com", id="other-scheme"),
+    pytest.param("https://sms.example.com:8443", id="other-port"),
+    pytest.param("https://sms.example.com.attacker.example", id="suffixed-host"),
+    pytest.param("null", id="opaque"),
+])
+@pytest.mark.parametrize("path", ["/dashboard/login", "/dashboard/logout"])
+def test_forms_from_another_origin_are_refused_without_sec_fetch_site(signed_in, path,
+                                                                      origin):
+    """Browsers that send no Sec-Fetch-Site (Safari before 16.4) still send Origin."""
+    response = signed_in.post(path, data={"api_key": API_KEY}, headers={"Origin": origin})
+    assert response.status_code == 403 and "another site" in problem(response.text)
+    assert signed_in.get("/dashboard").status_code == 200  # not logged out
+
+
+@pytest.mark.parametrize("origin", [
+    pytest.param("https://sms.example.com", id="base-url"),
+    pytest.param("HTTPS://SMS.EXAMPLE.COM", id="base-url-capitals"),
+    pytest.param("http://localhost", id="request-host"),
+    pytest.param(None, id="none"),
+])
+def test_forms_from_the_service_own_origin_are_taken(client, origin):
+    headers = {"Origin": origin} if origin else {}
+    assert log_in(client, **headers).status_code == 303
+    assert client.get("/dashboard").status_code == 200
+    assert client.post("/dashboard/logout", headers=headers).status_code == 303
+    assert client.get("/dashboard").status_code == 303
+
+
+def test_the_origin_of_base_url_leaves_out_a_default_port(make_app):
+    client = make_app(BASE_URL="https://sms.example.com:443/prefix").test_client()
+    assert log_in(client, Origin="https://sms.example.com").status_code == 303
+    assert log_in(client, Origin="https://other.example.com").status_code == 403
+
+
 def test_forms_posted_from_the_dashboard_itself_are_taken(client):
     assert log_in(client, **{"Sec-Fetch-Site": "same-origin"}).status_code == 303
     assert client.get("/dashboard").status_code == 200

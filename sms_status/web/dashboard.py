@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import secrets
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
@@ -103,15 +104,35 @@ def require_session():
 @blueprint.before_request
 def refuse_cross_site_posts():
     """A form posted from another site is refused, whatever its cookie (SameSite=Strict
-    keeps the session away from it already): browsers say where a request comes from in
-    Sec-Fetch-Site."""
-    if request.method == "POST" and request.headers.get("Sec-Fetch-Site") in (
-            "cross-site", "same-site"):
+    keeps the session away from it already)."""
+    if request.method == "POST" and posted_from_another_site():
         warn_rejection("Refused %s %s: a form posted from another site", request.method,
                        rules.printable(request.path, 100))
         return error_page(403, "This form was posted from another site. Open the dashboard "
                                "at this service's own address and use its forms.")
     return None
+
+
+def posted_from_another_site():
+    """True when the browser says the request comes from another site: in Sec-Fetch-Site,
+    or, from browsers that do not send that header (Safari before 16.4), in an Origin that
+    is not this service's own."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site in ("cross-site", "same-site")
+    origin = request.headers.get("Origin")
+    return origin is not None and origin.lower() not in own_origins()
+
+
+def own_origins():
+    """The origins this service's pages have: BASE_URL's, and the one the request was
+    addressed to (the same unless a proxy in front changes the scheme or the host)."""
+    base = urlsplit(current_app.config["SERVICE"].base_url)
+    host = f"[{base.hostname}]" if ":" in (base.hostname or "") else base.hostname
+    default_port = {"http": 80, "https": 443}.get(base.scheme)
+    port = f":{base.port}" if base.port not in (None, default_port) else ""
+    return {f"{base.scheme}://{host}{port}".lower(),
+            f"{request.scheme}://{request.host}".lower()}
 
 
 @blueprint.route("/login", methods=["GET", "POST"])
