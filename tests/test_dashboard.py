@@ -107,6 +107,7 @@ def test_pages_without_a_session_answer_303_to_the_login(client, path):
 
 def test_the_login_form_posts_api_key_and_the_pages_send_a_strict_policy(client):
     response = client.get("/dashboard/login")
+    assert response.headers["X-Frame-Options"] == "DENY"
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert attributes(response.text, "form", "method", "action") == [("post",
                                                                       "/dashboard/login")]
@@ -529,6 +530,7 @@ def test_an_unknown_dashboard_path_is_a_404_page(signed_in):
     assert response.status_code == 404 and response.mimetype == "text/html"
     assert "No such page: /dashboard/nowhere" in problem(response.text)
     assert response.headers["Content-Security-Policy"] == dashboard.CONTENT_SECURITY_POLICY
+    assert response.headers["X-Frame-Options"] == "DENY"
     assert signed_in.get("/nowhere").get_json()["error"].startswith("No such endpoint")
 
 

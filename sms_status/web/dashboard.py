@@ -320,6 +320,8 @@ def page(template, status=200, **context):
 
 def with_headers(response):
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    # frame-ancestors' older equivalent, for browsers that do not read it from the CSP.
+    response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"
     response.headers["Cache-Control"] = "no-store"
