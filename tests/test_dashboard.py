@@ -10,6 +10,7 @@ import json
 import re
 import time
 from datetime import datetime, timezone
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from itsdangerous import URLSafeTimedSerializer
@@ -99,10 +100,66 @@ def session_cookie(client):
 # --- signing in ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", PAGES)
-def test_pages_without_a_session_answer_303_to_the_login(client, path):
+def test_pages_without_a_session_answer_303_to_the_login_and_open_after_it(client, path):
     response = client.get(path)
     assert response.status_code == 303
-    assert response.headers["Location"] == "/dashboard/login"
+    login = urlsplit(response.headers["Location"])
+    assert login.path == "/dashboard/login"
+    if path == "/dashboard":
+        assert not login.query
+    else:
+        assert parse_qs(login.query) == {"next": [path]}
+    form = client.get(response.headers["Location"]).text
+    carried = dict(attributes(form, "input", "name", "value")).get("next")
+    assert carried == (None if path == "/dashboard" else path)
+    answer = client.post("/dashboard/login", data={"api_key": API_KEY, "next": carried or ""})
+    assert answer.status_code == 303 and answer.headers["Location"] == path
+
+
+def test_the_page_asked_for_is_kept_through_a_wrong_key(client):
+    wanted = "/dashboard/messages?to=%2B15558675309"
+    response = client.post("/dashboard/login", data={"api_key": "wrong-key-but-long-enough",
+                                                     "next": wanted})
+    assert response.status_code == 401
+    assert dict(attributes(response.text, "input", "name", "value"))["next"] == wanted
+    assert client.get(f"/dashboard/login?next={quote(wanted)}").status_code == 200
+    assert log_in(client).headers["Location"] == "/dashboard"
+    # Signed in, the login form sends the browser straight on.
+    assert client.get(f"/dashboard/login?next={quote(wanted)}").headers["Location"] == wanted
+
+
+@pytest.mark.parametrize("wanted", [
+    pytest.param("https://attacker.example/dashboard/messages", id="absolute-url"),
+    pytest.param("//attacker.example/dashboard/messages", id="scheme-relative"),
+    pytest.param("///attacker.example/dashboard", id="three-slashes"),
+    pytest.param("/\\attacker.example/dashboard", id="backslashes"),
+    pytest.param("\\/attacker.example", id="backslash-slash"),
+    pytest.param("/\t/attacker.example", id="tab-between-slashes"),
+    pytest.param(" //attacker.example", id="leading-space"),
+    pytest.param("javascript:alert(1)//dashboard/", id="javascript-scheme"),
+    pytest.param("https:/dashboard/messages", id="scheme-and-path"),
+    pytest.param("/dashboard/../stats", id="dot-dot"),
+    pytest.param("/dashboard/messages/../../x", id="dot-dot-deeper"),
+    pytest.param("/dashboard/./messages", id="dot"),
+    pytest.param("/dashboard/%2e%2e/stats", id="encoded-dots"),
+    pytest.param("/dashboard/%2F%2Fattacker.example", id="encoded-slashes"),
+    pytest.param("/dashboard/%5C%5Cattacker.example", id="encoded-backslashes"),
+    pytest.param("/dashboard/messages%2F..%2F..%2Fstats", id="encoded-slash-dots"),
+    pytest.param("/dashboard//attacker.example", id="double-slash-inside"),
+    pytest.param("/dashboard/messages?to=\\attacker", id="backslash-in-query"),
+    pytest.param("/dashboard/messages\r\nSet-Cookie: x=1", id="header-injection"),
+    pytest.param("/dashboard/messages/\uff0f\uff0fattacker.example", id="fullwidth-slashes"),
+    pytest.param("/dashboardx", id="prefix-of-another-path"),
+    pytest.param("/stats", id="outside-the-dashboard"),
+    pytest.param("/dashboard/login", id="the-login-itself"),
+    pytest.param("/dashboard/messages?to=" + "1" * 2000, id="too-long"),
+    pytest.param("", id="empty"),
+])
+def test_the_login_opens_only_pages_of_the_dashboard(client, wanted):
+    form = client.get("/dashboard/login", query_string={"next": wanted}).text
+    assert "next" not in dict(attributes(form, "input", "name", "value"))
+    response = client.post("/dashboard/login", data={"api_key": API_KEY, "next": wanted})
+    assert response.status_code == 303 and response.headers["Location"] == "/dashboard"
 
 
 def test_the_login_form_posts_api_key_and_the_pages_send_a_strict_policy(client):

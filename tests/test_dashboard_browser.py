@@ -251,3 +251,15 @@ def test_search_by_reference(service, browser):
     assert [row.get_attribute("data-sid") for row in css(browser, "#messages tbody tr")] == [
         answer.json()["messageSid"]]
     assert console_errors(browser) == []
+
+
+def test_a_message_opened_before_the_login_opens_after_it(service, browser, request):
+    sid = service.sids["+15005551008"]
+    browser.get(service.url + f"/dashboard/messages/{sid}")
+    wait_for_page(browser, "/dashboard/login")
+    field = first(browser, "input[name=api_key]")
+    field.send_keys(API_KEY)
+    first(browser, "section.login button[type=submit]").click()
+    wait_for_page(browser, f"/dashboard/messages/{sid}")
+    assert "30008" in first(browser, "#details").text
+    assert console_errors(browser) == []

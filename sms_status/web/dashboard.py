@@ -13,6 +13,7 @@ explains the choices (cookies, cross-site forms, failed logins).
 
 import hashlib
 import hmac
+import re
 import secrets
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -44,6 +45,12 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; base-uri 'none'; form-action 'se
                            "frame-ancestors 'none'")
 SEARCH_FIELDS = ("to", "status", "errorCode", "reference", "since", "until")
 TWILIO_ERROR_PAGE = twilio_errors.DOCS_URL
+# Where the login may send the browser on to: a page of the dashboard, by a path of plain
+# segments (no dot segments, no percent-escapes, so nothing a browser or proxy would decode
+# or normalise into another path) and a query of URL characters. Never a host or a scheme.
+NEXT_PATH = re.compile(r"/dashboard(/[A-Za-z0-9_~-][A-Za-z0-9_.~-]*)*")
+NEXT_QUERY = re.compile(r"[A-Za-z0-9_.~%+=&,:@!$'()*;/-]*")
+MAX_NEXT_LENGTH = 2000
 
 blueprint = Blueprint("dashboard", __name__, url_prefix="/dashboard",
                       template_folder="templates", static_folder="static")
@@ -97,8 +104,23 @@ def require_session():
     if request.endpoint in ("dashboard.static", "dashboard.login", "dashboard.logout"):
         return None
     if not signed_in():
-        return redirect(url_for("dashboard.login"), 303)
+        here = request.path + (f"?{request.query_string.decode()}" if request.query_string
+                               else "")
+        following = page_after_login(here) if request.method == "GET" else None
+        return redirect(url_for("dashboard.login", next=following), 303)
     return None
+
+
+def page_after_login(wanted):
+    """`wanted` when it is a page of the dashboard to open after the login (see NEXT_PATH),
+    else None; the overview's plain address goes without saying."""
+    if not isinstance(wanted, str) or len(wanted) > MAX_NEXT_LENGTH:
+        return None
+    path, _, query = wanted.partition("?")
+    if (not NEXT_PATH.fullmatch(path) or not NEXT_QUERY.fullmatch(query)
+            or wanted == blueprint.url_prefix or path == url_for("dashboard.login")):
+        return None
+    return wanted
 
 
 @blueprint.before_request
@@ -137,28 +159,31 @@ def own_origins():
 
 @blueprint.route("/login", methods=["GET", "POST"])
 def login():
+    # The page asked for before the login, carried through the form as `next`.
+    following = page_after_login(request.values.get("next"))
+    after = following or url_for("dashboard.overview")
     if not key_required():
-        return redirect(url_for("dashboard.overview"), 303)
+        return redirect(after, 303)
     if request.method == "GET":
         if signed_in():
-            return redirect(url_for("dashboard.overview"), 303)
-        return page("login.html", title="Log in")
+            return redirect(after, 303)
+        return page("login.html", title="Log in", next=following)
     given = request.form.get("api_key", "")
     if not given.strip():
-        return page("login.html", 400, title="Log in",
+        return page("login.html", 400, title="Log in", next=following,
                     problem="Enter the service's API key (API_KEY) to log in.")
     if not secrets.compare_digest(given.strip().encode(),
                                   current_app.config["SERVICE"].api_key.encode()):
         # Counted like every refusal: a line each, within the log's budget (logs.py).
         warn_rejection("Refused dashboard login: wrong API key")
-        return page("login.html", 401, title="Log in",
+        return page("login.html", 401, title="Log in", next=following,
                     problem="That is not this service's API key. Enter the value of its "
                             "API_KEY setting, exactly as set.")
     session.clear()
     session.permanent = True
     session["signed_in_at"] = current_app.config["CLOCK"]()
     log.info("Dashboard login")
-    return redirect(url_for("dashboard.overview"), 303)
+    return redirect(after, 303)
 
 
 @blueprint.post("/logout")
