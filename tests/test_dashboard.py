@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 
-from sms_status import overview
+from sms_status import overview, rules
 from sms_status.storage import records as db
 from sms_status.web import chart, dashboard
 from support import (
@@ -494,11 +494,75 @@ def test_the_search_leaves_out_the_fields_left_empty(signed_in, store):
     assert listed_sids(empty.text) == [sid]
 
 
+def selected_status(page):
+    """The value of the status select's chosen option ('' for any)."""
+    chosen = re.findall(r"<option(?: value=\"([^\"]*)\")? selected>([^<]*)</option>", page)
+    assert len(chosen) <= 1, chosen
+    return html.unescape(chosen[0][0] or chosen[0][1]) if chosen else ""
+
+
 def test_the_search_keeps_what_was_asked_in_the_form(signed_in):
-    page = signed_in.get("/dashboard/messages?to=%2B15550000001&errorCode=30003").text
+    page = signed_in.get("/dashboard/messages?to=%2B15550000001&errorCode=30003"
+                         "&status=failed&since=2026-11-26T19:00Z").text
     values = dict(attributes(page, "input", "name", "value"))
     assert values["to"] == "+15550000001" and values["errorCode"] == "30003"
-    assert values["reference"] == "" and values["status"] == ""
+    assert values["reference"] == "" and values["sid"] == "" and values["until"] == ""
+    assert values["since"] == "2026-11-26T19:00:00"  # as a datetime-local field takes it
+    assert selected_status(page) == "failed"
+
+
+def test_the_status_is_chosen_among_the_known_statuses(signed_in):
+    page = signed_in.get("/dashboard/messages").text
+    select = page[page.index('<select id="status"'):page.index("</select>")]
+    options = re.findall(r"<option( value=\"[^\"]*\")?>([^<]*)</option>", select)
+    assert options == [(' value=""', "any")] + [("", status) for status in rules.STATUS_RANK]
+    assert selected_status(page) == ""
+    # The overview links to several statuses at once: the form shows them as chosen.
+    page = signed_in.get("/dashboard/messages?status=undelivered,failed").text
+    assert selected_status(page) == "undelivered,failed"
+    assert ">undelivered, failed</option>" in page
+
+
+@pytest.mark.parametrize("typed", [
+    pytest.param("2026-11-26T19:52:30", id="datetime-local"),
+    pytest.param("2026-11-26T19:52:30.000", id="datetime-local-milliseconds"),
+    pytest.param("2026-11-26 19:52:30", id="space"),
+    pytest.param("2026-11-26T19:52:30Z", id="utc"),
+    pytest.param("2026-11-26T20:52:30+01:00", id="offset"),
+])
+def test_the_search_reads_times_without_a_timezone_as_utc(signed_in, store, typed):
+    store(600, ("delivered", 1))
+    newer = store(400, ("delivered", 1))  # created 19:53:20 UTC
+    page = signed_in.get("/dashboard/messages", query_string={"since": typed})
+    assert page.status_code == 200 and listed_sids(page.text) == [newer]
+    assert dict(attributes(page.text, "input", "name", "value"))["since"] == (
+        "2026-11-26T19:52:30")
+    until = signed_in.get("/dashboard/messages", query_string={"until": typed}).text
+    assert newer not in listed_sids(until) and len(listed_sids(until)) == 1
+
+
+def test_the_form_shows_times_from_the_overview_to_the_millisecond(signed_in):
+    page = signed_in.get("/dashboard/messages?since=2026-11-25T20:00:00.123Z"
+                         "&until=2026-11-26T21:00:00%2B01:00").text
+    values = dict(attributes(page, "input", "name", "value"))
+    assert values["since"] == "2026-11-25T20:00:00.123"
+    assert values["until"] == "2026-11-26T20:00:00"
+    assert ("since", "datetime-local", "any") in attributes(page, "input", "name", "type",
+                                                            "step")
+
+
+def test_a_sid_opens_its_message(signed_in, store):
+    sid = store(600, ("delivered", 1))
+    # From the form: every field sent, the others empty or not.
+    response = signed_in.get(f"/dashboard/messages?to=&status=failed&sid=+{sid}+&since=",
+                             follow_redirects=True)
+    assert response.status_code == 200 and response.request.path == (
+        f"/dashboard/messages/{sid}")
+    assert [s for (s,) in attributes(response.text, "li", "data-status")] == [
+        "queued", "delivered"]
+    unknown = signed_in.get("/dashboard/messages?sid=SMnope", follow_redirects=True)
+    assert unknown.status_code == 404 and "No message with SID SMnope" in problem(
+        unknown.text)
 
 
 def test_older_pages_follow_the_cursor_of_messages(signed_in, store):
@@ -514,11 +578,8 @@ def test_older_pages_follow_the_cursor_of_messages(signed_in, store):
 
 
 @pytest.mark.parametrize("params", [
-    {"to": "5558675309"},
     {"status": "delivered,lost"},
     {"errorCode": "E30003"},
-    {"since": "yesterday"},
-    {"since": "2026-11-26T10:00:00Z", "until": "2026-11-26T09:00:00Z"},
     {"cursor": "not-a-cursor"},
     {"limit": "500"},
     {"nonsense": "1"},
@@ -528,6 +589,26 @@ def test_bad_search_input_shows_the_message_of_messages(signed_in, params):
     api = signed_in.get("/messages", query_string=params, headers=AUTH)
     assert page.status_code == api.status_code == 400
     assert problem(page.text) == api.get_json()["error"]
+
+
+@pytest.mark.parametrize("params, message", [
+    pytest.param({"to": "5558675309"}, "Parameter 'to' must be a phone number in E.164 "
+                 "format, like +15558675309", id="number"),
+    pytest.param({"since": "yesterday"}, "“Created from” must be a date and time in UTC, "
+                 "like 2026-12-03 07:00.", id="since"),
+    pytest.param({"until": "2026-13-01T00:00"}, "“Created before” must be a date and time "
+                 "in UTC, like 2026-12-03 07:00.", id="until"),
+    pytest.param({"since": "2026-11-26T10:00", "until": "2026-11-26T09:00:00Z"},
+                 "“Created from” must be before “Created before”.", id="since-after-until"),
+    pytest.param({"sid": "SM1/../x"}, "A message SID is letters and digits, like SM "
+                 "followed by 32 characters.", id="sid"),
+])
+def test_bad_form_input_is_told_in_the_form_words(signed_in, params, message):
+    """What the form sends is refused in its own words: no advice about writing + in a URL,
+    which the form does by itself."""
+    page = signed_in.get("/dashboard/messages", query_string=params)
+    assert page.status_code == 400 and problem(page.text) == message
+    assert "%2B" not in page.text
 
 
 def test_reference_goes_to_the_search_of_messages(signed_in, store):

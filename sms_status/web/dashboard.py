@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
 from flask import (
@@ -43,7 +43,12 @@ SESSION_COOKIE = "dashboard_session"
 # inline script or style, no framing, forms posted only here.
 CONTENT_SECURITY_POLICY = ("default-src 'self'; base-uri 'none'; form-action 'self'; "
                            "frame-ancestors 'none'")
-SEARCH_FIELDS = ("to", "status", "errorCode", "reference", "since", "until")
+SEARCH_FIELDS = ("to", "status", "errorCode", "reference", "sid", "since", "until")
+# The search's time fields, by parameter, as the form names them: UTC unless a time says
+# otherwise (the form's fields have no timezone; links from the overview carry a Z).
+TIME_FIELDS = {"since": "Created from", "until": "Created before"}
+# Twilio's SIDs are two letters and 32 hexadecimal digits; any letters and digits are looked up.
+SID_PATTERN = re.compile(r"[A-Za-z0-9]{1,64}")
 TWILIO_ERROR_PAGE = twilio_errors.DOCS_URL
 # Where the login may send the browser on to: a page of the dashboard, by a path of plain
 # segments (no dot segments, no percent-escapes, so nothing a browser or proxy would decode
@@ -270,22 +275,84 @@ def messages_page():
     if list(args.items(multi=True)) != list(request.args.items(multi=True)):
         return redirect(url_for("dashboard.messages", **args.to_dict(flat=False)), 303)
     form = {name: args.get(name, "") for name in SEARCH_FIELDS}
+    form.update({name: time_field_value(form[name]) for name in TIME_FIELDS})
+    if "sid" in args:
+        # GET /messages has no SID filter: a SID names one message, whose page opens.
+        if SID_PATTERN.fullmatch(args["sid"]):
+            return redirect(url_for("dashboard.message", sid=args["sid"]), 303)
+        return search_page(400, form, problem="A message SID is letters and digits, like "
+                                              "SM followed by 32 characters.")
     try:
-        found = listing.list_messages(args)
+        found = listing.list_messages(searched(args))
     except HTTPException as refusal:
         if refusal.code != 400:
             raise
-        return page("messages.html", 400, title="Messages", form=form,
-                    statuses=rules.STATUS_RANK, problem=refusal.description)
+        # The form sends a + as it should: the API's advice about URLs does not apply.
+        return search_page(400, form,
+                           problem=refusal.description.replace(listing.PLUS_IN_A_URL, ""))
     older = None
     if found["nextCursor"]:
         older = url_for("dashboard.messages",
                         **{**args.to_dict(flat=True), "cursor": found["nextCursor"]})
-    return page("messages.html", title="Messages", form=form, statuses=rules.STATUS_RANK,
-                messages=found["messages"], older=older, paged="cursor" in args,
-                newest=url_for("dashboard.messages",
-                               **{k: v for k, v in args.to_dict(flat=True).items()
-                                  if k != "cursor"}))
+    return search_page(200, form, messages=found["messages"], older=older,
+                       paged="cursor" in args,
+                       newest=url_for("dashboard.messages",
+                                      **{k: v for k, v in args.to_dict(flat=True).items()
+                                         if k != "cursor"}))
+
+
+def search_page(status, form, **context):
+    return page("messages.html", status, title="Messages", form=form,
+                statuses=rules.STATUS_RANK, **context)
+
+
+def searched(args):
+    """The search's parameters for GET /messages' parsing, its times as ISO 8601 instants
+    (UTC unless they say otherwise); a time that cannot be read is refused (400) in the
+    form's words."""
+    query = MultiDict(args)
+    moments = {}
+    for name, label in TIME_FIELDS.items():
+        if name not in args:
+            continue
+        values = []
+        for text in args.getlist(name):
+            moment = typed_time(text)
+            if moment is None:
+                listing.refuse(f"“{label}” must be a date and time in UTC, like "
+                               "2026-12-03 07:00.")
+            moments[name] = moment
+            values.append(moment.isoformat())
+        query.setlist(name, values)
+    if (all(len(args.getlist(name)) == 1 for name in TIME_FIELDS)
+            and moments["since"] >= moments["until"]):
+        listing.refuse("“Created from” must be before “Created before”.")
+    return query
+
+
+def typed_time(text):
+    """A date and time as the search takes it (ISO 8601, UTC without a timezone), or None."""
+    if not (text.isascii() and len(text) <= 64):
+        return None
+    try:
+        moment = datetime.fromisoformat(text.upper())  # RFC 3339 allows t and z
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def time_field_value(text):
+    """A searched time as the form's datetime-local field shows it (UTC, to the second or
+    the millisecond); what cannot be read is shown as it came."""
+    moment = typed_time(text)
+    try:
+        moment = moment and moment.astimezone(timezone.utc)
+    except OverflowError:
+        moment = None
+    if moment is None:
+        return text
+    shown = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return shown + f".{moment.microsecond // 1000:03d}" if moment.microsecond else shown
 
 
 @blueprint.get("/messages/<sid>", endpoint="message")
