@@ -726,6 +726,28 @@ def test_the_axis_ends_on_a_round_number(value, top):
     assert chart.nice_ceiling(value) == top
 
 
+# The chart's text on a phone (dashboard.css) and a generous width per character: Chromium
+# draws "Nov 27" there 60 units wide, "00:00" 49.
+PHONE_FONT_SIZE, EM_PER_CHARACTER = 17, 0.6
+
+
+@pytest.mark.parametrize("window", list(overview.WINDOWS))
+def test_the_last_x_label_fits_the_chart_on_a_phone(window):
+    """The window ends just after a round time, so the last bucket has a label."""
+    length, bucket = overview.WINDOWS[window]
+    until = datetime(2026, 11, 27, 0, 0, 30, tzinfo=timezone.utc)
+    boundaries = overview.bucket_boundaries(db.stored_time((until - length).timestamp()),
+                                            db.stored_time(until.timestamp()), bucket)
+    buckets = [{"start": start, "stop": stop, "total": 0, "counts": {}}
+               for start, stop in itertools.pairwise(boundaries)]
+    labels = chart.stacked_bars(buckets, bucket.total_seconds())["x_labels"]
+    slot = (chart.WIDTH - chart.LEFT - chart.RIGHT) / len(buckets)
+    assert labels[-1]["x"] == pytest.approx(chart.WIDTH - chart.RIGHT - slot / 2, abs=0.01)
+    for label in labels:
+        half = len(label["text"]) * EM_PER_CHARACTER * PHONE_FONT_SIZE / 2
+        assert chart.LEFT <= label["x"] - half and label["x"] + half <= chart.WIDTH, label
+
+
 @pytest.mark.parametrize("count, text", [(950, "950"), (1500, "1.5k"), (40_000, "40k"),
                                          (1_200_000, "1.2M")])
 def test_axis_numbers_are_short(count, text):
