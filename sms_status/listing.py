@@ -30,6 +30,8 @@ STUCK_AFTER = timedelta(hours=1)
 MAX_STORAGE_ORDER = 2**63 - 1
 # Statuses that end a message's delivery, for deliveryRate's denominator.
 DELIVERY_OUTCOMES = ("delivered", "undelivered", "failed")
+# Said where a parameter may hold a +: a URL's query reads + as a space.
+PLUS_IN_A_URL = " (write + as %2B in a URL)"
 
 
 # --- parameters ---------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def parse_instant(name, text):
             pass
     if moment is None or moment.tzinfo is None or moment.utcoffset() is None:
         refuse(f"Parameter '{name}' must be an ISO 8601 instant with a timezone, like "
-               f"2026-11-26T20:05:15Z or 2026-11-26T21:05:15+01:00 (write + as %2B in a URL)")
+               f"2026-11-26T20:05:15Z or 2026-11-26T21:05:15+01:00{PLUS_IN_A_URL}")
     try:
         return stored_time_rounded_up(moment)
     except OverflowError:
@@ -97,8 +99,8 @@ def parse_statuses(text):
 
 def parse_to(text):
     if not rules.is_e164(text):
-        refuse("Parameter 'to' must be a phone number in E.164 format, like +15558675309 "
-               "(write + as %2B in a URL)")
+        refuse("Parameter 'to' must be a phone number in E.164 format, like +15558675309"
+               + PLUS_IN_A_URL)
     return text
 
 

@@ -10,11 +10,12 @@ import json
 import re
 import time
 from datetime import datetime, timezone
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 
-from sms_status import overview
+from sms_status import overview, rules
 from sms_status.storage import records as db
 from sms_status.web import chart, dashboard
 from support import (
@@ -99,14 +100,71 @@ def session_cookie(client):
 # --- signing in ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", PAGES)
-def test_pages_without_a_session_answer_303_to_the_login(client, path):
+def test_pages_without_a_session_answer_303_to_the_login_and_open_after_it(client, path):
     response = client.get(path)
     assert response.status_code == 303
-    assert response.headers["Location"] == "/dashboard/login"
+    login = urlsplit(response.headers["Location"])
+    assert login.path == "/dashboard/login"
+    if path == "/dashboard":
+        assert not login.query
+    else:
+        assert parse_qs(login.query) == {"next": [path]}
+    form = client.get(response.headers["Location"]).text
+    carried = dict(attributes(form, "input", "name", "value")).get("next")
+    assert carried == (None if path == "/dashboard" else path)
+    answer = client.post("/dashboard/login", data={"api_key": API_KEY, "next": carried or ""})
+    assert answer.status_code == 303 and answer.headers["Location"] == path
+
+
+def test_the_page_asked_for_is_kept_through_a_wrong_key(client):
+    wanted = "/dashboard/messages?to=%2B15558675309"
+    response = client.post("/dashboard/login", data={"api_key": "wrong-key-but-long-enough",
+                                                     "next": wanted})
+    assert response.status_code == 401
+    assert dict(attributes(response.text, "input", "name", "value"))["next"] == wanted
+    assert client.get(f"/dashboard/login?next={quote(wanted)}").status_code == 200
+    assert log_in(client).headers["Location"] == "/dashboard"
+    # Signed in, the login form sends the browser straight on.
+    assert client.get(f"/dashboard/login?next={quote(wanted)}").headers["Location"] == wanted
+
+
+@pytest.mark.parametrize("wanted", [
+    pytest.param("https://attacker.example/dashboard/messages", id="absolute-url"),
+    pytest.param("//attacker.example/dashboard/messages", id="scheme-relative"),
+    pytest.param("///attacker.example/dashboard", id="three-slashes"),
+    pytest.param("/\\attacker.example/dashboard", id="backslashes"),
+    pytest.param("\\/attacker.example", id="backslash-slash"),
+    pytest.param("/\t/attacker.example", id="tab-between-slashes"),
+    pytest.param(" //attacker.example", id="leading-space"),
+    pytest.param("javascript:alert(1)//dashboard/", id="javascript-scheme"),
+    pytest.param("https:/dashboard/messages", id="scheme-and-path"),
+    pytest.param("/dashboard/../stats", id="dot-dot"),
+    pytest.param("/dashboard/messages/../../x", id="dot-dot-deeper"),
+    pytest.param("/dashboard/./messages", id="dot"),
+    pytest.param("/dashboard/%2e%2e/stats", id="encoded-dots"),
+    pytest.param("/dashboard/%2F%2Fattacker.example", id="encoded-slashes"),
+    pytest.param("/dashboard/%5C%5Cattacker.example", id="encoded-backslashes"),
+    pytest.param("/dashboard/messages%2F..%2F..%2Fstats", id="encoded-slash-dots"),
+    pytest.param("/dashboard//attacker.example", id="double-slash-inside"),
+    pytest.param("/dashboard/messages?to=\\attacker", id="backslash-in-query"),
+    pytest.param("/dashboard/messages\r\nSet-Cookie: x=1", id="header-injection"),
+    pytest.param("/dashboard/messages/\uff0f\uff0fattacker.example", id="fullwidth-slashes"),
+    pytest.param("/dashboardx", id="prefix-of-another-path"),
+    pytest.param("/stats", id="outside-the-dashboard"),
+    pytest.param("/dashboard/login", id="the-login-itself"),
+    pytest.param("/dashboard/messages?to=" + "1" * 2000, id="too-long"),
+    pytest.param("", id="empty"),
+])
+def test_the_login_opens_only_pages_of_the_dashboard(client, wanted):
+    form = client.get("/dashboard/login", query_string={"next": wanted}).text
+    assert "next" not in dict(attributes(form, "input", "name", "value"))
+    response = client.post("/dashboard/login", data={"api_key": API_KEY, "next": wanted})
+    assert response.status_code == 303 and response.headers["Location"] == "/dashboard"
 
 
 def test_the_login_form_posts_api_key_and_the_pages_send_a_strict_policy(client):
     response = client.get("/dashboard/login")
+    assert response.headers["X-Frame-Options"] == "DENY"
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert attributes(response.text, "form", "method", "action") == [("post",
                                                                       "/dashboard/login")]
@@ -220,6 +278,42 @@ def test_forms_posted_from_another_site_are_refused(client, path, site):
     response = client.post(path, data={"api_key": API_KEY}, headers={"Sec-Fetch-Site": site})
     assert response.status_code == 403 and "another site" in problem(response.text)
     assert session_cookie(client) is None
+
+
+@pytest.mark.parametrize("origin", [
+    pytest.param("https://attacker.example", id="other-host"),
+    pytest.param("http://sms.example.com", id="other-scheme"),
+    pytest.param("https://sms.example.com:8443", id="other-port"),
+    pytest.param("https://sms.example.com.attacker.example", id="suffixed-host"),
+    pytest.param("null", id="opaque"),
+])
+@pytest.mark.parametrize("path", ["/dashboard/login", "/dashboard/logout"])
+def test_forms_from_another_origin_are_refused_without_sec_fetch_site(signed_in, path,
+                                                                      origin):
+    """Browsers that send no Sec-Fetch-Site (Safari before 16.4) still send Origin."""
+    response = signed_in.post(path, data={"api_key": API_KEY}, headers={"Origin": origin})
+    assert response.status_code == 403 and "another site" in problem(response.text)
+    assert signed_in.get("/dashboard").status_code == 200  # not logged out
+
+
+@pytest.mark.parametrize("origin", [
+    pytest.param("https://sms.example.com", id="base-url"),
+    pytest.param("HTTPS://SMS.EXAMPLE.COM", id="base-url-capitals"),
+    pytest.param("http://localhost", id="request-host"),
+    pytest.param(None, id="none"),
+])
+def test_forms_from_the_service_own_origin_are_taken(client, origin):
+    headers = {"Origin": origin} if origin else {}
+    assert log_in(client, **headers).status_code == 303
+    assert client.get("/dashboard").status_code == 200
+    assert client.post("/dashboard/logout", headers=headers).status_code == 303
+    assert client.get("/dashboard").status_code == 303
+
+
+def test_the_origin_of_base_url_leaves_out_a_default_port(make_app):
+    client = make_app(BASE_URL="https://sms.example.com:443/prefix").test_client()
+    assert log_in(client, Origin="https://sms.example.com").status_code == 303
+    assert log_in(client, Origin="https://other.example.com").status_code == 403
 
 
 def test_forms_posted_from_the_dashboard_itself_are_taken(client):
@@ -400,11 +494,75 @@ def test_the_search_leaves_out_the_fields_left_empty(signed_in, store):
     assert listed_sids(empty.text) == [sid]
 
 
+def selected_status(page):
+    """The value of the status select's chosen option ('' for any)."""
+    chosen = re.findall(r"<option(?: value=\"([^\"]*)\")? selected>([^<]*)</option>", page)
+    assert len(chosen) <= 1, chosen
+    return html.unescape(chosen[0][0] or chosen[0][1]) if chosen else ""
+
+
 def test_the_search_keeps_what_was_asked_in_the_form(signed_in):
-    page = signed_in.get("/dashboard/messages?to=%2B15550000001&errorCode=30003").text
+    page = signed_in.get("/dashboard/messages?to=%2B15550000001&errorCode=30003"
+                         "&status=failed&since=2026-11-26T19:00Z").text
     values = dict(attributes(page, "input", "name", "value"))
     assert values["to"] == "+15550000001" and values["errorCode"] == "30003"
-    assert values["reference"] == "" and values["status"] == ""
+    assert values["reference"] == "" and values["sid"] == "" and values["until"] == ""
+    assert values["since"] == "2026-11-26T19:00:00"  # as a datetime-local field takes it
+    assert selected_status(page) == "failed"
+
+
+def test_the_status_is_chosen_among_the_known_statuses(signed_in):
+    page = signed_in.get("/dashboard/messages").text
+    select = page[page.index('<select id="status"'):page.index("</select>")]
+    options = re.findall(r"<option( value=\"[^\"]*\")?>([^<]*)</option>", select)
+    assert options == [(' value=""', "any")] + [("", status) for status in rules.STATUS_RANK]
+    assert selected_status(page) == ""
+    # The overview links to several statuses at once: the form shows them as chosen.
+    page = signed_in.get("/dashboard/messages?status=undelivered,failed").text
+    assert selected_status(page) == "undelivered,failed"
+    assert ">undelivered, failed</option>" in page
+
+
+@pytest.mark.parametrize("typed", [
+    pytest.param("2026-11-26T19:52:30", id="datetime-local"),
+    pytest.param("2026-11-26T19:52:30.000", id="datetime-local-milliseconds"),
+    pytest.param("2026-11-26 19:52:30", id="space"),
+    pytest.param("2026-11-26T19:52:30Z", id="utc"),
+    pytest.param("2026-11-26T20:52:30+01:00", id="offset"),
+])
+def test_the_search_reads_times_without_a_timezone_as_utc(signed_in, store, typed):
+    store(600, ("delivered", 1))
+    newer = store(400, ("delivered", 1))  # created 19:53:20 UTC
+    page = signed_in.get("/dashboard/messages", query_string={"since": typed})
+    assert page.status_code == 200 and listed_sids(page.text) == [newer]
+    assert dict(attributes(page.text, "input", "name", "value"))["since"] == (
+        "2026-11-26T19:52:30")
+    until = signed_in.get("/dashboard/messages", query_string={"until": typed}).text
+    assert newer not in listed_sids(until) and len(listed_sids(until)) == 1
+
+
+def test_the_form_shows_times_from_the_overview_to_the_millisecond(signed_in):
+    page = signed_in.get("/dashboard/messages?since=2026-11-25T20:00:00.123Z"
+                         "&until=2026-11-26T21:00:00%2B01:00").text
+    values = dict(attributes(page, "input", "name", "value"))
+    assert values["since"] == "2026-11-25T20:00:00.123"
+    assert values["until"] == "2026-11-26T20:00:00"
+    assert ("since", "datetime-local", "any") in attributes(page, "input", "name", "type",
+                                                            "step")
+
+
+def test_a_sid_opens_its_message(signed_in, store):
+    sid = store(600, ("delivered", 1))
+    # From the form: every field sent, the others empty or not.
+    response = signed_in.get(f"/dashboard/messages?to=&status=failed&sid=+{sid}+&since=",
+                             follow_redirects=True)
+    assert response.status_code == 200 and response.request.path == (
+        f"/dashboard/messages/{sid}")
+    assert [s for (s,) in attributes(response.text, "li", "data-status")] == [
+        "queued", "delivered"]
+    unknown = signed_in.get("/dashboard/messages?sid=SMnope", follow_redirects=True)
+    assert unknown.status_code == 404 and "No message with SID SMnope" in problem(
+        unknown.text)
 
 
 def test_older_pages_follow_the_cursor_of_messages(signed_in, store):
@@ -420,11 +578,8 @@ def test_older_pages_follow_the_cursor_of_messages(signed_in, store):
 
 
 @pytest.mark.parametrize("params", [
-    {"to": "5558675309"},
     {"status": "delivered,lost"},
     {"errorCode": "E30003"},
-    {"since": "yesterday"},
-    {"since": "2026-11-26T10:00:00Z", "until": "2026-11-26T09:00:00Z"},
     {"cursor": "not-a-cursor"},
     {"limit": "500"},
     {"nonsense": "1"},
@@ -434,6 +589,26 @@ def test_bad_search_input_shows_the_message_of_messages(signed_in, params):
     api = signed_in.get("/messages", query_string=params, headers=AUTH)
     assert page.status_code == api.status_code == 400
     assert problem(page.text) == api.get_json()["error"]
+
+
+@pytest.mark.parametrize("params, message", [
+    pytest.param({"to": "5558675309"}, "Parameter 'to' must be a phone number in E.164 "
+                 "format, like +15558675309", id="number"),
+    pytest.param({"since": "yesterday"}, "“Created from” must be a date and time in UTC, "
+                 "like 2026-12-03 07:00.", id="since"),
+    pytest.param({"until": "2026-13-01T00:00"}, "“Created before” must be a date and time "
+                 "in UTC, like 2026-12-03 07:00.", id="until"),
+    pytest.param({"since": "2026-11-26T10:00", "until": "2026-11-26T09:00:00Z"},
+                 "“Created from” must be before “Created before”.", id="since-after-until"),
+    pytest.param({"sid": "SM1/../x"}, "A message SID is letters and digits, like SM "
+                 "followed by 32 characters.", id="sid"),
+])
+def test_bad_form_input_is_told_in_the_form_words(signed_in, params, message):
+    """What the form sends is refused in its own words: no advice about writing + in a URL,
+    which the form does by itself."""
+    page = signed_in.get("/dashboard/messages", query_string=params)
+    assert page.status_code == 400 and problem(page.text) == message
+    assert "%2B" not in page.text
 
 
 def test_reference_goes_to_the_search_of_messages(signed_in, store):
@@ -493,6 +668,7 @@ def test_an_unknown_dashboard_path_is_a_404_page(signed_in):
     assert response.status_code == 404 and response.mimetype == "text/html"
     assert "No such page: /dashboard/nowhere" in problem(response.text)
     assert response.headers["Content-Security-Policy"] == dashboard.CONTENT_SECURITY_POLICY
+    assert response.headers["X-Frame-Options"] == "DENY"
     assert signed_in.get("/nowhere").get_json()["error"].startswith("No such endpoint")
 
 
@@ -547,6 +723,28 @@ def test_buckets_start_on_round_times_and_cover_the_window_exactly():
                                         (33_001, 40_000)])
 def test_the_axis_ends_on_a_round_number(value, top):
     assert chart.nice_ceiling(value) == top
+
+
+# The chart's text on a phone (dashboard.css) and a generous width per character: Chromium
+# draws "Nov 27" there 60 units wide, "00:00" 49.
+PHONE_FONT_SIZE, EM_PER_CHARACTER = 17, 0.6
+
+
+@pytest.mark.parametrize("window", list(overview.WINDOWS))
+def test_the_last_x_label_fits_the_chart_on_a_phone(window):
+    """The window ends just after a round time, so the last bucket has a label."""
+    length, bucket = overview.WINDOWS[window]
+    until = datetime(2026, 11, 27, 0, 0, 30, tzinfo=timezone.utc)
+    boundaries = overview.bucket_boundaries(db.stored_time((until - length).timestamp()),
+                                            db.stored_time(until.timestamp()), bucket)
+    buckets = [{"start": start, "stop": stop, "total": 0, "counts": {}}
+               for start, stop in itertools.pairwise(boundaries)]
+    labels = chart.stacked_bars(buckets, bucket.total_seconds())["x_labels"]
+    slot = (chart.WIDTH - chart.LEFT - chart.RIGHT) / len(buckets)
+    assert labels[-1]["x"] == pytest.approx(chart.WIDTH - chart.RIGHT - slot / 2, abs=0.01)
+    for label in labels:
+        half = len(label["text"]) * EM_PER_CHARACTER * PHONE_FONT_SIZE / 2
+        assert chart.LEFT <= label["x"] - half and label["x"] + half <= chart.WIDTH, label
 
 
 @pytest.mark.parametrize("count, text", [(950, "950"), (1500, "1.5k"), (40_000, "40k"),

@@ -251,3 +251,51 @@ def test_search_by_reference(service, browser):
     assert [row.get_attribute("data-sid") for row in css(browser, "#messages tbody tr")] == [
         answer.json()["messageSid"]]
     assert console_errors(browser) == []
+
+
+def test_a_message_opened_before_the_login_opens_after_it(service, browser, request):
+    sid = service.sids["+15005551008"]
+    browser.get(service.url + f"/dashboard/messages/{sid}")
+    wait_for_page(browser, "/dashboard/login")
+    field = first(browser, "input[name=api_key]")
+    field.send_keys(API_KEY)
+    first(browser, "section.login button[type=submit]").click()
+    wait_for_page(browser, f"/dashboard/messages/{sid}")
+    assert "30008" in first(browser, "#details").text
+    assert console_errors(browser) == []
+
+
+def test_search_by_status_time_and_sid_with_the_form(service, browser, request):
+    from selenium.webdriver.support.ui import Select
+
+    log_in(browser, service)
+    wait_for_page(browser, "/dashboard")
+    # The overview's link carries its window (times with a Z, to the millisecond): the form
+    # shows them in its date and time fields, and sends them again as they are shown.
+    first(browser, "#by-status a.status-delivered").click()
+    wait_for_page(browser, "/dashboard/messages")
+    since = first(browser, "input[name=since]").get_attribute("value")
+    assert since and "Z" not in since and since[10] == "T"
+    assert Select(first(browser, "select[name=status]")).first_selected_option.text == (
+        "delivered")
+    linked = browser.current_url
+    first(browser, "form.search button[type=submit]").click()
+    wait_until(lambda: browser.current_url != linked, 10, "the search to be sent")
+    assert "since=" in browser.current_url and "status=delivered" in browser.current_url
+    delivered = [sid for number, sid in service.sids.items()
+                 if SENDS[number][0] == "delivered"]
+    assert sorted(row.get_attribute("data-sid") for row in css(
+        browser, "#messages tbody tr")) == sorted(delivered)
+    screenshot(browser, request, "messages-form")
+
+    Select(first(browser, "select[name=status]")).select_by_visible_text("undelivered")
+    first(browser, "form.search button[type=submit]").click()
+    wait_until(lambda: "status=undelivered" in browser.current_url, 10, "the search")
+    assert [row.get_attribute("data-sid") for row in css(browser, "#messages tbody tr")] == [
+        service.sids["+15005551003"]]
+
+    browser.get(service.url + "/dashboard/messages")
+    search(browser, sid=service.sids["+15005551008"])
+    wait_for_page(browser, f"/dashboard/messages/{service.sids['+15005551008']}")
+    assert "30008" in first(browser, "#details").text
+    assert console_errors(browser) == []

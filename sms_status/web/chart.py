@@ -11,7 +11,9 @@ from datetime import datetime
 STATUS_ORDER = ("delivered", "read", "sent", "sending", "queued", "accepted", "scheduled",
                 "canceled", "undelivered", "failed")
 WIDTH, HEIGHT = 480, 200
-LEFT, RIGHT, TOP, BOTTOM = 44, 8, 10, 26
+# RIGHT leaves room for half a label under the last bar at a phone's font size (17 units,
+# dashboard.css), where a date like "Nov 27" is about 60 units wide.
+LEFT, RIGHT, TOP, BOTTOM = 44, 32, 10, 26
 MAX_X_LABELS = 5
 
 

@@ -13,8 +13,10 @@ explains the choices (cookies, cross-site forms, failed logins).
 
 import hashlib
 import hmac
+import re
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
@@ -41,8 +43,19 @@ SESSION_COOKIE = "dashboard_session"
 # inline script or style, no framing, forms posted only here.
 CONTENT_SECURITY_POLICY = ("default-src 'self'; base-uri 'none'; form-action 'self'; "
                            "frame-ancestors 'none'")
-SEARCH_FIELDS = ("to", "status", "errorCode", "reference", "since", "until")
+SEARCH_FIELDS = ("to", "status", "errorCode", "reference", "sid", "since", "until")
+# The search's time fields, by parameter, as the form names them: UTC unless a time says
+# otherwise (the form's fields have no timezone; links from the overview carry a Z).
+TIME_FIELDS = {"since": "Created from", "until": "Created before"}
+# Twilio's SIDs are two letters and 32 hexadecimal digits; any letters and digits are looked up.
+SID_PATTERN = re.compile(r"[A-Za-z0-9]{1,64}")
 TWILIO_ERROR_PAGE = twilio_errors.DOCS_URL
+# Where the login may send the browser on to: a page of the dashboard, by a path of plain
+# segments (no dot segments, no percent-escapes, so nothing a browser or proxy would decode
+# or normalise into another path) and a query of URL characters. Never a host or a scheme.
+NEXT_PATH = re.compile(r"/dashboard(/[A-Za-z0-9_~-][A-Za-z0-9_.~-]*)*")
+NEXT_QUERY = re.compile(r"[A-Za-z0-9_.~%+=&,:@!$'()*;/-]*")
+MAX_NEXT_LENGTH = 2000
 
 blueprint = Blueprint("dashboard", __name__, url_prefix="/dashboard",
                       template_folder="templates", static_folder="static")
@@ -96,17 +109,30 @@ def require_session():
     if request.endpoint in ("dashboard.static", "dashboard.login", "dashboard.logout"):
         return None
     if not signed_in():
-        return redirect(url_for("dashboard.login"), 303)
+        here = request.path + (f"?{request.query_string.decode()}" if request.query_string
+                               else "")
+        following = page_after_login(here) if request.method == "GET" else None
+        return redirect(url_for("dashboard.login", next=following), 303)
     return None
+
+
+def page_after_login(wanted):
+    """`wanted` when it is a page of the dashboard to open after the login (see NEXT_PATH),
+    else None; the overview's plain address goes without saying."""
+    if not isinstance(wanted, str) or len(wanted) > MAX_NEXT_LENGTH:
+        return None
+    path, _, query = wanted.partition("?")
+    if (not NEXT_PATH.fullmatch(path) or not NEXT_QUERY.fullmatch(query)
+            or wanted == blueprint.url_prefix or path == url_for("dashboard.login")):
+        return None
+    return wanted
 
 
 @blueprint.before_request
 def refuse_cross_site_posts():
     """A form posted from another site is refused, whatever its cookie (SameSite=Strict
-    keeps the session away from it already): browsers say where a request comes from in
-    Sec-Fetch-Site."""
-    if request.method == "POST" and request.headers.get("Sec-Fetch-Site") in (
-            "cross-site", "same-site"):
+    keeps the session away from it already)."""
+    if request.method == "POST" and posted_from_another_site():
         warn_rejection("Refused %s %s: a form posted from another site", request.method,
                        rules.printable(request.path, 100))
         return error_page(403, "This form was posted from another site. Open the dashboard "
@@ -114,30 +140,55 @@ def refuse_cross_site_posts():
     return None
 
 
+def posted_from_another_site():
+    """True when the browser says the request comes from another site: in Sec-Fetch-Site,
+    or, from browsers that do not send that header (Safari before 16.4), in an Origin that
+    is not this service's own."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site in ("cross-site", "same-site")
+    origin = request.headers.get("Origin")
+    return origin is not None and origin.lower() not in own_origins()
+
+
+def own_origins():
+    """The origins this service's pages have: BASE_URL's, and the one the request was
+    addressed to (the same unless a proxy in front changes the scheme or the host)."""
+    base = urlsplit(current_app.config["SERVICE"].base_url)
+    host = f"[{base.hostname}]" if ":" in (base.hostname or "") else base.hostname
+    default_port = {"http": 80, "https": 443}.get(base.scheme)
+    port = f":{base.port}" if base.port not in (None, default_port) else ""
+    return {f"{base.scheme}://{host}{port}".lower(),
+            f"{request.scheme}://{request.host}".lower()}
+
+
 @blueprint.route("/login", methods=["GET", "POST"])
 def login():
+    # The page asked for before the login, carried through the form as `next`.
+    following = page_after_login(request.values.get("next"))
+    after = following or url_for("dashboard.overview")
     if not key_required():
-        return redirect(url_for("dashboard.overview"), 303)
+        return redirect(after, 303)
     if request.method == "GET":
         if signed_in():
-            return redirect(url_for("dashboard.overview"), 303)
-        return page("login.html", title="Log in")
+            return redirect(after, 303)
+        return page("login.html", title="Log in", next=following)
     given = request.form.get("api_key", "")
     if not given.strip():
-        return page("login.html", 400, title="Log in",
+        return page("login.html", 400, title="Log in", next=following,
                     problem="Enter the service's API key (API_KEY) to log in.")
     if not secrets.compare_digest(given.strip().encode(),
                                   current_app.config["SERVICE"].api_key.encode()):
         # Counted like every refusal: a line each, within the log's budget (logs.py).
         warn_rejection("Refused dashboard login: wrong API key")
-        return page("login.html", 401, title="Log in",
+        return page("login.html", 401, title="Log in", next=following,
                     problem="That is not this service's API key. Enter the value of its "
                             "API_KEY setting, exactly as set.")
     session.clear()
     session.permanent = True
     session["signed_in_at"] = current_app.config["CLOCK"]()
     log.info("Dashboard login")
-    return redirect(url_for("dashboard.overview"), 303)
+    return redirect(after, 303)
 
 
 @blueprint.post("/logout")
@@ -224,22 +275,84 @@ def messages_page():
     if list(args.items(multi=True)) != list(request.args.items(multi=True)):
         return redirect(url_for("dashboard.messages", **args.to_dict(flat=False)), 303)
     form = {name: args.get(name, "") for name in SEARCH_FIELDS}
+    form.update({name: time_field_value(form[name]) for name in TIME_FIELDS})
+    if "sid" in args:
+        # GET /messages has no SID filter: a SID names one message, whose page opens.
+        if SID_PATTERN.fullmatch(args["sid"]):
+            return redirect(url_for("dashboard.message", sid=args["sid"]), 303)
+        return search_page(400, form, problem="A message SID is letters and digits, like "
+                                              "SM followed by 32 characters.")
     try:
-        found = listing.list_messages(args)
+        found = listing.list_messages(searched(args))
     except HTTPException as refusal:
         if refusal.code != 400:
             raise
-        return page("messages.html", 400, title="Messages", form=form,
-                    statuses=rules.STATUS_RANK, problem=refusal.description)
+        # The form sends a + as it should: the API's advice about URLs does not apply.
+        return search_page(400, form,
+                           problem=refusal.description.replace(listing.PLUS_IN_A_URL, ""))
     older = None
     if found["nextCursor"]:
         older = url_for("dashboard.messages",
                         **{**args.to_dict(flat=True), "cursor": found["nextCursor"]})
-    return page("messages.html", title="Messages", form=form, statuses=rules.STATUS_RANK,
-                messages=found["messages"], older=older, paged="cursor" in args,
-                newest=url_for("dashboard.messages",
-                               **{k: v for k, v in args.to_dict(flat=True).items()
-                                  if k != "cursor"}))
+    return search_page(200, form, messages=found["messages"], older=older,
+                       paged="cursor" in args,
+                       newest=url_for("dashboard.messages",
+                                      **{k: v for k, v in args.to_dict(flat=True).items()
+                                         if k != "cursor"}))
+
+
+def search_page(status, form, **context):
+    return page("messages.html", status, title="Messages", form=form,
+                statuses=rules.STATUS_RANK, **context)
+
+
+def searched(args):
+    """The search's parameters for GET /messages' parsing, its times as ISO 8601 instants
+    (UTC unless they say otherwise); a time that cannot be read is refused (400) in the
+    form's words."""
+    query = MultiDict(args)
+    moments = {}
+    for name, label in TIME_FIELDS.items():
+        if name not in args:
+            continue
+        values = []
+        for text in args.getlist(name):
+            moment = typed_time(text)
+            if moment is None:
+                listing.refuse(f"“{label}” must be a date and time in UTC, like "
+                               "2026-12-03 07:00.")
+            moments[name] = moment
+            values.append(moment.isoformat())
+        query.setlist(name, values)
+    if (all(len(args.getlist(name)) == 1 for name in TIME_FIELDS)
+            and moments["since"] >= moments["until"]):
+        listing.refuse("“Created from” must be before “Created before”.")
+    return query
+
+
+def typed_time(text):
+    """A date and time as the search takes it (ISO 8601, UTC without a timezone), or None."""
+    if not (text.isascii() and len(text) <= 64):
+        return None
+    try:
+        moment = datetime.fromisoformat(text.upper())  # RFC 3339 allows t and z
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def time_field_value(text):
+    """A searched time as the form's datetime-local field shows it (UTC, to the second or
+    the millisecond); what cannot be read is shown as it came."""
+    moment = typed_time(text)
+    try:
+        moment = moment and moment.astimezone(timezone.utc)
+    except OverflowError:
+        moment = None
+    if moment is None:
+        return text
+    shown = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return shown + f".{moment.microsecond // 1000:03d}" if moment.microsecond else shown
 
 
 @blueprint.get("/messages/<sid>", endpoint="message")
@@ -299,6 +412,8 @@ def page(template, status=200, **context):
 
 def with_headers(response):
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    # frame-ancestors' older equivalent, for browsers that do not read it from the CSP.
+    response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"
     response.headers["Cache-Control"] = "no-store"
