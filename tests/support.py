@@ -301,11 +301,12 @@ def procfile_command(repo=ROOT):
 
 
 class Service:
-    """The service run as the Procfile runs it (or as `argv` says), on a free local port."""
+    """The service run as the Procfile runs it (or as `argv` says), on a free local port
+    (`port`, when it listens elsewhere than PORT)."""
 
-    def __init__(self, env, log_path, argv=None):
+    def __init__(self, env, log_path, argv=None, port=None):
         self.env, self.argv = env, argv
-        self.port = int(env["PORT"])
+        self.port = port or int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.process = None
