@@ -4,7 +4,6 @@ crashes, restarts, two instances on one database, and callbacks unaffected by a 
 receiver."""
 
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from support import (
     ROOT,
     WEBHOOK_SECRET,
     WebhookReceiver,
+    accepts_connections,
     callback,
     free_port,
     post_to_service,
@@ -301,14 +301,6 @@ def test_bad_webhook_settings_stop_the_start_naming_the_variable(service_env):
     assert "STATUS_WEBHOOK_URL must be https:// when live" in result.stderr
     assert "STATUS_WEBHOOK_SECRET must be whsec_" in result.stderr
     assert "pa55word" not in result.stderr and "tooshort" not in result.stderr
-
-
-def accepts_connections(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @contextmanager
