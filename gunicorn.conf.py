@@ -2,6 +2,7 @@
 
 import os
 import resource
+import socket
 import sys
 
 from dotenv import load_dotenv
@@ -108,19 +109,37 @@ def on_starting(server):
 
 
 def when_ready(server):
-    """On SQLite, starts the writer process (writer.py) before the first worker: every write
+    """Before the first worker: sends simulated callbacks where gunicorn listens (below).
+
+    On SQLite, starts the writer process (writer.py) before the first worker: every write
     goes through it, batched into one commit, off the workers' request threads.
 
     Not on PostgreSQL: there, writes run side by side on pooled connections, and one writer
     would make each write's round trips to the server wait for the writes before it
     (measured and reasoned in docs/architecture.md and docs/performance.md).
     """
-    storage = server.app.wsgi().extensions["storage"]
+    app = server.app.wsgi()
+    _callbacks_where_listening(server, app)
+    storage = app.extensions["storage"]
     if not storage.features.writer_process:
         return
     server.database_writer = writer.Supervisor()
     server.database_writer.start()
     storage.writer = writer.Client(server.database_writer.socket_path)
+
+
+def _callbacks_where_listening(server, app):
+    """Simulating without BASE_URL, the simulated status callbacks go to the address gunicorn
+    listens on, which --bind or GUNICORN_CMD_ARGS may have set apart from PORT. The workers,
+    forked after this, inherit it."""
+    addresses = [listener.getsockname()[:2] for listener in server.LISTENERS
+                 if listener.FAMILY in (socket.AF_INET, socket.AF_INET6)]
+    config = app.config["SERVICE"]
+    listening = config.listening_at(*addresses[0]) if addresses else config
+    if listening != config:
+        app.config["SERVICE"] = listening
+        server.log.info("Simulated status callbacks go to %s, where gunicorn listens",
+                        listening.status_callback_url)
 
 
 def post_worker_init(worker):

@@ -9,7 +9,7 @@ import binascii
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
 
 import psycopg
@@ -112,10 +112,21 @@ class Config:
     body_retention_seconds: float
     simulate_latency: float
     status_webhook: WebhookSettings | None = field(default=None, repr=False)  # None: off
+    # Simulating without BASE_URL: base_url is this machine's, and follows the server's bind.
+    base_url_is_local: bool = False
 
     @property
     def status_callback_url(self):
         return self.base_url + "/message-status"
+
+    def listening_at(self, host, port):
+        """This configuration for a server listening on (host, port): simulating without
+        BASE_URL, status callbacks then go there; otherwise it is unchanged."""
+        if not self.base_url_is_local:
+            return self
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        return replace(self, base_url=f"http://[{host}]:{port}" if ":" in host
+                       else f"http://{host}:{port}")
 
     @property
     def mode(self):
@@ -404,7 +415,8 @@ def read_config(env):
                             "set your Twilio number")
 
     base_url = text("BASE_URL")
-    if base_url is None and simulate:
+    base_url_is_local = base_url is None and simulate
+    if base_url_is_local:
         base_url = f"http://127.0.0.1:{port}"
     if base_url is None:
         problems.append("BASE_URL is required: the public URL Twilio reaches this service at")
@@ -473,6 +485,7 @@ def read_config(env):
         simulate_latency=_number(env, "TWILIO_SIMULATE_LATENCY_MS", 0, problems, int, 0, 60000)
         / 1000,
         status_webhook=_status_webhook(env, simulate, problems),
+        base_url_is_local=base_url_is_local,
     )
     return config, problems
 

@@ -148,8 +148,8 @@ def service_env(database_url):
 def start_service(tmp_path):
     services = []
 
-    def start(env):
-        service = Service(env, tmp_path / f"service-{len(services)}.log")
+    def start(env, **options):
+        service = Service(env, tmp_path / f"service-{len(services)}.log", **options)
         services.append(service)
         return service.start()
 

@@ -311,6 +311,15 @@ def required_program(name, package, places=()):
     return found
 
 
+def accepts_connections(port):
+    """True when something listens on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -327,11 +336,12 @@ def procfile_command(repo=ROOT):
 
 
 class Service:
-    """The service run as the Procfile runs it (or as `argv` says), on a free local port."""
+    """The service run as the Procfile runs it (or as `argv` says), on a free local port
+    (`port`, when it listens elsewhere than PORT)."""
 
-    def __init__(self, env, log_path, argv=None):
-        self.env, self.argv = env, argv
-        self.port = int(env["PORT"])
+    def __init__(self, env, log_path, argv=None, port=None, cwd=ROOT):
+        self.env, self.argv, self.cwd = env, argv, cwd
+        self.port = port or int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.process = None
@@ -339,9 +349,9 @@ class Service:
     def start(self, timeout=20):
         self.log = open(self.log_path, "ab")
         # its own session and process group, so a SIGKILL can reach the workers too
-        self.process = subprocess.Popen(self.argv or procfile_command(), cwd=ROOT, env=self.env,
-                                        stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(self.argv or procfile_command(), cwd=self.cwd,
+                                        env=self.env, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -136,6 +136,22 @@ def test_simulation_ignores_real_credentials(tmp_path):
     assert config.api_key is None and config.mode == "simulated"
 
 
+@pytest.mark.parametrize("env, host, base_url", [
+    pytest.param({"TWILIO_SIMULATE": "true"}, "127.0.0.1", "http://127.0.0.1:3001", id="sim"),
+    pytest.param({"TWILIO_SIMULATE": "true"}, "0.0.0.0", "http://127.0.0.1:3001", id="any"),
+    pytest.param({"TWILIO_SIMULATE": "true"}, "::", "http://[::1]:3001", id="any-ipv6"),
+    pytest.param({"TWILIO_SIMULATE": "true", "BASE_URL": "https://tunnel.example.com"},
+                 "127.0.0.1", "https://tunnel.example.com", id="explicit-base-url"),
+    pytest.param({"TWILIO_ACCOUNT_SID": "AC" + "9" * 32, "TWILIO_AUTH_TOKEN": "token",
+                  "TWILIO_PHONE_NUMBER": "+15017122661", "API_KEY": "k" * 16,
+                  "BASE_URL": "https://sms.example.com"},
+                 "127.0.0.1", "https://sms.example.com", id="live"),
+])
+def test_only_a_simulation_without_base_url_follows_the_address_listened_on(env, host,
+                                                                           base_url):
+    assert load_config(env).listening_at(host, 3001).base_url == base_url
+
+
 def clean_env(tmp_path, **extra):
     """Every service variable set (empty means unset), so no .env can fill one in."""
     return service_environment(free_port(), f"sqlite:///{tmp_path}/x.db", **{

@@ -16,6 +16,7 @@ from support import (
     API_KEY,
     CallbackLoad,
     Service,
+    WebhookReceiver,
     callback,
     free_port,
     service_environment,
@@ -295,3 +296,21 @@ def test_an_explicit_bind_still_wins(service_env, start_service):
     service = start_service(env)
     assert answers_at("127.0.0.2", service.port)
     assert "open to anyone who reaches" in service.logs()
+
+
+@sqlite_only
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_simulated_callbacks_go_where_gunicorn_listens(service_env, start_service, host):
+    """Bound elsewhere than PORT (--bind), without BASE_URL: the simulated callbacks reach
+    the service itself, and what listens on PORT hears none of them."""
+    with WebhookReceiver() as on_port:
+        env = service_env(PORT=on_port.server.server_port)
+        port = free_port()
+        env["GUNICORN_CMD_ARGS"] = f"--bind {host}:{port}"
+        service = start_service(env, port=port)
+        sid = requests.post(f"{service.url}/send-sms", timeout=10, json={
+            "to": "+15558675309", "body": "Hello"}).json()["messageSid"]
+        answer = wait_for_final(service, sid, "delivered")
+        assert [e["status"] for e in answer["history"]] == ["queued", "sent", "delivered"]
+        assert on_port.requests == []
+    assert f"callbacks go to http://127.0.0.1:{port}/message-status" in service.logs()

@@ -1,17 +1,21 @@
 """The README and the files a host reads, checked against what they describe."""
 
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
 from sms_status.config import VARIABLES
-from support import ROOT, sqlite_only
+from support import ROOT, accepts_connections, free_port, sqlite_only, wait_until
 
 README = ROOT / "README.md"
 # The section whose commands a reader runs in order, against the service it starts.
@@ -29,6 +33,10 @@ TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.
 MEASURED = ("p50", "p90")
 # How long a reader may wait for the callbacks the README says arrive "a second later".
 SETTLE_SECONDS = 10
+# The section whose first block's lines a reader runs in order, each in a terminal of its own.
+WEBHOOKS_WALK_THROUGH = "## Status webhooks"
+# The local ports the README's commands name; the tests use free ones in their place.
+README_PORTS = (3000, 3001, 4000)
 
 
 def headings_of(path):
@@ -63,6 +71,13 @@ def walk_through_blocks():
     return blocks
 
 
+def section_blocks(heading):
+    """The fenced blocks of the README's section under `heading`, in order, as (language,
+    text)."""
+    section = README.read_text().split("\n" + heading, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```(\w*)\n(.*?)\n```", section, re.M | re.S)
+
+
 def steps():
     """The start command, then each command with the answer the README shows after it."""
     blocks = walk_through_blocks()
@@ -77,8 +92,9 @@ def steps():
     return start, commands
 
 
-def curl_request(command, base_url, sids):
-    """(method, url, headers, data) of a README curl command, for the service at base_url."""
+def curl_request(command, base_url, sids, readme_url=README_URL):
+    """(method, url, headers, data) of a README curl command, for the service at base_url
+    where the README says readme_url (None: the command's own URL)."""
     for example, real in sids.items():
         command = command.replace(example, real)
     argv = shlex.split(command.replace("\\\n", " "))
@@ -95,9 +111,11 @@ def curl_request(command, base_url, sids):
             headers[name.strip()] = value.strip()
         elif option == "-d":
             data = next(options)
+        elif option.startswith("http://") and readme_url is None:
+            url = option
         elif option.startswith("http://"):
-            assert option.startswith(README_URL), f"the quick start's service is at {README_URL}"
-            url = base_url + option[len(README_URL):]
+            assert option.startswith(readme_url), f"the README's service is at {readme_url}"
+            url = base_url + option[len(readme_url):]
         else:
             pytest.fail(f"an option this test does not know: {option} in {command}")
     return method or ("POST" if data is not None else "GET"), url, headers, data
@@ -236,3 +254,74 @@ def test_the_quick_start_walk_through_gives_the_answers_it_shows(service_env, st
         assert problem is None, f"{command}\n{problem}"
         sids = answered
     assert len(sids) >= 2, "the walk-through's answers name the messages it sent"
+
+
+def clone_of_the_service(tmp_path):
+    """A folder laid out as the README's clone, its .venv this Python's: the README's commands
+    run in it as written, and the .env and database they make stay in it."""
+    folder = tmp_path / "clone"
+    folder.mkdir()
+    for name in ("app.py", "gunicorn.conf.py", "sms_status"):
+        (folder / name).symlink_to(ROOT / name)
+    (folder / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    return folder
+
+
+def start_receiver(command, folder, env, printed):
+    """The receive-webhooks command, once it listens on its --port; its output in `printed`."""
+    with open(printed, "w") as out:
+        receiver = subprocess.Popen(["bash", "-c", command], cwd=folder, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    port = int(re.search(r"--port (\d+)", command)[1])
+    wait_until(lambda: accepts_connections(port) or receiver.poll() is not None, 20,
+               "the receiver")
+    assert receiver.poll() is None, f"{command}\n{printed.read_text()}"
+    return receiver
+
+
+def test_the_status_webhooks_walk_through_runs_beside_the_quick_start(start_service, tmp_path):
+    """Runs each line of the README's webhook walk-through in order, in a shell of its own as
+    a reader's terminals would be, in a clone where the quick start's service still runs (the
+    README's ports replaced by free ones); the receiver prints the events of the message sent."""
+    folder = clone_of_the_service(tmp_path)
+    ports = {port: free_port() for port in README_PORTS}
+    env = {"PATH": os.environ.get("PATH", ""), "TMPDIR": str(tmp_path),
+           "PORT": str(ports[3000])}  # nothing else: no variable the README leaves unset
+
+    def local(text):
+        return re.sub(r"\b(\d{4})\b", lambda m: str(ports.get(int(m[1]), m[1])), text)
+
+    start = steps()[0].rsplit("&&", 1)[1].strip()
+    quick_start = start_service(env, argv=["bash", "-c", start], cwd=folder)
+    lines = next(text for language, text in section_blocks(WEBHOOKS_WALK_THROUGH)
+                 if language == "sh").splitlines()
+    printed, receiver, sid = tmp_path / "receiver.out", None, None
+    try:
+        for line in lines:
+            command = local(line)
+            if line.startswith("curl "):
+                status, body = run_curl(*curl_request(command, None, {}, readme_url=None))
+                assert status == 200, f"{line}\n{body}"
+                sid = json.loads(body)["messageSid"]
+            elif "receive-webhooks" in line:
+                receiver = start_receiver(command, folder, env, printed)
+            elif "gunicorn" in line:
+                port = re.search(r"\bPORT=(\d+)", command)
+                port = int(port[1]) if port else quick_start.port
+                assert not accepts_connections(port), f"{line}\nits port is taken already"
+                start_service(env, argv=["bash", "-c", command], cwd=folder, port=port)
+            else:
+                subprocess.run(["bash", "-c", command], cwd=folder, env=env, check=True,
+                               timeout=30)
+        assert sid is not None, "the walk-through sends a message"
+        wait_until(lambda: "-> undelivered" in printed.read_text(), SETTLE_SECONDS,
+                   "the receiver to print the message's last event")
+    finally:
+        if receiver is not None:
+            os.killpg(receiver.pid, signal.SIGTERM)
+            receiver.wait(10)
+    events = [line.split() for line in printed.read_text().splitlines() if sid in line]
+    assert [" ".join(words[4:7]) for words in events] == [
+        "(new) -> queued", "queued -> sent", "sent -> undelivered"]
+    assert "REFUSED" not in printed.read_text()
+    assert requests.get(quick_start.url + "/healthz", timeout=5).status_code == 200

@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
@@ -18,9 +20,11 @@ from standardwebhooks import Webhook
 from sms_status.config import SIMULATED_AUTH_TOKEN
 from support import (
     AUTH,
+    OTHER_WEBHOOK_SECRET,
     ROOT,
     WEBHOOK_SECRET,
     WebhookReceiver,
+    accepts_connections,
     callback,
     free_port,
     post_to_service,
@@ -302,36 +306,63 @@ def test_bad_webhook_settings_stop_the_start_naming_the_variable(service_env):
     assert "pa55word" not in result.stderr and "tooshort" not in result.stderr
 
 
+@contextmanager
+def receive_webhooks_command(env, port, out_path):
+    """`flask --app app receive-webhooks --port PORT`, running until the block ends; its
+    output goes to `out_path`."""
+    with open(out_path, "w") as out:
+        receiver = subprocess.Popen([sys.executable, "-m", "flask", "--app", "app",
+                                     "receive-webhooks", "--port", str(port)], cwd=ROOT,
+                                    env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: accepts_connections(port), 20, "the receiver")
+        yield
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_receive_webhooks_command_prints_what_a_simulated_send_makes(
         service_env, start_service, tmp_path):
     """The README's way to try the webhooks: the command receives, the service simulates."""
-    port = free_port()
+    port, out = free_port(), tmp_path / "receiver.out"
     env = service_env(simulate=True, STATUS_WEBHOOK_URL=f"http://127.0.0.1:{port}/",
                       STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
-    out = open(tmp_path / "receiver.out", "w+")
-    receiver = subprocess.Popen([sys.executable, "-m", "flask", "--app", "app",
-                                 "receive-webhooks", "--port", str(port)], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until(lambda: "Receiving status webhooks" in (tmp_path / "receiver.out")
-                   .read_text(), 20, "the receiver")
+    with receive_webhooks_command(env, port, out):
         service = start_service(env)
         sid = requests.post(service.url + "/send-sms", timeout=10, json={
             "to": "+15005551003", "body": "hi", "reference": "order-9"}).json()["messageSid"]
-        wait_until(lambda: "-> undelivered" in (tmp_path / "receiver.out").read_text(), 20,
-                   "the last event printed")
-        forged = requests.post(f"http://127.0.0.1:{port}/", data=b"{}", timeout=10, headers={
-            "webhook-id": "evt_x", "webhook-timestamp": str(int(time.time())),
-            "webhook-signature": "v1,AAAA"})
-        assert forged.status_code == 401
-    finally:
-        receiver.terminate()
-        receiver.wait(10)
-    lines = (tmp_path / "receiver.out").read_text().splitlines()[1:]
+        wait_until(lambda: "-> undelivered" in out.read_text(), 20, "the last event printed")
+    lines = out.read_text().splitlines()[1:]
     assert [line.split(" ", 1)[1].split(" reference=")[0].split(" ", 1)[1] for line in lines
-            if "evt_" in line] == [f"message.queued {sid} None -> queued",
+            if "evt_" in line] == [f"message.queued {sid} (new) -> queued",
                                    f"message.sent {sid} queued -> sent",
                                    f"message.undelivered {sid} sent -> undelivered"]
     assert all("reference=order-9" in line for line in lines if "evt_" in line)
-    assert "REFUSED: no valid signature" in lines[-1]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_receive_webhooks_command_says_why_it_refuses(service_env, tmp_path):
+    """Signed with another secret: the line says to make the two secrets equal, and shows
+    neither. Other refusals give the reason the standardwebhooks package found."""
+    port, out = free_port(), tmp_path / "receiver.out"
+    env = service_env(STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    body = '{"type": "message.sent", "data": {}}'
+    now = datetime.now(timezone.utc)
+    with receive_webhooks_command(env, port, out):
+        for secret, signed_at in [(OTHER_WEBHOOK_SECRET, now),
+                                  (WEBHOOK_SECRET, now - timedelta(hours=1))]:
+            answer = requests.post(f"http://127.0.0.1:{port}/", data=body, timeout=10, headers={
+                "webhook-id": "evt_1", "webhook-timestamp": str(int(signed_at.timestamp())),
+                "webhook-signature": Webhook(secret).sign("evt_1", signed_at, body)})
+            assert answer.status_code == 401
+        wait_until(lambda: out.read_text().count("REFUSED") == 2, 10, "two refusals printed")
+    printed = out.read_text()
+    refusals = [line.split(" ", 1)[1] for line in printed.splitlines() if "REFUSED" in line]
+    assert refusals == [
+        "REFUSED: the signature did not verify: this receiver's STATUS_WEBHOOK_SECRET must "
+        "equal the service's",
+        "REFUSED: Message timestamp too old"]
+    for secret in (WEBHOOK_SECRET, OTHER_WEBHOOK_SECRET):
+        assert secret not in printed and secret.removeprefix("whsec_") not in printed

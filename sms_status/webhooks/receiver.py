@@ -27,19 +27,29 @@ def receiver_app(secrets, out=sys.stdout):
             try:
                 event = verifier.verify(body, headers)
                 break
-            except WebhookVerificationError:
-                continue
+            except WebhookVerificationError as error:
+                refusal = str(error)
         else:
-            click.echo(f"{time.strftime('%H:%M:%S')} REFUSED: no valid signature", file=out)
+            click.echo(f"{time.strftime('%H:%M:%S')} REFUSED: {explained(refusal)}", file=out)
             return {"error": "no valid signature"}, 401
         data = event.get("data", {})
+        # A message's first event changes its status from nothing.
+        previous = data.get("previousStatus") or "(new)"
         click.echo(f"{time.strftime('%H:%M:%S')} {headers.get('Webhook-Id')} {event.get('type')}"
-                   f" {data.get('sid')} {data.get('previousStatus')} -> {data.get('status')}"
+                   f" {data.get('sid')} {previous} -> {data.get('status')}"
                    f" reference={data.get('reference')} errorCode={data.get('errorCode')}",
                    file=out)
         return "", 204
 
     return app
+
+
+def explained(refusal):
+    """What a person should know about a refusal the standardwebhooks package gave."""
+    if refusal == "No matching signature found":
+        return ("the signature did not verify: this receiver's STATUS_WEBHOOK_SECRET must "
+                "equal the service's")
+    return refusal
 
 
 def serve(secrets, host, port):
