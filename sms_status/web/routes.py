@@ -11,7 +11,6 @@ from sms_status.storage import reads
 from sms_status.storage import records as db
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
 from sms_status.web.guards import require_api_key, require_twilio_signature
-from sms_status.web.health import current_problem
 from sms_status.web.logs import log
 
 OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -57,11 +56,10 @@ def openapi():
 @blueprint.get("/healthz")
 def healthz():
     mode = current_app.config["SERVICE"].mode
-    problem = current_problem()
+    problem = current_app.extensions["health"].problem()
     if problem:
         return {"status": "unavailable", "mode": mode,
-                "error": "The database cannot store status updates: "
-                         + printable(problem, 300)}, 503, {
+                "error": f"The database cannot store status updates: {problem}"}, 503, {
                     "Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
     return {"status": "ok", "mode": mode}
 
