@@ -1,12 +1,16 @@
 """GET /metrics: Prometheus' text format, behind the API key, and counts that rise by
 exactly what was done, summed over gunicorn's workers."""
 
+import contextlib
 import glob
+import math
 import os
 import signal
 import threading
+import time
 from collections import Counter
 
+import psycopg
 import pytest
 import requests
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -17,6 +21,7 @@ from support import (
     CALLBACK_URL,
     WEBHOOK_SECRET,
     WebhookReceiver,
+    app_database_url,
     callback,
     post_to_service,
     sign,
@@ -298,3 +303,36 @@ def test_webhook_attempts_count_by_result_and_the_backlog_is_read_from_the_datab
     assert {key: value for key, value in risen.items() if "webhook_deliveries" in key[0]} == {
         sample("sms_status_webhook_deliveries_total", result="delivered"): 2,
         sample("sms_status_webhook_deliveries_total", result="retrying"): 1}
+
+
+@contextlib.contextmanager
+def webhook_events_locked(url):
+    with psycopg.connect(url) as conn:
+        conn.execute("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE")
+        yield
+        conn.rollback()
+
+
+def test_metrics_are_served_without_the_backlog_while_the_database_is_down(make_app, caplog):
+    """With status webhooks on, a scrape reads the backlog from the database: when that
+    read fails or hangs, every other metric is still served, the backlog as NaN, and the
+    log says why."""
+    with WebhookReceiver() as receiver:
+        app = make_app(STATUS_WEBHOOK_URL=receiver.url, STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                       STATUS_WEBHOOK_RETRY_SCHEDULE="60")
+        client = app.test_client()
+        assert scrape(client)[sample("sms_status_webhook_backlog")] == 0
+        url = app_database_url(app)
+        if url.startswith("sqlite:///"):
+            os.remove(url[len("sqlite:///"):])
+            down = contextlib.nullcontext()
+        else:
+            down = webhook_events_locked(url)  # the count waits on the lock (up to 5 s)
+        with down:
+            started = time.monotonic()
+            scraped = scrape(client)
+            seconds = time.monotonic() - started
+    assert math.isnan(scraped[sample("sms_status_webhook_backlog")])
+    assert callbacks("stored") in scraped
+    assert seconds < 3, seconds
+    assert "Webhook backlog not read" in caplog.text
