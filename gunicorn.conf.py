@@ -18,8 +18,8 @@ from sms_status.config import (  # noqa: E402
     server_settings,
     serves_locally_only,
 )
+from sms_status.serving.health_lane import HealthLaneWorker  # noqa: E402
 from sms_status.serving.log import Logger  # noqa: E402
-from sms_status.serving.read_deadline import ThreadWorker  # noqa: E402
 from sms_status.storage import writer  # noqa: E402
 
 try:
@@ -36,9 +36,10 @@ _local_bind = f"127.0.0.1:{_port}"
 bind = _local_bind if serves_locally_only(os.environ) else f"0.0.0.0:{_port}"
 # Threaded workers: /send-sms waits on Twilio's API, and a waiting thread must not block a worker.
 # gunicorn's gthread worker, except that a request not fully arrived within
-# REQUEST_READ_TIMEOUT seconds is given up on, so slow clients cannot hold every thread.
-worker_class = ThreadWorker
-ThreadWorker.read_timeout = _read_timeout
+# REQUEST_READ_TIMEOUT seconds is given up on, so slow clients cannot hold every thread, and
+# that /healthz has threads of its own, so busy request threads never hold it up.
+worker_class = HealthLaneWorker
+HealthLaneWorker.read_timeout = _read_timeout
 # Heroku sets WEB_CONCURRENCY from the dyno size.
 workers = _workers
 # Threads per worker: how many Twilio calls one worker can wait on at once. A client's

@@ -24,8 +24,9 @@ from sms_status.commands import register_commands
 from sms_status.config import ConfigError, read_config
 from sms_status.storage import records as db
 from sms_status.web.guards import MAX_CALLBACK_FIELDS, MAX_REQUEST_BYTES
-from sms_status.web.health import HealthCheck
+from sms_status.web.health import HealthMonitor
 from sms_status.web.logs import LogBudget, configure_logging, log
+from sms_status.web.routes import BacklogRead
 from sms_status.webhooks.delivery import Delivery
 
 
@@ -60,7 +61,8 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
     app.config["SLEEP"] = time.sleep
     app.config["CONFIG_PROBLEMS"] = problems
     app.extensions["rejection_log"] = LogBudget()
-    app.extensions["health"] = HealthCheck()
+    app.extensions["health"] = HealthMonitor(app)
+    app.extensions["backlog"] = BacklogRead()
     app.extensions["twilio"] = twilio_api.build_client(config, http_client)
     app.extensions["validator"] = RequestValidator(config.auth_token)
     if config.webhook_signing_key:

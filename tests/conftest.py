@@ -81,7 +81,8 @@ def database_url(request, tmp_path):
 def make_app(tmp_path, fake_twilio, database_url):
     """make(**variables): the app, live, on the test's database, with Twilio's HTTP API
     replaced by `fake_twilio` (or `http_client`); `clock` and `storage_settings` go to
-    create_app. Each app's database connections are closed after the test."""
+    create_app. Each app's health monitor is stopped and its database connections closed
+    after the test."""
     apps = []
 
     def make(http_client=None, clock=None, storage_settings=None, **variables):
@@ -94,6 +95,7 @@ def make_app(tmp_path, fake_twilio, database_url):
 
     yield make
     for app in apps:
+        app.extensions["health"].stop()
         app.extensions["storage"].close()
 
 

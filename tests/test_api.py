@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from support import AUTH, app_database_url, callback, database_locked, sql_rows
+from sms_status.web import health
+from support import AUTH, app_database_url, callback, database_locked, sql_rows, wait_until
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -52,12 +53,17 @@ def test_healthz_is_503_when_the_database_cannot_be_written(make_app):
     app = make_app(storage_settings={"busy_timeout": 0.05})
     client = app.test_client()
     with database_locked(app):
+        started = time.monotonic()
         response = client.get("/healthz")
+        assert time.monotonic() - started < 1.5, "the first check is waited for, briefly"
     assert response.status_code == 503
     assert response.get_json()["status"] == "unavailable"
-    # The outcome is reused for a second: a moment later the check is made again.
-    app.config["CLOCK"] = lambda: time.time() + 2
-    assert client.get("/healthz").status_code == 200
+    # The kind of failure only: the database's own words stay in the log.
+    assert response.get_json()["error"] in (
+        f"The database cannot store status updates: {reason}"
+        for reason in (health.DID_NOT_ANSWER, health.WRITE_FAILED))
+    # The monitor checks again about every second: the recovery shows.
+    wait_until(lambda: client.get("/healthz").status_code == 200, 10, "/healthz 200 again")
 
 
 def count_health_writes(app):
@@ -96,14 +102,16 @@ def test_a_flood_of_healthz_writes_to_the_database_about_once_a_second(app):
     assert 1 <= writes() <= 2 + seconds / 1.0, (writes(), seconds)
 
 
-def test_healthz_sees_a_failure_within_about_a_second(make_app):
+def test_healthz_sees_a_failure_within_about_two_seconds(make_app):
+    """A probe every second, which counts as failed once it has not come back within
+    0.8 s: a failure shows within 1.8 s."""
     app = make_app(storage_settings={"busy_timeout": 0.05})
     client = app.test_client()
     assert client.get("/healthz").status_code == 200
     with database_locked(app):
         started = time.monotonic()
         while client.get("/healthz").status_code == 200:
-            assert time.monotonic() - started < 1.5, "a failure went unseen for too long"
+            assert time.monotonic() - started < 2.5, "a failure went unseen for too long"
             time.sleep(0.05)
 
 

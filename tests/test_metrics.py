@@ -1,12 +1,16 @@
 """GET /metrics: Prometheus' text format, behind the API key, and counts that rise by
 exactly what was done, summed over gunicorn's workers."""
 
+import contextlib
 import glob
+import math
 import os
 import signal
 import threading
+import time
 from collections import Counter
 
+import psycopg
 import pytest
 import requests
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -18,6 +22,7 @@ from support import (
     ROOT,
     WEBHOOK_SECRET,
     WebhookReceiver,
+    app_database_url,
     callback,
     post_to_service,
     sign,
@@ -319,3 +324,36 @@ def test_the_operations_guide_lists_every_metric_served_with_its_labels(make_app
         labels = {label for sample in family.samples for label in sample.labels
                   if label not in ("le", "quantile")}
         assert all(f"`{label}`" in rows[name] for label in labels), (name, labels)
+
+
+@contextlib.contextmanager
+def webhook_events_locked(url):
+    with psycopg.connect(url) as conn:
+        conn.execute("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE")
+        yield
+        conn.rollback()
+
+
+def test_metrics_are_served_without_the_backlog_while_the_database_is_down(make_app, caplog):
+    """With status webhooks on, a scrape reads the backlog from the database: when that
+    read fails or hangs, every other metric is still served, the backlog as NaN, and the
+    log says why."""
+    with WebhookReceiver() as receiver:
+        app = make_app(STATUS_WEBHOOK_URL=receiver.url, STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                       STATUS_WEBHOOK_RETRY_SCHEDULE="60")
+        client = app.test_client()
+        assert scrape(client)[sample("sms_status_webhook_backlog")] == 0
+        url = app_database_url(app)
+        if url.startswith("sqlite:///"):
+            os.remove(url[len("sqlite:///"):])
+            down = contextlib.nullcontext()
+        else:
+            down = webhook_events_locked(url)  # the count waits on the lock (up to 5 s)
+        with down:
+            started = time.monotonic()
+            scraped = scrape(client)
+            seconds = time.monotonic() - started
+    assert math.isnan(scraped[sample("sms_status_webhook_backlog")])
+    assert callbacks("stored") in scraped
+    assert seconds < 3, seconds
+    assert "Webhook backlog not read" in caplog.text

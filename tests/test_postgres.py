@@ -4,18 +4,24 @@ Each test runs real gunicorn processes as the Procfile does, on free local ports
 services on one database stand for two hosts.
 """
 
+import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
 
-from postgres import PostgresServer
+from postgres import SUPERUSER, PostgresServer
 from sms_status.storage.schema import SCHEMA_VERSION
+from sms_status.web import health
 from support import (
     API_KEY,
     AUTH,
@@ -28,6 +34,7 @@ from support import (
     procfile_command,
     sign,
     sql_rows,
+    wait_until,
 )
 
 # Every test here is about PostgreSQL: service_env's database is the test's PostgreSQL one.
@@ -224,7 +231,7 @@ def test_while_postgres_is_down_requests_fail_fast_and_recover_by_themselves(
     service = start_service(env)
     own_postgres.stop()
     wait_for_health(service, 503, timeout=30)
-    time.sleep(1.1)  # each worker's /healthz reuses its outcome for a second: let it expire
+    time.sleep(2)  # each worker's /healthz answers from a probe of at most about 1.8 s ago
 
     answers = []
     for n in range(4):  # each on a new connection, so both workers answer
@@ -415,3 +422,87 @@ def test_a_flood_of_stats_reads_never_holds_up_status_callbacks(
     assert [status for status, _ in answers] == [200] * 10, answers
     # Behind 40 queued reads a callback waited seconds; on connections of its own, moments.
     assert max(seconds for _, seconds in answers) < 1, answers
+
+
+def postgres_processes(server):
+    """The pids of a server's postmaster and of its children."""
+    with open(os.path.join(server.data, "postmaster.pid")) as pid_file:
+        postmaster = int(pid_file.readline())
+    children = []
+    for task in os.listdir(f"/proc/{postmaster}/task"):
+        with open(f"/proc/{postmaster}/task/{task}/children") as listed:
+            children += [int(pid) for pid in listed.read().split()]
+    return [postmaster, *children]
+
+
+def test_healthz_answers_503_within_a_second_while_postgres_hangs(
+        own_postgres, service_env, start_service):
+    """A server that takes connections and never answers (stopped, or a network that drops
+    everything): /healthz must say so within a second, not repeat its last 200."""
+    env = service_env(simulate=False, DATABASE_URL=own_postgres.url())
+    service = start_service(env)
+    assert requests.get(service.url + "/healthz", timeout=5).status_code == 200
+    processes = postgres_processes(own_postgres)
+    answers = []
+    for pid in processes:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(2)  # a probe every second, failed once it has not come back in 0.8 s
+        for _ in range(20):  # each on a new connection, so both workers answer
+            started = time.monotonic()
+            answer = requests.get(service.url + "/healthz", timeout=15)
+            answers.append((answer.status_code, time.monotonic() - started,
+                            answer.json().get("error")))
+            time.sleep(0.05)
+    finally:
+        for pid in processes:
+            os.kill(pid, signal.SIGCONT)
+    assert {status for status, _, _ in answers} == {503}, answers
+    assert {error for _, _, error in answers} == {
+        f"The database cannot store status updates: {health.DID_NOT_ANSWER}"}
+    # The contract is 1 s; the bound leaves room for a busy test machine.
+    assert max(seconds for _, seconds, _ in answers) < 2, answers
+    wait_until(lambda: requests.get(service.url + "/healthz", timeout=5).status_code == 200,
+               30, "/healthz to answer 200 again")
+
+
+def test_healthz_says_what_failed_but_not_as_whom(postgres_admin_url, postgres_url, make_app,
+                                                   capfd):
+    """A failed probe's answer names the kind of failure only; the server's words (which
+    name the database user) go to the log."""
+    role, password = "sms_healthz_" + uuid.uuid4().hex[:8], uuid.uuid4().hex
+    name = urlsplit(postgres_url).path.lstrip("/")
+    sql_rows(postgres_admin_url, f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    try:
+        sql_rows(postgres_admin_url, f"ALTER DATABASE {name} OWNER TO {role}")
+        sql_rows(postgres_url, f"GRANT ALL ON SCHEMA public TO {role}")
+        parts = urlsplit(postgres_url)
+        url = urlunsplit(parts._replace(
+            netloc=f"{role}:{password}@{parts.hostname}:{parts.port}"))
+        app = make_app(DATABASE_URL=url)
+        client = app.test_client()
+        assert client.get("/healthz").status_code == 200
+        sql_rows(postgres_admin_url, f"ALTER ROLE {role} PASSWORD 'changed-{password}'")
+        sql_rows(postgres_admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                     " WHERE usename = %s", (role,))
+        answers = []
+
+        def refused():
+            answers.append(client.get("/healthz").get_json())
+            return answers[-1].get("error") == (
+                f"The database cannot store status updates: {health.WRITE_FAILED}")
+
+        # A probe that first waits for the pool's reconnection says it did not answer.
+        wait_until(refused, 15, "/healthz to say the write failed")
+        assert not any(role in json.dumps(answer) for answer in answers), answers
+        app.extensions["health"].stop()
+        app.extensions["storage"].close()
+        assert f'password authentication failed for user "{role}"' in capfd.readouterr().out
+        assert password not in capfd.readouterr().out
+    finally:
+        sql_rows(postgres_admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                     " WHERE usename = %s", (role,))
+        sql_rows(postgres_admin_url, f"ALTER DATABASE {name} OWNER TO {SUPERUSER}")
+        sql_rows(postgres_url, f"REASSIGN OWNED BY {role} TO {SUPERUSER}")
+        sql_rows(postgres_url, f"DROP OWNED BY {role}")
+        sql_rows(postgres_admin_url, f"DROP ROLE {role}")

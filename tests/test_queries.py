@@ -11,7 +11,14 @@ from twilio.http.response import Response
 
 from sms_status.storage import outbox, reads, times
 from sms_status.storage import records as db
-from support import AUTH, callback, fill_messages, sqlite_only
+from support import (
+    AUTH,
+    app_database_url,
+    callback,
+    fill_messages,
+    sql_rows,
+    sqlite_only,
+)
 
 NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
 _sids = itertools.count(1)
@@ -596,11 +603,50 @@ def test_a_claim_of_webhook_events_seeks_each_message_and_stops_at_its_limit(app
             connection.set_trace_callback(None)
         claim = next(sql for sql in seen if sql.lstrip().startswith("UPDATE webhook_events"))
         plan = [row["detail"] for row in storage.query("EXPLAIN QUERY PLAN " + claim)]
-    assert "SEARCH o USING INDEX webhook_events_of_message (message_sid=?)" in plan, plan
+    assert "SEARCH o USING INDEX webhook_events_pending_of_message (message_sid=?)" in plan, plan
     assert not any("TEMP B-TREE" in line for line in plan), plan
     # The oldest 16 messages' first events: a message's later event waits for its first.
     assert [event["message_sid"] for event in claimed] == [f"SM{n:032x}" for n in range(16)]
     assert all(json.loads(event["payload"])["type"] == "message.queued" for event in claimed)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app):
+    """On a database without planner statistics (new, or not analysed since a burst) a
+    claim over 10,000 pending events compared each candidate with every pending event:
+    seconds a claim, and lock timeouts for the other instances waiting on it. Its plan must
+    walk the index of due events in order and look up each candidate's message's own
+    pending events, whatever the statistics say."""
+    url = app_database_url(app)
+    sql_rows(url, "ALTER TABLE webhook_events SET (autovacuum_enabled = false)")
+    sql_rows(url, "INSERT INTO messages (sid, to_number, from_number, latest_status,"
+                  " created_at, updated_at) SELECT 'SM' || lpad(to_hex(n), 32, '0'),"
+                  " '+15550000000', '+15550000001', 'sent', '2026-01-01T00:00:00.000Z',"
+                  " '2026-01-01T00:00:00.000Z' FROM generate_series(0, 2999) AS n")
+    sql_rows(url, "INSERT INTO webhook_events (id, message_sid, type, payload, state,"
+                  " created_at, next_attempt_at) SELECT 'evt_' || n,"
+                  " 'SM' || lpad(to_hex(mod(n, 3000)), 32, '0'), 'message.sent', '{}', 'pending',"
+                  " '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z'"
+                  " FROM generate_series(1, 10000) AS n")
+    assert sql_rows(url, "SELECT last_analyze, last_autoanalyze FROM pg_stat_user_tables"
+                         " WHERE relname = 'webhook_events'") in ([], [(None, None)])
+
+    now = time.time()
+    storage = app.extensions["storage"]
+    sql, params = outbox.claim_statement(storage, "lease", now, 60, 16)
+    with app.app_context(), storage.transaction() as tx:
+        tx.plan_by_index()
+        plan = "\n".join(row["QUERY PLAN"] for row in tx.execute("EXPLAIN " + sql, params))
+    assert "Index Scan using webhook_events_due on webhook_events e" in plan, plan
+    assert "Index Scan using webhook_events_pending_of_message on webhook_events o" in plan, plan
+    assert not any(step in plan for step in ("Sort", "Bitmap", "Seq Scan", "Materialize")), plan
+
+    # The claim itself (the same statement and settings): 8.5 to 19 s before, under 1 ms after.
+    started = time.monotonic()
+    with app.app_context():
+        claimed = outbox.claim_webhook_events(db.get_db(), "lease", now, 60, 16)
+    assert len(claimed) == 16
+    assert time.monotonic() - started < 1.0
 
 
 def test_timestamps_are_stored_in_the_format_the_queries_compare(app, store):

@@ -47,29 +47,36 @@ CLAIMABLE = """
 CLAIMED_COLUMNS = "id, message_sid, payload, attempts, schedule_start, lease"
 
 
+def claim_statement(storage, lease, now, lease_seconds, limit, event_id=None):
+    """(SQL, parameters) of the UPDATE that leases the due events of a claim."""
+    at = stored_time(now)
+    only = " AND e.id = ?" if event_id is not None else ""
+    return (
+        f"UPDATE webhook_events SET lease = ?, lease_until = ? WHERE seq IN ({CLAIMABLE}"
+        f"{only} ORDER BY e.next_attempt_at, e.seq LIMIT ?{storage.skip_locked})"
+        " RETURNING seq, " + CLAIMED_COLUMNS,
+        (lease, now + lease_seconds, at, now, now, at,
+         *([event_id] if event_id is not None else []), limit),
+    )
+
+
 @writes
 def claim_webhook_events(storage, lease, now, lease_seconds, limit, event_id=None):
     """Leases up to `limit` due events (only `event_id`, when given) under the token
     `lease` for `lease_seconds`; returns them as [{id, message_sid, payload, attempts,
     schedule_start, lease}], longest due first.
 
-    They are taken in the order of the index of due events (when due, then recorded), so a
-    claim reads the few it takes, even with a large backlog waiting for retries.
+    They are taken in the order of the index of due events (when due, then recorded), and
+    each candidate is compared with its message's pending events alone, so a claim reads
+    the few it takes, even with a large backlog and no planner statistics yet.
 
     Instances claim one at a time (a lock), so two never lease two events of one message.
     """
-    at = stored_time(now)
-    only = " AND e.id = ?" if event_id is not None else ""
+    sql, params = claim_statement(storage, lease, now, lease_seconds, limit, event_id)
     with storage.transaction() as tx:
         tx.lock("webhook claims")
-        rows = tx.execute(
-            f"UPDATE webhook_events SET lease = ?, lease_until = ? WHERE seq IN ({CLAIMABLE}"
-            f"{only} ORDER BY e.next_attempt_at, e.seq LIMIT ?{storage.skip_locked})"
-            " RETURNING seq, "
-            + CLAIMED_COLUMNS,
-            (lease, now + lease_seconds, at, now, now, at,
-             *([event_id] if event_id is not None else []), limit),
-        ).fetchall()
+        tx.plan_by_index()
+        rows = tx.execute(sql, params).fetchall()
     return [{name: row[name] for name in CLAIMED_COLUMNS.split(", ")}
             for row in sorted(rows, key=lambda row: row["seq"])]
 

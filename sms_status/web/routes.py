@@ -2,6 +2,7 @@
 the caller may do, asks the module that does the work, and shapes the answer."""
 
 import os
+import threading
 
 from flask import Blueprint, current_app, request
 
@@ -11,7 +12,6 @@ from sms_status.storage import reads
 from sms_status.storage import records as db
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
 from sms_status.web.guards import require_api_key, require_twilio_signature
-from sms_status.web.health import current_problem
 from sms_status.web.logs import log
 
 OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -58,11 +58,10 @@ def openapi():
 @blueprint.get("/healthz")
 def healthz():
     mode = current_app.config["SERVICE"].mode
-    problem = current_problem()
+    problem = current_app.extensions["health"].problem()
     if problem:
         return {"status": "unavailable", "mode": mode,
-                "error": "The database cannot store status updates: "
-                         + printable(problem, 300)}, 503, {
+                "error": f"The database cannot store status updates: {problem}"}, 503, {
                     "Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
     return {"status": "ok", "mode": mode}
 
@@ -71,7 +70,9 @@ def healthz():
 @require_api_key
 def prometheus_metrics():
     if webhooks.recording(current_app):
-        metrics.set_webhook_backlog(reads.pending_webhook_events(db.get_db()))
+        backlog = current_app.extensions["backlog"].read(current_app._get_current_object())
+        # Not a number when it could not be read: the other metrics are served all the same.
+        metrics.set_webhook_backlog(float("nan") if backlog is None else backlog)
     body, content_type = metrics.exposition()
     return current_app.response_class(body, content_type=content_type)
 
@@ -119,6 +120,47 @@ def messages():
 @require_api_key
 def stats():
     return listing.delivery_stats(request.args, current_app.config["CLOCK"]())
+
+
+class BacklogRead:
+    """The webhook backlog for GET /metrics, read within `timeout` seconds, or None.
+
+    The read runs in a thread of its own, so a database that hangs holds that thread, never
+    the scrape; while such a read is still stuck, scrapes do not start another one.
+    """
+
+    def __init__(self, timeout=1.0):
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.stuck = None  # the thread of a read that has not come back in time
+
+    def read(self, app):
+        with self.lock:
+            if self.stuck is not None and self.stuck.is_alive():
+                log.warning("Webhook backlog not read: an earlier read has not come back")
+                return None
+        outcome = {}
+        thread = threading.Thread(target=self._read, args=(app, outcome), daemon=True,
+                                  name="backlog-read")
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            with self.lock:
+                self.stuck = thread
+            log.warning("Webhook backlog not read: the database did not answer within %g s",
+                        self.timeout)
+            return None
+        if "error" in outcome:
+            log.warning("Webhook backlog not read: %s", outcome["error"])
+        return outcome.get("count")
+
+    @staticmethod
+    def _read(app, outcome):
+        with app.app_context():
+            try:
+                outcome["count"] = reads.pending_webhook_events(db.get_db())
+            except db.DATABASE_ERRORS as error:
+                outcome["error"] = db.describe_error(error)
 
 
 def callback_error_code(raw):
