@@ -14,17 +14,16 @@ imported with this module: the metrics are made by the first call that records o
 worker, after the folder is named.
 """
 
-import glob
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 
 from flask import g, request
 
 from sms_status.rules import STATUS_RANK
+from sms_status.serving import folders
 
 PREFIX = "sms_status_"
 FOLDER_PREFIX = "sms-status-metrics-"
@@ -200,24 +199,9 @@ def start_folder():
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was "
                            "set: the workers' metrics would not be summed")
-    remove_abandoned_folders()
-    folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
+    folder = folders.make_folder(FOLDER_PREFIX)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     return folder
-
-
-def remove_abandoned_folders():
-    """Removes this user's metrics folders whose server (the pid in the name) is gone."""
-    for folder in glob.glob(os.path.join(tempfile.gettempdir(), FOLDER_PREFIX + "*")):
-        try:
-            pid = int(os.path.basename(folder)[len(FOLDER_PREFIX):].split("-")[0])
-            if os.stat(folder).st_uid != os.getuid():
-                continue
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except (ValueError, OSError):
-            continue  # not one of ours, or its server still runs (maybe as another user)
 
 
 def worker_gone(pid):

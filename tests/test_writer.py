@@ -278,6 +278,28 @@ def test_a_temp_folder_too_deep_for_a_socket_path_still_gets_a_writer(
 
 
 @sqlite_only
+def test_a_start_removes_the_socket_folders_of_killed_servers_and_no_others(
+        service_env, start_service):
+    env = service_env(simulate=False)
+    killed = start_service(env)
+    left_behind = os.path.dirname(writer_socket(writer_pid(killed)))
+    killed.kill()  # SIGKILL to master, workers and writer: no hook removes the folder
+    assert os.path.isdir(left_behind)
+
+    running = start_service(env)
+    assert not os.path.exists(left_behind)
+    in_use = os.path.dirname(writer_socket(writer_pid(running)))
+
+    other_env = service_env(simulate=False)  # the same TMPDIR, another port
+    another = start_service(other_env)
+    assert os.path.isdir(in_use)
+    assert os.path.dirname(writer_socket(writer_pid(another))) != in_use
+    for service, its_env in ((running, env), (another, other_env)):
+        answer = post_to_service(service, its_env, callback(SID_A, "sent"))
+        assert answer.status_code == 200, answer.text
+
+
+@sqlite_only
 def test_sigterm_stops_the_workers_then_the_writer_and_removes_its_socket(
         service_env, start_service):
     env, service = live_service(service_env, start_service)

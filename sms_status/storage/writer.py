@@ -53,6 +53,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 
+from sms_status.serving import folders
 from sms_status.storage import OutcomeUnknown
 
 log = logging.getLogger("sms_status")
@@ -74,6 +75,8 @@ STATISTICS_INTERVAL_SECONDS = 3600
 RESTART_DELAY_SECONDS = 0.2
 # A unix socket's path must fit in sockaddr_un: 107 bytes on Linux, 103 on macOS.
 MAX_SOCKET_PATH_BYTES = 100
+# The socket's folder: sms-status-writer-<gunicorn master's pid>-...
+FOLDER_PREFIX = "sms-status-writer-"
 
 
 # A write's arguments are a few short strings and numbers; nothing near this size is sent.
@@ -559,15 +562,16 @@ def main(argv):
 # --- in gunicorn's master: start the writer, restart it when it dies -----------------------
 
 def socket_directory():
-    """A new folder (mode 0700) for the writer's socket: under $TMPDIR, or under /tmp when
-    $TMPDIR is too deep for a socket's path."""
-    directory = tempfile.mkdtemp(prefix="sms-status-writer-")
+    """A new folder (mode 0700) for the writer's socket, named after gunicorn's master: under
+    $TMPDIR, or under /tmp when $TMPDIR is too deep for a socket's path. The folders of
+    killed masters there are removed first."""
+    directory = folders.make_folder(FOLDER_PREFIX)
     if len(os.fsencode(os.path.join(directory, "socket"))) <= MAX_SOCKET_PATH_BYTES:
         return directory
     os.rmdir(directory)
     log.warning("TMPDIR (%s) is too deep for a unix socket's path; the database writer's "
                 "socket goes under /tmp instead", tempfile.gettempdir())
-    return tempfile.mkdtemp(prefix="sms-status-writer-", dir="/tmp")
+    return folders.make_folder(FOLDER_PREFIX, "/tmp")
 
 
 def wait_for_end(process):
