@@ -481,12 +481,15 @@ def test_idle_connections_past_the_open_files_limit_never_stop_the_writer(
             # A new connection, queued behind the idle ones, is accepted and answered.
             late = writer.Client(socket_path)
             assert late.call("record_status", [SID_B, "sent"], {}, timeout=10) is True
+            # The first connection was closed as the one idle longest: its next write
+            # goes over a new one.
+            assert client.call("record_status", [SID_A, "delivered"], {}, timeout=10) is True
             assert process.poll() is None
         finally:
             for sock in idle:
                 sock.close()
-    assert sql_rows(database_url, "SELECT message_sid FROM status_events ORDER BY 1") == [
-        (SID_A,), (SID_B,)]
+    assert sql_rows(database_url, "SELECT message_sid, status FROM status_events ORDER BY 1, 2"
+                    ) == [(SID_A, "delivered"), (SID_A, "sent"), (SID_B, "sent")]
     logs = log_path.read_text()
     assert ("accept() found no descriptor (EMFILE)" in logs) == lowered, logs
     assert "closed the" in logs and "Traceback" not in logs
