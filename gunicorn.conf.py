@@ -160,8 +160,10 @@ def worker_exit(server, worker):
 
 
 def child_exit(server, worker):
-    """Marks a worker's metrics files dead, as prometheus_client's multiprocess mode asks."""
-    metrics.worker_gone(worker.pid)
+    """Drops a worker's live gauges, as prometheus_client's multiprocess mode asks, and
+    folds its counters and histograms into those of the workers that ended before it."""
+    if getattr(server, "metrics_folder", None) is not None:
+        metrics.worker_gone(worker.pid, server.metrics_folder)
 
 
 def on_exit(server):

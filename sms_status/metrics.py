@@ -4,9 +4,10 @@ text GET /metrics answers (prometheus_client).
 Under gunicorn every worker process writes its numbers to files in a folder of its own
 server start, and GET /metrics, whichever worker answers it, sums all workers' files:
 prometheus_client's multiprocess mode. gunicorn.conf.py makes the folder before the first
-worker starts (`start_folder`), names it in PROMETHEUS_MULTIPROC_DIR, and removes it when
-the server stops. Outside gunicorn (`python app.py`, Flask's test client, the commands)
-the numbers live in the process.
+worker starts (`start_folder`), names it in PROMETHEUS_MULTIPROC_DIR, folds the files of
+each worker that ends into those of the workers that ended before it (`worker_gone`), and
+removes the folder when the server stops. Outside gunicorn (`python app.py`, Flask's test
+client, the commands) the numbers live in the process.
 
 prometheus_client chooses between the two when it is first imported, from the
 environment. gunicorn's master loads the app before any hook runs, so the library is not
@@ -14,17 +15,19 @@ imported with this module: the metrics are made by the first call that records o
 worker, after the folder is named.
 """
 
+import fcntl
 import glob
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
+from contextlib import contextmanager
 
 from flask import g, request
 
 from sms_status.rules import STATUS_RANK
+from sms_status.serving import folders
 
 PREFIX = "sms_status_"
 FOLDER_PREFIX = "sms-status-metrics-"
@@ -38,6 +41,12 @@ SEND_OUTCOMES = ("sent", "invalid", "destination_refused", "limited", "rejected_
 WEBHOOK_RESULTS = ("delivered", "retrying", "gave_up")
 # The route label of a request that matched no route (404, or 405 for a wrong method).
 UNMATCHED = "unmatched"
+# In a start's folder: what the workers that ended counted (counter_ended.db, ...), and the
+# lock that keeps scrapes from reading while those files change (not *.db: not a metric's).
+FOLDED = "ended"
+LOCK_FILE = "scrapes.lock"
+# How long a worker's end waits for the scrapes under way before its files are folded.
+FOLD_WAIT_SECONDS = 1.0
 
 
 class Metrics:
@@ -176,15 +185,36 @@ def exposition():
         CollectorRegistry,
         generate_latest,
     )
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     metrics()  # so that a scrape before any request shows the metrics at 0
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, folder)
-    return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+    registry.register(WorkersCollector(folder))
+    with folder_lock(folder, exclusive=False):  # never halfway through a fold
+        return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+class WorkersCollector:
+    """Reads every worker's files, as prometheus_client's MultiProcessCollector does, except
+    those a starting worker has just created and not yet sized: read then, they are empty,
+    and the library failed the whole scrape (a 500 whenever a worker started meanwhile)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def collect(self):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = []
+        for path in glob.glob(os.path.join(self.folder, "*.db")):
+            try:
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+            except FileNotFoundError:
+                pass  # a live gauge of a worker that has just ended
+        return MultiProcessCollector.merge(files, accumulate=True)
 
 
 # --- gunicorn: the folder of one server start (gunicorn.conf.py) -----------------------
@@ -200,32 +230,97 @@ def start_folder():
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was "
                            "set: the workers' metrics would not be summed")
-    remove_abandoned_folders()
-    folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
+    folder = folders.make_folder(FOLDER_PREFIX)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     return folder
 
 
-def remove_abandoned_folders():
-    """Removes this user's metrics folders whose server (the pid in the name) is gone."""
-    for folder in glob.glob(os.path.join(tempfile.gettempdir(), FOLDER_PREFIX + "*")):
-        try:
-            pid = int(os.path.basename(folder)[len(FOLDER_PREFIX):].split("-")[0])
-            if os.stat(folder).st_uid != os.getuid():
-                continue
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except (ValueError, OSError):
-            continue  # not one of ours, or its server still runs (maybe as another user)
-
-
-def worker_gone(pid):
-    """A worker ended: its live gauges stop counting (its counters and histograms stay in
-    the sums, so that totals never go down)."""
+def worker_gone(pid, folder):
+    """A worker ended: its live gauges stop counting, and its counters and histograms are
+    added to those of the workers that ended before it (`fold_ended_workers`)."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid, folder)
+    fold_ended_workers(folder)
+
+
+def fold_ended_workers(folder, wait=FOLD_WAIT_SECONDS):
+    """Adds the counters and histograms of every worker that has ended into one file per
+    type (`counter_ended.db`, `histogram_ended.db`) and removes the workers' own, so that the
+    folder keeps a few files per live worker however many came and went (a worker replaced
+    every few requests left two files each, and scrapes slowed as they piled up), while
+    every total stays exact.
+
+    Scrapes wait meanwhile (`folder_lock`), so none reads a worker's numbers twice or not
+    at all. If scrapes hold the folder for longer than `wait` seconds, the files stay,
+    still counted, until the next worker ends; returns whether it folded.
+    """
+    from prometheus_client.mmap_dict import MmapedDict
+
+    with folder_lock(folder, exclusive=True, wait=wait) as locked:
+        if not locked:
+            return False
+        for kind in ("counter", "histogram"):
+            ended = [path for path in glob.glob(os.path.join(folder, f"{kind}_*.db"))
+                     if _has_ended(path, kind)]
+            if not ended:
+                continue
+            into = os.path.join(folder, f"{kind}_{FOLDED}.db")
+            totals = {}  # a series' key, as the library writes it: its value over every file
+            for path in [into, *ended] if os.path.exists(into) else ended:
+                for key, value, _, _ in MmapedDict.read_all_values_from_file(path):
+                    totals[key] = totals.get(key, 0.0) + value
+            # Written aside under a name scrapes do not read, then put in place at once.
+            new = into + ".new"
+            if os.path.exists(new):
+                os.remove(new)
+            written = MmapedDict(new)
+            try:
+                for key, value in totals.items():
+                    written.write_value(key, value, 0.0)
+            finally:
+                written.close()
+            os.replace(new, into)
+            for path in ended:
+                os.remove(path)
+    return True
+
+
+def _has_ended(path, kind):
+    """Whether the process that wrote `path` (`<kind>_<pid>.db`) is gone."""
+    try:
+        pid = int(os.path.basename(path)[len(kind) + 1:-len(".db")])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, OSError):
+        pass  # not a worker's file (the folded one), or its worker still runs
+    return False
+
+
+@contextmanager
+def folder_lock(folder, exclusive, wait=None):
+    """Holds the folder's lock for the block, shared (scrapes) or exclusive (a fold); yields
+    False when an exclusive lock could not be had within `wait` seconds."""
+    descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if not exclusive:
+            fcntl.flock(descriptor, fcntl.LOCK_SH)
+            yield True
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.005)
+        yield True
+    finally:
+        os.close(descriptor)  # and with it the lock
 
 
 def remove_folder(folder):

@@ -357,3 +357,44 @@ def test_metrics_are_served_without_the_backlog_while_the_database_is_down(make_
     assert callbacks("stored") in scraped
     assert seconds < 3, seconds
     assert "Webhook backlog not read" in caplog.text
+
+
+def test_recycled_workers_keep_the_folder_small_and_every_count_exact(
+        service_env, start_service):
+    # Each worker is replaced after 10 requests: about 40 workers come and go.
+    env = service_env(simulate=False, WEB_CONCURRENCY=2, GUNICORN_THREADS=4,
+                      GUNICORN_CMD_ARGS="--max-requests 10")
+    service = start_service(env)
+    [folder] = metrics_folders(env)
+    route = "/openapi.json"
+    made, scraped, failed, done = 0, [], [], threading.Event()
+
+    def scrape_meanwhile():
+        # Scrapes while workers start and ended ones are folded in: each answers, and no
+        # count ever goes down.
+        while not done.is_set():
+            answer = requests.get(service.url + "/metrics", headers=AUTH, timeout=10)
+            if answer.status_code != 200:
+                failed.append(answer.status_code)
+                continue
+            scraped.append(values(answer.text).get(http_requests(route, 200), 0))
+
+    scraper = threading.Thread(target=scrape_meanwhile)
+    scraper.start()
+    try:
+        for _ in range(300):
+            assert requests.get(service.url + route, timeout=10).status_code == 200
+            made += 1
+    finally:
+        done.set()
+        scraper.join()
+    assert not failed and len(scraped) > 10
+    assert scraped == sorted(scraped), "a count went down between two scrapes"
+
+    # Three files per live worker (counters, histograms, the backlog's gauge), what the
+    # ended ones counted and the scrapes' lock, however many workers came and went.
+    wait_until(lambda: len(os.listdir(folder)) <= 3 * 2 + 3, 10,
+               "at most 9 files in the metrics folder")
+    after = scrape_service(service)
+    assert after[http_requests(route, 200)] == made
+    assert after[observations("http_request_duration_seconds", route=route)] == made

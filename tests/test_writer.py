@@ -3,8 +3,10 @@ commit each, one failing write never takes the others of its batch with it, and 
 writer is replaced while nothing acknowledged is lost."""
 
 import os
+import resource
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ from sms_status.storage import records as db
 from sms_status.web import health
 from support import (
     AUTH,
+    ROOT,
     CallbackLoad,
     app_database_url,
     callback,
@@ -278,6 +281,28 @@ def test_a_temp_folder_too_deep_for_a_socket_path_still_gets_a_writer(
 
 
 @sqlite_only
+def test_a_start_removes_the_socket_folders_of_killed_servers_and_no_others(
+        service_env, start_service):
+    env = service_env(simulate=False)
+    killed = start_service(env)
+    left_behind = os.path.dirname(writer_socket(writer_pid(killed)))
+    killed.kill()  # SIGKILL to master, workers and writer: no hook removes the folder
+    assert os.path.isdir(left_behind)
+
+    running = start_service(env)
+    assert not os.path.exists(left_behind)
+    in_use = os.path.dirname(writer_socket(writer_pid(running)))
+
+    other_env = service_env(simulate=False)  # the same TMPDIR, another port
+    another = start_service(other_env)
+    assert os.path.isdir(in_use)
+    assert os.path.dirname(writer_socket(writer_pid(another))) != in_use
+    for service, its_env in ((running, env), (another, other_env)):
+        answer = post_to_service(service, its_env, callback(SID_A, "sent"))
+        assert answer.status_code == 200, answer.text
+
+
+@sqlite_only
 def test_sigterm_stops_the_workers_then_the_writer_and_removes_its_socket(
         service_env, start_service):
     env, service = live_service(service_env, start_service)
@@ -458,6 +483,10 @@ def test_healthz_answers_at_once_while_every_request_thread_waits_on_the_writer(
                15, "/healthz to answer 200 again")
 
 
+def frame(body):
+    return writer.HEADER.pack(len(body)) + body
+
+
 @sqlite_only
 @pytest.mark.parametrize("frame", [
     pytest.param(writer.HEADER.pack(5) + b"hello", id="not-json"),
@@ -465,6 +494,9 @@ def test_healthz_answers_at_once_while_every_request_thread_waits_on_the_writer(
     pytest.param(writer.HEADER.pack(23) + b'["os.system",["id"],{}]', id="unknown-function"),
     pytest.param(writer.HEADER.pack(11) + b'[[1],[],{}]', id="name-not-a-string"),
     pytest.param(writer.HEADER.pack(2**32 - 1) + b"x" * 100, id="too-large"),
+    pytest.param(frame(b"[" * 200_000), id="nested-too-deep"),
+    pytest.param(frame(b'["record_status",' + b"[" * 50_000 + b"]" * 50_000 + b",{}]"),
+                 id="arguments-nested-too-deep"),
 ])
 def test_a_bad_frame_drops_its_connection_and_the_writer_goes_on(
         service_env, start_service, frame):
@@ -478,3 +510,64 @@ def test_a_bad_frame_drops_its_connection_and_the_writer_goes_on(
     assert writer_pid(service) == pid
     assert post_to_service(service, env, callback(SID_A, "sent")).status_code == 200
     assert "Database writer: dropped a connection that sent a frame" in service.logs()
+
+
+@contextmanager
+def writer_process(database_url, socket_path, open_files, log_path):
+    """A writer process on `socket_path` started as Supervisor starts one, with its limit of
+    open files lowered to `open_files`, its output in `log_path`; yields its Popen."""
+    SQLiteEngine(database_url[len("sqlite:///"):]).migrate()
+    env = dict(os.environ, DATABASE_URL=database_url, TWILIO_SIMULATE="true",
+               PYTHONPATH=str(ROOT))
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sms_status.storage.writer", socket_path, str(os.getpid())],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files)))
+    try:
+        wait_until(lambda: accepts(socket_path), 15, "the writer to listen")
+        yield process
+    finally:
+        process.send_signal(signal.SIGUSR1)
+        process.wait(timeout=15)
+        log.close()
+
+
+@sqlite_only
+@pytest.mark.parametrize("lowered", [
+    pytest.param(False, id="limit-at-start"),
+    # Lowered under a running writer, the limit it sized itself by no longer holds:
+    # accept() itself fails with EMFILE.
+    pytest.param(True, id="limit-lowered-while-running"),
+])
+def test_idle_connections_past_the_open_files_limit_never_stop_the_writer(
+        database_url, tmp_path, lowered):
+    socket_path, log_path = str(tmp_path / "socket"), tmp_path / "writer.log"
+    with writer_process(database_url, socket_path, 128, log_path) as process:
+        client = writer.Client(socket_path)
+        assert client.call("record_status", [SID_A, "sent"], {}, timeout=10) is True
+        if lowered:
+            in_use = len(os.listdir(f"/proc/{process.pid}/fd"))
+            resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (in_use + 40, 128))
+        idle = []
+        try:
+            for _ in range(300):
+                idle.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                idle[-1].connect(socket_path)
+            # A new connection, queued behind the idle ones, is accepted and answered.
+            late = writer.Client(socket_path)
+            assert late.call("record_status", [SID_B, "sent"], {}, timeout=10) is True
+            # The first connection was closed as the one idle longest: its next write
+            # goes over a new one.
+            assert client.call("record_status", [SID_A, "delivered"], {}, timeout=10) is True
+            assert process.poll() is None
+        finally:
+            for sock in idle:
+                sock.close()
+    assert sql_rows(database_url, "SELECT message_sid, status FROM status_events ORDER BY 1, 2"
+                    ) == [(SID_A, "delivered"), (SID_A, "sent"), (SID_B, "sent")]
+    logs = log_path.read_text()
+    assert ("accept() found no descriptor (EMFILE)" in logs) == lowered, logs
+    assert "closed the" in logs and "Traceback" not in logs
+    # Within the budget of warnings, however many connections came.
+    assert logs.count("WARNING") <= 30

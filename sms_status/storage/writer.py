@@ -23,16 +23,22 @@ see gunicorn.conf.py.)
 - Other processes that write the same file (a second server, `flask prune`) still take
   turns with it through sqlite.py's writers' queue, one batch at a time.
 - The socket lives in a folder of its own under $TMPDIR (or /tmp, when $TMPDIR is too deep
-  for a socket's path) that only the service's user can enter. Its messages are JSON: a
-  frame that is not a write of db.py's is refused, and only its connection is dropped.
+  for a socket's path) that only the service's user can enter, named by gunicorn's master's
+  pid so that a later start removes it if that master was killed. Its messages are JSON: a
+  frame that is not a write of db.py's is refused, and only its connection is dropped; so
+  is a connection whose answer cannot be sent. It keeps at most as many connections as its
+  descriptors allow, less those SQLite needs, closing the one idle longest past that; when
+  accept() still finds no descriptor, it pauses accepting briefly and serves the others.
 
 Outside gunicorn (`python app.py`, the flask commands, tests with Flask's test client),
 writes run in the calling thread.
 """
 
+import errno
 import json
 import logging
 import os
+import resource
 import selectors
 import shutil
 import signal
@@ -44,8 +50,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 
+from sms_status.serving import folders
 from sms_status.storage import OutcomeUnknown
 
 log = logging.getLogger("sms_status")
@@ -67,10 +75,20 @@ STATISTICS_INTERVAL_SECONDS = 3600
 RESTART_DELAY_SECONDS = 0.2
 # A unix socket's path must fit in sockaddr_un: 107 bytes on Linux, 103 on macOS.
 MAX_SOCKET_PATH_BYTES = 100
+# The socket's folder: sms-status-writer-<gunicorn master's pid>-...
+FOLDER_PREFIX = "sms-status-writer-"
 
 
 # A write's arguments are a few short strings and numbers; nothing near this size is sent.
 MAX_FRAME_BYTES = 1 << 20
+# Descriptors kept out of the connections' reach: the database's files for the writer's and
+# the checkpoints' connections, SQLite's temporary files, the listening socket, the logs.
+RESERVED_DESCRIPTORS = 64
+# How long the writer stops accepting when accept() finds no descriptor and no connection
+# can be closed to make one: long enough not to spin, short enough to go unnoticed.
+ACCEPT_PAUSE_SECONDS = 0.1
+# accept()'s errors that say the process or the system is out of descriptors or memory.
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class BadFrame(ValueError):
@@ -97,6 +115,8 @@ def take_messages(data):
             messages.append(json.loads(data[HEADER.size:end]))
         except ValueError:
             raise BadFrame("a frame that is not JSON") from None
+        except RecursionError:  # arrays or objects nested thousands deep
+            raise BadFrame("a frame nested too deep") from None
         data = data[end:]
     return messages, data
 
@@ -338,9 +358,134 @@ class WalLimit:
             self.last_problem = problem
 
 
+class Connections:
+    """The workers' connections to the writer, the listening socket and what waits on them.
+
+    A connection's troubles stay in it: a bad frame, or an answer that cannot be sent,
+    closes that connection only. Each connection holds a descriptor that SQLite may need to
+    open a file with, so past `limit` of them the one idle longest is closed (a worker's
+    thread reconnects when it next writes, see Client.call); and when accept() finds no
+    descriptor all the same, the writer closes the one idle longest, or with none to close
+    stops accepting for ACCEPT_PAUSE_SECONDS, and goes on serving the others.
+    """
+
+    def __init__(self, listener, limit, warnings):
+        self.listener, self.limit, self.warnings = listener, limit, warnings
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(listener, selectors.EVENT_READ)
+        # Per connection, least recently heard from first: the bytes of a frame not yet
+        # complete.
+        self.received = OrderedDict()
+        self.paused_until = None
+
+    def ready(self, timeout):
+        """The sockets with something to read (the listener: a connection to accept)."""
+        if self.paused_until is not None:
+            left = self.paused_until - time.monotonic()
+            if left > 0:
+                timeout = min(timeout, left)
+            else:
+                self.paused_until = None
+                self.selector.register(self.listener, selectors.EVENT_READ)
+        return [key.fileobj for key, _ in self.selector.select(timeout=timeout)]
+
+    def accept(self):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError as error:
+            if error.errno not in OUT_OF_DESCRIPTORS:
+                return  # that connection is gone already (ECONNABORTED); not ours to fix
+            # The limit of open files may have been lowered since the start (prlimit):
+            # SQLite's files need their share of what is left.
+            self.limit = min(self.limit, connection_limit())
+            if self.received:
+                self.close_idlest("accept() found no descriptor (%s)" % errno.errorcode.get(
+                    error.errno, error.errno), keep=min(self.limit, len(self.received) - 1))
+            else:
+                self.warn("Database writer: accept() found no descriptor (%s) and no "
+                          "connection to close; not accepting for %g s",
+                          errno.errorcode.get(error.errno, error.errno), ACCEPT_PAUSE_SECONDS)
+                self.selector.unregister(self.listener)
+                self.paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+            return
+        self.selector.register(conn, selectors.EVENT_READ)
+        self.received[conn] = b""
+        if len(self.received) > self.limit:
+            self.close_idlest(f"{self.limit} connections, the most it keeps", keep=self.limit)
+
+    def receive(self, sock, functions):
+        """The writes that arrived on `sock`, as [(name, args, kwargs)]; [] when it was
+        closed instead (by the worker, or here for what it sent)."""
+        try:
+            data = sock.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data:  # the worker closed it (its thread gave up, or it exited)
+            self.close(sock)
+            return []
+        self.received.move_to_end(sock)
+        try:
+            messages, self.received[sock] = take_messages(self.received[sock] + data)
+            return [check_write(message, functions) for message in messages]
+        except BadFrame as error:
+            self.warn("Database writer: dropped a connection that sent %s", error)
+        except Exception as error:  # whatever else a frame causes ends its connection only
+            self.warn("Database writer: dropped a connection whose frame raised %s",
+                      type(error).__name__)
+        self.close(sock)
+        return []
+
+    def answer(self, sock, answer):
+        """Sends a write's answer; False if that closed the connection."""
+        try:
+            send_message(sock, answer)
+        except OSError:
+            pass  # its thread gave up waiting, and answered 503 already; recv() sees the end
+        except (TypeError, ValueError, RecursionError) as error:
+            self.warn("Database writer: dropped a connection whose answer could not be sent "
+                      "(%s)", type(error).__name__)
+            self.close(sock)
+            return False
+        return True
+
+    def close_idlest(self, reason, keep):
+        """Closes the connections idle longest until `keep` are left."""
+        closing = len(self.received) - keep
+        self.warn("Database writer: %s; closed the %d connections idle longest", reason,
+                  closing)
+        for _ in range(closing):
+            self.close(next(iter(self.received)))
+
+    def close(self, sock):
+        self.selector.unregister(sock)
+        sock.close()
+        del self.received[sock]
+
+    def warn(self, message, *args):
+        """A warning within the writer's budget; the next one written says how many were left
+        out, so that nobody can flood the log by connecting."""
+        dropped = self.warnings.take(time.monotonic())
+        if dropped is None:
+            return
+        if dropped:
+            message += " (%d more such warnings were not logged before this one)"
+            args += (dropped,)
+        log.warning(message, *args)
+
+
+def connection_limit():
+    """How many connections the writer keeps: its descriptors, less RESERVED_DESCRIPTORS."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(soft - RESERVED_DESCRIPTORS, 16)
+
+
 def serve(engine, listener, functions, master):
     """Answers the workers until SIGUSR1 (from Supervisor.stop), or until gunicorn's master
     (the process `master`) is gone."""
+    from sms_status.web.logs import LogBudget
+
     stopping = []
     signal.signal(signal.SIGUSR1, lambda *_: stopping.append(True))
     # A process manager may send SIGTERM to every process of the service at once (systemd
@@ -350,51 +495,30 @@ def serve(engine, listener, functions, master):
                                     name="checkpoints", daemon=True)
     checkpointer.start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
-    received = {}  # per connection: bytes of a request not yet complete
+    connections = Connections(listener, connection_limit(), LogBudget())
     wal_limit = WalLimit(engine)
     statistics_due = time.monotonic() + STATISTICS_INTERVAL_SECONDS
     while not stopping and os.getppid() == master:
         batch = []
-        ready = selector.select(timeout=0.5)
+        ready = connections.ready(timeout=0.5)
         if len(ready) > 1:
             # Writes are arriving together: wait a moment for more, so that one commit
             # (and one wake-up of this process) serves more of them. A lone write is not
             # kept waiting. PostgreSQL's commit_delay and commit_siblings do the same.
             time.sleep(GATHER_SECONDS)
-            ready = selector.select(timeout=0)
-        for key, _ in ready:
-            sock = key.fileobj
+            ready = connections.ready(timeout=0)
+        for sock in ready:
             if sock is listener:
-                conn, _ = listener.accept()
-                selector.register(conn, selectors.EVENT_READ)
-                received[conn] = b""
-                continue
-            try:
-                data = sock.recv(1 << 16)
-            except OSError:
-                data = b""
-            try:
-                if not data:  # the worker closed it (its thread gave up, or it exited)
-                    raise EOFError
-                messages, received[sock] = take_messages(received[sock] + data)
-                batch += [(sock, check_write(message, functions)) for message in messages]
-            except (EOFError, BadFrame) as error:
-                if isinstance(error, BadFrame):
-                    log.warning("Database writer: dropped a connection that sent %s", error)
-                # Its writes of this round go too: they could not be answered.
-                batch = [(other, write) for other, write in batch if other is not sock]
-                selector.unregister(sock)
-                sock.close()
-                del received[sock]
+                connections.accept()
+            elif sock in connections.received:  # not closed meanwhile to make room
+                batch += [(sock, write) for write in connections.receive(sock, functions)]
+        # The writes of connections closed this round go too: they could not be answered.
+        batch = [(sock, write) for sock, write in batch if sock in connections.received]
         if batch:
             answers = run_batch(engine, [write for _, write in batch], functions)
             for (sock, _), answer in zip(batch, answers, strict=True):
-                try:
-                    send_message(sock, answer)
-                except OSError:
-                    pass  # its thread gave up waiting; it answered 503 already
+                if sock in connections.received:
+                    connections.answer(sock, answer)
             wal_limit.check()
         if time.monotonic() >= statistics_due:
             statistics_due += STATISTICS_INTERVAL_SECONDS
@@ -438,15 +562,16 @@ def main(argv):
 # --- in gunicorn's master: start the writer, restart it when it dies -----------------------
 
 def socket_directory():
-    """A new folder (mode 0700) for the writer's socket: under $TMPDIR, or under /tmp when
-    $TMPDIR is too deep for a socket's path."""
-    directory = tempfile.mkdtemp(prefix="sms-status-writer-")
+    """A new folder (mode 0700) for the writer's socket, named after gunicorn's master: under
+    $TMPDIR, or under /tmp when $TMPDIR is too deep for a socket's path. The folders of
+    killed masters there are removed first."""
+    directory = folders.make_folder(FOLDER_PREFIX)
     if len(os.fsencode(os.path.join(directory, "socket"))) <= MAX_SOCKET_PATH_BYTES:
         return directory
     os.rmdir(directory)
     log.warning("TMPDIR (%s) is too deep for a unix socket's path; the database writer's "
                 "socket goes under /tmp instead", tempfile.gettempdir())
-    return tempfile.mkdtemp(prefix="sms-status-writer-", dir="/tmp")
+    return folders.make_folder(FOLDER_PREFIX, "/tmp")
 
 
 def wait_for_end(process):
