@@ -1,19 +1,22 @@
 """The /send-sms flow: idempotency keys, abuse limits, the Twilio send, and storing it.
 
+Plain inputs in, a SendOutcome out: the flow reads no request and builds no response, so it
+runs the same without Flask. web/send.py reads the request and turns the outcome into the
+HTTP answer.
+
 Order matters: a replay of a keyed request is answered before any limit is checked, and
 limits are checked before anything reaches Twilio.
 """
 
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
 import math
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
-from flask import Response, current_app, g, jsonify, request
-
-from sms_status import metrics, rules, twilio_api, webhooks
+from sms_status import metrics, rules, twilio_api
 from sms_status.storage import records as db
 
 log = logging.getLogger("sms_status")
@@ -22,38 +25,88 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 IDEMPOTENCY_KEY_LIFETIME_SECONDS = 24 * 3600
 
 
-class SendAnswer(NamedTuple):
-    """A send's HTTP answer, and whether an Idempotency-Key keeps it for replays (answers
-    that say "try again later" are not kept, so a retry with the key can go through)."""
+@dataclasses.dataclass(frozen=True)
+class SendOutcome:
+    """What a send came to: the answer's status, its JSON body and extra headers.
 
-    response: Response
-    keep_for_replay: bool
+    `replayable`: whether an Idempotency-Key keeps this answer for replays (answers that say
+    "try again later" are not kept, so a retry with the key can go through).
+    `twilio_called`: whether this request asked Twilio to send.
+    `kept_text`: a replay's answer, exactly as it was kept.
+    """
+
+    status: int
+    body: dict
+    headers: dict = dataclasses.field(default_factory=dict)
+    replayable: bool = True
+    twilio_called: bool = False
+    kept_text: str | None = None
+
+    @property
+    def text(self):
+        """The body as it is answered: a replay's kept text, else the body as JSON."""
+        return self.kept_text if self.kept_text is not None else json_text(self.body)
 
 
-def send_error(status, message, details=None, code=None, retry_after=None):
+def json_text(body):
+    """An answer's JSON text, as Flask's jsonify writes it: compact, keys sorted, ASCII,
+    a final newline."""
+    return json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n"
+
+
+def send_error(status, error, details=None, code=None, retry_after=None, replayable=True):
     """The /send-sms failure shape: {"success": false, "error", "details", "code"}."""
-    response = jsonify({"success": False, "error": message, "details": details, "code": code})
-    response.status_code = status
-    if retry_after:
-        response.headers["Retry-After"] = str(retry_after)
-    return response
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    body = {"success": False, "error": error, "details": details, "code": code}
+    return SendOutcome(status, body, headers, replayable)
 
 
-def send_with_idempotency_key(key, payload):
+@dataclasses.dataclass(frozen=True)
+class SendContext:
+    """What a send uses: the configuration, the storage engine, the Twilio client, the
+    clock, and the status webhooks' delivery loop (None while they are off)."""
+
+    config: Any
+    storage: Any
+    twilio: Any
+    clock: Callable[[], float]
+    webhooks: Any = None
+
+
+class Ready(NamedTuple):
+    """A send that passed every check, with its place under the hourly limits (or None)."""
+
+    to: str
+    body: str
+    reference: str | None
+    reservation: int | None
+
+
+def send_sms(context, payload, raw_body=b"", idempotency_key=None):
+    """Answers one POST /send-sms: `payload` is the parsed JSON body (None when it is not
+    JSON), `raw_body` the body's bytes, `idempotency_key` the header's value or None.
+
+    Raises the storage's DATABASE_ERRORS when the database fails before Twilio is asked.
+    """
+    if idempotency_key is None:
+        return checked_send(context, payload)
+    return send_with_idempotency_key(context, idempotency_key, payload, raw_body)
+
+
+def send_with_idempotency_key(context, key, payload, raw_body=b""):
     """Answers a repeat of a keyed request from what was kept, and sends the first one once.
 
-    The key is claimed in SQLite before anything is sent, so two requests with one key
-    never both reach Twilio, whichever workers or threads they land on.
+    The key is claimed in the database before anything is sent, so two requests with one
+    key never both reach Twilio, whichever workers or threads they land on.
     """
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
         return send_error(400, f"The Idempotency-Key header must be 1 to "
-                               f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters")
-    config = current_app.config["SERVICE"]
-    now = current_app.config["CLOCK"]()
-    storage = db.get_db()
+                               f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters", replayable=False)
+    config, storage = context.config, context.storage
+    now = context.clock()
     scope = hashlib.sha256((config.api_key or "").encode()).hexdigest()[:32]
     state, kept = db.reserve_idempotency_key(
-        storage, scope, key, request_fingerprint(config, payload), now,
+        storage, scope, key, request_fingerprint(config, payload, raw_body), now,
         expire_before=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS,
         stale_before=now - 2 * config.twilio_timeout,
     )
@@ -61,43 +114,44 @@ def send_with_idempotency_key(key, payload):
         return replayed(*kept)
     if state == "mismatch":
         return send_error(422, "This Idempotency-Key was already used for a different request "
-                               "(recipient or body); use a new key for a new message")
+                               "(recipient or body); use a new key for a new message",
+                          replayable=False)
     if state == "in_flight":
         return send_error(409, "A request with this Idempotency-Key is still being processed; "
-                               "retry in a few seconds to get its answer")
+                               "retry in a few seconds to get its answer", replayable=False)
     if state == "stale":
-        response = send_error(
+        unknown = send_error(
             504, "The first request with this Idempotency-Key did not finish",
             details="The message may or may not have been sent; it will not be sent again "
                     "under this key. Check GET /get-status or let reconciliation settle it.",
         )
-        db.save_idempotent_response(storage, scope, key, 504, response.get_data(as_text=True))
-        return replayed(504, response.get_data(as_text=True))
+        db.save_idempotent_response(storage, scope, key, 504, unknown.text)
+        return replayed(504, unknown.text)
 
     try:
-        answer = checked_send(payload)
+        checked = check_send(context, payload)
     except Exception:
-        if not g.get("twilio_called"):
-            # Nothing was sent (a database error, say): free the key so a retry can go ahead.
-            try:
-                db.release_idempotency_key(storage, scope, key)
-            except db.DATABASE_ERRORS as error:
-                log.error("Could not release an Idempotency-Key: %s", db.describe_error(error))
+        # Nothing was sent (a database error, say): free the key so a retry can go ahead.
+        try:
+            db.release_idempotency_key(storage, scope, key)
+        except db.DATABASE_ERRORS as error:
+            log.error("Could not release an Idempotency-Key: %s", storage.describe_error(error))
         raise
+    # Past this point Twilio may have been asked: whatever happens, the key stays claimed.
+    outcome = checked if isinstance(checked, SendOutcome) else send_and_record(context, checked)
     try:
-        if answer.keep_for_replay:
-            db.save_idempotent_response(storage, scope, key, answer.response.status_code,
-                                        answer.response.get_data(as_text=True))
+        if outcome.replayable:
+            db.save_idempotent_response(storage, scope, key, outcome.status, outcome.text)
         else:
             db.release_idempotency_key(storage, scope, key)
     except db.DATABASE_ERRORS as error:
         # The key stays claimed, so a retry is answered as an unknown outcome, never re-sent.
         log.error("Could not keep the answer for an Idempotency-Key: %s",
-                  db.describe_error(error))
-    return answer.response
+                  storage.describe_error(error))
+    return outcome
 
 
-def request_fingerprint(config, payload):
+def request_fingerprint(config, payload, raw_body=b""):
     """A keyed hash of the request's shape, recipient and body: bodies (one-time codes) are
     not kept in clear.
 
@@ -112,19 +166,27 @@ def request_fingerprint(config, payload):
             fields.append(payload["reference"])
         material = json.dumps(fields)
     else:
-        material = json.dumps(["raw", request.get_data(as_text=True)])
+        material = json.dumps(["raw", raw_body.decode(errors="replace")])
     secret = (config.api_key or config.auth_token).encode()
     return hmac.new(secret, material.encode(), hashlib.sha256).hexdigest()
 
 
-def replayed(status_code, body):
-    response = current_app.response_class(body, status=status_code, mimetype="application/json")
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
+def replayed(status, text):
+    """The answer kept under an Idempotency-Key, answered again exactly as it was."""
+    return SendOutcome(status, json.loads(text), {"Idempotent-Replayed": "true"},
+                       kept_text=text)
 
 
-def checked_send(payload):
-    """Validates, applies the abuse limits, then sends; returns a SendAnswer.
+def checked_send(context, payload):
+    """Validates, applies the abuse limits, then sends; returns a SendOutcome."""
+    checked = check_send(context, payload)
+    if isinstance(checked, SendOutcome):
+        return checked
+    return send_and_record(context, checked)
+
+
+def check_send(context, payload):
+    """Validates and applies the abuse limits: a SendOutcome refusing the send, or Ready.
 
     Answers that say "try again later" are not kept under an idempotency key, so a later
     retry with the same key can go through.
@@ -132,28 +194,25 @@ def checked_send(payload):
     problem = rules.send_request_problem(payload)
     if problem:
         metrics.count_send("invalid")
-        return SendAnswer(send_error(400, problem), True)
-    config = current_app.config["SERVICE"]
+        return send_error(400, problem)
+    config = context.config
     to = payload["to"]
     if not rules.destination_allowed(to, config.allowed_destinations):
         log.warning("Refused send to %s: outside ALLOWED_DESTINATIONS", rules.mask_phone(to))
         metrics.count_send("destination_refused")
-        return SendAnswer(send_error(
-            403, "The recipient is outside this service's allowed destinations "
-                 f"(ALLOWED_DESTINATIONS={','.join(config.allowed_destinations)})",
-        ), True)
+        return send_error(403, "The recipient is outside this service's allowed destinations "
+                               f"(ALLOWED_DESTINATIONS={','.join(config.allowed_destinations)})")
     reservation = None
     limit, total = config.max_sends_per_recipient_per_hour, config.max_sends_per_hour
     if limit or total:
-        now = current_app.config["CLOCK"]()
-        place = db.reserve_send(db.get_db(), to, now, limit, total)
+        place = db.reserve_send(context.storage, to, context.clock(), limit, total)
         if place.reservation is None:
             metrics.count_send("limited")
             reached = place.limit_reached
-            return SendAnswer(limit_reached(to, reached, limit if reached == "recipient"
-                                            else total, place.wait_seconds), False)
+            return limit_reached(to, reached, limit if reached == "recipient" else total,
+                                 place.wait_seconds)
         reservation = place.reservation
-    return send_and_record(to, payload["body"], reservation, payload.get("reference"))
+    return Ready(to, payload["body"], payload.get("reference"), reservation)
 
 
 def limit_reached(to, reached, limit, wait):
@@ -170,67 +229,69 @@ def limit_reached(to, reached, limit, wait):
         message = (f"This service already has {limit} messages sent or being sent in the "
                    f"last hour, its limit for all recipients (MAX_SENDS_PER_HOUR={limit})")
     return send_error(429, f"{message}; retry after {retry_after} seconds",
-                      retry_after=retry_after)
+                      retry_after=retry_after, replayable=False)
 
 
-def release_reservation(reservation):
+def release_reservation(storage, reservation):
     """Gives the place back after a send Twilio certainly did not make."""
     try:
-        db.release_send(db.get_db(), reservation)
+        db.release_send(storage, reservation)
     except db.DATABASE_ERRORS as error:
         # The answer about the send matters more; the reservation expires within the hour.
         log.error("Could not give back a reservation under the hourly limits: %s",
-                  db.describe_error(error))
+                  storage.describe_error(error))
 
 
-def send_and_record(to, body, reservation=None, reference=None):
-    """Sends through Twilio, then stores the message; returns a SendAnswer.
+def send_and_record(context, ready):
+    """Sends through Twilio, then stores the message; returns a SendOutcome.
 
-    `reservation` is this send's place under the hourly limits: replaced by the stored
-    message on success, given back when Twilio certainly sent nothing, and otherwise
+    `ready.reservation` is this send's place under the hourly limits: replaced by the
+    stored message on success, given back when Twilio certainly sent nothing, and otherwise
     left counting for the hour it was made for (the outcome is unknown).
     """
-    config = current_app.config["SERVICE"]
+    config, storage = context.config, context.storage
+    to, reservation = ready.to, ready.reservation
     # The message's creation time, to the millisecond, on the service's own clock, read as
     # the send starts (Twilio's date_created has whole seconds, on Twilio's clock): sends
     # one after the other list in that order, and the time to delivery is measured on the
     # clock that times the callbacks.
-    now = db.stored_time(current_app.config["CLOCK"]())
-    g.twilio_called = True
+    now = db.stored_time(context.clock())
     try:
-        message = twilio_api.send_message(current_app.extensions["twilio"], config, to, body)
+        message = twilio_api.send_message(context.twilio, config, to, ready.body)
     except twilio_api.TwilioFailure as failure:
         metrics.count_send("rejected_by_twilio" if failure.http_status == 400
                            else "twilio_failed")
         if reservation is not None and (failure.http_status == 400 or failure.safe_to_retry):
-            release_reservation(reservation)
-        response = send_error(failure.http_status, failure.error, details=failure.details,
-                              code=failure.code, retry_after=failure.retry_after)
-        return SendAnswer(response, not failure.safe_to_retry)
+            release_reservation(storage, reservation)
+        outcome = send_error(failure.http_status, failure.error, details=failure.details,
+                             code=failure.code, retry_after=failure.retry_after,
+                             replayable=not failure.safe_to_retry)
+        return dataclasses.replace(outcome, twilio_called=True)
 
     metrics.count_send("sent")
     answer = {"success": True, "messageSid": message.sid, "status": message.status,
-              "reference": reference}
+              "reference": ready.reference}
     try:
         db.record_sent_message(
-            db.get_db(), message.sid,
+            storage, message.sid,
             account_sid=message.account_sid or config.account_sid,
             # The number the caller asked for, as the per-recipient limit checked it: Twilio
             # may answer with another form of it, which the limit would not count.
             to=to,
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
-            body=body if config.store_message_body else None,
+            body=ready.body if config.store_message_body else None,
             status=message.status, created_at=now, now=now, reservation=reservation,
-            reference=reference, events=webhooks.recording(current_app),
+            reference=ready.reference, events=context.webhooks is not None,
         )
-        webhooks.nudge(current_app)
+        if context.webhooks is not None:
+            context.webhooks.nudge()
     except db.DATABASE_ERRORS as error:
         log.error("Message %s was sent but could not be stored: %s", message.sid,
-                  db.describe_error(error))
+                  storage.describe_error(error))
         answer["warning"] = (
             "Twilio accepted the message but this service could not confirm that it recorded "
             "it; do not send it again. Its status callbacks are stored once the database "
             "recovers."
         )
     log.info("Sent %s to %s: %s", message.sid, rules.mask_phone(to), message.status)
-    return SendAnswer(jsonify(answer), True)
+    return SendOutcome(200, answer, twilio_called=True)

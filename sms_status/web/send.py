@@ -1,7 +1,11 @@
 """POST /send-sms, with the answer shape of its own that every one of its errors keeps:
-{"success": false, "error", "details", "code"} (the flow itself is in sending.py)."""
+{"success": false, "error", "details", "code"}.
 
-from flask import Blueprint, request
+The flow itself is in sending.py, without Flask: this module reads the request, gives the
+flow what it uses, and turns its SendOutcome into the HTTP answer.
+"""
+
+from flask import Blueprint, current_app, request
 
 from sms_status import sending
 from sms_status.storage import records as db
@@ -22,15 +26,34 @@ def send_sms():
         payload = request.get_json(force=True, silent=True)
     except RecursionError:  # nested too deeply for the JSON parser
         payload = None
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return sending.checked_send(payload).response
-    return sending.send_with_idempotency_key(key, payload)
+    outcome = sending.send_sms(send_context(), payload, raw_body=request.get_data(),
+                               idempotency_key=request.headers.get("Idempotency-Key"))
+    return answer(outcome)
+
+
+def send_context():
+    """What the send flow uses, from this app."""
+    return sending.SendContext(
+        config=current_app.config["SERVICE"],
+        storage=db.get_db(),
+        twilio=current_app.extensions["twilio"],
+        clock=current_app.config["CLOCK"],
+        webhooks=current_app.extensions.get("webhooks"),
+    )
+
+
+def answer(outcome):
+    """The HTTP answer of a send's outcome."""
+    response = current_app.response_class(outcome.text, status=outcome.status,
+                                          mimetype="application/json")
+    for name, value in outcome.headers.items():
+        response.headers[name] = value
+    return response
 
 
 @blueprint.errorhandler(413)
 def too_large(error):
-    return sending.send_error(413, http_error_message(error))
+    return answer(sending.send_error(413, http_error_message(error)))
 
 
 def database_error(error):
@@ -44,7 +67,7 @@ def database_error(error):
                    "key.")
     else:
         message = "The database could not complete the request; no SMS was sent. Try again."
-    return sending.send_error(503, message, retry_after=DATABASE_RETRY_AFTER_SECONDS)
+    return answer(sending.send_error(503, message, retry_after=DATABASE_RETRY_AFTER_SECONDS))
 
 
 for _error_class in db.DATABASE_ERRORS:
