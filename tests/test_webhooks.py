@@ -134,6 +134,39 @@ def test_reconcile_records_events_like_callbacks(webhook_app, webhook_client):
         ("message.queued", None), ("message.delivered", "queued")]
 
 
+def refuse_new_events(url, refused=True):
+    """Makes the database itself refuse (or accept again) every new webhook event."""
+    sqlite = url.startswith("sqlite:///")
+    if refused:
+        sql_rows(url, "CREATE TRIGGER refuse_events BEFORE INSERT ON webhook_events"
+                      " BEGIN SELECT RAISE(ABORT, 'events refused'); END" if sqlite else
+                      "ALTER TABLE webhook_events ADD CONSTRAINT refuse_events"
+                      " CHECK (false) NOT VALID")
+    else:
+        sql_rows(url, "DROP TRIGGER refuse_events" if sqlite else
+                      "ALTER TABLE webhook_events DROP CONSTRAINT refuse_events")
+
+
+@pytest.mark.parametrize("earlier", [[], ["sent"]], ids=["new message", "known message"])
+def test_a_status_is_never_stored_without_its_event(webhook_app, webhook_client, earlier):
+    """The status and its event commit together: when the event cannot be stored, neither
+    is, the callback gets a 503, and Twilio's retry stores both."""
+    sid, url = "SM" + "e4" * 16, app_database_url(webhook_app)
+    for status in earlier:
+        post(webhook_client, sid, status)
+    refuse_new_events(url)
+    params = callback(sid, "delivered")
+    answer = webhook_client.post("/message-status", data=params,
+                                 headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+    assert answer.status_code == 503, answer.get_json()
+    assert sql_rows(url, "SELECT latest_status FROM messages") == [(s,) for s in earlier]
+    assert sql_rows(url, "SELECT status FROM status_events") == [(s,) for s in earlier]
+    assert len(recorded_events(webhook_app)) == len(earlier)
+    refuse_new_events(url, refused=False)
+    post(webhook_client, sid, "delivered")
+    assert [kind for kind, _ in recorded_events(webhook_app)][-1] == "message.delivered"
+
+
 def test_without_a_webhook_url_nothing_is_recorded(app, client):
     post(client, "SM" + "e3" * 16, "delivered")
     assert recorded_events(app) == []
