@@ -1,5 +1,6 @@
 import threading
 
+import psycopg
 import pytest
 import requests
 from twilio.http.response import Response
@@ -13,6 +14,7 @@ from support import (
     callback,
     database_text,
     sql_rows,
+    wait_until,
 )
 from twilio_fakes import twilio_error
 
@@ -317,6 +319,36 @@ def test_the_service_wide_limit_holds_for_concurrent_sends_of_two_instances(make
         thread.join(30)
     assert sorted(statuses) == [200] * 4 + [429] * 8
     assert len(fake_twilio.creates) == 4
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_the_per_recipient_limit_holds_for_concurrent_sends_of_two_instances(make_app,
+                                                                             fake_twilio):
+    """With the service-wide limit off, only the recipient's advisory lock keeps concurrent
+    sends to one number from counting the same free places. Another connection holds the
+    reservations until every send waits for them, then lets them all go at once."""
+    instances = [make_app(MAX_SENDS_PER_HOUR="0", MAX_SENDS_PER_RECIPIENT_PER_HOUR="3",
+                          DATABASE_POOL_SIZE="12", storage_settings={"lock_timeout": 60})
+                 for _ in range(2)]
+    statuses = []
+
+    def post(n):
+        statuses.append(instances[n % 2].test_client().post(
+            "/send-sms", json={"to": "+15558675309", "body": "hi"}, headers=AUTH).status_code)
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(16)]
+    with psycopg.connect(app_database_url(instances[0])) as gate:
+        gate.execute("LOCK TABLE send_reservations IN ACCESS EXCLUSIVE MODE")
+        for thread in threads:
+            thread.start()
+        waiting = ("SELECT count(*) FROM pg_locks WHERE NOT granted AND database ="
+                   " (SELECT oid FROM pg_database WHERE datname = current_database())")
+        wait_until(lambda: gate.execute(waiting).fetchone()[0] >= 16, 30,
+                   "every send waiting for its reservation")
+    for thread in threads:
+        thread.join(60)
+    assert sorted(statuses) == [200] * 3 + [429] * 13
+    assert len(fake_twilio.creates) == 3
 
 
 def test_live_start_without_allowed_destinations_warns(make_app, caplog):

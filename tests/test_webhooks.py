@@ -14,6 +14,7 @@ from standardwebhooks import Webhook
 from twilio.http.response import Response
 
 from sms_status.config import read_config
+from sms_status.storage import outbox
 from sms_status.storage import records as db
 from support import (
     AUTH,
@@ -132,6 +133,39 @@ def test_reconcile_records_events_like_callbacks(webhook_app, webhook_client):
     assert result.exit_code == 0, result.output
     assert [(kind, data["previousStatus"]) for kind, data in recorded_events(webhook_app)] == [
         ("message.queued", None), ("message.delivered", "queued")]
+
+
+def refuse_new_events(url, refused=True):
+    """Makes the database itself refuse (or accept again) every new webhook event."""
+    sqlite = url.startswith("sqlite:///")
+    if refused:
+        sql_rows(url, "CREATE TRIGGER refuse_events BEFORE INSERT ON webhook_events"
+                      " BEGIN SELECT RAISE(ABORT, 'events refused'); END" if sqlite else
+                      "ALTER TABLE webhook_events ADD CONSTRAINT refuse_events"
+                      " CHECK (false) NOT VALID")
+    else:
+        sql_rows(url, "DROP TRIGGER refuse_events" if sqlite else
+                      "ALTER TABLE webhook_events DROP CONSTRAINT refuse_events")
+
+
+@pytest.mark.parametrize("earlier", [[], ["sent"]], ids=["new message", "known message"])
+def test_a_status_is_never_stored_without_its_event(webhook_app, webhook_client, earlier):
+    """The status and its event commit together: when the event cannot be stored, neither
+    is, the callback gets a 503, and Twilio's retry stores both."""
+    sid, url = "SM" + "e4" * 16, app_database_url(webhook_app)
+    for status in earlier:
+        post(webhook_client, sid, status)
+    refuse_new_events(url)
+    params = callback(sid, "delivered")
+    answer = webhook_client.post("/message-status", data=params,
+                                 headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+    assert answer.status_code == 503, answer.get_json()
+    assert sql_rows(url, "SELECT latest_status FROM messages") == [(s,) for s in earlier]
+    assert sql_rows(url, "SELECT status FROM status_events") == [(s,) for s in earlier]
+    assert len(recorded_events(webhook_app)) == len(earlier)
+    refuse_new_events(url, refused=False)
+    post(webhook_client, sid, "delivered")
+    assert [kind for kind, _ in recorded_events(webhook_app)][-1] == "message.delivered"
 
 
 def test_without_a_webhook_url_nothing_is_recorded(app, client):
@@ -366,6 +400,55 @@ def test_prune_removes_events_with_their_message_but_never_pending_ones(
     assert sql_rows(url, "SELECT message_sid, state FROM webhook_events") == [
         ("SM" + "b0" * 16, "pending")]
     assert [row[0] for row in sql_rows(url, "SELECT sid FROM messages")] == ["SM" + "b0" * 16]
+
+
+# --- claims and leases ----------------------------------------------------------------------
+
+def claim(lease, now):
+    """The ids of the events a claim at `now` leases for 60 s under `lease`."""
+    return [event["id"] for event in outbox.claim_webhook_events(db.get_db(), lease, now, 60, 16)]
+
+
+def settle(event_id, lease, at, error=None, next_at=None):
+    """Records one attempt's outcome; how many were recorded (0 or 1)."""
+    return outbox.settle_webhook_attempts(db.get_db(), [[
+        event_id, lease, db.stored_time(at), error,
+        None if next_at is None else db.stored_time(next_at)]])
+
+
+def test_no_event_is_claimed_while_another_of_its_message_is_leased(app):
+    """An event waiting for its retry lets the next event of its message go; once due
+    again, it still waits until that event's attempt has ended."""
+    sid, now = "SM" + "e5" * 16, time.time() + 1
+    with app.app_context():
+        for status in ("sent", "delivered"):
+            db.record_status(db.get_db(), sid, status, events=True)
+        [first] = claim("a", now)
+        assert claim("b", now + 1) == []
+        assert settle(first, "a", now + 2, error="HTTP 503", next_at=now + 10) == 1
+        [second] = claim("b", now + 3)
+        assert claim("c", now + 20) == [], "the first is due, but the second is leased"
+        assert settle(second, "b", now + 21) == 1
+        assert claim("c", now + 22) == [first]
+
+
+@pytest.mark.parametrize("error, next_at", [(None, None), ("HTTP 503", None),
+                                            ("HTTP 503", 600)],
+                         ids=["delivered", "given up", "retry"])
+def test_an_attempt_whose_lease_ran_out_records_nothing(app, error, next_at):
+    """The first claimer's attempt outlived its lease and another claimed the event: its
+    late outcome is ignored, and the new holder's is recorded."""
+    sid, now = "SM" + "e6" * 16, time.time() + 1
+    url = app_database_url(app)
+    state = "SELECT state, attempts, lease, last_error FROM webhook_events"
+    with app.app_context():
+        db.record_status(db.get_db(), sid, "sent", events=True)
+        [event] = claim("slow", now)
+        assert claim("next", now + 61) == [event]
+        assert settle(event, "slow", now + 62, error, next_at and now + next_at) == 0
+        assert sql_rows(url, state) == [("pending", 0, "next", None)]
+        assert settle(event, "next", now + 63) == 1
+    assert sql_rows(url, state) == [("delivered", 1, None, None)]
 
 
 # --- the log ---------------------------------------------------------------------------------
