@@ -1,7 +1,8 @@
 """Reads the service's configuration from the environment and checks all of it at once.
 
-Every problem is collected before anything fails, so one start-up message lists
-every variable to fix instead of making the operator fix them one restart at a time.
+Every variable is a row of SETTINGS, read the same way; the checks across variables follow.
+Every problem is collected before anything fails, so one start-up message lists every
+variable to fix instead of making the operator fix them one restart at a time.
 """
 
 import base64
