@@ -25,7 +25,6 @@ from sms_status.config import (
     ConfigError,
     parse_database_url,
     parse_webhook_secrets,
-    problems_with,
 )
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
 from sms_status.storage import outbox, reads
@@ -129,8 +128,8 @@ def named_storage(*variables, create=False, copying_from=None):
     `variables`) is valid; prints its name first. A SQLite file that is not there is
     refused, unless `create` (copy-database's destination): a command pointed at the wrong
     file would otherwise work on a new, empty database and report nothing to do."""
-    problems = problems_with(current_app.config["CONFIG_PROBLEMS"],
-                             DATABASE_VARIABLES + variables)
+    problems = [problem for problem in current_app.config["CONFIG_PROBLEMS"]
+                if problem.variable in DATABASE_VARIABLES + variables]
     if problems:
         raise ConfigurationProblem(str(ConfigError(problems)))
     storage = db.get_db()

@@ -518,6 +518,17 @@ def test_a_command_names_a_malformed_variable_it_uses(tmp_path):
     assert "TWILIO_ACCOUNT_SID" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_command_checks_the_variables_it_uses_not_words_in_other_problems(tmp_path):
+    """LOG_LEVEL's problem quotes DATABASE_URL, but prune does not use LOG_LEVEL."""
+    env = {"DATABASE_URL": "sqlite:///history.db", "TWILIO_SIMULATE": "true"}
+    create_app({**env, "DATABASE_URL": f"sqlite:///{tmp_path}/history.db"}
+               ).extensions["storage"].close()
+    result = flask_command(tmp_path, {**env, "LOG_LEVEL": "database_url"},
+                           "prune", "--older-than", "90d")
+    assert result.returncode == 0, result.stderr
+    assert "Removed 0 messages" in result.stdout
+
+
 @pytest.mark.parametrize("command", [
     pytest.param(["reconcile"], id="reconcile"),
     pytest.param(["prune", "--older-than", "90d"], id="prune"),

@@ -5,7 +5,15 @@ import sys
 
 import pytest
 
-from sms_status.config import VARIABLES, ConfigError, load_config
+from sms_status.config import (
+    DEFAULT_DATABASE_FILES,
+    SETTINGS,
+    SETTINGS_BY_NAME,
+    VARIABLES,
+    ConfigError,
+    load_config,
+    read_config,
+)
 from sms_status.storage import PostgresEngine, open_engine
 from support import ROOT, free_port, live_env, procfile_command, service_environment
 
@@ -249,3 +257,74 @@ def test_env_example_documents_exactly_the_variables_the_service_reads():
     text = (ROOT / ".env.example").read_text()
     documented = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, flags=re.M))
     assert documented == set(VARIABLES)
+
+
+def parsed(name, text):
+    return SETTINGS_BY_NAME[name].parse(text, name)
+
+
+def readme_configuration_rows():
+    """(variable names, meaning) of each row of the README's configuration table."""
+    table = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    return [(tuple(name for name in names if name), meaning) for *names, meaning in re.findall(
+        r"^\| `([A-Z_]+)`(?: or `([A-Z_]+)`)? \| (.*) \|$", table, re.M)]
+
+
+def test_defaults_stated_in_the_readme_are_the_settings_defaults():
+    stated = {}
+    for names, meaning in readme_configuration_rows():
+        found = re.findall(r"default `([^`]+)`|default (\d[\d.]*)|`([^`]+)` \(default\)", meaning)
+        if found:
+            assert len(names) == 1 and len(found) == 1, (names, found)
+            stated[names[0]] = "".join(found[0])
+    assert len(stated) >= 15, stated
+    for name, text in stated.items():
+        if name == "DATABASE_URL":  # a file of each mode's own, read_config's
+            assert text == DEFAULT_DATABASE_FILES[False]
+            continue
+        default = SETTINGS_BY_NAME[name].default
+        assert default is not None and parsed(name, text) == parsed(name, default), name
+
+
+def test_the_values_commented_out_in_env_example_are_the_defaults():
+    """A line `# NAME=value` shows the default of a setting that has one."""
+    text = (ROOT / ".env.example").read_text()
+    shown = dict(re.findall(r"^# ([A-Z][A-Z0-9_]+)=(.*)$", text, flags=re.M))
+    with_default = {name: value for name, value in shown.items()
+                    if SETTINGS_BY_NAME[name].default is not None}
+    assert len(with_default) >= 15, with_default
+    for name, value in with_default.items():
+        assert parsed(name, value) == parsed(name, SETTINGS_BY_NAME[name].default), name
+
+
+@pytest.mark.parametrize("name", [setting.name for setting in SETTINGS if setting.secret])
+@pytest.mark.parametrize("value", [
+    "s3cret-Q9", "whsec_s3cret-Q9 s3cret-Q9 s3cret-Q9", "postgres://u:s3cret-Q9@[::1/x",
+    "http://u:s3cret-Q9@example.com:99999/", "s3cret-Q9" * 8, "9999999",
+])
+def test_no_problem_repeats_a_secret(tmp_path, name, value):
+    env = live_env(tmp_path, STATUS_WEBHOOK_URL="https://hooks.example.com/x", PORT="x")
+    env[name] = value
+    _, found = read_config(env)
+    assert any(problem.variable == "PORT" for problem in found)
+    shown = "\n".join(found)
+    for part in ("s3cret-Q9", "9999999"):
+        assert part not in shown, shown
+
+
+def test_each_problem_knows_the_variable_it_is_about(tmp_path):
+    wrong = {"TWILIO_SIMULATE": "maybe", "PORT": "x", "TWILIO_ACCOUNT_SID": "AC1",
+             "TWILIO_AUTH_TOKEN": "your_auth_token", "TWILIO_PHONE_NUMBER": None,
+             "TWILIO_MESSAGING_SERVICE_SID": "MG1", "BASE_URL": "example.com",
+             "API_KEY": "short", "LOG_LEVEL": "database_url", "SQLITE_SYNCHRONOUS": "x",
+             "BODY_RETENTION": "x", "DATABASE_URL": "x", "DATABASE_POOL_SIZE": "0",
+             "TWILIO_TIMEOUT": "0", "STORE_MESSAGE_BODY": "x", "ALLOWED_DESTINATIONS": "1",
+             "MAX_SENDS_PER_RECIPIENT_PER_HOUR": "-1", "MAX_SENDS_PER_HOUR": "-1",
+             "TWILIO_SIMULATE_LATENCY_MS": "-1", "STATUS_WEBHOOK_URL": "ftp://x",
+             "STATUS_WEBHOOK_SECRET": "x", "STATUS_WEBHOOK_RETRY_SCHEDULE": "x",
+             "STATUS_WEBHOOK_TIMEOUT": "0"}
+    _, found = read_config(live_env(tmp_path, **wrong))
+    # One problem each, in the table's order; LOG_LEVEL's names DATABASE_URL in its text.
+    assert [problem.variable for problem in found] == [name for name in VARIABLES
+                                                       if wrong.get(name)]
+    assert all(problem.startswith(problem.variable) for problem in found), found

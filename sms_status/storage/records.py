@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from flask import current_app
 
-from sms_status.config import ConfigError
+from sms_status.config import ConfigError, Problem
 from sms_status.rules import FINAL_STATUSES, STATUS_RANK
 from sms_status.storage import (  # noqa: F401 (re-exported for the app)
     DATABASE_ERRORS,
@@ -65,21 +65,24 @@ def prepare(storage, mode=None):
     try:
         storage.migrate(mode)
     except DATABASE_ERRORS as error:
-        raise ConfigError(
-            [f"DATABASE_URL: cannot open {storage.label}: {storage.describe_error(error)}"]
+        raise ConfigError([Problem(
+            "DATABASE_URL",
+            f"DATABASE_URL: cannot open {storage.label}: {storage.describe_error(error)}")]
         ) from None
     except ModeConflict:
         fresh = storage.how_to_start_fresh
         if mode == "live":
-            raise ConfigError([
+            raise ConfigError([Problem(
+                "DATABASE_URL",
                 f"DATABASE_URL names {storage.label}, which was used in simulation: its "
                 "messages are simulated ones, never mixed with live ones. Go live with "
                 "another database (unset DATABASE_URL for sms_status.db, or name a new file "
-                f"or PostgreSQL database), or {fresh} to start fresh"]) from None
-        raise ConfigError([
+                f"or PostgreSQL database), or {fresh} to start fresh")]) from None
+        raise ConfigError([Problem(
+            "DATABASE_URL",
             f"DATABASE_URL names {storage.label}, which is used live: simulation never "
             "writes made-up messages into it. Unset DATABASE_URL to simulate with "
-            "sms_status_simulated.db, or name another database"]) from None
+            "sms_status_simulated.db, or name another database")]) from None
 
 
 def recorded_mode(storage):
