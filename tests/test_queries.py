@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twilio.http.response import Response
 
-from sms_status.storage import outbox, reads, times
+from sms_status.storage import SQLiteEngine, outbox, reads, times
 from sms_status.storage import records as db
 from support import (
     AUTH,
@@ -462,20 +462,21 @@ def test_a_window_is_read_in_contiguous_stretches_of_bounded_rows(per_minute):
     """Each statement of a window's counts reads a bounded number of rows, whatever the
     window's density, and the stretches cover the window exactly once."""
     since, until = "2026-10-01T00:00:00.000Z", "2026-10-31T00:00:00.123Z"
-    stretches, covered = reads.Stretches(since, until), []
+    stretches, covered = reads.Stretches(SQLiteEngine("unused.db"), since, until), []
+    wanted = SQLiteEngine.features.rows_per_window_statement
     for start, stop in stretches:
         rows = (times.milliseconds_of(stop) - times.milliseconds_of(start)) * per_minute // 60_000
-        assert rows <= 2 * reads.STRETCH_ROWS, (start, stop, rows)
+        assert rows <= 2 * wanted, (start, stop, rows)
         stretches.counted(rows)
         covered.append((start, stop))
     assert covered[0][0] == since and covered[-1][1] == until
     assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(covered))
-    assert len(covered) < 60 + 30 * 24 * 60 * per_minute // reads.STRETCH_ROWS
+    assert len(covered) < 60 + 30 * 24 * 60 * per_minute // wanted
 
 
 def test_stats_read_a_window_in_short_statements_and_count_it_whole(make_app, database_url):
-    """A month of 45,000 messages is read in stretches, each its own statement (seen on
-    SQLite, which runs them on this thread's connection), and counted whole."""
+    """A month of 45,000 messages is counted whole, on SQLite in stretches, each its own
+    statement (seen on this thread's connection)."""
     app = make_app()
     fill_messages(database_url, 45_000, first="2026-10-01T00:00:00Z", every=57)
     storage, statements = app.extensions["storage"], []

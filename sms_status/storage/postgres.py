@@ -53,6 +53,9 @@ class Features:
 
     writer_process = False  # writes run side by side in the request threads
     online_backup = False  # pg_dump does that
+    # A window's counts in one statement each: a snapshot held meanwhile grows nothing, and
+    # each statement borrows a pooled connection again.
+    rows_per_window_statement = None
 
 
 @functools.lru_cache(maxsize=256)

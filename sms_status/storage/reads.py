@@ -3,8 +3,8 @@ their SQL, written once for both engines, returning rows. Their parameters and t
 their answers are listing.py's (the chart's, overview.py's).
 
 Every query walks one of schema.py's QUERY_INDEXES in the order it asks for, so a page or
-a window costs what it returns, not the size of the table. A window's counts are read in
-stretches of about STRETCH_ROWS rows, each its own short statement (see Stretches).
+a window costs what it returns, not the size of the table. On SQLite a window's counts are
+read in stretches of a bounded number of rows, each its own short statement (Stretches).
 """
 
 from collections import Counter
@@ -57,8 +57,6 @@ DISTINCT_STATUSES = (
 )
 
 
-# Rows one statement of a window's counts reads, about: some tens of milliseconds of work.
-STRETCH_ROWS = 50_000
 FIRST_STRETCH_MS = 60_000  # a minute: nothing is known of the window yet
 SHORTEST_STRETCH_MS = 1_000
 
@@ -66,7 +64,8 @@ SHORTEST_STRETCH_MS = 1_000
 class Stretches:
     """The window [since, until) (stored times) as consecutive stretches, each to be read by
     a statement of its own; `counted(rows)` after each says how many rows it read, and the
-    next stretch is sized to hold about STRETCH_ROWS of them.
+    next stretch is sized to hold about the engine's `rows_per_window_statement` of them
+    (None: the whole window in one).
 
     Why: on SQLite a statement holds its snapshot of the WAL until it ends, and the WAL is
     rewound to its start only when no reader holds an older one. A month of a million
@@ -75,14 +74,18 @@ class Stretches:
     statements leave gaps the writer's checkpoint gets through (writer.py's WalLimit).
     """
 
-    def __init__(self, since, until):
+    def __init__(self, storage, since, until):
         self.since, self.until = since, until
+        self.rows_per_statement = storage.features.rows_per_window_statement
         self.rows = 0
 
     def counted(self, rows):
         self.rows = rows
 
     def __iter__(self):
+        if self.rows_per_statement is None:
+            yield self.since, self.until
+            return
         start, end = milliseconds_of(self.since), milliseconds_of(self.until)
         span = FIRST_STRETCH_MS
         while start < end:
@@ -90,9 +93,9 @@ class Stretches:
             self.rows = 0
             yield (stored_time_of_milliseconds(start),
                    self.until if stop == end else stored_time_of_milliseconds(stop))
-            # As many milliseconds as held about STRETCH_ROWS rows, growing at most fourfold.
+            # As many milliseconds as held about the rows wanted, growing at most fourfold.
             span = max(SHORTEST_STRETCH_MS,
-                       min(4 * span, span * STRETCH_ROWS // max(self.rows, 1)))
+                       min(4 * span, span * self.rows_per_statement // max(self.rows, 1)))
             start = stop
 
 
@@ -100,7 +103,7 @@ def count_in_stretches(storage, sql, params, since, until):
     """(messages, idle) summed over [since, until), a statement per stretch: `sql` selects
     the columns `messages` (the rows it read) and `idle`, and ends with `created_at >= ? AND
     created_at < ?`."""
-    stretches, messages, idle = Stretches(since, until), 0, 0
+    stretches, messages, idle = Stretches(storage, since, until), 0, 0
     for start, stop in stretches:
         row = storage.query(sql, (*params, start, stop))[0]
         stretches.counted(row["messages"])
@@ -112,7 +115,7 @@ def grouped_in_stretches(storage, column, since, until):
     """{value of `column`: how many messages} of the messages created in [since, until),
     a statement per stretch; NULL is counted too (under None), so that each stretch's rows
     read are known."""
-    stretches, counts = Stretches(since, until), Counter()
+    stretches, counts = Stretches(storage, since, until), Counter()
     for start, stop in stretches:
         rows = storage.query(
             f"SELECT {column} AS value, count(*) AS messages FROM messages"

@@ -50,6 +50,10 @@ class Features:
 
     writer_process = True  # under gunicorn, one process makes every write (writer.py)
     online_backup = True  # `flask backup` copies the file while the service runs
+    # A statement holds its snapshot of the WAL until it ends: a window's counts are read in
+    # statements of about this many rows, so that readers never keep the WAL from being
+    # rewound (storage/reads.py's Stretches).
+    rows_per_window_statement = 50_000
 
 
 class SQLiteConnection(sqlite3.Connection):
