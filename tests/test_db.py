@@ -15,7 +15,7 @@ from sms_status.config import ConfigError
 from sms_status.storage import DATABASE_ERRORS, SQLiteEngine, open_engine
 from sms_status.storage import records as db
 from sms_status.storage.postgres import PostgresEngine
-from sms_status.storage.schema import SCHEMA_VERSION, SQLITE_MIGRATIONS
+from sms_status.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from support import (
     AUTH,
     callback,
@@ -42,7 +42,8 @@ def schema_version(url):
 def test_older_database_is_migrated_in_place(database_url):
     path = database_url[len("sqlite:///"):]
     conn = sqlite3.connect(path)
-    conn.executescript(SQLITE_MIGRATIONS[0][1])
+    for statement in MIGRATIONS[0][1]:
+        conn.execute(statement)
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO messages (sid, latest_status, created_at, updated_at)"
                  " VALUES ('SM1', 'sent', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')")

@@ -23,10 +23,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from sms_status.storage.schema import (
     MIGRATION_LOCK,
-    POSTGRES_MIGRATIONS,
     RECORD_MODE,
     SCHEMA_VERSION,
     ModeConflict,
+    migrations,
     newer_schema,
     postgres_seconds_between,
 )
@@ -184,9 +184,8 @@ class PostgresEngine:
             version = row["version"] or 0
             if newer_schema(version):
                 raise psycopg.DataError(newer_schema(version))
-            for target, script in POSTGRES_MIGRATIONS:
-                if target > version:
-                    conn.execute(script)
+            for statement in migrations("postgres", version):
+                conn.execute(statement)
             if version < SCHEMA_VERSION:
                 conn.execute("DELETE FROM schema_version")
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)",

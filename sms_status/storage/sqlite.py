@@ -21,8 +21,8 @@ from urllib.parse import quote
 from sms_status.storage.schema import (
     RECORD_MODE,
     SCHEMA_VERSION,
-    SQLITE_MIGRATIONS,
     ModeConflict,
+    migrations,
     newer_schema,
     sqlite_seconds_between,
 )
@@ -382,12 +382,8 @@ class SQLiteEngine:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if newer_schema(version):
                     raise sqlite3.DatabaseError(newer_schema(version))
-                # Statements are split on ';': the migrations hold no ';' inside a statement.
-                for target, script in SQLITE_MIGRATIONS:
-                    if target > version:
-                        for statement in script.split(";"):
-                            if statement.strip():
-                                conn.execute(statement)
+                for statement in migrations("sqlite", version):
+                    conn.execute(statement)
                 if version < SCHEMA_VERSION:
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 _analyze(conn)
