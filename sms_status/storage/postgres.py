@@ -201,6 +201,13 @@ class PostgresEngine:
         """Nothing to do: PostgreSQL's autovacuum and its own WAL recycling reclaim space."""
         return True
 
+    def columns(self, table):
+        """The names of a table's columns, in their order."""
+        return [row["name"] for row in self.query(
+            "SELECT column_name AS name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ?"
+            " ORDER BY ordinal_position", (table,))]
+
     seconds_between = staticmethod(postgres_seconds_between)
     # The next message's storage order: a sequence, so concurrent transactions never wait
     # for each other for it (a rolled-back one leaves a gap, which orders nothing wrongly).

@@ -464,6 +464,11 @@ class SQLiteEngine:
             os.close(directory)
         return messages
 
+    def columns(self, table):
+        """The names of a table's columns, in their order."""
+        return [row["name"] for row in self.query(
+            "SELECT name FROM pragma_table_info(?) ORDER BY cid", (table,))]
+
     seconds_between = staticmethod(sqlite_seconds_between)
     # The next message's storage order: SQLite runs one write at a time, so one more than
     # the largest (an index seek) is larger than every stored message's.
