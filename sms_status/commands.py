@@ -404,6 +404,8 @@ def copy_database(source_url, progress_every):
             copied = db.copy_history(
                 source, target, keys_created_after=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS,
                 progress=progress)
+    except db.ColumnsMissing as error:
+        raise click.ClickException(str(error)) from None
     except db.DATABASE_ERRORS as error:
         raise click.ClickException(
             f"database error: {target.describe_error(source.describe_error(error))}") from None

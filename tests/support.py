@@ -24,7 +24,7 @@ from twilio.request_validator import RequestValidator
 
 from sms_status.config import VARIABLES
 from sms_status.storage import PostgresEngine, SQLiteEngine
-from sms_status.storage.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
+from sms_status.storage.schema import MIGRATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,19 +121,21 @@ def count_rows_at(database_url, table):
 
 def database_at_version(database_url, version):
     """Creates, in an empty database, the schema an older release left at `version`, with
-    the service's own migrations up to it (PostgreSQL's first one reaches version 5)."""
+    the service's own migrations up to it (PostgreSQL's baseline reaches version 5)."""
     if database_url.startswith("sqlite:///"):
         conn = sqlite3.connect(database_url[len("sqlite:///"):])
-        for target, script in SQLITE_MIGRATIONS:
+        for target, statements, _ in MIGRATIONS:
             if target <= version:
-                conn.executescript(script)
+                for statement in statements:
+                    conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {version}")
         conn.commit()
         conn.close()
         return
-    for target, script in POSTGRES_MIGRATIONS:
-        if target <= version:
-            sql_rows(database_url, script)
+    for target, _, statements in MIGRATIONS:
+        if target <= version and statements is not None:
+            for statement in statements:
+                sql_rows(database_url, statement)
     sql_rows(database_url, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
     sql_rows(database_url, "INSERT INTO schema_version VALUES (?)", (version,))
 

@@ -374,6 +374,38 @@ def test_copy_database_keeps_the_order_messages_were_stored_in(app, make_app, tm
     assert listed(app) == ["SM2", "SM1", "SM3"]
 
 
+def test_copy_database_copies_every_column_of_the_destination(app, make_app, tmp_path):
+    """A column a later version adds to messages is copied with the rest, without a list of
+    columns to keep up to date."""
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = make_app(DATABASE_URL=url)
+    with old.app_context():
+        db.record_status(db.get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
+    for database in (url, app_database_url(app)):
+        sql_rows(database, "ALTER TABLE messages ADD COLUMN carrier TEXT")
+    sql_rows(url, "UPDATE messages SET carrier = 'acme' WHERE sid = 'SM1'")
+
+    result = run(app, "copy-database", "--from", url)
+    assert result.exit_code == 0, result.output
+    assert sql_rows(app_database_url(app), "SELECT sid, carrier FROM messages") == [
+        ("SM1", "acme")]
+
+
+def test_copy_database_refuses_a_source_without_a_column_of_the_destination(
+        app, make_app, tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = make_app(DATABASE_URL=url)
+    with old.app_context():
+        db.record_status(db.get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
+    sql_rows(app_database_url(app), "ALTER TABLE messages ADD COLUMN carrier TEXT")
+
+    result = run(app, "copy-database", "--from", url)
+    assert result.exit_code == 1, result.output
+    assert f"{tmp_path}/old.db has no column messages.carrier, which " in result.output
+    assert "nothing was copied" in result.output and "Traceback" not in result.output
+    assert count_rows(app, "messages") == 0
+
+
 def test_copy_database_refuses_to_copy_a_database_onto_itself(app):
     config = app.config["SERVICE"]
     itself = config.database_url

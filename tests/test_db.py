@@ -15,7 +15,7 @@ from sms_status.config import ConfigError
 from sms_status.storage import DATABASE_ERRORS, SQLiteEngine, open_engine
 from sms_status.storage import records as db
 from sms_status.storage.postgres import PostgresEngine
-from sms_status.storage.schema import SCHEMA_VERSION, SQLITE_MIGRATIONS
+from sms_status.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from support import (
     AUTH,
     callback,
@@ -42,7 +42,8 @@ def schema_version(url):
 def test_older_database_is_migrated_in_place(database_url):
     path = database_url[len("sqlite:///"):]
     conn = sqlite3.connect(path)
-    conn.executescript(SQLITE_MIGRATIONS[0][1])
+    for statement in MIGRATIONS[0][1]:
+        conn.execute(statement)
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO messages (sid, latest_status, created_at, updated_at)"
                  " VALUES ('SM1', 'sent', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')")
@@ -236,6 +237,119 @@ def test_upgrading_to_version_9_gives_stored_messages_a_storage_order(database_u
     else:
         assert order == ["SM3", "SM1", "SM2", "SM0"]
     engine.close()
+
+
+def test_migrations_are_one_row_per_version_with_lists_of_statements():
+    """A row's statements are lists (a bare string would run letter by letter), and
+    PostgreSQL's are missing only before its baseline, the first row it has."""
+    assert [row[0] for row in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+    baseline = next(version for version, _, postgres in MIGRATIONS if postgres is not None)
+    for version, sqlite, postgres in MIGRATIONS:
+        assert isinstance(sqlite, list) and all(isinstance(s, str) for s in sqlite), version
+        if version >= baseline:
+            assert isinstance(postgres, list) and all(isinstance(s, str) for s in postgres), \
+                version
+        else:
+            assert postgres is None, version
+
+
+# What each engine's declared types mean, for comparing the schemas.
+SQLITE_KINDS = {"TEXT": "text", "INTEGER": "integer", "REAL": "real"}
+POSTGRES_KINDS = {"text": "text", "integer": "integer", "bigint": "integer",
+                  "double precision": "real"}
+
+
+def sqlite_schema(url):
+    """A SQLite database's tables, {table: [(column, kind, not null, place in the primary
+    key)]}, and its indexes: by name, or a unique constraint's by its table and columns."""
+    tables, indexes = {}, {}
+    for (table,) in sql_rows(url, "SELECT name FROM sqlite_master"
+                                  " WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"):
+        # A primary key is never null on PostgreSQL; SQLite's are never stored null either.
+        tables[table] = [
+            (name, SQLITE_KINDS.get(kind, kind), bool(notnull or pk), pk)
+            for name, kind, notnull, pk in sql_rows(
+                url, 'SELECT name, type, "notnull", pk FROM pragma_table_info(?) ORDER BY cid',
+                (table,))]
+        for index, unique, origin, partial in sql_rows(
+                url, 'SELECT name, "unique", origin, partial FROM pragma_index_list(?)',
+                (table,)):
+            if origin == "pk":  # compared as the columns' place in the primary key
+                continue
+            columns = tuple(name for (name,) in sql_rows(
+                url, "SELECT name FROM pragma_index_info(?) ORDER BY seqno", (index,)))
+            key = index if origin == "c" else ("unique constraint", table, columns)
+            indexes[key] = (table, columns, bool(unique), bool(partial))
+    return tables, indexes
+
+
+def postgres_schema(url):
+    """sqlite_schema's description of a PostgreSQL database, but for schema_version, the
+    table PostgreSQL keeps the version in (SQLite keeps it in PRAGMA user_version)."""
+    tables = {}
+    for table, name, kind, notnull, pk in sql_rows(url, """
+            SELECT c.table_name, c.column_name, c.data_type, c.is_nullable = 'NO',
+                   coalesce(k.ordinal_position, 0)
+            FROM information_schema.columns c
+            LEFT JOIN information_schema.table_constraints t
+                ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+                AND t.constraint_type = 'PRIMARY KEY'
+            LEFT JOIN information_schema.key_column_usage k
+                ON k.constraint_schema = t.constraint_schema
+                AND k.constraint_name = t.constraint_name AND k.column_name = c.column_name
+            WHERE c.table_schema = current_schema() AND c.table_name <> 'schema_version'
+            ORDER BY c.table_name, c.ordinal_position"""):
+        tables.setdefault(table, []).append((name, POSTGRES_KINDS.get(kind, kind), notnull, pk))
+    indexes = {}
+    for index, table, columns, unique, partial, constraint in sql_rows(url, """
+            SELECT ic.relname, t.relname,
+                   ARRAY(SELECT a.attname
+                         FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k (attnum, n)
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                         ORDER BY k.n),
+                   i.indisunique, i.indpred IS NOT NULL, con.contype
+            FROM pg_index i
+            JOIN pg_class ic ON ic.oid = i.indexrelid
+            JOIN pg_class t ON t.oid = i.indrelid
+            LEFT JOIN pg_constraint con
+                ON con.conindid = i.indexrelid AND con.contype IN ('p', 'u')
+            WHERE t.relnamespace = current_schema()::regnamespace
+                AND t.relname <> 'schema_version'"""):
+        if constraint == "p":
+            continue
+        key = index if constraint is None else ("unique constraint", table, tuple(columns))
+        indexes[key] = (table, tuple(columns), unique, partial)
+    return tables, indexes
+
+
+def test_both_engines_reach_the_same_tables_columns_and_indexes(tmp_path, postgres_url):
+    """A version that gives one engine a column, a type or an index the other lacks fails
+    here: both engines' statements are written by hand, side by side in MIGRATIONS."""
+    sqlite_url = f"sqlite:///{tmp_path}/new.db"
+    engine_for(sqlite_url).migrate()
+    engine_for(postgres_url).migrate()
+    sqlite_tables, sqlite_indexes = sqlite_schema(sqlite_url)
+    postgres_tables, postgres_indexes = postgres_schema(postgres_url)
+    assert sorted(sqlite_tables) == sorted(postgres_tables)
+    for table, columns in sqlite_tables.items():
+        assert columns == postgres_tables[table], table
+    assert sqlite_indexes == postgres_indexes
+    assert "messages_by_storage_order" in sqlite_indexes  # the description sees indexes
+
+
+@pytest.mark.parametrize("version", range(SCHEMA_VERSION))
+def test_a_database_of_every_older_version_reaches_the_schema_of_a_new_one(
+        database_url, tmp_path, version):
+    """Each engine's migrations from any version a database was left at, as an older
+    release left it (PostgreSQL's first version is 5), end at a new database's schema."""
+    new_url = f"sqlite:///{tmp_path}/new.db"
+    engine_for(new_url).migrate()
+    if database_url.startswith("postgres") and 0 < version < 5:
+        pytest.skip("no PostgreSQL database was at a version before 5")
+    database_at_version(database_url, version)
+    assert engine_for(database_url).migrate() == SCHEMA_VERSION
+    describe = sqlite_schema if database_url.startswith("sqlite:///") else postgres_schema
+    assert describe(database_url) == sqlite_schema(new_url)
 
 
 @sqlite_only

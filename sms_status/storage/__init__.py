@@ -10,6 +10,7 @@ Both engines are the same to their callers (the Engine protocol):
 - `transaction()`: a context manager yielding `tx`, with `tx.execute(sql, params)` (`?`
   placeholders) and `tx.lock(name)` (writers of one name take turns);
 - `query(sql, params)`: rows of a read, read by column name;
+- `columns(table)`: the names of a table's columns, in the database's order;
 - `migrate(mode=None)`, `compact()` (after a bulk delete), `seconds_between(start, end)`,
   `next_storage_order` and `skip_locked` (SQL), `describe_error(error)`, `identity()`, `label`, and
   `close()`, which closes this engine's connections in this process;

@@ -23,10 +23,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from sms_status.storage.schema import (
     MIGRATION_LOCK,
-    POSTGRES_MIGRATIONS,
     RECORD_MODE,
     SCHEMA_VERSION,
     ModeConflict,
+    migrations,
     newer_schema,
     postgres_seconds_between,
 )
@@ -187,9 +187,8 @@ class PostgresEngine:
             version = row["version"] or 0
             if newer_schema(version):
                 raise psycopg.DataError(newer_schema(version))
-            for target, script in POSTGRES_MIGRATIONS:
-                if target > version:
-                    conn.execute(script)
+            for statement in migrations("postgres", version):
+                conn.execute(statement)
             if version < SCHEMA_VERSION:
                 conn.execute("DELETE FROM schema_version")
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
@@ -204,6 +203,13 @@ class PostgresEngine:
     def compact(self):
         """Nothing to do: PostgreSQL's autovacuum and its own WAL recycling reclaim space."""
         return True
+
+    def columns(self, table):
+        """The names of a table's columns, in their order."""
+        return [row["name"] for row in self.query(
+            "SELECT column_name AS name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ?"
+            " ORDER BY ordinal_position", (table,))]
 
     seconds_between = staticmethod(postgres_seconds_between)
     # The next message's storage order: a sequence, so concurrent transactions never wait

@@ -540,13 +540,34 @@ def check_writable(storage):
 # --- copying a history from one database to another ---------------------------------------
 
 COPY_BATCH = 1000
-COPIED_COLUMNS = ("sid", "account_sid", "to_number", "from_number", "body", "initial_status",
-                   "latest_status", "error_code", "created_at", "updated_at", "sent_at",
-                   "checked_at", "seconds_to_delivered", "reference", "previous_status")
-EVENT_COLUMNS = ("id", "message_sid", "type", "payload", "state", "attempts", "schedule_start",
-                 "created_at", "next_attempt_at", "last_attempt_at", "delivered_at",
-                 "last_error")
-KEY_COLUMNS = ("scope", "key", "fingerprint", "created_at", "status_code", "response")
+# The columns of each copied table that the target gives each row itself: its numbering
+# (a message's order of storage, an event's id or seq) and a webhook event's lease (the
+# copy is attempted afresh). Every other column is copied, as the target's schema has it.
+NOT_COPIED = {
+    "messages": ("storage_order",),
+    "status_events": ("id",),
+    "webhook_events": ("seq", "lease", "lease_until"),
+    "idempotency_keys": (),
+}
+
+
+class ColumnsMissing(Exception):
+    """The source database lacks columns the target has: nothing is copied."""
+
+
+def copied_columns(source, target):
+    """Each copied table's columns: the target's, but those it numbers itself, in its
+    order. Raises ColumnsMissing, naming them, when the source lacks any."""
+    columns, missing = {}, []
+    for table, not_copied in NOT_COPIED.items():
+        columns[table] = [c for c in target.columns(table) if c not in not_copied]
+        there = set(source.columns(table))
+        missing += [f"{table}.{c}" for c in columns[table] if c not in there]
+    if missing:
+        raise ColumnsMissing(
+            f"{source.label} has no column {', '.join(missing)}, which {target.label} has: "
+            "nothing was copied")
+    return columns
 
 
 def _insert_new(tx, table, columns, rows, computed=()):
@@ -560,47 +581,51 @@ def _insert_new(tx, table, columns, rows, computed=()):
 
 def copy_history(source, target, keys_created_after, progress=no_progress):
     """Copies messages with their status events and webhook events, and the idempotency
-    keys created after `keys_created_after`, from `source` into `target`. What `target`
-    has already is left
-    as it is, so copying twice copies nothing twice. Calls `progress(label, done, total)`
-    after each batch of messages. Returns the counts copied.
+    keys created after `keys_created_after`, from `source` into `target`, every column the
+    target has (copied_columns). What `target` has already is left as it is, so copying
+    twice copies nothing twice. Calls `progress(label, done, total)` after each batch of
+    messages. Returns the counts copied.
 
     Messages are copied in the order `source` stored them, so `target` lists those created
     in the same millisecond in the same order."""
+    columns = copied_columns(source, target)
+
+    def listed(table, alias=""):
+        return ", ".join(alias + c for c in columns[table])
+
     copied = {"messages": 0, "events": 0, "webhookEvents": 0, "keys": 0}
     total = source.query("SELECT count(*) AS n FROM messages")[0]["n"]
     done = last = 0
     while True:
         messages = source.query(
-            f"SELECT {', '.join(COPIED_COLUMNS)}, storage_order FROM messages"
+            f"SELECT {listed('messages')}, storage_order FROM messages"
             " WHERE storage_order > ? ORDER BY storage_order LIMIT ?", (last, COPY_BATCH))
         if not messages:
             break
         first, last = messages[0]["storage_order"], messages[-1]["storage_order"]
         events = source.query(
-            "SELECT e.message_sid, e.status, e.error_code, e.received_at FROM status_events e"
+            f"SELECT {listed('status_events', 'e.')} FROM status_events e"
             " JOIN messages m ON m.sid = e.message_sid"
             " WHERE m.storage_order >= ? AND m.storage_order <= ? ORDER BY e.received_at, e.id",
             (first, last))
         # Webhook events in the order they were recorded, without their leases.
         webhook_events = source.query(
-            f"SELECT {', '.join('w.' + c for c in EVENT_COLUMNS)} FROM webhook_events w"
+            f"SELECT {listed('webhook_events', 'w.')} FROM webhook_events w"
             " JOIN messages m ON m.sid = w.message_sid"
             " WHERE m.storage_order >= ? AND m.storage_order <= ? ORDER BY w.seq",
             (first, last))
         with target.transaction() as tx:
             copied["messages"] += _insert_new(
-                tx, "messages", COPIED_COLUMNS, messages,
+                tx, "messages", columns["messages"], messages,
                 computed=[("storage_order", target.next_storage_order)])
-            copied["events"] += _insert_new(
-                tx, "status_events", ("message_sid", "status", "error_code", "received_at"),
-                events)
-            copied["webhookEvents"] += _insert_new(tx, "webhook_events", EVENT_COLUMNS,
-                                                   webhook_events)
+            copied["events"] += _insert_new(tx, "status_events", columns["status_events"],
+                                            events)
+            copied["webhookEvents"] += _insert_new(
+                tx, "webhook_events", columns["webhook_events"], webhook_events)
         done += len(messages)
         progress("Copying messages", done, total)
-    keys = source.query(f"SELECT {', '.join(KEY_COLUMNS)} FROM idempotency_keys"
+    keys = source.query(f"SELECT {listed('idempotency_keys')} FROM idempotency_keys"
                         " WHERE created_at >= ?", (keys_created_after,))
     with target.transaction() as tx:
-        copied["keys"] = _insert_new(tx, "idempotency_keys", KEY_COLUMNS, keys)
+        copied["keys"] = _insert_new(tx, "idempotency_keys", columns["idempotency_keys"], keys)
     return copied

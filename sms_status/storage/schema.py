@@ -1,13 +1,12 @@
 """The schema both engines reach, and the migrations that take a database there.
 
-SQLite records its version in PRAGMA user_version and walks every migration since; a new
-PostgreSQL database starts at version 5 in one step. A database with a newer version than
-this code's is refused, never downgraded.
+MIGRATIONS holds every version, one row each with both engines' statements. SQLite records
+its version in PRAGMA user_version and walks every migration since; a new PostgreSQL
+database starts at version 5 in one step. A database with a newer version than this code's
+is refused, never downgraded.
 """
 
 from sms_status.config import SIMULATED_ACCOUNT_SID
-
-SCHEMA_VERSION = 11
 
 
 def sqlite_seconds_between(start, end):
@@ -32,15 +31,18 @@ def newer_schema(version):
 # the windows of GET /stats; the same statements on both engines. Each message also keeps
 # the seconds from its creation to its `delivered` event, so that /stats reads the time to
 # delivery from the messages of its window alone.
-QUERY_INDEXES = """
-    CREATE INDEX messages_by_creation ON messages (created_at, sid, seconds_to_delivered);
-    CREATE INDEX messages_by_recipient_and_creation ON messages (to_number, created_at, sid);
-    CREATE INDEX messages_by_status_and_creation ON messages (latest_status, created_at, sid);
-    CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, sid);
-    UPDATE messages SET seconds_to_delivered = (
+def query_indexes(seconds_between):
+    """Version 6's indexes, and each stored message's seconds to delivery."""
+    seconds = seconds_between("messages.created_at", "status_events.received_at")
+    return [
+        "CREATE INDEX messages_by_creation ON messages (created_at, sid, seconds_to_delivered)",
+        "CREATE INDEX messages_by_recipient_and_creation ON messages (to_number, created_at, sid)",
+        "CREATE INDEX messages_by_status_and_creation ON messages (latest_status, created_at, sid)",
+        "CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, sid)",
+        f"""UPDATE messages SET seconds_to_delivered = (
         SELECT {seconds} FROM status_events
-        WHERE status_events.message_sid = messages.sid AND status_events.status = 'delivered')
-    """
+        WHERE status_events.message_sid = messages.sid AND status_events.status = 'delivered')""",
+    ]
 
 
 # Each message's place in the order of storage (`storage_order`, larger is stored later):
@@ -49,35 +51,36 @@ QUERY_INDEXES = """
 # message takes the engine's `next_storage_order`. The same DDL on both engines around each
 # engine's own ALTER TABLE and numbering of the messages already stored: the indexes that
 # change are dropped before the numbering, which then need not update them row by row.
-DROP_QUERY_INDEXES = """
-    DROP INDEX messages_by_creation;
-    DROP INDEX messages_by_recipient_and_creation;
-    DROP INDEX messages_by_status_and_creation;
-    DROP INDEX messages_by_error_and_creation;
-    """
-STORAGE_ORDER_INDEXES = """
-    CREATE UNIQUE INDEX messages_by_storage_order ON messages (storage_order);
-    CREATE INDEX messages_by_creation
-        ON messages (created_at, storage_order, seconds_to_delivered);
-    CREATE INDEX messages_by_recipient_and_creation
-        ON messages (to_number, created_at, storage_order);
-    CREATE INDEX messages_by_status_and_creation
-        ON messages (latest_status, created_at, storage_order);
-    CREATE INDEX messages_by_error_and_creation ON messages (error_code, created_at, storage_order)
-    """
+DROP_QUERY_INDEXES = [
+    "DROP INDEX messages_by_creation",
+    "DROP INDEX messages_by_recipient_and_creation",
+    "DROP INDEX messages_by_status_and_creation",
+    "DROP INDEX messages_by_error_and_creation",
+]
+STORAGE_ORDER_INDEXES = [
+    "CREATE UNIQUE INDEX messages_by_storage_order ON messages (storage_order)",
+    """CREATE INDEX messages_by_creation
+        ON messages (created_at, storage_order, seconds_to_delivered)""",
+    """CREATE INDEX messages_by_recipient_and_creation
+        ON messages (to_number, created_at, storage_order)""",
+    """CREATE INDEX messages_by_status_and_creation
+        ON messages (latest_status, created_at, storage_order)""",
+    """CREATE INDEX messages_by_error_and_creation
+        ON messages (error_code, created_at, storage_order)""",
+]
 
 
 # The mode ("live" or "simulated") a database was first used in, the same DDL on both
 # engines; a database from before version 8 that holds messages of the simulated account
 # was used in simulation (both modes then shared one default file).
-SERVICE_MODE_TABLE = f"""
-    CREATE TABLE service_mode (
+SERVICE_MODE_TABLE = [
+    """CREATE TABLE service_mode (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         mode TEXT NOT NULL CHECK (mode IN ('live', 'simulated'))
-    );
-    INSERT INTO service_mode (id, mode) SELECT 1, 'simulated'
-        WHERE EXISTS (SELECT 1 FROM messages WHERE account_sid = '{SIMULATED_ACCOUNT_SID}')
-    """
+    )""",
+    f"""INSERT INTO service_mode (id, mode) SELECT 1, 'simulated'
+        WHERE EXISTS (SELECT 1 FROM messages WHERE account_sid = '{SIMULATED_ACCOUNT_SID}')""",
+]
 RECORD_MODE = "INSERT INTO service_mode (id, mode) VALUES (1, ?) ON CONFLICT (id) DO NOTHING"
 
 
@@ -91,85 +94,17 @@ class ModeConflict(Exception):
 
 # The indexes the service-wide hourly limit (MAX_SENDS_PER_HOUR) counts with; the same DDL
 # on both engines.
-SENDS_PER_HOUR_INDEXES = """
-    CREATE INDEX IF NOT EXISTS messages_by_sent_at ON messages (sent_at);
-    CREATE INDEX IF NOT EXISTS send_reservations_by_expiry ON send_reservations (counts_until);
-    """
-
-# Each entry (version, script) moves the schema to that version; PRAGMA user_version records
-# how far a database has come, so a live database is migrated in place at start.
-SQLITE_MIGRATIONS = [
-    (1, """
-    CREATE TABLE messages (
-        sid TEXT PRIMARY KEY,
-        account_sid TEXT,
-        to_number TEXT,
-        from_number TEXT,
-        body TEXT,
-        initial_status TEXT,
-        latest_status TEXT NOT NULL,
-        error_code INTEGER,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        sent_at TEXT
-    );
-    CREATE TABLE status_events (
-        id INTEGER PRIMARY KEY,
-        message_sid TEXT NOT NULL REFERENCES messages(sid) ON DELETE CASCADE,
-        status TEXT NOT NULL,
-        error_code INTEGER,
-        received_at TEXT NOT NULL,
-        UNIQUE (message_sid, status)
-    );
-    CREATE INDEX messages_by_recipient ON messages (to_number, sent_at);
-    CREATE INDEX messages_by_update ON messages (updated_at);
-    CREATE TABLE health_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT);
-    """),
-    (2, """
-    CREATE TABLE idempotency_keys (
-        scope TEXT NOT NULL,
-        key TEXT NOT NULL,
-        fingerprint TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        status_code INTEGER,
-        response TEXT,
-        PRIMARY KEY (scope, key)
-    );
-    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
-    """),
-    (3, """
-    ALTER TABLE messages ADD COLUMN checked_at TEXT;
-    """),
-    (4, """
-    CREATE TABLE send_reservations (
-        id INTEGER PRIMARY KEY,
-        to_number TEXT NOT NULL,
-        reserved_at REAL NOT NULL
-    );
-    CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number);
-    """),
-    (5, """
-    ALTER TABLE send_reservations ADD COLUMN counts_until REAL;
-    UPDATE send_reservations SET counts_until = reserved_at + 3600;
-    """),
-    (6, "ALTER TABLE messages ADD COLUMN seconds_to_delivered REAL;" + QUERY_INDEXES.format(
-        seconds=sqlite_seconds_between("messages.created_at", "status_events.received_at"))),
-    # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
-    (7, SENDS_PER_HOUR_INDEXES),
-    (8, SERVICE_MODE_TABLE),
-    # Messages already stored keep the order SQLite stored them in (their rowid).
-    (9, DROP_QUERY_INDEXES + """
-    ALTER TABLE messages ADD COLUMN storage_order INTEGER;
-    UPDATE messages SET storage_order = rowid;
-    """ + STORAGE_ORDER_INDEXES),
+SENDS_PER_HOUR_INDEXES = [
+    "CREATE INDEX IF NOT EXISTS messages_by_sent_at ON messages (sent_at)",
+    "CREATE INDEX IF NOT EXISTS send_reservations_by_expiry ON send_reservations (counts_until)",
 ]
 
-# PostgreSQL databases start at the current version in one step. Columns compared as text
-# (SIDs, numbers and the fixed-width UTC timestamps) use the "C" collation, so they sort
-# byte by byte, as in SQLite, whatever the database's locale.
-POSTGRES_MIGRATIONS = [
-    (5, """
-    CREATE TABLE messages (
+# PostgreSQL databases start at version 5 in one step: this is the whole schema of version 5
+# (SQLite's versions 1 to 5). Columns compared as text (SIDs, numbers and the fixed-width
+# UTC timestamps) use the "C" collation, so they sort byte by byte, as in SQLite, whatever
+# the database's locale.
+POSTGRES_BASELINE = [
+    """CREATE TABLE messages (
         sid TEXT COLLATE "C" PRIMARY KEY,
         account_sid TEXT,
         to_number TEXT COLLATE "C",
@@ -182,19 +117,19 @@ POSTGRES_MIGRATIONS = [
         updated_at TEXT COLLATE "C" NOT NULL,
         sent_at TEXT COLLATE "C",
         checked_at TEXT COLLATE "C"
-    );
-    CREATE TABLE status_events (
+    )""",
+    """CREATE TABLE status_events (
         id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
         message_sid TEXT COLLATE "C" NOT NULL REFERENCES messages(sid) ON DELETE CASCADE,
         status TEXT NOT NULL,
         error_code INTEGER,
         received_at TEXT COLLATE "C" NOT NULL,
         UNIQUE (message_sid, status)
-    );
-    CREATE INDEX messages_by_recipient ON messages (to_number, sent_at);
-    CREATE INDEX messages_by_update ON messages (updated_at);
-    CREATE TABLE health_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT);
-    CREATE TABLE idempotency_keys (
+    )""",
+    "CREATE INDEX messages_by_recipient ON messages (to_number, sent_at)",
+    "CREATE INDEX messages_by_update ON messages (updated_at)",
+    "CREATE TABLE health_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT)",
+    """CREATE TABLE idempotency_keys (
         scope TEXT COLLATE "C" NOT NULL,
         key TEXT COLLATE "C" NOT NULL,
         fingerprint TEXT NOT NULL,
@@ -202,34 +137,15 @@ POSTGRES_MIGRATIONS = [
         status_code INTEGER,
         response TEXT,
         PRIMARY KEY (scope, key)
-    );
-    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
-    CREATE TABLE send_reservations (
+    )""",
+    "CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at)",
+    """CREATE TABLE send_reservations (
         id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
         to_number TEXT COLLATE "C" NOT NULL,
         reserved_at DOUBLE PRECISION NOT NULL,
         counts_until DOUBLE PRECISION
-    );
-    CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number);
-    """),
-    (6, "ALTER TABLE messages ADD COLUMN seconds_to_delivered DOUBLE PRECISION;"
-        + QUERY_INDEXES.format(seconds=postgres_seconds_between(
-            "messages.created_at", "status_events.received_at"))),
-    # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
-    (7, SENDS_PER_HOUR_INDEXES),
-    (8, SERVICE_MODE_TABLE),
-    # PostgreSQL keeps no order of storage: messages already stored are numbered in the order
-    # GET /messages listed them until then (creation, then SID); a sequence numbers new ones.
-    (9, DROP_QUERY_INDEXES + """
-    ALTER TABLE messages ADD COLUMN storage_order BIGINT;
-    CREATE SEQUENCE messages_storage_order OWNED BY messages.storage_order;
-    UPDATE messages SET storage_order = numbered.n FROM (
-        SELECT sid, row_number() OVER (ORDER BY created_at, sid) AS n FROM messages
-    ) AS numbered WHERE messages.sid = numbered.sid;
-    SELECT setval('messages_storage_order',
-                  (SELECT coalesce(max(storage_order), 0) + 1 FROM messages), false);
-    ALTER TABLE messages ALTER COLUMN storage_order SET DEFAULT nextval('messages_storage_order');
-    """ + STORAGE_ORDER_INDEXES),
+    )""",
+    "CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number)",
 ]
 
 # Version 10: a caller's own `reference` on each message, and the outbox of status webhooks.
@@ -241,12 +157,14 @@ POSTGRES_MIGRATIONS = [
 # pending and failed events have partial indexes of their own, so that a claim's planner,
 # with or without statistics, walks the due events and each message's own events, never
 # every pending event (with a backlog of 100,000 that took minutes a claim).
-WEBHOOK_OUTBOX = """
-    ALTER TABLE messages ADD COLUMN reference TEXT{collate};
-    ALTER TABLE messages ADD COLUMN previous_status TEXT;
-    CREATE INDEX messages_by_reference_and_creation
-        ON messages (reference, created_at, storage_order);
-    CREATE TABLE webhook_events (
+def webhook_outbox(collate, seq, real):
+    """Version 10's statements, with one engine's collation, numbering and float type."""
+    return [statement.format(collate=collate, seq=seq, real=real) for statement in [
+        "ALTER TABLE messages ADD COLUMN reference TEXT{collate}",
+        "ALTER TABLE messages ADD COLUMN previous_status TEXT",
+        """CREATE INDEX messages_by_reference_and_creation
+        ON messages (reference, created_at, storage_order)""",
+        """CREATE TABLE webhook_events (
         seq {seq},
         id TEXT{collate} NOT NULL UNIQUE,
         message_sid TEXT{collate} NOT NULL REFERENCES messages(sid) ON DELETE CASCADE,
@@ -262,32 +180,132 @@ WEBHOOK_OUTBOX = """
         last_error TEXT,
         lease TEXT,
         lease_until {real}
-    );
-    CREATE INDEX webhook_events_of_message ON webhook_events (message_sid, created_at, seq);
-    CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at, seq)
-        WHERE state = 'pending';
-    CREATE INDEX webhook_events_by_creation ON webhook_events (created_at, seq);
-    CREATE INDEX webhook_events_pending ON webhook_events (created_at, seq)
-        WHERE state = 'pending';
-    CREATE INDEX webhook_events_failed ON webhook_events (created_at, seq)
-        WHERE state = 'failed';
-    """
-SQLITE_MIGRATIONS.append((10, WEBHOOK_OUTBOX.format(
-    collate="", seq="INTEGER PRIMARY KEY", real="REAL")))
-POSTGRES_MIGRATIONS.append((10, WEBHOOK_OUTBOX.format(
-    collate=' COLLATE "C"', seq="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
-    real="DOUBLE PRECISION")))
+    )""",
+        "CREATE INDEX webhook_events_of_message ON webhook_events (message_sid, created_at, seq)",
+        """CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at, seq)
+        WHERE state = 'pending'""",
+        "CREATE INDEX webhook_events_by_creation ON webhook_events (created_at, seq)",
+        """CREATE INDEX webhook_events_pending ON webhook_events (created_at, seq)
+        WHERE state = 'pending'""",
+        """CREATE INDEX webhook_events_failed ON webhook_events (created_at, seq)
+        WHERE state = 'failed'""",
+    ]]
+
 
 # Version 11: each message's pending events, for a claim to compare a candidate with its
 # message's own (outbox.py), one index probe each. Without it PostgreSQL, planning without
 # statistics, combined the index of every pending event with the message's: a claim over
 # 10,000 pending events read all of them for each candidate, 8 to 19 s.
-PENDING_EVENTS_OF_MESSAGE = """
-    CREATE INDEX webhook_events_pending_of_message ON webhook_events (message_sid, seq)
-        WHERE state = 'pending';
-    """
-SQLITE_MIGRATIONS.append((11, PENDING_EVENTS_OF_MESSAGE))
-POSTGRES_MIGRATIONS.append((11, PENDING_EVENTS_OF_MESSAGE))
+PENDING_EVENTS_OF_MESSAGE = [
+    """CREATE INDEX webhook_events_pending_of_message ON webhook_events (message_sid, seq)
+        WHERE state = 'pending'""",
+]
+
+# Every version of the schema, one row each: (version, SQLite's statements, PostgreSQL's
+# statements), each a list of single statements run in order, in the one transaction that
+# migrates a database. A database runs the rows after its version (SQLite's PRAGMA
+# user_version, PostgreSQL's schema_version table), so a live database is migrated in place
+# at start. PostgreSQL's None: versions no PostgreSQL database was ever at, which its
+# baseline at version 5 covers. A new version is one more row, with both engines'
+# statements; tests/test_db.py checks that both engines then reach the same tables.
+MIGRATIONS = [
+    (1, [
+        """CREATE TABLE messages (
+        sid TEXT PRIMARY KEY,
+        account_sid TEXT,
+        to_number TEXT,
+        from_number TEXT,
+        body TEXT,
+        initial_status TEXT,
+        latest_status TEXT NOT NULL,
+        error_code INTEGER,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        sent_at TEXT
+    )""",
+        """CREATE TABLE status_events (
+        id INTEGER PRIMARY KEY,
+        message_sid TEXT NOT NULL REFERENCES messages(sid) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        error_code INTEGER,
+        received_at TEXT NOT NULL,
+        UNIQUE (message_sid, status)
+    )""",
+        "CREATE INDEX messages_by_recipient ON messages (to_number, sent_at)",
+        "CREATE INDEX messages_by_update ON messages (updated_at)",
+        "CREATE TABLE health_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT)",
+    ], None),
+    (2, [
+        """CREATE TABLE idempotency_keys (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        status_code INTEGER,
+        response TEXT,
+        PRIMARY KEY (scope, key)
+    )""",
+        "CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at)",
+    ], None),
+    (3, ["ALTER TABLE messages ADD COLUMN checked_at TEXT"], None),
+    (4, [
+        """CREATE TABLE send_reservations (
+        id INTEGER PRIMARY KEY,
+        to_number TEXT NOT NULL,
+        reserved_at REAL NOT NULL
+    )""",
+        "CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number)",
+    ], None),
+    (5, [
+        "ALTER TABLE send_reservations ADD COLUMN counts_until REAL",
+        "UPDATE send_reservations SET counts_until = reserved_at + 3600",
+    ], POSTGRES_BASELINE),
+    (6, ["ALTER TABLE messages ADD COLUMN seconds_to_delivered REAL",
+         *query_indexes(sqlite_seconds_between)],
+        ["ALTER TABLE messages ADD COLUMN seconds_to_delivered DOUBLE PRECISION",
+         *query_indexes(postgres_seconds_between)]),
+    # MAX_SENDS_PER_HOUR counts every recipient's sends of the last hour.
+    (7, SENDS_PER_HOUR_INDEXES, SENDS_PER_HOUR_INDEXES),
+    (8, SERVICE_MODE_TABLE, SERVICE_MODE_TABLE),
+    # SQLite: messages already stored keep the order SQLite stored them in (their rowid).
+    # PostgreSQL keeps no order of storage: messages already stored are numbered in the
+    # order GET /messages listed them until then (creation, then SID); a sequence numbers
+    # new ones.
+    (9, [
+        *DROP_QUERY_INDEXES,
+        "ALTER TABLE messages ADD COLUMN storage_order INTEGER",
+        "UPDATE messages SET storage_order = rowid",
+        *STORAGE_ORDER_INDEXES,
+    ], [
+        *DROP_QUERY_INDEXES,
+        "ALTER TABLE messages ADD COLUMN storage_order BIGINT",
+        "CREATE SEQUENCE messages_storage_order OWNED BY messages.storage_order",
+        """UPDATE messages SET storage_order = numbered.n FROM (
+        SELECT sid, row_number() OVER (ORDER BY created_at, sid) AS n FROM messages
+    ) AS numbered WHERE messages.sid = numbered.sid""",
+        """SELECT setval('messages_storage_order',
+                  (SELECT coalesce(max(storage_order), 0) + 1 FROM messages), false)""",
+        """ALTER TABLE messages ALTER COLUMN storage_order
+        SET DEFAULT nextval('messages_storage_order')""",
+        *STORAGE_ORDER_INDEXES,
+    ]),
+    (10, webhook_outbox(collate="", seq="INTEGER PRIMARY KEY", real="REAL"),
+     webhook_outbox(collate=' COLLATE "C"',
+                    seq="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+                    real="DOUBLE PRECISION")),
+    (11, PENDING_EVENTS_OF_MESSAGE, PENDING_EVENTS_OF_MESSAGE),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def migrations(engine, version):
+    """The statements that take a database of `engine` ("sqlite" or "postgres") from
+    `version` to SCHEMA_VERSION, in order: a new database's version is 0."""
+    column = {"sqlite": 1, "postgres": 2}[engine]
+    return [statement for row in MIGRATIONS if row[0] > version and row[column] is not None
+            for statement in row[column]]
+
 
 # Key of the advisory lock under which instances starting together migrate one at a time.
 MIGRATION_LOCK = "sms-status schema migration"

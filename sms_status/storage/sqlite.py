@@ -21,8 +21,8 @@ from urllib.parse import quote
 from sms_status.storage.schema import (
     RECORD_MODE,
     SCHEMA_VERSION,
-    SQLITE_MIGRATIONS,
     ModeConflict,
+    migrations,
     newer_schema,
     sqlite_seconds_between,
 )
@@ -386,12 +386,8 @@ class SQLiteEngine:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if newer_schema(version):
                     raise sqlite3.DatabaseError(newer_schema(version))
-                # Statements are split on ';': the migrations hold no ';' inside a statement.
-                for target, script in SQLITE_MIGRATIONS:
-                    if target > version:
-                        for statement in script.split(";"):
-                            if statement.strip():
-                                conn.execute(statement)
+                for statement in migrations("sqlite", version):
+                    conn.execute(statement)
                 if version < SCHEMA_VERSION:
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 _analyze(conn)
@@ -471,6 +467,11 @@ class SQLiteEngine:
         finally:
             os.close(directory)
         return messages
+
+    def columns(self, table):
+        """The names of a table's columns, in their order."""
+        return [row["name"] for row in self.query(
+            "SELECT name FROM pragma_table_info(?) ORDER BY cid", (table,))]
 
     seconds_between = staticmethod(sqlite_seconds_between)
     # The next message's storage order: SQLite runs one write at a time, so one more than
