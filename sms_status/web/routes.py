@@ -95,7 +95,9 @@ def messages():
 @blueprint.get("/stats")
 @require_api_key
 def stats():
-    return listing.delivery_stats(request.args, current_app.config["CLOCK"]())
+    now = current_app.config["CLOCK"]()
+    since, until = listing.stats_window(request.args, now)
+    return listing.delivery_stats(db.get_db(), since, until, now)
 
 
 class BacklogRead:
