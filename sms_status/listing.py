@@ -2,6 +2,8 @@
 the shape of their answers (their SQL is storage/reads.py's), and the one mapping of a
 message row (and of an event row) to JSON.
 
+A parameter the caller must fix raises BadQuery; the web room answers it with 400.
+
 Timestamps are stored as text in one fixed format (`2026-11-26T20:05:15.896Z`), so they
 compare correctly as strings; every instant a caller gives is converted to that format first.
 """
@@ -12,8 +14,6 @@ import heapq
 import json
 import math
 from datetime import datetime, timedelta, timezone
-
-from flask import abort
 
 from sms_status import rules, twilio_errors
 from sms_status.storage import reads
@@ -36,24 +36,28 @@ PLUS_IN_A_URL = " (write + as %2B in a URL)"
 
 # --- parameters ---------------------------------------------------------------------------
 
-def refuse(message):
-    """Ends the request with 400 {"error": message}."""
-    abort(400, description=message)
+class BadQuery(ValueError):
+    """A query the caller must fix: the parameter at fault and a message saying how."""
+
+    def __init__(self, parameter, message):
+        super().__init__(message)
+        self.parameter = parameter
+        self.message = message
 
 
 def single_values(args, known):
     """The query parameters as {name: value}; refuses unknown and repeated ones."""
     unknown = sorted(name for name in args if name not in known)
     if unknown:
-        refuse(f"Unknown parameter '{unknown[0]}'; this endpoint takes "
-               + ", ".join(known))
+        raise BadQuery(unknown[0], f"Unknown parameter '{unknown[0]}'; this endpoint takes "
+                       + ", ".join(known))
     values = {}
     for name in args:
         given = args.getlist(name)
         if len(given) > 1:
-            refuse(f"Parameter '{name}' is given {len(given)} times; give it once"
-                   + (" (several statuses go comma-separated in one)" if name == "status"
-                      else ""))
+            raise BadQuery(name, f"Parameter '{name}' is given {len(given)} times; give it "
+                           "once" + (" (several statuses go comma-separated in one)"
+                                     if name == "status" else ""))
         values[name] = given[0]
     return values
 
@@ -67,24 +71,28 @@ def parse_instant(name, text):
         except ValueError:
             pass
     if moment is None or moment.tzinfo is None or moment.utcoffset() is None:
-        refuse(f"Parameter '{name}' must be an ISO 8601 instant with a timezone, like "
-               f"2026-11-26T20:05:15Z or 2026-11-26T21:05:15+01:00{PLUS_IN_A_URL}")
+        raise BadQuery(name, f"Parameter '{name}' must be an ISO 8601 instant with a "
+                             "timezone, like 2026-11-26T20:05:15Z or "
+                             f"2026-11-26T21:05:15+01:00{PLUS_IN_A_URL}")
     try:
         return stored_time_rounded_up(moment)
     except OverflowError:
-        refuse(f"Parameter '{name}' is outside the years 0001 to 9999 in UTC")
+        raise BadQuery(name, f"Parameter '{name}' is outside the years 0001 to 9999 in "
+                             "UTC") from None
 
 
 def parse_limit(text):
     if not (text.isascii() and text.isdigit() and len(text) <= 3
             and 1 <= int(text) <= MAX_LIMIT):
-        refuse(f"Parameter 'limit' must be a whole number from 1 to {MAX_LIMIT}")
+        raise BadQuery("limit", f"Parameter 'limit' must be a whole number from 1 to "
+                                f"{MAX_LIMIT}")
     return int(text)
 
 
 def parse_error_code(text):
     if not (text.isascii() and text.isdigit() and len(text) <= 9):
-        refuse("Parameter 'errorCode' must be a Twilio error code, a whole number like 30003")
+        raise BadQuery("errorCode", "Parameter 'errorCode' must be a Twilio error code, a "
+                                    "whole number like 30003")
     return int(text)
 
 
@@ -92,21 +100,21 @@ def parse_statuses(text):
     statuses = [part.strip() for part in text.split(",")]
     for status in statuses:
         if status not in rules.STATUS_RANK:
-            refuse(f"Parameter 'status' takes comma-separated statuses among "
-                   f"{', '.join(rules.STATUS_RANK)}; {status!r} is not one")
+            raise BadQuery("status", "Parameter 'status' takes comma-separated statuses among "
+                                     f"{', '.join(rules.STATUS_RANK)}; {status!r} is not one")
     return sorted(set(statuses))
 
 
 def parse_to(text):
     if not rules.is_e164(text):
-        refuse("Parameter 'to' must be a phone number in E.164 format, like +15558675309"
-               + PLUS_IN_A_URL)
+        raise BadQuery("to", "Parameter 'to' must be a phone number in E.164 format, like "
+                             "+15558675309" + PLUS_IN_A_URL)
     return text
 
 
 def parse_reference(text):
     if not rules.is_reference(text):
-        refuse(f"Parameter 'reference' {rules.REFERENCE_RULE}")
+        raise BadQuery("reference", f"Parameter 'reference' {rules.REFERENCE_RULE}")
     return text
 
 
@@ -133,13 +141,14 @@ def decode_cursor(text):
             return created_at, order
     except (binascii.Error, ValueError, TypeError, RecursionError):
         pass
-    refuse("Parameter 'cursor' is not a cursor from this endpoint; pass the nextCursor of "
-           "the previous page unchanged, or leave it out for the first page")
+    raise BadQuery("cursor", "Parameter 'cursor' is not a cursor from this endpoint; pass the "
+                             "nextCursor of the previous page unchanged, or leave it out for "
+                             "the first page")
 
 
 def refuse_empty_window(since, until):
     if since is not None and until is not None and since >= until:
-        refuse("Parameter 'since' must be before 'until'")
+        raise BadQuery("since", "Parameter 'since' must be before 'until'")
 
 
 # --- GET /messages ------------------------------------------------------------------------
@@ -200,18 +209,14 @@ def message_item(row):
 STATS_PARAMETERS = ("since", "until")
 
 
-def delivery_stats(args, now):
-    """Counts, delivery rate, errors, time to delivery and stuck messages of a window.
-
-    The window holds the messages created from `since` (inclusive) to `until` (exclusive);
-    by default the 24 hours up to `now` (seconds since the epoch).
-    """
+def stats_window(args, now):
+    """(since, until) of GET /stats' parameters, as stored timestamps: by default the 24
+    hours up to `now` (seconds since the epoch); at most 90 days apart."""
     values = single_values(args, STATS_PARAMETERS)
-    now_moment = datetime.fromtimestamp(now, timezone.utc)
     if "until" in values:
         until = parse_instant("until", values["until"])
     else:
-        until = stored_time_rounded_up(now_moment)
+        until = stored_time_rounded_up(datetime.fromtimestamp(now, timezone.utc))
     if "since" in values:
         since = parse_instant("since", values["since"])
     else:
@@ -221,11 +226,20 @@ def delivery_stats(args, now):
             since = stored_time_rounded_up(datetime(1, 1, 1, tzinfo=timezone.utc))
     refuse_empty_window(since, until)
     if datetime.fromisoformat(until) - datetime.fromisoformat(since) > MAX_STATS_WINDOW:
-        refuse(f"Parameters 'since' and 'until' (default: now) may be at most "
-               f"{MAX_STATS_WINDOW.days} days apart; for a longer span, ask for several windows")
-    idle_before = stored_time_rounded_up(now_moment - STUCK_AFTER)
+        raise BadQuery("since", f"Parameters 'since' and 'until' (default: now) may be at most "
+                                f"{MAX_STATS_WINDOW.days} days apart; for a longer span, ask "
+                                "for several windows")
+    return since, until
 
-    storage = db.get_db()
+
+def delivery_stats(storage, since, until, now):
+    """Counts, delivery rate, errors, time to delivery and stuck messages of a window.
+
+    The window holds the messages created from `since` (inclusive) to `until` (exclusive),
+    both stored timestamps; stuck ones are judged at `now` (seconds since the epoch).
+    """
+    idle_before = stored_time_rounded_up(
+        datetime.fromtimestamp(now, timezone.utc) - STUCK_AFTER)
     by_status, stuck = reads.status_counts(storage, since, until, idle_before)
     total = sum(by_status.values())
     outcomes = sum(by_status.get(status, 0) for status in DELIVERY_OUTCOMES)
@@ -238,16 +252,16 @@ def delivery_stats(args, now):
         "errors": [{"code": code, "count": count,
                     "description": twilio_errors.description(code)}
                    for code, count in reads.error_counts(storage, since, until)],
-        "timeToDeliveredSeconds": time_to_delivered(since, until),
+        "timeToDeliveredSeconds": time_to_delivered(storage, since, until),
         "stuck": stuck,
         "webhooks": reads.webhook_event_counts(storage, since, until),
     }
 
 
-def time_to_delivered(since, until):
+def time_to_delivered(storage, since, until):
     """p50 and p90 (nearest rank) of the seconds from creation to the `delivered` event,
     found by walking the running count of each distinct time."""
-    rows = reads.delivery_times(db.get_db(), since, until)
+    rows = reads.delivery_times(storage, since, until)
     count = sum(messages for _, messages in rows)
     if not count:
         return None
@@ -286,10 +300,12 @@ def list_webhook_events(args):
     limit = parse_limit(values["limit"]) if "limit" in values else DEFAULT_LIMIT
     state = values.get("state")
     if state is not None and state not in WEBHOOK_EVENT_STATES:
-        refuse(f"Parameter 'state' must be one of {', '.join(WEBHOOK_EVENT_STATES)}")
+        raise BadQuery("state", "Parameter 'state' must be one of "
+                                + ", ".join(WEBHOOK_EVENT_STATES))
     sid = values.get("sid")
     if sid is not None and not (sid.isascii() and sid.isalnum() and len(sid) <= MAX_SID_LENGTH):
-        refuse("Parameter 'sid' must be a message SID, like SM followed by 32 hex characters")
+        raise BadQuery("sid", "Parameter 'sid' must be a message SID, like SM followed by 32 "
+                              "hex characters")
     before = decode_cursor(values["cursor"]) if "cursor" in values else None
     rows = reads.webhook_events_page(db.get_db(), limit + 1, state=state, sid=sid,
                                      before=before)

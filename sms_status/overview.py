@@ -1,12 +1,10 @@
 """The dashboard's overview of a window: GET /stats's numbers for it (listing.delivery_stats,
-so both always agree) and its messages over time by latest status, in buckets for the chart
-(storage/reads.py's messages_per_bucket).
+given the window's since and until, so both always agree) and its messages over time by
+latest status, in buckets for the chart (storage/reads.py's messages_per_bucket).
 """
 
 from datetime import datetime, timedelta, timezone
 from itertools import pairwise
-
-from werkzeug.datastructures import MultiDict
 
 from sms_status import listing
 from sms_status.storage import reads
@@ -48,11 +46,12 @@ def delivery_overview(window, now):
     since and until, and `buckets`, oldest first, each {start, stop, counts: {status: n},
     total}, which add up to the stats' total."""
     since, until = window_bounds(window, now)
-    stats = listing.delivery_stats(MultiDict({"since": since, "until": until}), now)
+    storage = db.get_db()
+    stats = listing.delivery_stats(storage, since, until, now)
     boundaries = bucket_boundaries(since, until, WINDOWS[window][1])
     buckets = {start: {"start": start, "stop": stop, "counts": {}, "total": 0}
                for start, stop in pairwise(boundaries)}
-    for start, status, count in reads.messages_per_bucket(db.get_db(), boundaries):
+    for start, status, count in reads.messages_per_bucket(storage, boundaries):
         buckets[start]["counts"][status] = count
         buckets[start]["total"] += count
     return {"window": window, "stats": stats, "buckets": list(buckets.values())}

@@ -118,6 +118,39 @@ def test_a_callback_with_thousands_of_fields_is_refused_before_its_signature(cli
     assert count_rows(app, "status_events") == 0
 
 
+NUL_CALLBACK = callback(SID, "sent\x00")
+TOO_MANY_FIELDS = {f"f{n}": "x" for n in range(101)}
+
+
+@pytest.mark.parametrize("method, path, params, signature, status, error", [
+    pytest.param("POST", "/message-status", NUL_CALLBACK, "bogus", 403, "Invalid Twilio",
+                 id="unsigned-with-nul-signature-first"),
+    pytest.param("POST", "/message-status", NUL_CALLBACK, sign(CALLBACK_URL, NUL_CALLBACK), 400,
+                 "NUL character", id="signed-with-nul"),
+    pytest.param("POST", "/message-status?x=%00", callback(SID, "sent"), "bogus", 403,
+                 "Invalid Twilio", id="unsigned-with-nul-in-query"),
+    pytest.param("POST", "/message-status", TOO_MANY_FIELDS, "bogus", 400, "at most 100",
+                 id="too-many-fields-unsigned"),
+    pytest.param("POST", "/message-status", TOO_MANY_FIELDS, sign(CALLBACK_URL, TOO_MANY_FIELDS),
+                 400, "at most 100", id="too-many-fields-signed"),
+    pytest.param("GET", "/message-status?x=%00", {}, "bogus", 400, "NUL character",
+                 id="wrong-method-with-nul"),
+    pytest.param("OPTIONS", "/message-status?x=%00", {}, "bogus", 200, None, id="options"),
+])
+def test_callback_guards_run_in_order(client, app, caplog, method, path, params, signature,
+                                      status, error):
+    """Fields are counted before the signature is computed, and NUL characters are looked
+    for only once it holds: an unsigned request gets 403 whatever else is wrong with it."""
+    response = client.open(path, method=method, data=params,
+                           headers={"X-Twilio-Signature": signature})
+    assert response.status_code == status
+    if error:
+        assert error in response.get_json()["error"]
+    if "at most 100" in (error or ""):
+        assert "Rejected status callback" not in caplog.text  # never signed
+    assert count_rows(app, "status_events") == 0
+
+
 def test_a_signed_callback_with_a_hundred_fields_is_stored(post_callback, app):
     params = callback(SID, "sent") | {f"Extra{n}": "x" for n in range(100 - 8)}
     assert post_callback(params).status_code == 200

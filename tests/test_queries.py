@@ -1,4 +1,6 @@
+import ast
 import base64
+import inspect
 import itertools
 import json
 import math
@@ -8,7 +10,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from twilio.http.response import Response
+from werkzeug.datastructures import MultiDict
 
+from sms_status import listing, overview
 from sms_status.storage import SQLiteEngine, outbox, reads, times
 from sms_status.storage import records as db
 from support import (
@@ -440,6 +444,53 @@ def test_stats_take_a_window_of_exactly_90_days(client, store):
     store(90 * 24 * 3600, ("delivered", 1))
     status, answer = get(client, "/stats", since="2026-08-28T20:00:00Z")
     assert status == 200 and answer["total"] == 1
+
+
+@pytest.mark.parametrize("params, parameter", [
+    pytest.param({"from": "2026-11-26T19:00:00Z"}, "from", id="unknown-parameter"),
+    pytest.param({"since": "2026-11-26T19:00:00"}, "since", id="since-naive"),
+    pytest.param({"until": "now"}, "until", id="until-text"),
+    pytest.param({"until": "0001-01-01T00:00:00+01:00"}, "until", id="until-before-year-1"),
+    pytest.param({"since": "2026-11-26T20:00:00Z"}, "since", id="empty-window"),
+    pytest.param({"since": "2026-08-28T19:59:59Z"}, "since", id="longer-than-90-days"),
+])
+def test_stats_window_raises_bad_query_naming_the_parameter(params, parameter):
+    with pytest.raises(listing.BadQuery) as refused:
+        listing.stats_window(MultiDict(params), NOW)
+    assert refused.value.parameter == parameter
+    assert str(refused.value) == refused.value.message
+
+
+def test_stats_window_defaults_to_the_24_hours_up_to_now():
+    assert listing.stats_window(MultiDict(), NOW) == ("2026-11-25T20:00:00.000Z",
+                                                      "2026-11-26T20:00:00.000Z")
+    assert listing.stats_window(MultiDict({"until": "2026-11-26T12:00:00+01:00"}), NOW) == (
+        "2026-11-25T11:00:00.000Z", "2026-11-26T11:00:00.000Z")
+
+
+def test_delivery_stats_of_a_parsed_window_is_what_stats_answers(app, client, store):
+    store(7200, ("sent", 1), ("delivered", 10))
+    store(5000, ("sent", 1))  # stuck
+    store(90000, ("delivered", 1))  # before the window
+    status, answer = get(client, "/stats", since="2026-11-26T18:00:00+01:00",
+                         until="2026-11-26T20:00:00Z")
+    with app.app_context():
+        direct = listing.delivery_stats(db.get_db(), "2026-11-26T17:00:00.000Z",
+                                        "2026-11-26T20:00:00.000Z", NOW)
+    assert status == 200 and answer == direct
+    assert (direct["total"], direct["stuck"]) == (2, 1)
+
+
+@pytest.mark.parametrize("module", [listing, overview])
+def test_the_query_layer_imports_no_web_framework(module):
+    """Its refusals are BadQuery, which the web room answers: it never speaks HTTP itself."""
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"flask", "werkzeug"}
 
 
 def test_a_read_past_its_time_limit_answers_503_saying_what_to_do(make_app, database_url):

@@ -1,19 +1,34 @@
-"""The web room: routes (two blueprints), the dashboard (a third), the guards every request
-passes, errors as JSON (pages on the dashboard), the health check and the log."""
+"""The web room: routes (blueprints for the API, sends, status callbacks and webhook events),
+the dashboard (another), the guards every request passes, errors as JSON (pages on the
+dashboard), the health check and the log."""
+
+from flask import request
 
 from sms_status import metrics
-from sms_status.web import dashboard, routes, send, webhook_events
+from sms_status.web import callbacks, dashboard, routes, send, webhook_events
 from sms_status.web.errors import register_error_handlers
 from sms_status.web.guards import read_whole_body, refuse_nul_characters
 
 
 def register(app):
-    """Adds the service's routes, request checks and error handlers to `app`."""
-    metrics.register(app)  # first, so that its clock covers the other checks
-    app.before_request(read_whole_body)
-    app.before_request(refuse_nul_characters)
+    """Adds the service's routes, request checks and error handlers to `app`.
+
+    Every request is timed, then passes guard_request, then its blueprint's own guards
+    (a status callback's are callbacks.GUARDS); Flask runs the app's before its blueprints'.
+    """
+    metrics.register(app)  # first, so that its clock covers the guards
+    app.before_request(guard_request)
     register_error_handlers(app)
     app.register_blueprint(routes.blueprint)
+    app.register_blueprint(callbacks.blueprint)
     app.register_blueprint(send.blueprint)
     app.register_blueprint(webhook_events.blueprint)
     dashboard.init_app(app)
+
+
+def guard_request():
+    """What every request passes first: its body read whole, then NUL characters refused,
+    except in a status callback, whose guards refuse them once its signature holds."""
+    read_whole_body()
+    if request.blueprint != callbacks.blueprint.name:
+        refuse_nul_characters()

@@ -29,7 +29,6 @@ from flask import (
     url_for,
 )
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import HTTPException
 
 from sms_status import listing, overview, rules, twilio_errors, webhooks
 from sms_status.storage import reads
@@ -284,12 +283,10 @@ def messages_page():
                                               "SM followed by 32 characters.")
     try:
         found = listing.list_messages(searched(args))
-    except HTTPException as refusal:
-        if refusal.code != 400:
-            raise
+    except listing.BadQuery as refusal:
         # The form sends a + as it should: the API's advice about URLs does not apply.
         return search_page(400, form,
-                           problem=refusal.description.replace(listing.PLUS_IN_A_URL, ""))
+                           problem=refusal.message.replace(listing.PLUS_IN_A_URL, ""))
     older = None
     if found["nextCursor"]:
         older = url_for("dashboard.messages",
@@ -308,7 +305,7 @@ def search_page(status, form, **context):
 
 def searched(args):
     """The search's parameters for GET /messages' parsing, its times as ISO 8601 instants
-    (UTC unless they say otherwise); a time that cannot be read is refused (400) in the
+    (UTC unless they say otherwise); a time that cannot be read is refused (BadQuery) in the
     form's words."""
     query = MultiDict(args)
     moments = {}
@@ -319,14 +316,14 @@ def searched(args):
         for text in args.getlist(name):
             moment = typed_time(text)
             if moment is None:
-                listing.refuse(f"“{label}” must be a date and time in UTC, like "
-                               "2026-12-03 07:00.")
+                raise listing.BadQuery(name, f"“{label}” must be a date and time in UTC, "
+                                             "like 2026-12-03 07:00.")
             moments[name] = moment
             values.append(moment.isoformat())
         query.setlist(name, values)
     if (all(len(args.getlist(name)) == 1 for name in TIME_FIELDS)
             and moments["since"] >= moments["until"]):
-        listing.refuse("“Created from” must be before “Created before”.")
+        raise listing.BadQuery("since", "“Created from” must be before “Created before”.")
     return query
 
 

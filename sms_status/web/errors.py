@@ -8,6 +8,7 @@ their blueprint; these are the app's defaults.
 from flask import g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from sms_status.listing import BadQuery
 from sms_status.rules import printable
 from sms_status.storage import records as db
 from sms_status.web import dashboard
@@ -69,6 +70,10 @@ def register_error_handlers(app):
             if name in original_headers:
                 response.headers[name] = original_headers[name]
         return response
+
+    @app.errorhandler(BadQuery)
+    def bad_query(error):
+        return error_answer(400, error.message)
 
     @app.after_request
     def log_bad_request(response):

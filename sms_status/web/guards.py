@@ -1,7 +1,10 @@
-"""What every request passes before its route runs: the API key, Twilio's signature, and
+"""What requests pass before their route runs: the API key, a status callback's guards (its
+field count, Twilio's signature, NUL characters; callbacks.py runs them in that order), and
 checks of the body that protect the rest (its size, its arrival, NUL characters).
 
-Each refusal raises an HTTP error with a message for the caller; errors.py answers it.
+Each is a plain function that does nothing or refuses: it raises an HTTP error with a message
+for the caller, which errors.py answers. Which run, and in what order, is web/__init__.py's
+and callbacks.py's.
 """
 
 from functools import wraps
@@ -38,32 +41,32 @@ def require_api_key(view):
     return checked
 
 
-def require_twilio_signature(view):
-    """The request must be signed by Twilio (see signed_by_twilio): else 403.
+def refuse_too_many_fields():
+    """A status callback with more form fields than Twilio ever sends is refused with 400.
 
-    Its form fields are counted first, without parsing them: parsing and signing thousands
-    of fields is what an unsigned flood would cost otherwise. NUL characters are refused
-    only once the signature holds, so an unsigned request always gets 403.
+    They are counted without parsing them: parsing and signing thousands of fields is what
+    an unsigned flood would cost otherwise.
     """
+    if form_fields() > MAX_CALLBACK_FIELDS:
+        metrics.count_callback("invalid")
+        abort(400, description=f"A status callback has at most {MAX_CALLBACK_FIELDS} form "
+                               "fields (Twilio sends about 20)")
 
-    @wraps(view)
-    def checked(*args, **kwargs):
-        if form_fields() > MAX_CALLBACK_FIELDS:
-            metrics.count_callback("invalid")
-            abort(400, description=f"A status callback has at most {MAX_CALLBACK_FIELDS} form "
-                                   "fields (Twilio sends about 20)")
-        if not signed_by_twilio():
-            metrics.count_callback("bad_signature")
-            abort(403, description="Invalid Twilio signature")
-        try:
-            refuse_nul_characters(checked_after_signature=True)
-        except BadRequest:
-            metrics.count_callback("invalid")
-            raise
-        return view(*args, **kwargs)
 
-    checked.signed_by_twilio = True
-    return checked
+def require_twilio_signature():
+    """The request must be signed by Twilio (see signed_by_twilio): else 403."""
+    if not signed_by_twilio():
+        metrics.count_callback("bad_signature")
+        abort(403, description="Invalid Twilio signature")
+
+
+def refuse_nul_characters_in_callback():
+    """refuse_nul_characters for a status callback, counted as an invalid one."""
+    try:
+        refuse_nul_characters()
+    except BadRequest:
+        metrics.count_callback("invalid")
+        raise
 
 
 def form_fields():
@@ -130,15 +133,9 @@ def read_whole_body():
         abort(413)
 
 
-def refuse_nul_characters(checked_after_signature=False):
+def refuse_nul_characters():
     """No valid request has a NUL character (U+0000) in its path, query or form, and
-    PostgreSQL's text cannot hold one: refused with 400, the same on both engines.
-
-    Routes that require Twilio's signature check this after it (require_twilio_signature).
-    """
-    view = current_app.view_functions.get(request.endpoint)
-    if getattr(view, "signed_by_twilio", False) and not checked_after_signature:
-        return
+    PostgreSQL's text cannot hold one: refused with 400, the same on both engines."""
     pairs = list(request.args.items(multi=True))
     if request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded":
         pairs += request.form.items(multi=True)

@@ -1,5 +1,6 @@
-"""The API's routes (POST /send-sms has a blueprint of its own, send.py): each checks what
-the caller may do, asks the module that does the work, and shapes the answer."""
+"""The API's routes (POST /send-sms and POST /message-status have blueprints of their own,
+send.py and callbacks.py): each checks what the caller may do, asks the module that does the
+work, and shapes the answer."""
 
 import os
 import threading
@@ -7,11 +8,10 @@ import threading
 from flask import Blueprint, current_app, request
 
 from sms_status import listing, metrics, webhooks
-from sms_status.rules import printable
 from sms_status.storage import reads
 from sms_status.storage import records as db
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
-from sms_status.web.guards import require_api_key, require_twilio_signature
+from sms_status.web.guards import require_api_key
 from sms_status.web.logs import log
 
 OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -77,30 +77,6 @@ def prometheus_metrics():
     return current_app.response_class(body, content_type=content_type)
 
 
-@blueprint.post("/message-status")
-@require_twilio_signature
-def message_status():
-    form = request.form
-    # Older callbacks (and some Twilio products) send only SmsSid and SmsStatus.
-    sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
-    status = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
-    if not sid or not status:
-        metrics.count_callback("invalid")
-        return json_error(400, "A status callback needs MessageSid and MessageStatus "
-                               "(or the older SmsSid and SmsStatus)")
-    error_code = callback_error_code(form.get("ErrorCode"))
-    stored = db.record_status(db.get_db(), sid, status, error_code, to=form.get("To"),
-                              from_=form.get("From"), account_sid=form.get("AccountSid"),
-                              events=webhooks.recording(current_app))
-    metrics.count_callback("stored" if stored else "repeat")
-    if stored:
-        metrics.count_status_change(status)
-        webhooks.nudge(current_app)
-    log.info("Status callback %s %s error=%s%s", printable(sid, 64), printable(status, 32),
-             error_code, "" if stored else " (repeat, ignored)")
-    return {"received": True, "duplicate": not stored}
-
-
 @blueprint.get("/get-status/<sid>")
 @require_api_key
 def get_status(sid):
@@ -119,7 +95,9 @@ def messages():
 @blueprint.get("/stats")
 @require_api_key
 def stats():
-    return listing.delivery_stats(request.args, current_app.config["CLOCK"]())
+    now = current_app.config["CLOCK"]()
+    since, until = listing.stats_window(request.args, now)
+    return listing.delivery_stats(db.get_db(), since, until, now)
 
 
 class BacklogRead:
@@ -162,8 +140,3 @@ class BacklogRead:
             except db.DATABASE_ERRORS as error:
                 outcome["error"] = db.describe_error(error)
 
-
-def callback_error_code(raw):
-    """Twilio's ErrorCode as an integer, or None when absent or not a plain number."""
-    raw = (raw or "").strip()
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None

@@ -1,0 +1,59 @@
+"""POST /message-status: Twilio's status callbacks, a blueprint whose guards run in the
+order of GUARDS before the view stores the status."""
+
+from flask import Blueprint, current_app, request
+
+from sms_status import metrics, webhooks
+from sms_status.rules import printable
+from sms_status.storage import records as db
+from sms_status.web import guards
+from sms_status.web.errors import json_error
+from sms_status.web.logs import log
+
+blueprint = Blueprint("callbacks", __name__)
+
+# In this order: counting the fields costs nothing and bounds what the signature parses and
+# signs; NUL characters only once the signature holds, so an unsigned request always gets 403.
+GUARDS = (
+    guards.refuse_too_many_fields,
+    guards.require_twilio_signature,
+    guards.refuse_nul_characters_in_callback,
+)
+
+
+@blueprint.before_request
+def guard_callback():
+    """Runs GUARDS in order; the first refusal ends the request."""
+    if request.method == "OPTIONS":
+        return  # Flask answers it with the Allow header; nothing is read or stored
+    for guard in GUARDS:
+        guard()
+
+
+@blueprint.post("/message-status")
+def message_status():
+    form = request.form
+    # Older callbacks (and some Twilio products) send only SmsSid and SmsStatus.
+    sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
+    status = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
+    if not sid or not status:
+        metrics.count_callback("invalid")
+        return json_error(400, "A status callback needs MessageSid and MessageStatus "
+                               "(or the older SmsSid and SmsStatus)")
+    error_code = callback_error_code(form.get("ErrorCode"))
+    stored = db.record_status(db.get_db(), sid, status, error_code, to=form.get("To"),
+                              from_=form.get("From"), account_sid=form.get("AccountSid"),
+                              events=webhooks.recording(current_app))
+    metrics.count_callback("stored" if stored else "repeat")
+    if stored:
+        metrics.count_status_change(status)
+        webhooks.nudge(current_app)
+    log.info("Status callback %s %s error=%s%s", printable(sid, 64), printable(status, 32),
+             error_code, "" if stored else " (repeat, ignored)")
+    return {"received": True, "duplicate": not stored}
+
+
+def callback_error_code(raw):
+    """Twilio's ErrorCode as an integer, or None when absent or not a plain number."""
+    raw = (raw or "").strip()
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None
