@@ -28,7 +28,7 @@ class NothingStored:
         return True
 
     @contextmanager
-    def transaction(self):
+    def transaction(self, probe=False):
         """For checkouts whose writes open transactions themselves (--repo)."""
         yield self
 

@@ -212,6 +212,8 @@ def test_after_a_clean_restart_of_postgres_the_first_requests_succeed_at_once(
         reader.join()
 
     own_postgres.stop()
+    # The health check's probes meet the outage, as a load balancer's would make them.
+    wait_for_health(service, 503, timeout=30)
     own_postgres.start()
     answers = [timed("POST", service.url + "/message-status", data=params,
                      headers={"X-Twilio-Signature": sign(env["BASE_URL"] + "/message-status",
@@ -219,10 +221,11 @@ def test_after_a_clean_restart_of_postgres_the_first_requests_succeed_at_once(
                for params in (callback(f"SMe{n:031x}", "sent") for n in range(3))]
     answers += [timed("GET", f"{service.url}/get-status/{sid}", headers=AUTH)
                 for _ in range(3)]
-    answers += [timed("GET", service.url + "/healthz")]
-    assert [status for status, _, _ in answers] == [200] * 7, answers
+    assert [status for status, _, _ in answers] == [200] * 6, answers
     # Stale connections are replaced at once: no request waits for them one by one.
     assert max(seconds for _, seconds, _ in answers) < 2, answers
+    # /healthz answers from its latest probe, of at most about a second ago.
+    wait_for_health(service, 200, timeout=3)
 
 
 def test_while_postgres_is_down_requests_fail_fast_and_recover_by_themselves(
@@ -458,8 +461,11 @@ def test_healthz_answers_503_within_a_second_while_postgres_hangs(
         for pid in processes:
             os.kill(pid, signal.SIGCONT)
     assert {status for status, _, _ in answers} == {503}, answers
-    assert {error for _, _, error in answers} == {
-        f"The database cannot store status updates: {health.DID_NOT_ANSWER}"}
+    # A probe still waiting says it did not answer; one whose wait for a connection ran out
+    # first says the write failed: either way the kind of failure only.
+    assert {error for _, _, error in answers} <= {
+        f"The database cannot store status updates: {health.DID_NOT_ANSWER}",
+        f"The database cannot store status updates: {health.WRITE_FAILED}"}, answers
     # The contract is 1 s; the bound leaves room for a busy test machine.
     assert max(seconds for _, seconds, _ in answers) < 2, answers
     wait_until(lambda: requests.get(service.url + "/healthz", timeout=5).status_code == 200,
@@ -467,7 +473,7 @@ def test_healthz_answers_503_within_a_second_while_postgres_hangs(
 
 
 def test_healthz_says_what_failed_but_not_as_whom(postgres_admin_url, postgres_url, make_app,
-                                                   capfd):
+                                                   caplog):
     """A failed probe's answer names the kind of failure only; the server's words (which
     name the database user) go to the log."""
     role, password = "sms_healthz_" + uuid.uuid4().hex[:8], uuid.uuid4().hex
@@ -495,10 +501,13 @@ def test_healthz_says_what_failed_but_not_as_whom(postgres_admin_url, postgres_u
         # A probe that first waits for the pool's reconnection says it did not answer.
         wait_until(refused, 15, "/healthz to say the write failed")
         assert not any(role in json.dumps(answer) for answer in answers), answers
+        wait_until(lambda: f'password authentication failed for user "{role}"' in caplog.text,
+                   15, "the log to say why")
+        answers.append(client.get("/healthz").get_json())
+        assert not any(role in json.dumps(answer) for answer in answers), answers
         app.extensions["health"].stop()
         app.extensions["storage"].close()
-        assert f'password authentication failed for user "{role}"' in capfd.readouterr().out
-        assert password not in capfd.readouterr().out
+        assert password not in caplog.text
     finally:
         sql_rows(postgres_admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                                      " WHERE usename = %s", (role,))

@@ -155,9 +155,9 @@ class PostgresEngine:
         conn.execute(f"SET statement_timeout = {int(self.read_timeout * 1000)}")
 
     @contextmanager
-    def _connection(self, reads=False):
+    def _connection(self, pool_of):
         pools = self._pools()
-        pool = pools.reads if reads else pools.writes
+        pool = pool_of(pools)
         conn = pools.borrow(pool)
         try:
             yield conn
@@ -165,12 +165,15 @@ class PostgresEngine:
             pool.putconn(conn)
 
     @contextmanager
-    def transaction(self):
-        with self._connection() as conn, conn.transaction():
+    def transaction(self, probe=False):
+        """A write transaction; `probe`: the health check's, on a connection of its own."""
+        connection = (self._pools().probe_connection() if probe
+                      else self._connection(lambda pools: pools.writes))
+        with connection as conn, conn.transaction():
             yield PostgresTransaction(conn)
 
     def query(self, sql, params=()):
-        with self._connection(reads=True) as conn:
+        with self._connection(lambda pools: pools.reads) as conn:
             return conn.execute(_pyformat(sql), params).fetchall()
 
     def migrate(self, mode=None):
@@ -267,6 +270,8 @@ class _Pools:
         self.writes = self._open(engine, f"{name}-writes", max(1, engine.pool_size - reads),
                                  engine.configure_writes)
         self.reads = self._open(engine, f"{name}-reads", reads, engine.configure_reads)
+        self.engine = engine
+        self.probe_lock, self.probe_conn = threading.Lock(), None
 
     def _open(self, engine, name, size, configure):
         pool = ConnectionPool(
@@ -317,9 +322,33 @@ class _Pools:
             self.failure = None
             return conn
 
+    @contextmanager
+    def probe_connection(self):
+        """The health check's connection, kept while it works and made anew after an error.
+
+        The probe runs once a second while /healthz is asked for, outside the pools: one
+        that met an outage would leave a pool waiting out its reconnection's backoff, and
+        the first callbacks after the server came back answered 503. Made anew, it follows
+        the server at once.
+        """
+        with self.probe_lock:
+            if self.probe_conn is None or self.probe_conn.closed:
+                self.probe_conn = psycopg.connect(
+                    self.engine.url, autocommit=True, row_factory=dict_row,
+                    **self.engine.connect_options)
+                self.engine.configure_writes(self.probe_conn)
+            try:
+                yield self.probe_conn
+            except psycopg.OperationalError:
+                self.probe_conn.close()
+                raise
+
     def close(self, timeout):
         self.writes.close(timeout=timeout)
         self.reads.close(timeout=timeout)
+        with self.probe_lock:
+            if self.probe_conn is not None:
+                self.probe_conn.close()
 
 
 def _watched_connections(pools):

@@ -516,7 +516,7 @@ def check_writable(storage):
     time of the check.
     """
     at = stored_time()
-    with storage.transaction() as tx:
+    with storage.transaction(probe=True) as tx:
         tx.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
             " error_code, created_at, updated_at, sent_at, storage_order)"

@@ -341,7 +341,8 @@ class SQLiteEngine:
                 raise
 
     @contextmanager
-    def transaction(self):
+    def transaction(self, probe=False):
+        """A write transaction; a health probe (`probe`) takes its turn like any write."""
         with self.write_transaction(self.connection()) as tx:
             yield tx
 

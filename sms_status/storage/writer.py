@@ -238,7 +238,7 @@ class BatchStorage:
         self.skip_locked = engine.skip_locked
 
     @contextmanager
-    def transaction(self):
+    def transaction(self, probe=False):
         yield self.tx
 
 
