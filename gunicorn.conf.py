@@ -9,7 +9,6 @@ from dotenv import load_dotenv
 
 # The same .env the app reads, so PORT and the worker settings in it apply here too.
 load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sms_status import metrics  # noqa: E402
 from sms_status.config import (  # noqa: E402

@@ -232,7 +232,8 @@ def test_gunicorn_reads_port_from_dotenv_too(tmp_path):
     (tmp_path / ".env").write_text(f"PORT={port}\n")
     probe = f"import runpy; print(runpy.run_path({str(ROOT / 'gunicorn.conf.py')!r})['bind'])"
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+                            text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"0.0.0.0:{port}"
 
