@@ -53,8 +53,8 @@ timeout = 25
 graceful_timeout = 20
 # No control socket: one default path would be shared by every instance on the host.
 control_socket_disable = True
-# No access log: the app already logs one line per send and per callback; a second line
-# per request cost 12% of the webhook throughput and 10 ms of p99 (bench/webhooks.py).
+# No access log: the app already logs one line per send and per callback, and a second
+# line per request cost callbacks/s (docs/performance.md, "Earlier choices").
 # GUNICORN_CMD_ARGS="--access-logfile -" turns it back on.
 accesslog = None
 # gunicorn's own lines in the service's format, so that the log has one (serving/log.py).

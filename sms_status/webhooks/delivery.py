@@ -33,9 +33,8 @@ from sms_status.webhooks.events import signed_headers
 
 log = logging.getLogger("sms_status")
 
-# Attempts one process makes at once. With 16, at full load a worker settled and claimed
-# a few events per turn, a database write each way; 32 and the gather below delivered 1.4
-# times as many events a second, callbacks stored as fast (bench/webhook_events.py).
+# Attempts one process makes at once: with 16, a loaded worker settled and claimed only a
+# few events per write (docs/performance.md, "Status webhooks").
 SLOTS = 32
 # How often an idle loop looks for due events (events stored by this process wake it at
 # once; those stored by other processes or instances, or due for a retry, wait this long).
@@ -50,8 +49,7 @@ STOP_GRACE_SECONDS = 3.0
 # After a database error the loop waits this long before trying again.
 DATABASE_BACKOFF_SECONDS = 1.0
 # Lines a minute per process about failed attempts, and as many about events given up on:
-# enough to see what fails, too few to fill a disk while a receiver is down (without a
-# budget, 650 failed attempts a second wrote about 10 GB of log a day).
+# enough to see what fails, too few to fill a disk while a receiver is down (docs/webhooks.md).
 FAILURE_LINES_PER_MINUTE = 30
 # While attempts fail, a summary line at most this often counts them all.
 FAILURE_SUMMARY_SECONDS = 60
