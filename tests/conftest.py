@@ -1,5 +1,6 @@
 """The tests' fixtures; the helpers they are built from are in support.py."""
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -8,12 +9,14 @@ import pytest
 
 from postgres import PostgresServer, PostgresUnavailable, create_database, drop_database
 from sms_status import create_app
+from sms_status.storage import records as db
 from sms_status.web.logs import configure_logging
 from support import (
     ACCOUNT_SID,
     AUTH,
     AUTH_TOKEN,
     CALLBACK_URL,
+    NOW,
     Service,
     free_port,
     live_env,
@@ -100,8 +103,44 @@ def make_app(tmp_path, fake_twilio, database_url):
 
 
 @pytest.fixture
-def app(make_app):
-    return make_app()
+def clock():
+    """The time the app of a module marked `fixed_clock` reads, as {"now": seconds}: NOW
+    until a test moves it."""
+    return {"now": NOW}
+
+
+@pytest.fixture
+def app(request, make_app):
+    """The app, live; in a module marked `fixed_clock`, its clock is the `clock` fixture."""
+    if request.node.get_closest_marker("fixed_clock") is None:
+        return make_app()
+    clock = request.getfixturevalue("clock")
+    return make_app(clock=lambda: clock["now"])
+
+
+_sids = itertools.count(1)
+
+
+@pytest.fixture
+def store(app):
+    """Stores a message through the service's own storage, with explicit event times.
+
+    store(created, ("sent", 5), ("undelivered", 10, 30003), to=...) creates it `created`
+    seconds before NOW as queued, then adds each (status, seconds after creation[, code]).
+    """
+
+    def add(created, *events, to="+15558675309", sid=None):
+        sid = sid or f"SM{next(_sids):032x}"
+        with app.app_context():
+            conn = db.get_db()
+            db.record_status(conn, sid, "queued", to=to, from_="+15551234567",
+                             at=db.stored_time(NOW - created))
+            for status, after, *code in events:
+                db.record_status(conn, sid, status, code[0] if code else None,
+                                 at=db.stored_time(NOW - created + after))
+        return sid
+
+    return add
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -35,6 +36,8 @@ BASE_URL = "https://sms.example.com"
 SENDER = "+15017122661"
 CALLBACK_URL = BASE_URL + "/message-status"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# The time of the tests whose app runs on a fixed clock (conftest.py's `clock`, `store`).
+NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
 
 
 def live_env(tmp_path, **overrides):

@@ -22,6 +22,7 @@ from support import (
     API_KEY,
     AUTH,
     CALLBACK_URL,
+    NOW,
     WEBHOOK_SECRET,
     WebhookReceiver,
     callback,
@@ -30,40 +31,10 @@ from support import (
     sqlite_only,
 )
 
-NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
+pytestmark = pytest.mark.fixed_clock
 OTHER_KEY = "another-api-key-9876543210"
 PAGES = ("/dashboard", "/dashboard?window=7d", "/dashboard/messages",
          "/dashboard/messages?to=%2B15558675309", "/dashboard/messages/SM123")
-_sids = itertools.count(1)
-
-
-@pytest.fixture
-def clock():
-    return {"now": NOW}
-
-
-@pytest.fixture
-def app(make_app, clock):
-    return make_app(clock=lambda: clock["now"])
-
-
-@pytest.fixture
-def store(app):
-    """store(created, ("sent", 5), ("undelivered", 10, 30003), to=...): a message created
-    `created` seconds before NOW, then each (status, seconds after creation[, code])."""
-
-    def add(created, *events, to="+15558675309", sid=None):
-        sid = sid or f"SM{next(_sids):032x}"
-        with app.app_context():
-            conn = db.get_db()
-            db.record_status(conn, sid, "queued", to=to, from_="+15551234567",
-                             at=db.stored_time(NOW - created))
-            for status, after, *code in events:
-                db.record_status(conn, sid, status, code[0] if code else None,
-                                 at=db.stored_time(NOW - created + after))
-        return sid
-
-    return add
 
 
 def log_in(client, key=API_KEY, **headers):

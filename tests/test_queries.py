@@ -17,6 +17,7 @@ from sms_status.storage import SQLiteEngine, outbox, reads, times
 from sms_status.storage import records as db
 from support import (
     AUTH,
+    NOW,
     app_database_url,
     callback,
     fill_messages,
@@ -24,45 +25,12 @@ from support import (
     sqlite_only,
 )
 
-NOW = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc).timestamp()
-_sids = itertools.count(1)
+pytestmark = pytest.mark.fixed_clock
 
 
 def at(seconds_before_now):
     """The stored timestamp of NOW minus `seconds_before_now`."""
     return db.stored_time(NOW - seconds_before_now)
-
-
-@pytest.fixture
-def clock():
-    return {"now": NOW}
-
-
-@pytest.fixture
-def app(make_app, clock):
-    return make_app(clock=lambda: clock["now"])
-
-
-@pytest.fixture
-def store(app):
-    """Stores a message through the service's own storage, with explicit event times.
-
-    store(created, ("sent", 5), ("undelivered", 10, 30003), to=...) creates it `created`
-    seconds before NOW as queued, then adds each (status, seconds after creation[, code]).
-    """
-
-    def add(created, *events, to="+15558675309", sid=None):
-        sid = sid or f"SM{next(_sids):032x}"
-        with app.app_context():
-            conn = db.get_db()
-            db.record_status(conn, sid, "queued", to=to, from_="+15551234567",
-                             at=at(created))
-            for status, after, *code in events:
-                db.record_status(conn, sid, status, code[0] if code else None,
-                                 at=at(created - after))
-        return sid
-
-    return add
 
 
 def get(client, path, **params):
