@@ -9,8 +9,7 @@ from itertools import pairwise
 from werkzeug.datastructures import MultiDict
 
 from sms_status import listing
-from sms_status.storage import reads
-from sms_status.storage import records as db
+from sms_status.storage import access, reads
 from sms_status.storage.times import stored_time_rounded_up
 
 # name -> (the window's length, the chart's bucket); buckets start on whole multiples of
@@ -52,7 +51,7 @@ def delivery_overview(window, now):
     boundaries = bucket_boundaries(since, until, WINDOWS[window][1])
     buckets = {start: {"start": start, "stop": stop, "counts": {}, "total": 0}
                for start, stop in pairwise(boundaries)}
-    for start, status, count in reads.messages_per_bucket(db.get_db(), boundaries):
+    for start, status, count in reads.messages_per_bucket(access.get_db(), boundaries):
         buckets[start]["counts"][status] = count
         buckets[start]["total"] += count
     return {"window": window, "stats": stats, "buckets": list(buckets.values())}

@@ -7,7 +7,7 @@ import time
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from sms_status.storage import records as db
+from sms_status.storage import times
 from support import (
     AUTH,
     AUTH_TOKEN,
@@ -231,7 +231,7 @@ def test_callback_before_send_then_send_keeps_latest(app, post_callback, send, f
     answer = history(client)
     assert answer["latestStatus"] == "delivered"
     assert [e["status"] for e in answer["history"]] == ["queued", "delivered"]
-    assert answer["history"][0]["timestamp"] == answer["createdAt"] == db.stored_time(started)
+    assert answer["history"][0]["timestamp"] == answer["createdAt"] == times.stored_time(started)
 
 
 def test_concurrent_callbacks_lose_nothing(app):

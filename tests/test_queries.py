@@ -9,8 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twilio.http.response import Response
 
-from sms_status.storage import outbox, reads, times
-from sms_status.storage import records as db
+from sms_status.storage import access, outbox, reads, statuses, times
 from support import (
     AUTH,
     app_database_url,
@@ -26,7 +25,7 @@ _sids = itertools.count(1)
 
 def at(seconds_before_now):
     """The stored timestamp of NOW minus `seconds_before_now`."""
-    return db.stored_time(NOW - seconds_before_now)
+    return times.stored_time(NOW - seconds_before_now)
 
 
 @pytest.fixture
@@ -50,12 +49,12 @@ def store(app):
     def add(created, *events, to="+15558675309", sid=None):
         sid = sid or f"SM{next(_sids):032x}"
         with app.app_context():
-            conn = db.get_db()
-            db.record_status(conn, sid, "queued", to=to, from_="+15551234567",
-                             at=at(created))
+            conn = access.get_db()
+            statuses.record_status(conn, sid, "queued", to=to, from_="+15551234567",
+                                   at=at(created))
             for status, after, *code in events:
-                db.record_status(conn, sid, status, code[0] if code else None,
-                                 at=at(created - after))
+                statuses.record_status(conn, sid, status, code[0] if code else None,
+                                       at=at(created - after))
         return sid
 
     return add
@@ -527,7 +526,7 @@ def test_time_to_delivered_counts_from_the_send_even_when_callbacks_came_first(
     assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
                        headers=AUTH).status_code == 200
     history = client.get(f"/get-status/{sid}", headers=AUTH).get_json()
-    assert history["createdAt"] == db.stored_time(started)
+    assert history["createdAt"] == times.stored_time(started)
     delivered_at = next(e["timestamp"] for e in history["history"] if e["status"] == "delivered")
     expected = round((datetime.fromisoformat(delivered_at) - datetime.fromisoformat(
         history["createdAt"])).total_seconds(), 3)
@@ -570,7 +569,7 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
     assert seen
     with app.app_context():
         for sql in seen:
-            plan = [row["detail"] for row in db.get_db().query("EXPLAIN QUERY PLAN " + sql)]
+            plan = [row["detail"] for row in access.get_db().query("EXPLAIN QUERY PLAN " + sql)]
             tables = [line for line in plan
                       if re.search(r"\b(messages|status_events|webhook_events)\b", line)]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
@@ -590,10 +589,10 @@ def test_a_claim_of_webhook_events_seeks_each_message_and_stops_at_its_limit(app
     Without statistics, SQLite once looked them up through the state index instead: every
     pending event walked for each candidate, and a backlog of 4,000 took 8 s a claim."""
     with app.app_context():
-        storage = db.get_db()
+        storage = access.get_db()
         for n in range(20):
             for status in ("queued", "sent"):
-                db.record_status(storage, f"SM{n:032x}", status, events=True)
+                statuses.record_status(storage, f"SM{n:032x}", status, events=True)
         connection = app.extensions["storage"].connection()
         seen = []
         connection.set_trace_callback(seen.append)
@@ -644,7 +643,7 @@ def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app)
     # The claim itself (the same statement and settings): 8.5 to 19 s before, under 1 ms after.
     started = time.monotonic()
     with app.app_context():
-        claimed = outbox.claim_webhook_events(db.get_db(), "lease", now, 60, 16)
+        claimed = outbox.claim_webhook_events(access.get_db(), "lease", now, 60, 16)
     assert len(claimed) == 16
     assert time.monotonic() - started < 1.0
 
@@ -652,7 +651,7 @@ def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app)
 def test_timestamps_are_stored_in_the_format_the_queries_compare(app, store):
     sid = store(60)
     with app.app_context():
-        row = db.get_db().query("SELECT created_at FROM messages WHERE sid = ?", (sid,))[0]
+        row = access.get_db().query("SELECT created_at FROM messages WHERE sid = ?", (sid,))[0]
     assert times.STORED_TIME.fullmatch(row["created_at"])
     assert times.stored_time_rounded_up(
         datetime.fromisoformat("2026-11-26T21:05:15.8961+01:00")) == "2026-11-26T20:05:15.897Z"

@@ -14,7 +14,7 @@ from standardwebhooks import Webhook
 from twilio.http.response import Response
 
 from sms_status.config import read_config
-from sms_status.storage import records as db
+from sms_status.storage import times
 from support import (
     AUTH,
     CALLBACK_URL,
@@ -332,9 +332,9 @@ def test_retry_webhooks_queues_again_the_events_given_up_on_in_the_window(
         post(webhook_client, "SM" + f"f{n}" * 16, "delivered")
     url = app_database_url(webhook_app)
     sql_rows(url, "UPDATE webhook_events SET state = 'failed', attempts = 8,"
-             " last_error = 'HTTP 500', last_attempt_at = ?", (db.stored_time(time.time()),))
+             " last_error = 'HTTP 500', last_attempt_at = ?", (times.stored_time(time.time()),))
     sql_rows(url, "UPDATE webhook_events SET last_attempt_at = ? WHERE message_sid = ?",
-             (db.stored_time(time.time() - 3 * 86400), "SM" + "f0" * 16))
+             (times.stored_time(time.time() - 3 * 86400), "SM" + "f0" * 16))
     result = webhook_app.test_cli_runner().invoke(args=["retry-webhooks", "--since", "24h"])
     assert result.exit_code == 0, result.output
     assert "Queued 2 failed status webhook events again" in result.output

@@ -17,8 +17,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import requests
 
-from sms_status.storage import SQLiteEngine, writer
-from sms_status.storage import records as db
+from sms_status.storage import SQLiteEngine, access, sends, times, writer, writes
 from sms_status.web import health
 from support import (
     AUTH,
@@ -45,10 +44,10 @@ FORK_RACE_ROUNDS = 40
 
 
 @contextmanager
-def writer_batches(app, functions=db.WRITES, **settings):
+def writer_batches(app, functions=writes.WRITES, **settings):
     """run(*writes) runs writes [(function name, args)] as one batch of the writer process,
     on one engine (as the writer's, with `settings`) for every batch of the block."""
-    engine = db.open_storage(app.config["SERVICE"], checkpoints=False, **settings)
+    engine = access.open_storage(app.config["SERVICE"], checkpoints=False, **settings)
     try:
         yield lambda *writes: writer.run_batch(
             engine, [(name, args, {}) for name, args in writes], functions)
@@ -57,7 +56,7 @@ def writer_batches(app, functions=db.WRITES, **settings):
 
 
 def batch(app, *writes):
-    """Runs writes [(db.py function name, args)] as one batch of the writer process."""
+    """Runs writes [(write function name, args)] as one batch of the writer process."""
     with writer_batches(app) as run:
         return run(*writes)
 
@@ -68,13 +67,13 @@ def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(
     url = app_database_url(app)
     now = time.time()
     with app.app_context():
-        reservation = db.reserve_send(db.get_db(), "+15558675309", now, 5, 0).reservation
+        reservation = sends.reserve_send(access.get_db(), "+15558675309", now, 5, 0).reservation
     answers = batch(
         app,
         ("record_status", (SID_A, "sent")),
         # Deletes its reservation, then fails: a message needs a status (NOT NULL).
         ("record_sent_message", ("SM" + "c" * 32, "AC1", "+15558675309", "+15017122661",
-                                 None, None, db.stored_time(now), None, reservation)),
+                                 None, None, times.stored_time(now), None, reservation)),
         ("record_status", (SID_B, "delivered")),
     )
     assert answers[0] == ("ok", True) and answers[2] == ("ok", True)
@@ -109,7 +108,7 @@ def fails_at_commit(storage):
 def test_a_batch_whose_commit_fails_answers_every_write_with_the_error_and_stores_none(
         make_app):
     app = make_app()
-    with writer_batches(app, dict(db.WRITES, fails_at_commit=fails_at_commit)) as run:
+    with writer_batches(app, dict(writes.WRITES, fails_at_commit=fails_at_commit)) as run:
         answers = run(("record_status", (SID_A, "sent")), ("fails_at_commit", ()))
         assert [outcome for outcome, _ in answers] == ["error", "error"], answers
         assert "FOREIGN KEY" in answers[0][1][1] and answers[1] == answers[0]

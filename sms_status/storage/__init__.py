@@ -1,9 +1,9 @@
 """The storage room: the message history on SQLite (the embedded default) or PostgreSQL.
 
-Request code reaches the database through records.py (`get_db()` and the record functions,
-each written once in the SQL both engines agree on) and reads through the listings'
-queries; what differs between the engines lives in sqlite.py and postgres.py, and the
-schema both reach in schema.py.
+Request code reaches the database through access.py's `get_db()`, the record functions
+(statuses.py, sends.py, maintenance.py, outbox.py: each written once in the SQL both engines
+agree on) and the listings' queries (reads.py); what differs between the engines lives in
+sqlite.py and postgres.py, and the schema both reach in schema.py.
 
 Both engines are the same to their callers (the Engine protocol):
 
@@ -14,7 +14,7 @@ Both engines are the same to their callers (the Engine protocol):
   `next_storage_order` and `skip_locked` (SQL), `describe_error(error)`, `identity()`, `label`, and
   `close()`, which closes this engine's connections in this process;
 - `writer`: under gunicorn on SQLite, the client of the writer process that the writes of
-  records.py go through (writer.py); None otherwise;
+  the record functions go through (writer.py); None otherwise;
 - `features`: what one engine has and the other has not (`writer_process`,
   `online_backup`), for the callers that must know.
 """

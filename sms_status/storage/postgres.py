@@ -4,7 +4,7 @@
   forks: one for transactions (callbacks, sends, /healthz), a smaller one for reads, whose
   statements have a time limit, so that a flood of reads never holds up a callback.
 - Transactions run side by side; `tx.lock(name)` takes a transaction-scoped advisory lock
-  where records.py needs writers to take turns (the hourly limits, an idempotency key).
+  where the records need writers to take turns (the hourly limits, an idempotency key).
 - Records are written once, with `?` placeholders; they become psycopg's `%s` here.
 """
 

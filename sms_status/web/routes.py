@@ -8,8 +8,7 @@ from flask import Blueprint, current_app, request
 
 from sms_status import listing, metrics, webhooks
 from sms_status.rules import printable
-from sms_status.storage import reads
-from sms_status.storage import records as db
+from sms_status.storage import DATABASE_ERRORS, access, reads, statuses
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
 from sms_status.web.guards import require_api_key, require_twilio_signature
 from sms_status.web.logs import log
@@ -89,9 +88,9 @@ def message_status():
         return json_error(400, "A status callback needs MessageSid and MessageStatus "
                                "(or the older SmsSid and SmsStatus)")
     error_code = callback_error_code(form.get("ErrorCode"))
-    stored = db.record_status(db.get_db(), sid, status, error_code, to=form.get("To"),
-                              from_=form.get("From"), account_sid=form.get("AccountSid"),
-                              events=webhooks.recording(current_app))
+    stored = statuses.record_status(access.get_db(), sid, status, error_code, to=form.get("To"),
+                                    from_=form.get("From"), account_sid=form.get("AccountSid"),
+                                    events=webhooks.recording(current_app))
     metrics.count_callback("stored" if stored else "repeat")
     if stored:
         metrics.count_status_change(status)
@@ -158,9 +157,9 @@ class BacklogRead:
     def _read(app, outcome):
         with app.app_context():
             try:
-                outcome["count"] = reads.pending_webhook_events(db.get_db())
-            except db.DATABASE_ERRORS as error:
-                outcome["error"] = db.describe_error(error)
+                outcome["count"] = reads.pending_webhook_events(access.get_db())
+            except DATABASE_ERRORS as error:
+                outcome["error"] = access.describe_error(error)
 
 
 def callback_error_code(raw):
