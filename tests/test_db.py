@@ -15,6 +15,9 @@ from sms_status.config import ConfigError
 from sms_status.storage import (
     DATABASE_ERRORS,
     READ_TIME_LIMIT_ERRORS,
+    Engine,
+    Features,
+    Operations,
     SQLiteEngine,
     access,
     open_engine,
@@ -36,6 +39,18 @@ from support import (
 
 def engine_for(url, **settings):
     return open_engine(url, pool_size=2, **settings)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///{}/engine.db", "postgresql://localhost/engine"])
+def test_each_engine_keeps_the_engine_contract(url, tmp_path):
+    """Both engines are Engines, with their differences in subclasses of the bases, and
+    every piece of SQL the base Operations names."""
+    engine = open_engine(url.format(tmp_path))
+    assert isinstance(engine, Engine)
+    assert isinstance(engine.ops, Operations) and isinstance(engine.features, Features)
+    for name in ("next_storage_order", "skip_locked"):
+        assert isinstance(getattr(engine.ops, name), str), name
+    assert isinstance(engine.ops.seconds_between("a", "b"), str)
 
 
 def schema_version(url):
@@ -252,7 +267,7 @@ def test_a_new_messages_storage_order_is_read_from_an_index(database_url):
     engine.migrate()
     plan = [row["detail"] for row in engine.query(
         "EXPLAIN QUERY PLAN INSERT INTO messages (sid, latest_status, created_at, updated_at,"
-        f" storage_order) VALUES ('SM1', 'sent', '', '', {engine.next_storage_order})")]
+        f" storage_order) VALUES ('SM1', 'sent', '', '', {engine.ops.next_storage_order})")]
     assert "SEARCH messages USING COVERING INDEX messages_by_storage_order" in plan, plan
     engine.close()
 

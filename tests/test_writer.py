@@ -61,6 +61,53 @@ def batch(app, *writes):
         return run(*writes)
 
 
+def every_write(now):
+    """One call of each write the writer process may be asked to run, in an order in which
+    each finds what it needs: [(name, args)]."""
+    at = times.stored_time(now)
+    return [
+        ("record_sent_message", (SID_A, "AC" + "0" * 32, "+15558675309", "+15017122661",
+                                 "Hello", "queued", at)),
+        ("record_status", (SID_A, "delivered")),
+        ("record_status", (SID_B, "sent")),
+        ("reserve_idempotency_key", ("scope", "key", "fingerprint", now, now - 86400,
+                                     now - 30)),
+        ("save_idempotent_response", ("scope", "key", 201, "{}")),
+        ("release_idempotency_key", ("scope", "key")),
+        ("reserve_send", ("+15558675309", now, 5, 10)),
+        ("release_send", (1,)),
+        ("mark_checked", (SID_B, at)),
+        ("mark_unknown_at_twilio", (SID_B,)),
+        ("check_writable", ()),
+        ("claim_webhook_events", ("lease", now, 60, 10)),
+        ("settle_webhook_attempts", ([],)),
+        ("release_webhook_events", (["lease"],)),
+        ("queue_webhook_event_again", ("no-such-event", now)),
+        ("queue_failed_webhook_events_again", (at, now)),
+    ]
+
+
+@sqlite_only
+def test_every_write_runs_in_the_writer_process_as_it_runs_in_place(make_app, tmp_path):
+    """A write sees the engine's `ops` and `features` in the writer's batches as in place:
+    each one answers there what it answers in place, and stores the same rows."""
+    now = time.time()
+    calls = every_write(now)
+    assert {name for name, _ in calls} == set(writes.WRITES), "a write without a call here"
+    in_place = make_app()
+    through_writer = make_app(DATABASE_URL=f"sqlite:///{tmp_path / 'writer.db'}")
+    with in_place.app_context():
+        engine = access.get_db()
+        expected = [("ok", writes.WRITES[name](engine, *args)) for name, args in calls]
+        in_batch = writer.BatchStorage(engine, tx=None)
+        assert (in_batch.ops, in_batch.features) == (engine.ops, engine.features)
+    assert batch(through_writer, *calls) == expected
+    for table in ("messages", "status_events", "idempotency_keys", "send_reservations",
+                  "health_checks", "webhook_events"):
+        assert count_rows_at(app_database_url(through_writer), table) == count_rows_at(
+            app_database_url(in_place), table), table
+
+
 @sqlite_only
 def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(make_app):
     app = make_app()

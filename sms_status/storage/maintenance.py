@@ -209,7 +209,7 @@ def check_writable(storage):
         tx.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
             " error_code, created_at, updated_at, sent_at, storage_order)"
-            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {storage.next_storage_order})",
+            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {storage.ops.next_storage_order})",
             (HEALTH_CHECK_SID, "AC" + "0" * 32, "+15550000000", "+15550000000", "delivered",
              None, at, at, at),
         )
@@ -280,7 +280,7 @@ def copy_history(source, target, keys_created_after, progress=no_progress):
         with target.transaction() as tx:
             copied["messages"] += _insert_new(
                 tx, "messages", COPIED_COLUMNS, messages,
-                computed=[("storage_order", target.next_storage_order)])
+                computed=[("storage_order", target.ops.next_storage_order)])
             copied["events"] += _insert_new(
                 tx, "status_events", ("message_sid", "status", "error_code", "received_at"),
                 events)

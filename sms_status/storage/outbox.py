@@ -53,7 +53,7 @@ def claim_statement(storage, lease, now, lease_seconds, limit, event_id=None):
     only = " AND e.id = ?" if event_id is not None else ""
     return (
         f"UPDATE webhook_events SET lease = ?, lease_until = ? WHERE seq IN ({CLAIMABLE}"
-        f"{only} ORDER BY e.next_attempt_at, e.seq LIMIT ?{storage.skip_locked})"
+        f"{only} ORDER BY e.next_attempt_at, e.seq LIMIT ?{storage.ops.skip_locked})"
         " RETURNING seq, " + CLAIMED_COLUMNS,
         (lease, now + lease_seconds, at, now, now, at,
          *([event_id] if event_id is not None else []), limit),

@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from sms_status.storage.engine import Features, Operations
 from sms_status.storage.schema import (
     MIGRATION_LOCK,
     POSTGRES_MIGRATIONS,
@@ -48,11 +49,22 @@ UNREACHABLE_WAIT_SECONDS = 0.25
 POOL_WAIT_STEP_SECONDS = 0.25
 
 
-class Features:
+class PostgresFeatures(Features):
     """What PostgreSQL lacks of SQLite's."""
 
     writer_process = False  # writes run side by side in the request threads
     online_backup = False  # pg_dump does that
+
+
+class PostgresOperations(Operations):
+    """PostgreSQL's SQL where the engines differ."""
+
+    seconds_between = staticmethod(postgres_seconds_between)
+    # The next message's storage order: a sequence, so concurrent transactions never wait
+    # for each other for it (a rolled-back one leaves a gap, which orders nothing wrongly).
+    next_storage_order = "nextval('messages_storage_order')"
+    # A claim passes over the rows another transaction is settling (storage/outbox.py).
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
 
 @functools.lru_cache(maxsize=256)
@@ -97,7 +109,8 @@ class PostgresTransaction:
 
 class PostgresEngine:
     name = "postgres"
-    features = Features()
+    features = PostgresFeatures()
+    ops = PostgresOperations()
     SETTINGS = ("pool_size", "pool_timeout", "lock_timeout", "read_timeout")
     writer = None  # writes run in the calling thread
 
@@ -201,13 +214,6 @@ class PostgresEngine:
     def compact(self):
         """Nothing to do: PostgreSQL's autovacuum and its own WAL recycling reclaim space."""
         return True
-
-    seconds_between = staticmethod(postgres_seconds_between)
-    # The next message's storage order: a sequence, so concurrent transactions never wait
-    # for each other for it (a rolled-back one leaves a gap, which orders nothing wrongly).
-    next_storage_order = "nextval('messages_storage_order')"
-    # A claim passes over the rows another transaction is settling (storage/outbox.py).
-    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     @staticmethod
     def describe_error(error):

@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from urllib.parse import quote
 
+from sms_status.storage.engine import Features, Operations
 from sms_status.storage.schema import (
     RECORD_MODE,
     SCHEMA_VERSION,
@@ -45,11 +46,22 @@ class ReadTimeLimit(sqlite3.OperationalError):
     """A read stopped for taking longer than its time limit."""
 
 
-class Features:
+class SQLiteFeatures(Features):
     """What SQLite has that PostgreSQL has not."""
 
     writer_process = True  # under gunicorn, one process makes every write (writer.py)
     online_backup = True  # `flask backup` copies the file while the service runs
+
+
+class SQLiteOperations(Operations):
+    """SQLite's SQL where the engines differ."""
+
+    seconds_between = staticmethod(sqlite_seconds_between)
+    # The next message's storage order: SQLite runs one write at a time, so one more than
+    # the largest (an index seek) is larger than every stored message's.
+    next_storage_order = "(SELECT coalesce(max(storage_order), 0) + 1 FROM messages)"
+    # Claims need no row locks: one writer at a time.
+    skip_locked = ""
 
 
 class SQLiteConnection(sqlite3.Connection):
@@ -215,7 +227,8 @@ def _switch_to_wal(conn, attempts=100):
 
 class SQLiteEngine:
     name = "sqlite"
-    features = Features()
+    features = SQLiteFeatures()
+    ops = SQLiteOperations()
     SETTINGS = ("synchronous", "checkpoints", "busy_timeout", "read_timeout")
 
     def __init__(self, path, synchronous="NORMAL", checkpoints=True,
@@ -467,13 +480,6 @@ class SQLiteEngine:
         finally:
             os.close(directory)
         return messages
-
-    seconds_between = staticmethod(sqlite_seconds_between)
-    # The next message's storage order: SQLite runs one write at a time, so one more than
-    # the largest (an index seek) is larger than every stored message's.
-    next_storage_order = "(SELECT coalesce(max(storage_order), 0) + 1 FROM messages)"
-    # Claims need no row locks: one writer at a time.
-    skip_locked = ""
 
     @staticmethod
     def describe_error(error):

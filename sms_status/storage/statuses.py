@@ -50,7 +50,7 @@ def _apply_status(storage, tx, sid, status, error_code, at, from_=None):
         f" error_code = CASE WHEN ? > {LATEST_STATUS_RANK} THEN ? ELSE error_code END,"
         " updated_at = CASE WHEN updated_at < ? THEN ? ELSE updated_at END,"
         " seconds_to_delivered = CASE WHEN ? = 'delivered'"
-        f" THEN {storage.seconds_between('created_at', '?')} ELSE seconds_to_delivered END,"
+        f" THEN {storage.ops.seconds_between('created_at', '?')} ELSE seconds_to_delivered END,"
         " from_number = CASE WHEN from_number LIKE 'MG%' AND ? NOT LIKE 'MG%'"
         " THEN ? ELSE from_number END"
         " WHERE sid = ? RETURNING latest_status, previous_status",
@@ -74,7 +74,7 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
         created = tx.execute(
             "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
             " error_code, created_at, updated_at, seconds_to_delivered, storage_order)"
-            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {storage.next_storage_order})"
+            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {storage.ops.next_storage_order})"
             " ON CONFLICT (sid) DO NOTHING",
             (sid, account_sid, to, from_, status, error_code, at, at,
              0.0 if status == "delivered" else None),
@@ -109,7 +109,7 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             tx.execute("DELETE FROM send_reservations WHERE id = ?", (reservation,))
         tx.execute(
             "INSERT INTO messages (sid, latest_status, created_at, updated_at, storage_order)"
-            f" VALUES (?, ?, ?, ?, {storage.next_storage_order}) ON CONFLICT (sid) DO NOTHING",
+            f" VALUES (?, ?, ?, ?, {storage.ops.next_storage_order}) ON CONFLICT (sid) DO NOTHING",
             (sid, status, created_at, now),
         )
         applied = _apply_status(storage, tx, sid, status, None, created_at)
@@ -122,7 +122,7 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             " THEN from_number ELSE ? END, body = ?, initial_status = ?, sent_at = ?,"
             " reference = ?,"
             " seconds_to_delivered = CASE WHEN created_at > ? THEN seconds_to_delivered"
-            f" + {storage.seconds_between('?', 'created_at')} ELSE seconds_to_delivered END,"
+            f" + {storage.ops.seconds_between('?', 'created_at')} ELSE seconds_to_delivered END,"
             " created_at = CASE WHEN created_at > ? THEN ? ELSE created_at END WHERE sid = ?",
             (account_sid, to, from_, from_, body, status, now, reference, created_at,
              created_at, created_at, created_at, sid),

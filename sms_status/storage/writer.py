@@ -233,9 +233,9 @@ class BatchStorage:
 
     def __init__(self, engine, tx):
         self.tx = tx
-        self.seconds_between = engine.seconds_between
-        self.next_storage_order = engine.next_storage_order
-        self.skip_locked = engine.skip_locked
+        # Where the engine differs, whole: a write sees the same `ops` and `features` here as
+        # in place.
+        self.ops, self.features = engine.ops, engine.features
 
     @contextmanager
     def transaction(self):
