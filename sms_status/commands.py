@@ -19,7 +19,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from sms_status import rules, twilio_api, webhooks
+from sms_status import rules, twilio_api
 from sms_status.config import (
     DEFAULT_DATABASE_FILES,
     ConfigError,
@@ -247,8 +247,8 @@ def check_with_twilio(storage, client, row, counts, echo):
             return True
         return False
     now = times.stored_time(clock())
-    new = statuses.record_status(storage, sid, message.status, message.error_code or None, at=now,
-                                 events=webhooks.recording(current_app))
+    new = statuses.record_status(storage, sid, message.status, message.error_code or None,
+                                 at=now)
     maintenance.mark_checked(storage, sid, now)
     after = reads.message_with_history(storage, sid)[0]["latest_status"]
     counts["updated" if new else "unchanged"] += 1

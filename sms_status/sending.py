@@ -281,7 +281,7 @@ def send_and_record(context, ready):
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
             body=ready.body if config.store_message_body else None,
             status=message.status, created_at=now, now=now, reservation=reservation,
-            reference=ready.reference, events=context.webhooks is not None,
+            reference=ready.reference,
         )
         if context.webhooks is not None:
             context.webhooks.nudge()

@@ -590,9 +590,10 @@ def test_a_claim_of_webhook_events_seeks_each_message_and_stops_at_its_limit(app
     pending event walked for each candidate, and a backlog of 4,000 took 8 s a claim."""
     with app.app_context():
         storage = access.get_db()
+        storage.records_events = True
         for n in range(20):
             for status in ("queued", "sent"):
-                statuses.record_status(storage, f"SM{n:032x}", status, events=True)
+                statuses.record_status(storage, f"SM{n:032x}", status)
         connection = app.extensions["storage"].connection()
         seen = []
         connection.set_trace_callback(seen.append)

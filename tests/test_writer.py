@@ -22,6 +22,7 @@ from sms_status.web import health
 from support import (
     AUTH,
     ROOT,
+    WEBHOOK_SECRET,
     CallbackLoad,
     app_database_url,
     callback,
@@ -79,7 +80,7 @@ def every_write(now):
         ("mark_checked", (SID_B, at)),
         ("mark_unknown_at_twilio", (SID_B,)),
         ("check_writable", ()),
-        ("claim_webhook_events", ("lease", now, 60, 10)),
+        ("claim_webhook_events", ("lease", now, 60, 0)),  # none: event ids are random
         ("settle_webhook_attempts", ([],)),
         ("release_webhook_events", (["lease"],)),
         ("queue_webhook_event_again", ("no-such-event", now)),
@@ -89,19 +90,25 @@ def every_write(now):
 
 @sqlite_only
 def test_every_write_runs_in_the_writer_process_as_it_runs_in_place(make_app, tmp_path):
-    """A write sees the engine's `ops` and `features` in the writer's batches as in place:
-    each one answers there what it answers in place, and stores the same rows."""
+    """A write sees the engine's `ops` and `features` in the writer's batches as in place,
+    and records status webhook events there when they are on: each one answers there what
+    it answers in place, and stores the same rows."""
     now = time.time()
     calls = every_write(now)
     assert {name for name, _ in calls} == set(writes.WRITES), "a write without a call here"
-    in_place = make_app()
-    through_writer = make_app(DATABASE_URL=f"sqlite:///{tmp_path / 'writer.db'}")
+    webhooks_on = {"STATUS_WEBHOOK_URL": "http://127.0.0.1:9/events",
+                   "STATUS_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    in_place = make_app(**webhooks_on)
+    through_writer = make_app(DATABASE_URL=f"sqlite:///{tmp_path / 'writer.db'}",
+                              **webhooks_on)
     with in_place.app_context():
         engine = access.get_db()
         expected = [("ok", writes.WRITES[name](engine, *args)) for name, args in calls]
         in_batch = writer.BatchStorage(engine, tx=None)
         assert (in_batch.ops, in_batch.features) == (engine.ops, engine.features)
+        assert in_batch.records_events is engine.records_events is True
     assert batch(through_writer, *calls) == expected
+    assert count_rows_at(app_database_url(in_place), "webhook_events") == 3
     for table in ("messages", "status_events", "idempotency_keys", "send_reservations",
                   "health_checks", "webhook_events"):
         assert count_rows_at(app_database_url(through_writer), table) == count_rows_at(

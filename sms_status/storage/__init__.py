@@ -43,7 +43,8 @@ def open_engine(url, **settings):
     `sqlite:///relative.db`, `sqlite:////absolute/path.db`, or `postgres://` and
     `postgresql://` URLs. Each engine takes the settings it knows (its SETTINGS) and leaves
     the other's: `synchronous`, `checkpoints` and `busy_timeout` for SQLite; `pool_size`,
-    `pool_timeout` and `lock_timeout` for PostgreSQL; `read_timeout` for both (seconds).
+    `pool_timeout` and `lock_timeout` for PostgreSQL; `read_timeout` for both (seconds), and
+    `records_events` (whether a status change adds its event to the status webhooks' outbox).
     """
     if url.startswith(("postgres://", "postgresql://")):
         engine_class, location = PostgresEngine, url

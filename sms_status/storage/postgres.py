@@ -111,12 +111,14 @@ class PostgresEngine:
     name = "postgres"
     features = PostgresFeatures()
     ops = PostgresOperations()
-    SETTINGS = ("pool_size", "pool_timeout", "lock_timeout", "read_timeout")
+    SETTINGS = ("pool_size", "pool_timeout", "lock_timeout", "read_timeout", "records_events")
     writer = None  # writes run in the calling thread
 
     def __init__(self, url, pool_size=4, pool_timeout=POOL_TIMEOUT_SECONDS,
-                 lock_timeout=LOCK_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS):
+                 lock_timeout=LOCK_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS,
+                 records_events=False):
         self.url = url
+        self.records_events = records_events
         self.pool_size = pool_size
         self.pool_timeout, self.lock_timeout = pool_timeout, lock_timeout
         self.read_timeout = read_timeout

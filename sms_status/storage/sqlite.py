@@ -229,11 +229,13 @@ class SQLiteEngine:
     name = "sqlite"
     features = SQLiteFeatures()
     ops = SQLiteOperations()
-    SETTINGS = ("synchronous", "checkpoints", "busy_timeout", "read_timeout")
+    SETTINGS = ("synchronous", "checkpoints", "busy_timeout", "read_timeout", "records_events")
 
     def __init__(self, path, synchronous="NORMAL", checkpoints=True,
-                 busy_timeout=BUSY_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS):
+                 busy_timeout=BUSY_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS,
+                 records_events=False):
         self.path = path
+        self.records_events = records_events
         self.read_timeout = read_timeout
         self.synchronous = synchronous
         self.checkpoints = checkpoints  # False: checkpoint() is called from elsewhere

@@ -61,13 +61,13 @@ def _apply_status(storage, tx, sid, status, error_code, at, from_=None):
 
 @writes
 def record_status(storage, sid, status, error_code=None, to=None, from_=None, account_sid=None,
-                  at=None, events=False):
+                  at=None):
     """Stores one status update (callback or reconciliation); False when it was a repeat.
 
     A callback may arrive before /send-sms stored its message, or be about a message
     sent by other software: the message record is then created from the callback. With
-    `events` (status webhooks on), a move of the latest status adds its event to the
-    outbox in the same transaction.
+    status webhooks on (`storage.records_events`), a move of the latest status adds its event
+    to the outbox in the same transaction.
     """
     at = at or stored_time()
     with storage.transaction() as tx:
@@ -82,26 +82,26 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
         if created:
             # The new message already holds this status: only its history is missing.
             tx.execute(INSERT_STATUS_EVENT, (sid, status, error_code, at))
-            if events:
+            if storage.records_events:
                 outbox.record_event(tx, sid, None, at)
             return True
         applied = _apply_status(storage, tx, sid, status, error_code, at, from_)
         if applied is None:
             return False
         latest, previous = applied
-        if events and latest == status:
+        if storage.records_events and latest == status:
             outbox.record_event(tx, sid, previous, at)
         return True
 
 
 @writes
 def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
-                        now=None, reservation=None, reference=None, events=False):
+                        now=None, reservation=None, reference=None):
     """Stores a message Twilio accepted; its create-time status is the first history entry.
 
     Callbacks may already have stored later statuses, which this never moves back. The
     send's reservation under the per-recipient limit is replaced by the stored message.
-    With `events`, a move of the latest status adds its event to the outbox.
+    With status webhooks on, a move of the latest status adds its event to the outbox.
     """
     now = now or stored_time()
     with storage.transaction() as tx:
@@ -127,7 +127,7 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             (account_sid, to, from_, from_, body, status, now, reference, created_at,
              created_at, created_at, created_at, sid),
         )
-        if events and applied is not None and applied[0] == status:
+        if storage.records_events and applied is not None and applied[0] == status:
             # After the update above, so the event carries the number and the reference.
             outbox.record_event(tx, sid, applied[1], created_at)
 

@@ -233,9 +233,10 @@ class BatchStorage:
 
     def __init__(self, engine, tx):
         self.tx = tx
-        # Where the engine differs, whole: a write sees the same `ops` and `features` here as
-        # in place.
+        # Where the engine differs, whole, and whether status changes record events: a write
+        # sees the same here as in place.
         self.ops, self.features = engine.ops, engine.features
+        self.records_events = engine.records_events
 
     @contextmanager
     def transaction(self):
@@ -546,8 +547,8 @@ def main(argv):
 
     from sms_status.config import load_config
     from sms_status.storage import (  # noqa: F401 (their writes)
+        access,
         maintenance,
-        open_engine,
         outbox,
         sends,
         statuses,
@@ -555,7 +556,9 @@ def main(argv):
     from sms_status.storage.writes import WRITES
 
     config = load_config(os.environ)
-    engine = open_engine(config.database_url, **config.storage_settings, checkpoints=False)
+    # As the app opens it: the same database, and status changes record their events when
+    # STATUS_WEBHOOK_URL is set.
+    engine = access.open_storage(config, checkpoints=False)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # left by a writer that was killed

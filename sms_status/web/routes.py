@@ -89,8 +89,7 @@ def message_status():
                                "(or the older SmsSid and SmsStatus)")
     error_code = callback_error_code(form.get("ErrorCode"))
     stored = statuses.record_status(access.get_db(), sid, status, error_code, to=form.get("To"),
-                                    from_=form.get("From"), account_sid=form.get("AccountSid"),
-                                    events=webhooks.recording(current_app))
+                                    from_=form.get("From"), account_sid=form.get("AccountSid"))
     metrics.count_callback("stored" if stored else "repeat")
     if stored:
         metrics.count_status_change(status)
