@@ -41,7 +41,7 @@ class Engine(Protocol):
       placeholders) and `tx.lock(name)` (writers of one name take turns);
     - `query(sql, params)`: rows of a read, read by column name;
     - `writer`: under gunicorn on SQLite, the client of the writer process that the
-      functions marked `@writes` go through (writer.py); None otherwise;
+      functions marked `@in_writer_process` go through (writer.py); None otherwise;
     - `records_events`: whether a status change adds its event to the status webhooks'
       outbox (STATUS_WEBHOOK_URL is set), a setting given when the engine is opened;
     - `close()` closes this engine's connections in this process.

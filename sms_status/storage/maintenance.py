@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from sms_status.rules import FINAL_STATUSES
 from sms_status.storage.times import stored_time
-from sms_status.storage.writes import writes
+from sms_status.storage.writes import in_writer_process
 
 
 def messages_to_reconcile(storage, idle_before, limit):
@@ -25,14 +25,14 @@ def messages_to_reconcile(storage, idle_before, limit):
 NEVER_AGAIN = "9999-12-31T23:59:59.999Z"
 
 
-@writes
+@in_writer_process
 def mark_checked(storage, sid, at):
     """Records that Twilio was asked, so messages stuck in one status take turns."""
     with storage.transaction() as tx:
         tx.execute("UPDATE messages SET checked_at = ? WHERE sid = ?", (at, sid))
 
 
-@writes
+@in_writer_process
 def mark_unknown_at_twilio(storage, sid):
     """Records that Twilio has no such message (404): asking again would never help."""
     mark_checked(storage, sid, NEVER_AGAIN)
@@ -194,7 +194,7 @@ def _in_batches(storage, label, total, batch, progress, step):
 HEALTH_CHECK_SID = "health-check-probe-000000000000000"
 
 
-@writes
+@in_writer_process
 def check_writable(storage):
     """Commits a write as large as a status update's, so a health check fails whenever a
     status could not be stored.

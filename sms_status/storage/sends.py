@@ -4,10 +4,10 @@ hourly limits, each claimed atomically across workers, threads and instances."""
 from typing import NamedTuple
 
 from sms_status.storage.times import stored_time, timestamp_of
-from sms_status.storage.writes import writes
+from sms_status.storage.writes import in_writer_process
 
 
-@writes
+@in_writer_process
 def reserve_idempotency_key(storage, scope, key, fingerprint, now, expire_before, stale_before):
     """Claims `key` for one request, atomically across workers, threads and instances.
 
@@ -44,7 +44,7 @@ def reserve_idempotency_key(storage, scope, key, fingerprint, now, expire_before
     return "in_flight", None
 
 
-@writes
+@in_writer_process
 def save_idempotent_response(storage, scope, key, status_code, response):
     """Keeps the answer under the key, for replays."""
     with storage.transaction() as tx:
@@ -54,7 +54,7 @@ def save_idempotent_response(storage, scope, key, status_code, response):
         )
 
 
-@writes
+@in_writer_process
 def release_idempotency_key(storage, scope, key):
     """Forgets a key whose answer said "try again later", so a retry can go through."""
     with storage.transaction() as tx:
@@ -70,7 +70,7 @@ class SendPlace(NamedTuple):
     wait_seconds: float | None
 
 
-@writes
+@in_writer_process
 def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
     """Claims one place under the hourly limits, for one recipient (`recipient_limit`) and
     for the whole service (`total_limit`; 0 turns either off), atomically across workers
@@ -127,7 +127,7 @@ def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
         ).fetchone()["id"], None, None)
 
 
-@writes
+@in_writer_process
 def release_send(storage, reservation):
     """Gives a reservation back: Twilio certainly did not send the message."""
     with storage.transaction() as tx:

@@ -8,7 +8,7 @@ message's latest status), so concurrent updates queue instead of deadlocking on 
 from sms_status.rules import STATUS_RANK
 from sms_status.storage import outbox
 from sms_status.storage.times import stored_time
-from sms_status.storage.writes import writes
+from sms_status.storage.writes import in_writer_process
 
 # this code does not know ranks below every known one, so any known status replaces it.
 LATEST_STATUS_RANK = (
@@ -59,7 +59,7 @@ def _apply_status(storage, tx, sid, status, error_code, at, from_=None):
     return row["latest_status"], row["previous_status"]
 
 
-@writes
+@in_writer_process
 def record_status(storage, sid, status, error_code=None, to=None, from_=None, account_sid=None,
                   at=None):
     """Stores one status update (callback or reconciliation); False when it was a repeat.
@@ -94,7 +94,7 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
         return True
 
 
-@writes
+@in_writer_process
 def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
                         now=None, reservation=None, reference=None):
     """Stores a message Twilio accepted; its create-time status is the first history entry.

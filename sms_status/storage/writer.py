@@ -8,9 +8,9 @@ writes over a unix socket, and it commits all the writes that arrived meanwhile 
 transaction. (PostgreSQL has no such single lock: its writes stay in the request threads,
 see gunicorn.conf.py.)
 
-- Each write is one function of the storage room marked `@writes`, sent as its name and
-  arguments and run here. One that fails is rolled back alone and its caller gets the error;
-  the others in the batch still commit.
+- Each write is one function of the storage room marked `@in_writer_process`, sent as its
+  name and arguments and run here. One that fails is rolled back alone and its caller gets
+  the error; the others in the batch still commit.
 - A caller is answered only after the batch's COMMIT: a 200 still means committed. When the
   commit fails (a full disk), every caller in the batch gets the error, so nothing
   acknowledged is lost.
