@@ -65,7 +65,7 @@ class SQLiteOperations(Operations):
 
 
 class SQLiteConnection(sqlite3.Connection):
-    """A connection that knows its database file."""
+    """A connection with a transaction's `lock` and `plan_by_index`, which SQLite needs not."""
 
     def lock(self, name):
         """Nothing to do: BEGIN IMMEDIATE already serialises every writer of the database."""
@@ -87,7 +87,6 @@ def open_sqlite(path, synchronous="NORMAL", create=True, checkpoints=True,
         target, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
         factory=SQLiteConnection, uri=not create,
     )
-    conn.path = path
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     conn.execute("PRAGMA foreign_keys = ON")
