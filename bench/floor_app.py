@@ -40,7 +40,12 @@ class NothingStored:
         return []
 
     rowcount = 1
-    seconds_between = staticmethod(lambda start, end: "0")
+    seconds_between = staticmethod(lambda start, end: "0")  # checkouts before `ops`
+
+    class ops:
+        seconds_between = staticmethod(lambda start, end: "0")
+        next_storage_order = "0"
+        skip_locked = ""
 
 
 app.extensions["storage"] = NothingStored()

@@ -129,8 +129,7 @@ def sqlite_commit_rate(repo, directory, synchronous, seconds):
     """Single-row commits per second on one kept connection opened as the service opens it."""
     sys.path.insert(0, str(repo))
     # The service's own engine: the same PRAGMAs, the same BEGIN IMMEDIATE transactions.
-    from sms_status.storage import SQLiteEngine
-    from sms_status.storage import records as db
+    from sms_status.storage import SQLiteEngine, times
 
     path = Path(directory) / f"raw-{synchronous.lower()}.db"
     engine = SQLiteEngine(str(path), synchronous)
@@ -141,7 +140,7 @@ def sqlite_commit_rate(repo, directory, synchronous, seconds):
     while time.perf_counter() < deadline:
         with engine.transaction() as tx:
             tx.execute("INSERT INTO events VALUES (?, 'sent', ?)",
-                       (f"SM{count}", db.stored_time()))
+                       (f"SM{count}", times.stored_time()))
         count += 1
     rate = count / (time.perf_counter() - start)
     engine.close()

@@ -22,7 +22,7 @@ from twilio.request_validator import RequestValidator
 from sms_status import twilio_api, web
 from sms_status.commands import register_commands
 from sms_status.config import ConfigError, read_config
-from sms_status.storage import records as db
+from sms_status.storage import access
 from sms_status.web.guards import MAX_CALLBACK_FIELDS, MAX_REQUEST_BYTES
 from sms_status.web.health import HealthMonitor
 from sms_status.web.logs import LogBudget, configure_logging, log
@@ -72,7 +72,7 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
         storage_settings = {"read_timeout": 0, **(storage_settings or {})}
     # None only for the commands, when DATABASE_URL is malformed: they say so before use.
     storage = app.extensions["storage"] = (
-        db.open_storage(config, **(storage_settings or {})) if config.database_url else None)
+        access.open_storage(config, **(storage_settings or {})) if config.database_url else None)
     if config.status_webhook is not None and storage is not None:
         # Started in each server process (gunicorn.conf.py, app.py), never here.
         app.extensions["webhooks"] = Delivery(config.status_webhook, storage, clock)
@@ -81,7 +81,7 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
     if for_commands:
         return app
 
-    db.prepare(storage, config.mode)
+    access.prepare(storage, config.mode)
     app.extensions["storage_prepared"] = True
 
     if config.simulate:

@@ -19,7 +19,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from sms_status import rules, twilio_api, webhooks
+from sms_status import rules, twilio_api
 from sms_status.config import (
     DEFAULT_DATABASE_FILES,
     ConfigError,
@@ -27,8 +27,7 @@ from sms_status.config import (
     parse_webhook_secrets,
 )
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
-from sms_status.storage import outbox, reads
-from sms_status.storage import records as db
+from sms_status.storage import DATABASE_ERRORS, access, maintenance, outbox, reads, statuses, times
 
 RATE_LIMIT_RETRIES = 3
 FIRST_BACKOFF_SECONDS = 1.0
@@ -132,7 +131,7 @@ def named_storage(*variables, create=False, copying_from=None):
                 if problem.variable in DATABASE_VARIABLES + variables]
     if problems:
         raise ConfigurationProblem(str(ConfigError(problems)))
-    storage = db.get_db()
+    storage = access.get_db()
     click.echo(database_line(storage, copying_from))
     if not create and not storage.exists():
         raise click.ClickException(missing_database(storage))
@@ -141,10 +140,10 @@ def named_storage(*variables, create=False, copying_from=None):
 
 def prepared(storage, mode=None):
     """`storage` with its schema created or brought up to date on first use; with `mode`,
-    the database must not have been used in the other mode (records.prepare)."""
+    the database must not have been used in the other mode (access.prepare)."""
     if not current_app.extensions.get("storage_prepared"):
         try:
-            db.prepare(storage, mode)
+            access.prepare(storage, mode)
         except ConfigError as error:
             raise ConfigurationProblem(str(error)) from None
         current_app.extensions["storage_prepared"] = True
@@ -237,7 +236,7 @@ def check_with_twilio(storage, client, row, counts, echo):
         code = f" (error {failure.code})" if failure.code else ""
         if failure.not_found:
             counts["not found"] += 1
-            db.mark_unknown_at_twilio(storage, sid)
+            maintenance.mark_unknown_at_twilio(storage, sid)
             echo(f"{sid} {before}: unknown at Twilio{code}: {failure.details}")
             return False
         counts["failed"] += 1
@@ -246,10 +245,10 @@ def check_with_twilio(storage, client, row, counts, echo):
             echo("Twilio keeps rate limiting; the rest waits for the next run.")
             return True
         return False
-    now = db.stored_time(clock())
-    new = db.record_status(storage, sid, message.status, message.error_code or None, at=now,
-                           events=webhooks.recording(current_app))
-    db.mark_checked(storage, sid, now)
+    now = times.stored_time(clock())
+    new = statuses.record_status(storage, sid, message.status, message.error_code or None,
+                                 at=now)
+    maintenance.mark_checked(storage, sid, now)
     after = reads.message_with_history(storage, sid)[0]["latest_status"]
     counts["updated" if new else "unchanged"] += 1
     echo(f"{sid} {before} -> {after} (Twilio: {message.status}"
@@ -273,16 +272,16 @@ def reconcile(older_than, limit, progress_every):
     clock = current_app.config["CLOCK"]
     counts = {"updated": 0, "unchanged": 0, "not found": 0, "failed": 0}
     try:
-        idle_before = db.stored_time(clock() - older_than.seconds)
-        waiting = db.messages_to_reconcile(storage, idle_before, limit)
+        idle_before = times.stored_time(clock() - older_than.seconds)
+        waiting = maintenance.messages_to_reconcile(storage, idle_before, limit)
         with Progress(progress_every) as progress:
             for done, row in enumerate(waiting, 1):
                 stop = check_with_twilio(storage, client, row, counts, progress.echo)
                 progress("Checking messages with Twilio", done, len(waiting))
                 if stop:
                     break
-    except db.DATABASE_ERRORS as error:
-        raise click.ClickException(f"database error: {db.describe_error(error)}") from None
+    except DATABASE_ERRORS as error:
+        raise click.ClickException(f"database error: {access.describe_error(error)}") from None
     click.echo(f"Checked {counted(sum(counts.values()), 'message')}: {counts['updated']} updated, "
                f"{counts['unchanged']} unchanged, {counts['not found']} not found at Twilio, "
                f"{counts['failed']} failed.")
@@ -308,17 +307,17 @@ def prune(older_than, dry_run, drop_pending_webhooks, progress_every):
     storage = command_storage("BODY_RETENTION")
     config = current_app.config["SERVICE"]
     now = current_app.config["CLOCK"]()
-    limits = {"updated_before": db.stored_time(now - older_than.seconds),
-              "body_before": db.stored_time(now - config.body_retention_seconds),
+    limits = {"updated_before": times.stored_time(now - older_than.seconds),
+              "body_before": times.stored_time(now - config.body_retention_seconds),
               "drop_pending": drop_pending_webhooks}
     try:
         if dry_run:
-            pruned = db.prune_preview(storage, **limits)
+            pruned = maintenance.prune_preview(storage, **limits)
         else:
             with Progress(progress_every) as progress:
-                pruned = db.prune(storage, now=now, progress=progress, **limits)
-    except db.DATABASE_ERRORS as error:
-        raise click.ClickException(f"database error: {db.describe_error(error)}") from None
+                pruned = maintenance.prune(storage, now=now, progress=progress, **limits)
+    except DATABASE_ERRORS as error:
+        raise click.ClickException(f"database error: {access.describe_error(error)}") from None
     for line in pruned_lines(pruned, older_than, dry_run, drop_pending_webhooks):
         click.echo(line)
 
@@ -352,10 +351,10 @@ def copy_within_one_mode(source, target, config):
 
     A database no service has used yet has the mode the command runs in (TWILIO_SIMULATE),
     as a start of the service in this configuration would record."""
-    source_mode = db.recorded_mode(source)
+    source_mode = access.recorded_mode(source)
     target_mode = None
     if target.exists():
-        target_mode = db.recorded_mode(prepared(target))
+        target_mode = access.recorded_mode(prepared(target))
     why = ""
     if target_mode is None:
         target_mode = config.mode
@@ -369,7 +368,7 @@ def copy_within_one_mode(source, target, config):
             "mixed with live ones, so nothing was copied. Copy it into a "
             f"{source_mode} database, or into a new one with {switch}.")
     try:
-        db.prepare(target, target_mode)
+        access.prepare(target, target_mode)
     except ConfigError as error:
         raise ConfigurationProblem(str(error)) from None
 
@@ -388,7 +387,7 @@ def copy_database(source_url, progress_every):
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--from") from None
     config = current_app.config["SERVICE"]
-    source = db.open_storage(replace(config, database_url=source_url))
+    source = access.open_storage(replace(config, database_url=source_url))
     target = named_storage(create=True, copying_from=source.label)
     if source.identity() == target.identity():
         raise click.ClickException(
@@ -401,12 +400,12 @@ def copy_database(source_url, progress_every):
         copy_within_one_mode(source, target, config)
         now = current_app.config["CLOCK"]()
         with Progress(progress_every) as progress:
-            copied = db.copy_history(
+            copied = maintenance.copy_history(
                 source, target, keys_created_after=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS,
                 progress=progress)
-    except db.ColumnsMissing as error:
+    except maintenance.ColumnsMissing as error:
         raise click.ClickException(str(error)) from None
-    except db.DATABASE_ERRORS as error:
+    except DATABASE_ERRORS as error:
         raise click.ClickException(
             f"database error: {target.describe_error(source.describe_error(error))}") from None
     finally:
@@ -439,7 +438,7 @@ def backup(target):
         messages = storage.backup(target)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    except (OSError, *db.DATABASE_ERRORS) as error:
+    except (OSError, *DATABASE_ERRORS) as error:
         raise click.ClickException(f"backup failed: {error}") from None
     click.echo(f"Backed up {storage.label} to {target}: {counted(messages, 'message')}, "
                f"{os.path.getsize(target)} bytes.")
@@ -456,9 +455,9 @@ def retry_webhooks(since):
     now = current_app.config["CLOCK"]()
     try:
         queued = outbox.queue_failed_webhook_events_again(
-            storage, failed_since=db.stored_time(now - since.seconds), now=now)
-    except db.DATABASE_ERRORS as error:
-        raise click.ClickException(f"database error: {db.describe_error(error)}") from None
+            storage, failed_since=times.stored_time(now - since.seconds), now=now)
+    except DATABASE_ERRORS as error:
+        raise click.ClickException(f"database error: {access.describe_error(error)}") from None
     click.echo(f"Queued {counted(queued, 'failed status webhook event')} again (given up on "
                f"in the last {since.text}).")
     if queued:

@@ -141,8 +141,10 @@ class Config:
 
     @property
     def storage_settings(self):
-        """The storage engines' settings (each takes its own: storage.open_engine)."""
-        return {"synchronous": self.sqlite_synchronous, "pool_size": self.database_pool_size}
+        """The storage engines' settings (each takes its own: storage.open_engine); a status
+        change records its event when status webhooks are on."""
+        return {"synchronous": self.sqlite_synchronous, "pool_size": self.database_pool_size,
+                "records_events": self.status_webhook is not None}
 
 
 

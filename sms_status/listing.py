@@ -16,8 +16,7 @@ import math
 from datetime import datetime, timedelta, timezone
 
 from sms_status import rules, twilio_errors
-from sms_status.storage import reads
-from sms_status.storage import records as db
+from sms_status.storage import access, reads
 from sms_status.storage.times import STORED_TIME, stored_time_rounded_up
 
 DEFAULT_LIMIT = 50
@@ -179,11 +178,11 @@ def list_messages(args):
     if "status" in values:
         # One query per status, each walking its own index in page order, then merged:
         # a single `IN (...)` would have to sort every matching row before the first page.
-        pages = [reads.messages_page(db.get_db(), limit + 1, status=status, **filters)
+        pages = [reads.messages_page(access.get_db(), limit + 1, status=status, **filters)
                  for status in parse_statuses(values["status"])]
         rows = list(heapq.merge(*pages, key=page_key, reverse=True))[:limit + 1]
     else:
-        rows = reads.messages_page(db.get_db(), limit + 1, **filters)
+        rows = reads.messages_page(access.get_db(), limit + 1, **filters)
 
     next_cursor = encode_cursor(page_key(rows[limit - 1])) if len(rows) > limit else None
     return {"messages": [message_item(row) for row in rows[:limit]], "nextCursor": next_cursor}
@@ -278,7 +277,7 @@ def time_to_delivered(storage, since, until):
 
 def message_with_history(sid):
     """GET /get-status's answer for a message, or None when it is unknown."""
-    found = reads.message_with_history(db.get_db(), sid)
+    found = reads.message_with_history(access.get_db(), sid)
     if found is None:
         return None
     message, events = found
@@ -307,7 +306,7 @@ def list_webhook_events(args):
         raise BadQuery("sid", "Parameter 'sid' must be a message SID, like SM followed by 32 "
                               "hex characters")
     before = decode_cursor(values["cursor"]) if "cursor" in values else None
-    rows = reads.webhook_events_page(db.get_db(), limit + 1, state=state, sid=sid,
+    rows = reads.webhook_events_page(access.get_db(), limit + 1, state=state, sid=sid,
                                      before=before)
     next_cursor = (encode_cursor((rows[limit - 1]["created_at"], rows[limit - 1]["seq"]))
                    if len(rows) > limit else None)
@@ -333,5 +332,5 @@ def webhook_event_item(row):
 
 def webhook_event(event_id):
     """One event's item, or None when it is unknown."""
-    row = reads.webhook_event(db.get_db(), event_id)
+    row = reads.webhook_event(access.get_db(), event_id)
     return webhook_event_item(row) if row is not None else None

@@ -17,7 +17,7 @@ import math
 from typing import Any, Callable, NamedTuple
 
 from sms_status import metrics, rules, twilio_api
-from sms_status.storage import records as db
+from sms_status.storage import DATABASE_ERRORS, sends, statuses, times
 
 log = logging.getLogger("sms_status")
 
@@ -105,7 +105,7 @@ def send_with_idempotency_key(context, key, payload, raw_body=b""):
     config, storage = context.config, context.storage
     now = context.clock()
     scope = hashlib.sha256((config.api_key or "").encode()).hexdigest()[:32]
-    state, kept = db.reserve_idempotency_key(
+    state, kept = sends.reserve_idempotency_key(
         storage, scope, key, request_fingerprint(config, payload, raw_body), now,
         expire_before=now - IDEMPOTENCY_KEY_LIFETIME_SECONDS,
         stale_before=now - 2 * config.twilio_timeout,
@@ -125,7 +125,7 @@ def send_with_idempotency_key(context, key, payload, raw_body=b""):
             details="The message may or may not have been sent; it will not be sent again "
                     "under this key. Check GET /get-status or let reconciliation settle it.",
         )
-        db.save_idempotent_response(storage, scope, key, 504, unknown.text)
+        sends.save_idempotent_response(storage, scope, key, 504, unknown.text)
         return replayed(504, unknown.text)
 
     try:
@@ -133,18 +133,18 @@ def send_with_idempotency_key(context, key, payload, raw_body=b""):
     except Exception:
         # Nothing was sent (a database error, say): free the key so a retry can go ahead.
         try:
-            db.release_idempotency_key(storage, scope, key)
-        except db.DATABASE_ERRORS as error:
+            sends.release_idempotency_key(storage, scope, key)
+        except DATABASE_ERRORS as error:
             log.error("Could not release an Idempotency-Key: %s", storage.describe_error(error))
         raise
     # Past this point Twilio may have been asked: whatever happens, the key stays claimed.
     outcome = checked if isinstance(checked, SendOutcome) else send_and_record(context, checked)
     try:
         if outcome.replayable:
-            db.save_idempotent_response(storage, scope, key, outcome.status, outcome.text)
+            sends.save_idempotent_response(storage, scope, key, outcome.status, outcome.text)
         else:
-            db.release_idempotency_key(storage, scope, key)
-    except db.DATABASE_ERRORS as error:
+            sends.release_idempotency_key(storage, scope, key)
+    except DATABASE_ERRORS as error:
         # The key stays claimed, so a retry is answered as an unknown outcome, never re-sent.
         log.error("Could not keep the answer for an Idempotency-Key: %s",
                   storage.describe_error(error))
@@ -205,7 +205,7 @@ def check_send(context, payload):
     reservation = None
     limit, total = config.max_sends_per_recipient_per_hour, config.max_sends_per_hour
     if limit or total:
-        place = db.reserve_send(context.storage, to, context.clock(), limit, total)
+        place = sends.reserve_send(context.storage, to, context.clock(), limit, total)
         if place.reservation is None:
             metrics.count_send("limited")
             reached = place.limit_reached
@@ -235,8 +235,8 @@ def limit_reached(to, reached, limit, wait):
 def release_reservation(storage, reservation):
     """Gives the place back after a send Twilio certainly did not make."""
     try:
-        db.release_send(storage, reservation)
-    except db.DATABASE_ERRORS as error:
+        sends.release_send(storage, reservation)
+    except DATABASE_ERRORS as error:
         # The answer about the send matters more; the reservation expires within the hour.
         log.error("Could not give back a reservation under the hourly limits: %s",
                   storage.describe_error(error))
@@ -255,7 +255,7 @@ def send_and_record(context, ready):
     # the send starts (Twilio's date_created has whole seconds, on Twilio's clock): sends
     # one after the other list in that order, and the time to delivery is measured on the
     # clock that times the callbacks.
-    now = db.stored_time(context.clock())
+    now = times.stored_time(context.clock())
     try:
         message = twilio_api.send_message(context.twilio, config, to, ready.body)
     except twilio_api.TwilioFailure as failure:
@@ -272,7 +272,7 @@ def send_and_record(context, ready):
     answer = {"success": True, "messageSid": message.sid, "status": message.status,
               "reference": ready.reference}
     try:
-        db.record_sent_message(
+        statuses.record_sent_message(
             storage, message.sid,
             account_sid=message.account_sid or config.account_sid,
             # The number the caller asked for, as the per-recipient limit checked it: Twilio
@@ -281,11 +281,11 @@ def send_and_record(context, ready):
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
             body=ready.body if config.store_message_body else None,
             status=message.status, created_at=now, now=now, reservation=reservation,
-            reference=ready.reference, events=context.webhooks is not None,
+            reference=ready.reference,
         )
         if context.webhooks is not None:
             context.webhooks.nudge()
-    except db.DATABASE_ERRORS as error:
+    except DATABASE_ERRORS as error:
         log.error("Message %s was sent but could not be stored: %s", message.sid,
                   storage.describe_error(error))
         answer["warning"] = (

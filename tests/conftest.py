@@ -9,7 +9,7 @@ import pytest
 
 from postgres import PostgresServer, PostgresUnavailable, create_database, drop_database
 from sms_status import create_app
-from sms_status.storage import records as db
+from sms_status.storage import access, statuses, times
 from sms_status.web.logs import configure_logging
 from support import (
     ACCOUNT_SID,
@@ -132,12 +132,12 @@ def store(app):
     def add(created, *events, to="+15558675309", sid=None):
         sid = sid or f"SM{next(_sids):032x}"
         with app.app_context():
-            conn = db.get_db()
-            db.record_status(conn, sid, "queued", to=to, from_="+15551234567",
-                             at=db.stored_time(NOW - created))
+            conn = access.get_db()
+            statuses.record_status(conn, sid, "queued", to=to, from_="+15551234567",
+                             at=times.stored_time(NOW - created))
             for status, after, *code in events:
-                db.record_status(conn, sid, status, code[0] if code else None,
-                                 at=db.stored_time(NOW - created + after))
+                statuses.record_status(conn, sid, status, code[0] if code else None,
+                                 at=times.stored_time(NOW - created + after))
         return sid
 
     return add

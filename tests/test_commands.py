@@ -13,8 +13,7 @@ import requests
 from twilio.http.response import Response
 
 from sms_status import create_app
-from sms_status.storage import open_engine
-from sms_status.storage import records as db
+from sms_status.storage import access, open_engine, statuses, times
 from support import (
     AUTH,
     CALLBACK_URL,
@@ -363,7 +362,7 @@ def test_copy_database_keeps_the_order_messages_were_stored_in(app, make_app, tm
     old = make_app(DATABASE_URL=url)
     with old.app_context():
         for sid in ("SM3", "SM1", "SM2"):
-            db.record_status(db.get_db(), sid, "queued", at="2026-11-26T20:00:00.000Z")
+            statuses.record_status(access.get_db(), sid, "queued", at="2026-11-26T20:00:00.000Z")
 
     def listed(service):
         answer = service.test_client().get("/messages", headers=AUTH).get_json()
@@ -380,7 +379,7 @@ def test_copy_database_copies_every_column_of_the_destination(app, make_app, tmp
     url = f"sqlite:///{tmp_path}/old.db"
     old = make_app(DATABASE_URL=url)
     with old.app_context():
-        db.record_status(db.get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
+        statuses.record_status(access.get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
     for database in (url, app_database_url(app)):
         sql_rows(database, "ALTER TABLE messages ADD COLUMN carrier TEXT")
     sql_rows(url, "UPDATE messages SET carrier = 'acme' WHERE sid = 'SM1'")
@@ -396,7 +395,7 @@ def test_copy_database_refuses_a_source_without_a_column_of_the_destination(
     url = f"sqlite:///{tmp_path}/old.db"
     old = make_app(DATABASE_URL=url)
     with old.app_context():
-        db.record_status(db.get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
+        statuses.record_status(access.get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
     sql_rows(app_database_url(app), "ALTER TABLE messages ADD COLUMN carrier TEXT")
 
     result = run(app, "copy-database", "--from", url)
@@ -430,8 +429,8 @@ def simulated_history(tmp_path):
     url = f"sqlite:///{tmp_path}/simulated.db"
     simulated = create_app({"TWILIO_SIMULATE": "true", "DATABASE_URL": url})
     with simulated.app_context():
-        db.record_status(db.get_db(), "SM" + "5" * 32, "delivered",
-                         at="2026-11-26T20:00:00.000Z")
+        statuses.record_status(access.get_db(), "SM" + "5" * 32, "delivered",
+                               at="2026-11-26T20:00:00.000Z")
     simulated.extensions["storage"].close()
     return url
 
@@ -481,7 +480,7 @@ def test_retry_webhooks_says_the_events_are_due_now_whatever_its_own_settings(
                    STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
     app.test_client().post("/send-sms", json={"to": "+15558675309", "body": "hi"}, headers=AUTH)
     sql_rows(database_url, "UPDATE webhook_events SET state = 'failed', attempts = 8,"
-             " last_attempt_at = ?", (db.stored_time(time.time()),))
+             " last_attempt_at = ?", (times.stored_time(time.time()),))
     result = flask_command(tmp_path, {"DATABASE_URL": database_url, **webhooks_here},
                            "retry-webhooks", "--since", "1h")
     assert result.returncode == 0, result.stderr

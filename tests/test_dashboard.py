@@ -16,7 +16,7 @@ import pytest
 from itsdangerous import URLSafeTimedSerializer
 
 from sms_status import overview, rules
-from sms_status.storage import records as db
+from sms_status.storage import access, times
 from sms_status.web import chart, dashboard
 from support import (
     API_KEY,
@@ -360,8 +360,8 @@ def test_the_overview_defaults_to_24_hours(signed_in, store):
     store(25 * 3600, ("delivered", 1))
     shown = overview_numbers(signed_in.get("/dashboard").text)
     assert shown["total"] == 1
-    assert shown["until"] == db.stored_time(NOW)
-    assert shown["since"] == db.stored_time(NOW - 24 * 3600)
+    assert shown["until"] == times.stored_time(NOW)
+    assert shown["since"] == times.stored_time(NOW - 24 * 3600)
 
 
 def test_the_chart_stacks_each_bucket_by_latest_status(signed_in, store):
@@ -423,7 +423,7 @@ def test_the_overview_reads_through_indexes(app, signed_in, store):
     assert len(per_bucket) >= 31
     with app.app_context():
         for sql in seen:
-            plan = [row["detail"] for row in db.get_db().query("EXPLAIN QUERY PLAN " + sql)]
+            plan = [row["detail"] for row in access.get_db().query("EXPLAIN QUERY PLAN " + sql)]
             tables = [line for line in plan
                       if re.search(r"\b(messages|status_events|webhook_events)\b", line)]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
@@ -444,7 +444,7 @@ def test_the_search_lists_what_messages_lists(signed_in, store):
         ({"to": "+15550000001"}, [third, first]),
         ({"status": "undelivered,failed"}, [third, second]),
         ({"errorCode": "30003", "to": "+15550000002"}, [second]),
-        ({"since": db.stored_time(NOW - 450), "until": db.stored_time(NOW)}, [third]),
+        ({"since": times.stored_time(NOW - 450), "until": times.stored_time(NOW)}, [third]),
     ]:
         page = signed_in.get("/dashboard/messages", query_string=params)
         api = signed_in.get("/messages", query_string=params, headers=AUTH).get_json()
@@ -604,8 +604,8 @@ def test_a_message_page_shows_its_details_and_history(signed_in, store):
     assert [s for (s,) in attributes(page.text, "li", "data-status")] == [
         "queued", "sent", "undelivered"]
     assert [t for (t,) in attributes(page.text, "time", "datetime")] == [
-        db.stored_time(NOW - 600), db.stored_time(NOW - 599), db.stored_time(NOW - 595)]
-    assert f"{db.stored_time(NOW - 595)[11:23]} UTC" in page.text  # to the millisecond
+        times.stored_time(NOW - 600), times.stored_time(NOW - 599), times.stored_time(NOW - 595)]
+    assert f"{times.stored_time(NOW - 595)[11:23]} UTC" in page.text  # to the millisecond
     assert "+15558675309" in page.text and "Unreachable handset" in page.text
     assert 'href="https://www.twilio.com/docs/api/errors/30003"' in page.text
 
@@ -706,8 +706,8 @@ def test_the_last_x_label_fits_the_chart_on_a_phone(window):
     """The window ends just after a round time, so the last bucket has a label."""
     length, bucket = overview.WINDOWS[window]
     until = datetime(2026, 11, 27, 0, 0, 30, tzinfo=timezone.utc)
-    boundaries = overview.bucket_boundaries(db.stored_time((until - length).timestamp()),
-                                            db.stored_time(until.timestamp()), bucket)
+    boundaries = overview.bucket_boundaries(times.stored_time((until - length).timestamp()),
+                                            times.stored_time(until.timestamp()), bucket)
     buckets = [{"start": start, "stop": stop, "total": 0, "counts": {}}
                for start, stop in itertools.pairwise(boundaries)]
     labels = chart.stacked_bars(buckets, bucket.total_seconds())["x_labels"]

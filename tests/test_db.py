@@ -12,8 +12,17 @@ import pytest
 
 from sms_status import create_app
 from sms_status.config import ConfigError
-from sms_status.storage import DATABASE_ERRORS, SQLiteEngine, open_engine
-from sms_status.storage import records as db
+from sms_status.storage import (
+    DATABASE_ERRORS,
+    READ_TIME_LIMIT_ERRORS,
+    Engine,
+    Features,
+    Operations,
+    SQLiteEngine,
+    access,
+    open_engine,
+    statuses,
+)
 from sms_status.storage.postgres import PostgresEngine
 from sms_status.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from support import (
@@ -30,6 +39,18 @@ from support import (
 
 def engine_for(url, **settings):
     return open_engine(url, pool_size=2, **settings)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///{}/engine.db", "postgresql://localhost/engine"])
+def test_each_engine_keeps_the_engine_contract(url, tmp_path):
+    """Both engines are Engines, with their differences in subclasses of the bases, and
+    every piece of SQL the base Operations names."""
+    engine = open_engine(url.format(tmp_path))
+    assert isinstance(engine, Engine)
+    assert isinstance(engine.ops, Operations) and isinstance(engine.features, Features)
+    for name in ("next_storage_order", "skip_locked"):
+        assert isinstance(getattr(engine.ops, name), str), name
+    assert isinstance(engine.ops.seconds_between("a", "b"), str)
 
 
 def schema_version(url):
@@ -168,7 +189,7 @@ def test_a_stuck_writer_process_gives_locked_after_the_busy_timeout(database_url
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
         with pytest.raises(sqlite3.OperationalError, match="locked"):
-            db.record_status(engine, "SM1", "sent")
+            statuses.record_status(engine, "SM1", "sent")
         assert time.monotonic() - started < 5
     finally:
         holder.kill()
@@ -181,18 +202,18 @@ def test_concurrent_updates_of_one_message_lose_nothing(database_url):
     latest status the furthest one, no deadlock."""
     engine = engine_for(database_url)
     engine.migrate()
-    statuses = ["queued", "sending", "sent", "delivered", "read"] * 4
-    barrier = threading.Barrier(len(statuses))
+    updates = ["queued", "sending", "sent", "delivered", "read"] * 4
+    barrier = threading.Barrier(len(updates))
     results, errors = [], []
 
     def deliver(status):
         barrier.wait()
         try:
-            results.append(db.record_status(engine, "SM1", status, to="+15558675309"))
+            results.append(statuses.record_status(engine, "SM1", status, to="+15558675309"))
         except DATABASE_ERRORS as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=deliver, args=(s,)) for s in statuses]
+    threads = [threading.Thread(target=deliver, args=(s,)) for s in updates]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -229,7 +250,7 @@ def test_upgrading_to_version_9_gives_stored_messages_a_storage_order(database_u
                  " VALUES (?, 'sent', ?, ?)", (sid, created, created))
     engine = engine_for(database_url)
     assert engine.migrate() == SCHEMA_VERSION
-    db.record_status(engine, "SM0", "queued", at="2026-01-01T00:00:01.000Z")
+    statuses.record_status(engine, "SM0", "queued", at="2026-01-01T00:00:01.000Z")
     order = [sid for (sid,) in sql_rows(database_url,
                                          "SELECT sid FROM messages ORDER BY storage_order")]
     if database_url.startswith("sqlite:///"):
@@ -360,7 +381,7 @@ def test_a_new_messages_storage_order_is_read_from_an_index(database_url):
     engine.migrate()
     plan = [row["detail"] for row in engine.query(
         "EXPLAIN QUERY PLAN INSERT INTO messages (sid, latest_status, created_at, updated_at,"
-        f" storage_order) VALUES ('SM1', 'sent', '', '', {engine.next_storage_order})")]
+        f" storage_order) VALUES ('SM1', 'sent', '', '', {engine.ops.next_storage_order})")]
     assert "SEARCH messages USING COVERING INDEX messages_by_storage_order" in plan, plan
     engine.close()
 
@@ -376,7 +397,7 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
     assert lookup().status_code == 404
     with app.app_context():
         # the read pool's only connection, busy elsewhere
-        held = db.get_db()._pools().reads.getconn()
+        held = access.get_db()._pools().reads.getconn()
     try:
         started = time.monotonic()
         answer = lookup()
@@ -384,7 +405,7 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
         assert time.monotonic() - started < 3
     finally:
         with app.app_context():
-            db.get_db()._pools().reads.putconn(held)
+            access.get_db()._pools().reads.putconn(held)
     assert lookup().status_code == 404
 
 
@@ -436,7 +457,7 @@ def test_a_sqlite_read_is_stopped_at_its_time_limit_and_the_connection_reads_on(
     engine = SQLiteEngine(str(tmp_path / "limit.db"), read_timeout=0.2)
     engine.migrate()
     started = time.monotonic()
-    with pytest.raises(db.READ_TIME_LIMIT_ERRORS, match="longer than 0.2 s"):
+    with pytest.raises(READ_TIME_LIMIT_ERRORS, match="longer than 0.2 s"):
         engine.query(LONG_READ)
     assert time.monotonic() - started < 3
     assert engine.query("SELECT count(*) AS n FROM messages")[0]["n"] == 0

@@ -8,7 +8,7 @@ import pytest
 from werkzeug.datastructures import MultiDict
 
 from sms_status.rules import STATUS_RANK
-from sms_status.storage import records as db
+from sms_status.storage import access, statuses, times
 from support import (
     AUTH,
     AUTH_TOKEN,
@@ -265,7 +265,7 @@ def test_callback_before_send_then_send_keeps_latest(app, post_callback, send, f
     answer = history(client)
     assert answer["latestStatus"] == "delivered"
     assert [e["status"] for e in answer["history"]] == ["queued", "delivered"]
-    assert answer["history"][0]["timestamp"] == answer["createdAt"] == db.stored_time(started)
+    assert answer["history"][0]["timestamp"] == answer["createdAt"] == times.stored_time(started)
     assert answer["updatedAt"] == answer["history"][1]["timestamp"], "never moved back"
 
 
@@ -274,8 +274,8 @@ def test_a_change_timed_before_the_stored_one_never_moves_updated_at_back(app, c
     """Two callbacks timed in one order and stored in the other (two workers): whether the
     late one moves the latest status or not, updated_at stays at the later time."""
     with app.app_context():
-        db.record_status(db.get_db(), SID, "delivered", at="2026-11-26T20:00:05.000Z")
-        db.record_status(db.get_db(), SID, late, at="2026-11-26T20:00:01.000Z")
+        statuses.record_status(access.get_db(), SID, "delivered", at="2026-11-26T20:00:05.000Z")
+        statuses.record_status(access.get_db(), SID, late, at="2026-11-26T20:00:01.000Z")
     answer = history(client)
     assert answer["latestStatus"] == max("delivered", late, key=STATUS_RANK.get)
     assert answer["updatedAt"] == "2026-11-26T20:00:05.000Z"

@@ -13,8 +13,7 @@ from twilio.http.response import Response
 from werkzeug.datastructures import MultiDict
 
 from sms_status import listing, overview
-from sms_status.storage import SQLiteEngine, outbox, reads, times
-from sms_status.storage import records as db
+from sms_status.storage import SQLiteEngine, access, outbox, reads, statuses, times
 from support import (
     AUTH,
     NOW,
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.fixed_clock
 
 def at(seconds_before_now):
     """The stored timestamp of NOW minus `seconds_before_now`."""
-    return db.stored_time(NOW - seconds_before_now)
+    return times.stored_time(NOW - seconds_before_now)
 
 
 def get(client, path, **params):
@@ -443,7 +442,7 @@ def test_delivery_stats_of_a_parsed_window_is_what_stats_answers(app, client, st
     status, answer = get(client, "/stats", since="2026-11-26T18:00:00+01:00",
                          until="2026-11-26T20:00:00Z")
     with app.app_context():
-        direct = listing.delivery_stats(db.get_db(), "2026-11-26T17:00:00.000Z",
+        direct = listing.delivery_stats(access.get_db(), "2026-11-26T17:00:00.000Z",
                                         "2026-11-26T20:00:00.000Z", NOW)
     assert status == 200 and answer == direct
     assert (direct["total"], direct["stuck"]) == (2, 1)
@@ -547,7 +546,7 @@ def test_time_to_delivered_counts_from_the_send_even_when_callbacks_came_first(
     assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
                        headers=AUTH).status_code == 200
     history = client.get(f"/get-status/{sid}", headers=AUTH).get_json()
-    assert history["createdAt"] == db.stored_time(started)
+    assert history["createdAt"] == times.stored_time(started)
     delivered_at = next(e["timestamp"] for e in history["history"] if e["status"] == "delivered")
     expected = round((datetime.fromisoformat(delivered_at) - datetime.fromisoformat(
         history["createdAt"])).total_seconds(), 3)
@@ -590,7 +589,7 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
     assert seen
     with app.app_context():
         for sql in seen:
-            plan = [row["detail"] for row in db.get_db().query("EXPLAIN QUERY PLAN " + sql)]
+            plan = [row["detail"] for row in access.get_db().query("EXPLAIN QUERY PLAN " + sql)]
             tables = [line for line in plan
                       if re.search(r"\b(messages|status_events|webhook_events)\b", line)]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
@@ -610,10 +609,11 @@ def test_a_claim_of_webhook_events_seeks_each_message_and_stops_at_its_limit(app
     Without statistics, SQLite once looked them up through the state index instead: every
     pending event walked for each candidate, and a backlog of 4,000 took 8 s a claim."""
     with app.app_context():
-        storage = db.get_db()
+        storage = access.get_db()
+        storage.records_events = True
         for n in range(20):
             for status in ("queued", "sent"):
-                db.record_status(storage, f"SM{n:032x}", status, events=True)
+                statuses.record_status(storage, f"SM{n:032x}", status)
         connection = app.extensions["storage"].connection()
         seen = []
         connection.set_trace_callback(seen.append)
@@ -664,7 +664,7 @@ def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app)
     # The claim itself (the same statement and settings): 8.5 to 19 s before, under 1 ms after.
     started = time.monotonic()
     with app.app_context():
-        claimed = outbox.claim_webhook_events(db.get_db(), "lease", now, 60, 16)
+        claimed = outbox.claim_webhook_events(access.get_db(), "lease", now, 60, 16)
     assert len(claimed) == 16
     assert time.monotonic() - started < 1.0
 
@@ -672,7 +672,7 @@ def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app)
 def test_timestamps_are_stored_in_the_format_the_queries_compare(app, store):
     sid = store(60)
     with app.app_context():
-        row = db.get_db().query("SELECT created_at FROM messages WHERE sid = ?", (sid,))[0]
+        row = access.get_db().query("SELECT created_at FROM messages WHERE sid = ?", (sid,))[0]
     assert times.STORED_TIME.fullmatch(row["created_at"])
     assert times.stored_time_rounded_up(
         datetime.fromisoformat("2026-11-26T21:05:15.8961+01:00")) == "2026-11-26T20:05:15.897Z"

@@ -1,8 +1,7 @@
 import pytest
 
 from sms_status import rules
-from sms_status.storage import reads
-from sms_status.storage import records as db
+from sms_status.storage import reads, statuses
 
 
 @pytest.mark.parametrize("number, valid", [
@@ -65,8 +64,8 @@ def test_the_latest_status_only_moves_forward_where_it_is_stored(app, current, n
     storage = app.extensions["storage"]
     sid = "SM" + "7" * 32
     if current is not None:
-        assert db.record_status(storage, sid, current)
-    db.record_status(storage, sid, new)
+        assert statuses.record_status(storage, sid, current)
+    statuses.record_status(storage, sid, new)
     message, history = reads.message_with_history(storage, sid)
     assert message["latest_status"] == latest
     # Every status is kept in the history, whether or not it moved the latest one.

@@ -6,7 +6,7 @@ from flask import has_app_context, has_request_context
 
 from sms_status import sending, twilio_api
 from sms_status.config import load_config
-from sms_status.storage import records as db
+from sms_status.storage import access
 from support import live_env, sql_rows
 from twilio_fakes import twilio_error
 
@@ -16,8 +16,8 @@ PAYLOAD = {"to": "+15558675309", "body": "Your code is 123456"}
 @pytest.fixture
 def context(tmp_path, fake_twilio):
     config = load_config(live_env(tmp_path))
-    storage = db.open_storage(config)
-    db.prepare(storage, config.mode)
+    storage = access.open_storage(config)
+    access.prepare(storage, config.mode)
     yield sending.SendContext(config=config, storage=storage,
                               twilio=twilio_api.build_client(config, fake_twilio),
                               clock=lambda: 1_800_000_000.0)

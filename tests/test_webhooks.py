@@ -14,8 +14,7 @@ from standardwebhooks import Webhook
 from twilio.http.response import Response
 
 from sms_status.config import read_config
-from sms_status.storage import outbox
-from sms_status.storage import records as db
+from sms_status.storage import access, outbox, statuses, times
 from support import (
     AUTH,
     CALLBACK_URL,
@@ -366,9 +365,9 @@ def test_retry_webhooks_queues_again_the_events_given_up_on_in_the_window(
         post(webhook_client, "SM" + f"f{n}" * 16, "delivered")
     url = app_database_url(webhook_app)
     sql_rows(url, "UPDATE webhook_events SET state = 'failed', attempts = 8,"
-             " last_error = 'HTTP 500', last_attempt_at = ?", (db.stored_time(time.time()),))
+             " last_error = 'HTTP 500', last_attempt_at = ?", (times.stored_time(time.time()),))
     sql_rows(url, "UPDATE webhook_events SET last_attempt_at = ? WHERE message_sid = ?",
-             (db.stored_time(time.time() - 3 * 86400), "SM" + "f0" * 16))
+             (times.stored_time(time.time() - 3 * 86400), "SM" + "f0" * 16))
     result = webhook_app.test_cli_runner().invoke(args=["retry-webhooks", "--since", "24h"])
     assert result.exit_code == 0, result.output
     assert "Queued 2 failed status webhook events again" in result.output
@@ -406,23 +405,24 @@ def test_prune_removes_events_with_their_message_but_never_pending_ones(
 
 def claim(lease, now):
     """The ids of the events a claim at `now` leases for 60 s under `lease`."""
-    return [event["id"] for event in outbox.claim_webhook_events(db.get_db(), lease, now, 60, 16)]
+    claimed = outbox.claim_webhook_events(access.get_db(), lease, now, 60, 16)
+    return [event["id"] for event in claimed]
 
 
 def settle(event_id, lease, at, error=None, next_at=None):
     """Records one attempt's outcome; how many were recorded (0 or 1)."""
-    return outbox.settle_webhook_attempts(db.get_db(), [[
-        event_id, lease, db.stored_time(at), error,
-        None if next_at is None else db.stored_time(next_at)]])
+    return outbox.settle_webhook_attempts(access.get_db(), [[
+        event_id, lease, times.stored_time(at), error,
+        None if next_at is None else times.stored_time(next_at)]])
 
 
-def test_no_event_is_claimed_while_another_of_its_message_is_leased(app):
+def test_no_event_is_claimed_while_another_of_its_message_is_leased(webhook_app):
     """An event waiting for its retry lets the next event of its message go; once due
     again, it still waits until that event's attempt has ended."""
     sid, now = "SM" + "e5" * 16, time.time() + 1
-    with app.app_context():
+    with webhook_app.app_context():
         for status in ("sent", "delivered"):
-            db.record_status(db.get_db(), sid, status, events=True)
+            statuses.record_status(access.get_db(), sid, status)
         [first] = claim("a", now)
         assert claim("b", now + 1) == []
         assert settle(first, "a", now + 2, error="HTTP 503", next_at=now + 10) == 1
@@ -435,14 +435,14 @@ def test_no_event_is_claimed_while_another_of_its_message_is_leased(app):
 @pytest.mark.parametrize("error, next_at", [(None, None), ("HTTP 503", None),
                                             ("HTTP 503", 600)],
                          ids=["delivered", "given up", "retry"])
-def test_an_attempt_whose_lease_ran_out_records_nothing(app, error, next_at):
+def test_an_attempt_whose_lease_ran_out_records_nothing(webhook_app, error, next_at):
     """The first claimer's attempt outlived its lease and another claimed the event: its
     late outcome is ignored, and the new holder's is recorded."""
     sid, now = "SM" + "e6" * 16, time.time() + 1
-    url = app_database_url(app)
+    url = app_database_url(webhook_app)
     state = "SELECT state, attempts, lease, last_error FROM webhook_events"
-    with app.app_context():
-        db.record_status(db.get_db(), sid, "sent", events=True)
+    with webhook_app.app_context():
+        statuses.record_status(access.get_db(), sid, "sent")
         [event] = claim("slow", now)
         assert claim("next", now + 61) == [event]
         assert settle(event, "slow", now + 62, error, next_at and now + next_at) == 0

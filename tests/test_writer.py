@@ -17,12 +17,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import requests
 
-from sms_status.storage import SQLiteEngine, writer
-from sms_status.storage import records as db
+from sms_status.storage import SQLiteEngine, access, sends, times, writer, writes
 from sms_status.web import health
 from support import (
     AUTH,
     ROOT,
+    WEBHOOK_SECRET,
     CallbackLoad,
     app_database_url,
     callback,
@@ -45,10 +45,10 @@ FORK_RACE_ROUNDS = 40
 
 
 @contextmanager
-def writer_batches(app, functions=db.WRITES, **settings):
+def writer_batches(app, functions=writes.WRITES, **settings):
     """run(*writes) runs writes [(function name, args)] as one batch of the writer process,
     on one engine (as the writer's, with `settings`) for every batch of the block."""
-    engine = db.open_storage(app.config["SERVICE"], checkpoints=False, **settings)
+    engine = access.open_storage(app.config["SERVICE"], checkpoints=False, **settings)
     try:
         yield lambda *writes: writer.run_batch(
             engine, [(name, args, {}) for name, args in writes], functions)
@@ -57,9 +57,62 @@ def writer_batches(app, functions=db.WRITES, **settings):
 
 
 def batch(app, *writes):
-    """Runs writes [(db.py function name, args)] as one batch of the writer process."""
+    """Runs writes [(write function name, args)] as one batch of the writer process."""
     with writer_batches(app) as run:
         return run(*writes)
+
+
+def every_write(now):
+    """One call of each write the writer process may be asked to run, in an order in which
+    each finds what it needs: [(name, args)]."""
+    at = times.stored_time(now)
+    return [
+        ("record_sent_message", (SID_A, "AC" + "0" * 32, "+15558675309", "+15017122661",
+                                 "Hello", "queued", at)),
+        ("record_status", (SID_A, "delivered")),
+        ("record_status", (SID_B, "sent")),
+        ("reserve_idempotency_key", ("scope", "key", "fingerprint", now, now - 86400,
+                                     now - 30)),
+        ("save_idempotent_response", ("scope", "key", 201, "{}")),
+        ("release_idempotency_key", ("scope", "key")),
+        ("reserve_send", ("+15558675309", now, 5, 10)),
+        ("release_send", (1,)),
+        ("mark_checked", (SID_B, at)),
+        ("mark_unknown_at_twilio", (SID_B,)),
+        ("check_writable", ()),
+        ("claim_webhook_events", ("lease", now, 60, 0)),  # none: event ids are random
+        ("settle_webhook_attempts", ([],)),
+        ("release_webhook_events", (["lease"],)),
+        ("queue_webhook_event_again", ("no-such-event", now)),
+        ("queue_failed_webhook_events_again", (at, now)),
+    ]
+
+
+@sqlite_only
+def test_every_write_runs_in_the_writer_process_as_it_runs_in_place(make_app, tmp_path):
+    """A write sees the engine's `ops` and `features` in the writer's batches as in place,
+    and records status webhook events there when they are on: each one answers there what
+    it answers in place, and stores the same rows."""
+    now = time.time()
+    calls = every_write(now)
+    assert {name for name, _ in calls} == set(writes.WRITES), "a write without a call here"
+    webhooks_on = {"STATUS_WEBHOOK_URL": "http://127.0.0.1:9/events",
+                   "STATUS_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    in_place = make_app(**webhooks_on)
+    through_writer = make_app(DATABASE_URL=f"sqlite:///{tmp_path / 'writer.db'}",
+                              **webhooks_on)
+    with in_place.app_context():
+        engine = access.get_db()
+        expected = [("ok", writes.WRITES[name](engine, *args)) for name, args in calls]
+        in_batch = writer.BatchStorage(engine, tx=None)
+        assert (in_batch.ops, in_batch.features) == (engine.ops, engine.features)
+        assert in_batch.records_events is engine.records_events is True
+    assert batch(through_writer, *calls) == expected
+    assert count_rows_at(app_database_url(in_place), "webhook_events") == 3
+    for table in ("messages", "status_events", "idempotency_keys", "send_reservations",
+                  "health_checks", "webhook_events"):
+        assert count_rows_at(app_database_url(through_writer), table) == count_rows_at(
+            app_database_url(in_place), table), table
 
 
 @sqlite_only
@@ -68,13 +121,13 @@ def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(
     url = app_database_url(app)
     now = time.time()
     with app.app_context():
-        reservation = db.reserve_send(db.get_db(), "+15558675309", now, 5, 0).reservation
+        reservation = sends.reserve_send(access.get_db(), "+15558675309", now, 5, 0).reservation
     answers = batch(
         app,
         ("record_status", (SID_A, "sent")),
         # Deletes its reservation, then fails: a message needs a status (NOT NULL).
         ("record_sent_message", ("SM" + "c" * 32, "AC1", "+15558675309", "+15017122661",
-                                 None, None, db.stored_time(now), None, reservation)),
+                                 None, None, times.stored_time(now), None, reservation)),
         ("record_status", (SID_B, "delivered")),
     )
     assert answers[0] == ("ok", True) and answers[2] == ("ok", True)
@@ -109,7 +162,7 @@ def fails_at_commit(storage):
 def test_a_batch_whose_commit_fails_answers_every_write_with_the_error_and_stores_none(
         make_app):
     app = make_app()
-    with writer_batches(app, dict(db.WRITES, fails_at_commit=fails_at_commit)) as run:
+    with writer_batches(app, dict(writes.WRITES, fails_at_commit=fails_at_commit)) as run:
         answers = run(("record_status", (SID_A, "sent")), ("fails_at_commit", ()))
         assert [outcome for outcome, _ in answers] == ["error", "error"], answers
         assert "FOREIGN KEY" in answers[0][1][1] and answers[1] == answers[0]

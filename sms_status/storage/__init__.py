@@ -1,23 +1,14 @@
 """The storage room: the message history on SQLite (the embedded default) or PostgreSQL.
 
-Request code reaches the database through records.py (`get_db()` and the record functions,
-each written once in the SQL both engines agree on) and reads through the listings'
-queries; what differs between the engines lives in sqlite.py and postgres.py, and the
-schema both reach in schema.py.
+Request code reaches the database through access.py's `get_db()`, the record functions
+(statuses.py, sends.py, maintenance.py, outbox.py: each written once in the SQL both engines
+agree on) and the listings' queries (reads.py); what differs between the engines lives in
+sqlite.py and postgres.py, and the schema both reach in schema.py.
 
-Both engines are the same to their callers (the Engine protocol):
-
-- `transaction()`: a context manager yielding `tx`, with `tx.execute(sql, params)` (`?`
-  placeholders) and `tx.lock(name)` (writers of one name take turns);
-- `query(sql, params)`: rows of a read, read by column name;
-- `columns(table)`: the names of a table's columns, in the database's order;
-- `migrate(mode=None)`, `compact()` (after a bulk delete), `seconds_between(start, end)`,
-  `next_storage_order` and `skip_locked` (SQL), `describe_error(error)`, `identity()`, `label`, and
-  `close()`, which closes this engine's connections in this process;
-- `writer`: under gunicorn on SQLite, the client of the writer process that the writes of
-  records.py go through (writer.py); None otherwise;
-- `features`: what one engine has and the other has not (`writer_process`,
-  `online_backup`), for the callers that must know.
+Both engines are the same to their callers: engine.py's Engine protocol, with the SQL
+that differs on `engine.ops` (`seconds_between`, `next_storage_order`, `skip_locked`) and
+what one engine has and the other has not on `engine.features` (`writer_process`,
+`online_backup`), for the callers that must know.
 """
 
 import os
@@ -25,6 +16,7 @@ import sqlite3
 
 import psycopg
 
+from sms_status.storage.engine import Engine, Features, Operations
 from sms_status.storage.postgres import PostgresEngine
 from sms_status.storage.schema import ModeConflict
 from sms_status.storage.sqlite import ReadTimeLimit, SQLiteEngine
@@ -41,8 +33,8 @@ DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 # A read stopped for taking longer than its engine's time limit.
 READ_TIME_LIMIT_ERRORS = (psycopg.errors.QueryCanceled, ReadTimeLimit)
 
-__all__ = ["DATABASE_ERRORS", "READ_TIME_LIMIT_ERRORS", "ModeConflict", "OutcomeUnknown",
-           "PostgresEngine", "SQLiteEngine", "open_engine"]
+__all__ = ["DATABASE_ERRORS", "READ_TIME_LIMIT_ERRORS", "Engine", "Features", "ModeConflict",
+           "Operations", "OutcomeUnknown", "PostgresEngine", "SQLiteEngine", "open_engine"]
 
 
 def open_engine(url, **settings):
@@ -51,7 +43,8 @@ def open_engine(url, **settings):
     `sqlite:///relative.db`, `sqlite:////absolute/path.db`, or `postgres://` and
     `postgresql://` URLs. Each engine takes the settings it knows (its SETTINGS) and leaves
     the other's: `synchronous`, `checkpoints` and `busy_timeout` for SQLite; `pool_size`,
-    `pool_timeout` and `lock_timeout` for PostgreSQL; `read_timeout` for both (seconds).
+    `pool_timeout` and `lock_timeout` for PostgreSQL; `read_timeout` for both (seconds), and
+    `records_events` (whether a status change adds its event to the status webhooks' outbox).
     """
     if url.startswith(("postgres://", "postgresql://")):
         engine_class, location = PostgresEngine, url

@@ -13,7 +13,7 @@ back the later ones.
 """
 
 from sms_status.storage.times import stored_time
-from sms_status.storage.writes import writes
+from sms_status.storage.writes import in_writer_process
 from sms_status.webhooks.events import event_body, event_type, new_event_id
 
 MESSAGE_OF_EVENT = ("SELECT sid, to_number, from_number, reference, latest_status, error_code,"
@@ -53,14 +53,14 @@ def claim_statement(storage, lease, now, lease_seconds, limit, event_id=None):
     only = " AND e.id = ?" if event_id is not None else ""
     return (
         f"UPDATE webhook_events SET lease = ?, lease_until = ? WHERE seq IN ({CLAIMABLE}"
-        f"{only} ORDER BY e.next_attempt_at, e.seq LIMIT ?{storage.skip_locked})"
+        f"{only} ORDER BY e.next_attempt_at, e.seq LIMIT ?{storage.ops.skip_locked})"
         " RETURNING seq, " + CLAIMED_COLUMNS,
         (lease, now + lease_seconds, at, now, now, at,
          *([event_id] if event_id is not None else []), limit),
     )
 
 
-@writes
+@in_writer_process
 def claim_webhook_events(storage, lease, now, lease_seconds, limit, event_id=None):
     """Leases up to `limit` due events (only `event_id`, when given) under the token
     `lease` for `lease_seconds`; returns them as [{id, message_sid, payload, attempts,
@@ -81,7 +81,7 @@ def claim_webhook_events(storage, lease, now, lease_seconds, limit, event_id=Non
             for row in sorted(rows, key=lambda row: row["seq"])]
 
 
-@writes
+@in_writer_process
 def settle_webhook_attempts(storage, outcomes):
     """Records attempts that ended: each outcome is [event id, lease, attempted at (stored
     time), error (None when delivered), next attempt at (stored time, or None: give up)].
@@ -105,7 +105,7 @@ def settle_webhook_attempts(storage, outcomes):
     return recorded
 
 
-@writes
+@in_writer_process
 def release_webhook_events(storage, leases):
     """Gives events back unattempted (a stopping server's): due again at once."""
     with storage.transaction() as tx:
@@ -114,7 +114,7 @@ def release_webhook_events(storage, leases):
                        " WHERE lease = ?", (lease,))
 
 
-@writes
+@in_writer_process
 def queue_webhook_event_again(storage, event_id, now):
     """Makes one event due now with its schedule restarted, whatever its state (a delivered
     one is sent again: a replay under the same id). False when there is no such event."""
@@ -125,7 +125,7 @@ def queue_webhook_event_again(storage, event_id, now):
             " schedule_start = attempts WHERE id = ?", (at, event_id)).rowcount)
 
 
-@writes
+@in_writer_process
 def queue_failed_webhook_events_again(storage, failed_since, now):
     """Makes every event given up on since `failed_since` (stored time) due now, with its
     schedule restarted; returns how many."""

@@ -4,7 +4,7 @@
   forks: one for transactions (callbacks, sends, /healthz), a smaller one for reads, whose
   statements have a time limit, so that a flood of reads never holds up a callback.
 - Transactions run side by side; `tx.lock(name)` takes a transaction-scoped advisory lock
-  where records.py needs writers to take turns (the hourly limits, an idempotency key).
+  where the records need writers to take turns (the hourly limits, an idempotency key).
 - Records are written once, with `?` placeholders; they become psycopg's `%s` here.
 """
 
@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from sms_status.storage.engine import Features, Operations
 from sms_status.storage.schema import (
     MIGRATION_LOCK,
     RECORD_MODE,
@@ -48,14 +49,24 @@ UNREACHABLE_WAIT_SECONDS = 0.25
 POOL_WAIT_STEP_SECONDS = 0.25
 
 
-class Features:
+class PostgresFeatures(Features):
     """What PostgreSQL lacks of SQLite's."""
 
     writer_process = False  # writes run side by side in the request threads
     online_backup = False  # pg_dump does that
-    # A window's counts in one statement each: a snapshot held meanwhile grows nothing, and
-    # each statement borrows a pooled connection again.
-    rows_per_window_statement = None
+    # A window's counts in one statement each (the default): a snapshot held meanwhile
+    # grows nothing, and each statement would borrow a pooled connection again.
+
+
+class PostgresOperations(Operations):
+    """PostgreSQL's SQL where the engines differ."""
+
+    seconds_between = staticmethod(postgres_seconds_between)
+    # The next message's storage order: a sequence, so concurrent transactions never wait
+    # for each other for it (a rolled-back one leaves a gap, which orders nothing wrongly).
+    next_storage_order = "nextval('messages_storage_order')"
+    # A claim passes over the rows another transaction is settling (storage/outbox.py).
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
 
 @functools.lru_cache(maxsize=256)
@@ -100,13 +111,16 @@ class PostgresTransaction:
 
 class PostgresEngine:
     name = "postgres"
-    features = Features()
-    SETTINGS = ("pool_size", "pool_timeout", "lock_timeout", "read_timeout")
+    features = PostgresFeatures()
+    ops = PostgresOperations()
+    SETTINGS = ("pool_size", "pool_timeout", "lock_timeout", "read_timeout", "records_events")
     writer = None  # writes run in the calling thread
 
     def __init__(self, url, pool_size=4, pool_timeout=POOL_TIMEOUT_SECONDS,
-                 lock_timeout=LOCK_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS):
+                 lock_timeout=LOCK_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS,
+                 records_events=False):
         self.url = url
+        self.records_events = records_events
         self.pool_size = pool_size
         self.pool_timeout, self.lock_timeout = pool_timeout, lock_timeout
         self.read_timeout = read_timeout
@@ -213,13 +227,6 @@ class PostgresEngine:
             "SELECT column_name AS name FROM information_schema.columns"
             " WHERE table_schema = current_schema() AND table_name = ?"
             " ORDER BY ordinal_position", (table,))]
-
-    seconds_between = staticmethod(postgres_seconds_between)
-    # The next message's storage order: a sequence, so concurrent transactions never wait
-    # for each other for it (a rolled-back one leaves a gap, which orders nothing wrongly).
-    next_storage_order = "nextval('messages_storage_order')"
-    # A claim passes over the rows another transaction is settling (storage/outbox.py).
-    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     @staticmethod
     def describe_error(error):

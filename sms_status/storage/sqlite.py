@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from urllib.parse import quote
 
+from sms_status.storage.engine import Features, Operations
 from sms_status.storage.schema import (
     RECORD_MODE,
     SCHEMA_VERSION,
@@ -45,7 +46,7 @@ class ReadTimeLimit(sqlite3.OperationalError):
     """A read stopped for taking longer than its time limit."""
 
 
-class Features:
+class SQLiteFeatures(Features):
     """What SQLite has that PostgreSQL has not."""
 
     writer_process = True  # under gunicorn, one process makes every write (writer.py)
@@ -56,8 +57,19 @@ class Features:
     rows_per_window_statement = 50_000
 
 
+class SQLiteOperations(Operations):
+    """SQLite's SQL where the engines differ."""
+
+    seconds_between = staticmethod(sqlite_seconds_between)
+    # The next message's storage order: SQLite runs one write at a time, so one more than
+    # the largest (an index seek) is larger than every stored message's.
+    next_storage_order = "(SELECT coalesce(max(storage_order), 0) + 1 FROM messages)"
+    # Claims need no row locks: one writer at a time.
+    skip_locked = ""
+
+
 class SQLiteConnection(sqlite3.Connection):
-    """A connection that knows its database file."""
+    """A connection with a transaction's `lock` and `plan_by_index`, which SQLite needs not."""
 
     def lock(self, name):
         """Nothing to do: BEGIN IMMEDIATE already serialises every writer of the database."""
@@ -79,7 +91,6 @@ def open_sqlite(path, synchronous="NORMAL", create=True, checkpoints=True,
         target, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
         factory=SQLiteConnection, uri=not create,
     )
-    conn.path = path
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -219,12 +230,15 @@ def _switch_to_wal(conn, attempts=100):
 
 class SQLiteEngine:
     name = "sqlite"
-    features = Features()
-    SETTINGS = ("synchronous", "checkpoints", "busy_timeout", "read_timeout")
+    features = SQLiteFeatures()
+    ops = SQLiteOperations()
+    SETTINGS = ("synchronous", "checkpoints", "busy_timeout", "read_timeout", "records_events")
 
     def __init__(self, path, synchronous="NORMAL", checkpoints=True,
-                 busy_timeout=BUSY_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS):
+                 busy_timeout=BUSY_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS,
+                 records_events=False):
         self.path = path
+        self.records_events = records_events
         self.read_timeout = read_timeout
         self.synchronous = synchronous
         self.checkpoints = checkpoints  # False: checkpoint() is called from elsewhere
@@ -473,13 +487,6 @@ class SQLiteEngine:
         """The names of a table's columns, in their order."""
         return [row["name"] for row in self.query(
             "SELECT name FROM pragma_table_info(?) ORDER BY cid", (table,))]
-
-    seconds_between = staticmethod(sqlite_seconds_between)
-    # The next message's storage order: SQLite runs one write at a time, so one more than
-    # the largest (an index seek) is larger than every stored message's.
-    next_storage_order = "(SELECT coalesce(max(storage_order), 0) + 1 FROM messages)"
-    # Claims need no row locks: one writer at a time.
-    skip_locked = ""
 
     @staticmethod
     def describe_error(error):

@@ -8,9 +8,9 @@ writes over a unix socket, and it commits all the writes that arrived meanwhile 
 transaction. (PostgreSQL has no such single lock: its writes stay in the request threads,
 see gunicorn.conf.py.)
 
-- Each write is one function of db.py marked `@writes`, sent as its name and arguments and
-  run here. One that fails is rolled back alone and its caller gets the error; the others
-  in the batch still commit.
+- Each write is one function of the storage room marked `@in_writer_process`, sent as its
+  name and arguments and run here. One that fails is rolled back alone and its caller gets
+  the error; the others in the batch still commit.
 - A caller is answered only after the batch's COMMIT: a 200 still means committed. When the
   commit fails (a full disk), every caller in the batch gets the error, so nothing
   acknowledged is lost.
@@ -25,7 +25,7 @@ see gunicorn.conf.py.)
 - The socket lives in a folder of its own under $TMPDIR (or /tmp, when $TMPDIR is too deep
   for a socket's path) that only the service's user can enter, named by gunicorn's master's
   pid so that a later start removes it if that master was killed. Its messages are JSON: a
-  frame that is not a write of db.py's is refused, and only its connection is dropped; so
+  frame that is not one of those writes is refused, and only its connection is dropped; so
   is a connection whose answer cannot be sent. It keeps at most as many connections as its
   descriptors allow, less those SQLite needs, closing the one idle longest past that; when
   accept() still finds no descriptor, it pauses accepting briefly and serves the others.
@@ -227,15 +227,16 @@ def set_timeouts(sock, seconds):
 # --- in the writer process: run the writes that arrived, one commit per batch --------------
 
 class BatchStorage:
-    """What a db.py write function sees in the writer: its transactions are the batch's."""
+    """What a write function sees in the writer: its transactions are the batch's."""
 
     writer = None  # a write that calls another runs it here, in the same batch
 
     def __init__(self, engine, tx):
         self.tx = tx
-        self.seconds_between = engine.seconds_between
-        self.next_storage_order = engine.next_storage_order
-        self.skip_locked = engine.skip_locked
+        # Where the engine differs, whole, and whether status changes record events: a write
+        # sees the same here as in place.
+        self.ops, self.features = engine.ops, engine.features
+        self.records_events = engine.records_events
 
     @contextmanager
     def transaction(self, probe=False):
@@ -545,11 +546,19 @@ def main(argv):
     log.setLevel(logging.INFO)
 
     from sms_status.config import load_config
-    from sms_status.storage import open_engine, outbox, records  # noqa: F401 (their writes)
+    from sms_status.storage import (  # noqa: F401 (their writes)
+        access,
+        maintenance,
+        outbox,
+        sends,
+        statuses,
+    )
     from sms_status.storage.writes import WRITES
 
     config = load_config(os.environ)
-    engine = open_engine(config.database_url, **config.storage_settings, checkpoints=False)
+    # As the app opens it: the same database, and status changes record their events when
+    # STATUS_WEBHOOK_URL is set.
+    engine = access.open_storage(config, checkpoints=False)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # left by a writer that was killed

@@ -1,8 +1,11 @@
 """Writes that run in SQLite's writer process under gunicorn (writer.py), or in place.
 
-A function marked `@writes` takes the storage engine first. When the engine has a writer
-process, a call sends the function's name and arguments there, where it runs batched with
-other requests' writes; otherwise it runs in the calling thread.
+A function marked `@in_writer_process` takes the storage engine first. When the engine has
+a writer process, a call crosses to that other process: it sends the function's name and
+arguments there, where the function runs batched with other requests' writes, and waits
+for the answer (its arguments and answer go as JSON); otherwise it runs in the calling
+thread. The mark says so where the function is defined, so that a reader of a write knows
+it may not share the caller's process, memory or transaction.
 """
 
 import functools
@@ -10,11 +13,12 @@ import time
 
 from sms_status import metrics
 
-# The functions marked @writes, by name: what the writer process may be asked to run.
+# The functions marked @in_writer_process, by name: what the writer process may be asked
+# to run.
 WRITES = {}
 
 
-def writes(function):
+def in_writer_process(function):
     """Marks a function that writes: it runs in the writer process when the engine has one
     (writer.py, under gunicorn), batched with other requests' writes, or else here."""
     WRITES[function.__name__] = function

@@ -5,7 +5,7 @@ from flask import Blueprint, current_app, request
 
 from sms_status import metrics, webhooks
 from sms_status.rules import printable
-from sms_status.storage import records as db
+from sms_status.storage import access, statuses
 from sms_status.web import guards
 from sms_status.web.errors import json_error
 from sms_status.web.logs import log
@@ -41,9 +41,8 @@ def message_status():
         return json_error(400, "A status callback needs MessageSid and MessageStatus "
                                "(or the older SmsSid and SmsStatus)")
     error_code = callback_error_code(form.get("ErrorCode"))
-    stored = db.record_status(db.get_db(), sid, status, error_code, to=form.get("To"),
-                              from_=form.get("From"), account_sid=form.get("AccountSid"),
-                              events=webhooks.recording(current_app))
+    stored = statuses.record_status(access.get_db(), sid, status, error_code, to=form.get("To"),
+                                    from_=form.get("From"), account_sid=form.get("AccountSid"))
     metrics.count_callback("stored" if stored else "repeat")
     if stored:
         metrics.count_status_change(status)

@@ -31,8 +31,7 @@ from flask import (
 from werkzeug.datastructures import MultiDict
 
 from sms_status import listing, overview, rules, twilio_errors, webhooks
-from sms_status.storage import reads
-from sms_status.storage import records as db
+from sms_status.storage import access, reads
 from sms_status.web import chart
 from sms_status.web.logs import log, warn_rejection
 
@@ -226,7 +225,7 @@ def status_webhooks_overview(stats):
     None when webhooks are off."""
     if not webhooks.recording(current_app):
         return None
-    storage = db.get_db()
+    storage = access.get_db()
     return {**stats["webhooks"], "backlog": reads.pending_webhook_events(storage),
             "latestFailures": webhook_events(storage, 10, state="failed")}
 
@@ -234,7 +233,7 @@ def status_webhooks_overview(stats):
 def message_webhook_events(sid):
     """A message's status webhook events, newest first, with their attempts; None when
     webhooks are off and it has none."""
-    events = webhook_events(db.get_db(), MAX_EVENTS_OF_A_MESSAGE, sid=sid)
+    events = webhook_events(access.get_db(), MAX_EVENTS_OF_A_MESSAGE, sid=sid)
     if not events and not webhooks.recording(current_app):
         return None
     return events

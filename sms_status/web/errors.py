@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from sms_status.listing import BadQuery
 from sms_status.rules import printable
-from sms_status.storage import records as db
+from sms_status.storage import DATABASE_ERRORS, READ_TIME_LIMIT_ERRORS, OutcomeUnknown, access
 from sms_status.web import dashboard
 from sms_status.web.guards import MAX_REQUEST_BYTES
 from sms_status.web.logs import log, warn_rejection
@@ -51,7 +51,7 @@ def http_error_message(error):
 def log_database_error(error):
     """One line for a database error met by a request: its route and the database's words."""
     log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
-              db.describe_error(error))
+              access.describe_error(error))
 
 
 def database_unavailable(message):
@@ -87,7 +87,7 @@ def register_error_handlers(app):
 
     def database_error(error):
         log_database_error(error)
-        if isinstance(error, db.READ_TIME_LIMIT_ERRORS):
+        if isinstance(error, READ_TIME_LIMIT_ERRORS):
             return database_unavailable(
                 "The query took longer than reads are allowed and was stopped; nothing was "
                 "changed. Ask for a shorter window (since, until), or try again later.")
@@ -95,7 +95,7 @@ def register_error_handlers(app):
             return database_unavailable("The database could not answer (it is unreachable or "
                                         "busy); nothing was changed. Try again in a few "
                                         "seconds.")
-        if isinstance(error, db.OutcomeUnknown):
+        if isinstance(error, OutcomeUnknown):
             return database_unavailable(
                 "The database did not confirm this request (its writer process gave no "
                 "answer): it may or may not have been stored. Try again; a repeated status "
@@ -103,7 +103,7 @@ def register_error_handlers(app):
         return database_unavailable("The database could not complete the request; nothing "
                                     "was stored. Try again.")
 
-    for error_class in db.DATABASE_ERRORS:
+    for error_class in DATABASE_ERRORS:
         app.register_error_handler(error_class, database_error)
 
     @app.errorhandler(Exception)

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 
-from sms_status.storage import records as db
+from sms_status.storage import DATABASE_ERRORS, OutcomeUnknown, access, maintenance
 from sms_status.web.logs import log
 
 # The monitor writes a probe at most this often per process.
@@ -116,13 +116,13 @@ def storage_problem(timeout):
     """None when a write as large as a status update's commits, else the kind of failure
     (the error itself is logged)."""
     try:
-        db.check_writable(db.get_db(), writer_timeout=timeout)
+        maintenance.check_writable(access.get_db(), writer_timeout=timeout)
         return None
-    except db.OutcomeUnknown as error:
+    except OutcomeUnknown as error:
         log.error("Health check failed: the database cannot store updates: %s",
-                  db.describe_error(error))
+                  access.describe_error(error))
         return DID_NOT_ANSWER
-    except db.DATABASE_ERRORS as error:
+    except DATABASE_ERRORS as error:
         log.error("Health check failed: the database cannot store updates: %s",
-                  db.describe_error(error))
+                  access.describe_error(error))
         return WRITE_FAILED

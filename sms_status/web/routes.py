@@ -8,8 +8,7 @@ import threading
 from flask import Blueprint, current_app, request
 
 from sms_status import listing, metrics, webhooks
-from sms_status.storage import reads
-from sms_status.storage import records as db
+from sms_status.storage import DATABASE_ERRORS, access, reads
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
 from sms_status.web.guards import require_api_key
 from sms_status.web.logs import log
@@ -97,7 +96,7 @@ def messages():
 def stats():
     now = current_app.config["CLOCK"]()
     since, until = listing.stats_window(request.args, now)
-    return listing.delivery_stats(db.get_db(), since, until, now)
+    return listing.delivery_stats(access.get_db(), since, until, now)
 
 
 class BacklogRead:
@@ -136,7 +135,7 @@ class BacklogRead:
     def _read(app, outcome):
         with app.app_context():
             try:
-                outcome["count"] = reads.pending_webhook_events(db.get_db())
-            except db.DATABASE_ERRORS as error:
-                outcome["error"] = db.describe_error(error)
+                outcome["count"] = reads.pending_webhook_events(access.get_db())
+            except DATABASE_ERRORS as error:
+                outcome["error"] = access.describe_error(error)
 

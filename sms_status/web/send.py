@@ -8,7 +8,7 @@ flow what it uses, and turns its SendOutcome into the HTTP answer.
 from flask import Blueprint, current_app, request
 
 from sms_status import sending
-from sms_status.storage import records as db
+from sms_status.storage import DATABASE_ERRORS, OutcomeUnknown, access
 from sms_status.web.errors import (
     DATABASE_RETRY_AFTER_SECONDS,
     http_error_message,
@@ -35,7 +35,7 @@ def send_context():
     """What the send flow uses, from this app."""
     return sending.SendContext(
         config=current_app.config["SERVICE"],
-        storage=db.get_db(),
+        storage=access.get_db(),
         twilio=current_app.extensions["twilio"],
         clock=current_app.config["CLOCK"],
         webhooks=current_app.extensions.get("webhooks"),
@@ -60,7 +60,7 @@ def database_error(error):
     """A send meets the database before Twilio (its key, its place under the limits), so no
     SMS was sent; once Twilio accepted, a storage failure is answered 200 with a warning."""
     log_database_error(error)
-    if isinstance(error, db.OutcomeUnknown):
+    if isinstance(error, OutcomeUnknown):
         message = ("No SMS was sent, but the database did not confirm this request (its "
                    "writer process gave no answer), so part of it may be stored. Try again; if "
                    "a retry with the same Idempotency-Key answers 409 or 504, send with a new "
@@ -70,5 +70,5 @@ def database_error(error):
     return answer(sending.send_error(503, message, retry_after=DATABASE_RETRY_AFTER_SECONDS))
 
 
-for _error_class in db.DATABASE_ERRORS:
+for _error_class in DATABASE_ERRORS:
     blueprint.register_error_handler(_error_class, database_error)

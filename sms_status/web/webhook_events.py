@@ -4,8 +4,7 @@ webhooks, and queueing one to be sent again."""
 from flask import Blueprint, current_app, request
 
 from sms_status import listing
-from sms_status.storage import outbox
-from sms_status.storage import records as db
+from sms_status.storage import access, outbox
 from sms_status.web.errors import json_error
 from sms_status.web.guards import require_api_key
 
@@ -31,6 +30,6 @@ def retry_webhook_event(event_id):
     if delivery is None:
         return json_error(409, "Status webhooks are off: set STATUS_WEBHOOK_URL and "
                                "STATUS_WEBHOOK_SECRET, then retry")
-    outbox.queue_webhook_event_again(db.get_db(), event_id, current_app.config["CLOCK"]())
+    outbox.queue_webhook_event_again(access.get_db(), event_id, current_app.config["CLOCK"]())
     delivery.nudge()
     return listing.webhook_event(event_id), 202
