@@ -55,7 +55,9 @@ def test_full_disk_answers_503_never_200_and_recovers_without_restart(
     env = service_env(simulate=False, DATABASE_URL=f"sqlite:///{small_disk}/status.db")
     service = start_service(env)
     url = service.url + "/message-status"
-    session = requests.Session()
+    # A new connection per request: the test waits past gunicorn's 2 s keep-alive between
+    # requests, and a kept connection may be closed by the server as the next one goes out.
+    session = requests
 
     def post(n):
         params = callback(f"SM{n:032x}", "delivered")

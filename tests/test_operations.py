@@ -72,7 +72,9 @@ def test_a_deleted_database_file_is_never_written_and_a_restored_one_is_reopened
     path = database_url[len("sqlite:///"):]
     env = service_env()
     service = start_service(env)
-    session = requests.Session()
+    # A new connection per request: the test waits past gunicorn's 2 s keep-alive between
+    # requests, and a kept connection may be closed by the server as the next one goes out.
+    session = requests
     url = service.url + "/message-status"
 
     def post(sid):
