@@ -463,15 +463,8 @@ class Connections:
         del self.received[sock]
 
     def warn(self, message, *args):
-        """A warning within the writer's budget; the next one written says how many were left
-        out, so that nobody can flood the log by connecting."""
-        dropped = self.warnings.take(time.monotonic())
-        if dropped is None:
-            return
-        if dropped:
-            message += " (%d more such warnings were not logged before this one)"
-            args += (dropped,)
-        log.warning(message, *args)
+        """A warning within the writer's budget: nobody can flood the log by connecting."""
+        self.warnings.warn(time.monotonic(), "such warnings", message, *args)
 
 
 def connection_limit():

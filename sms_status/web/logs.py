@@ -68,14 +68,19 @@ class LogBudget:
             dropped, self.dropped = self.dropped, 0
             return dropped
 
+    def warn(self, now, left_out, message, *args):
+        """A warning within the budget; the next one written says how many `left_out` (such
+        as "refused requests") were not, so that nobody can flood the log."""
+        dropped = self.take(now)
+        if dropped is None:
+            return
+        if dropped:
+            message += f" (%d more {left_out} were not logged before this one)"
+            args += (dropped,)
+        log.warning(message, *args)
+
 
 def warn_rejection(message, *args):
-    """Logs a refused request, within this process's budget of such warnings; the next
-    warning written says how many were left out."""
-    dropped = current_app.extensions["rejection_log"].take(current_app.config["CLOCK"]())
-    if dropped is None:
-        return
-    if dropped:
-        message += " (%d more refused requests were not logged before this one)"
-        args += (dropped,)
-    log.warning(message, *args)
+    """Logs a refused request, within this process's budget of such warnings."""
+    current_app.extensions["rejection_log"].warn(current_app.config["CLOCK"](),
+                                                 "refused requests", message, *args)
