@@ -184,3 +184,15 @@ def test_a_kept_body_is_listed_and_the_opt_out_type_shown(make_app):
     listed = client.get("/inbound-messages", headers=AUTH).get_json()["messages"]
     assert [(item["body"], item["optOutType"]) for item in listed] == [
         ("HELP me", "HELP"), ("stop", "STOP")]
+
+
+def test_stats_count_the_windows_replies_opt_outs_and_opt_ins(client):
+    reply(client, "STOP")
+    reply(client, "hello")
+    reply(client, "START")
+    client.put("/opt-outs/%2B15558675310", headers=AUTH)
+    stats = client.get("/stats", headers=AUTH).get_json()
+    assert stats["inbound"] == {"received": 3, "optedOut": 2, "optedIn": 1}
+    before = client.get("/stats", query_string={"until": "2026-01-01T00:00:00Z"},
+                        headers=AUTH).get_json()
+    assert before["inbound"] == {"received": 0, "optedOut": 0, "optedIn": 0}
