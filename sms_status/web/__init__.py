@@ -8,6 +8,7 @@ from sms_status import metrics
 from sms_status.web import (
     callbacks,
     dashboard,
+    dashboard_replies,  # noqa: F401 (its pages, on the dashboard's blueprint)
     inbound,
     opt_outs,
     routes,
