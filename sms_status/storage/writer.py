@@ -298,7 +298,8 @@ class Client:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # The kernel's timeouts, not settimeout(): with those, Python polls before each
         # send and recv, and the thread gives up the GIL and wins it back twice per call
-        # instead of once, against the worker's other threads (-5% callbacks/s).
+        # instead of once, against the worker's other threads (docs/performance.md, "What
+        # chose the design").
         set_timeouts(sock, ANSWER_TIMEOUT_SECONDS)
         try:
             sock.connect(self.socket_path)
@@ -394,9 +395,9 @@ def checkpoint_continually(engine, stopping):
     """Copies the WAL into the database every half second, beside the commits.
 
     Left to SQLite, the commit that fills the WAL past 1000 pages does this copy, with its
-    fsync, while every caller of its batch waits: 10-15% of the callback throughput
-    (bench/webhooks.py). A PASSIVE checkpoint waits for no one, and the sqlite3 module lets
-    the committing thread run meanwhile.
+    fsync, while every caller of its batch waits, which cost callbacks/s (docs/performance.md,
+    "What chose the design"). A PASSIVE checkpoint waits for no one, and the sqlite3 module
+    lets the committing thread run meanwhile.
     """
     last_problem = None
     while not stopping:
@@ -417,10 +418,10 @@ class WalLimit:
     The PASSIVE checkpoints beside the commits copy the WAL's pages into the database, but
     SQLite rewinds the WAL to its start only once a checkpoint has copied all of it while
     no write is under way, which commits every few milliseconds never allow: the WAL grew
-    by 20 MB a second, until the disk was full. So between two batches, once the WAL is
-    past `limit` bytes, the writer runs a RESTART checkpoint itself (engine.rewind_wal()),
-    which waits briefly for readers; the next commit then writes the WAL from its start.
-    Writes wait meanwhile; most pages are already copied, so it is short.
+    until the disk was full (docs/performance.md, "A bounded WAL"). So between two batches,
+    once the WAL is past `limit` bytes, the writer runs a RESTART checkpoint itself
+    (engine.rewind_wal()), which waits briefly for readers; the next commit then writes the
+    WAL from its start. Writes wait meanwhile; most pages are already copied, so it is short.
     """
 
     def __init__(self, engine, limit=WAL_LIMIT_BYTES, clock=time.monotonic):
