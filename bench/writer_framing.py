@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(ROOT))
 
+from sms_status.logs import LogBudget  # noqa: E402
 from sms_status.storage import writer  # noqa: E402
-from sms_status.web.logs import LogBudget  # noqa: E402
 
 KEY = b"a key the clients and the stand-in share"
 SID = "SM" + "0" * 32
@@ -52,7 +52,8 @@ def serve_framing(path):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1024)
-    connections = writer.Connections(listener, writer.connection_limit(), LogBudget())
+    connections = writer.Connections(listener, writer.connection_limit(),
+                                     LogBudget(writer.FRAME_WARNINGS_PER_MINUTE))
     while True:
         batch = []
         for sock in connections.ready(timeout=0.5):
