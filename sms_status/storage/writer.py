@@ -102,7 +102,10 @@ class BadFrame(ValueError):
 
 # What crosses between a worker and the writer, each frame a 4-byte length and that many
 # bytes of JSON: a worker sends a `Write`, the writer answers with an `Answer`. Each type
-# alone encodes and decodes itself, and checks what it decodes.
+# alone encodes and decodes itself, and checks what it decodes. A framing of its own, not
+# multiprocessing.connection's, whose round trips cost both sides more CPU and whose
+# accept() and recv_bytes() would hold the writer's one thread on a slow peer
+# (docs/performance.md, "The writer's framing").
 
 class Write(NamedTuple):
     """A worker asks the writer to run one write: a function of WRITES, by name, with its
