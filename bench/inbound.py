@@ -7,8 +7,9 @@
    opt-out list) and as many distinct status callbacks (each creating its message), and
    fires each with wrk over the same keep-alive connections for --duration seconds (60 by
    default: sustained load), one after the other in each round, alternating which goes
-   first, after 10 s of each unmeasured (a fresh service and database warm up). Inbound messages stored per second must reach 0.9 of callbacks stored per second
-   (the median of the rounds' ratios).
+   first, after 10 s of each unmeasured (a fresh service and database warm up). Inbound
+   messages stored per second must reach 0.9 of callbacks stored per second (the median
+   of the rounds' ratios).
 
 2. The opt-out check's cost on POST /send-sms, with --compare REPO (a checkout of the
    service without the check: the commit before it, say). Both services run side by side

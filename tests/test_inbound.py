@@ -5,7 +5,8 @@ from its API and from a status callback."""
 import pytest
 
 from sms_status import keywords
-from sms_status.storage import access, opt_outs
+from sms_status.services import get_db
+from sms_status.storage import opt_outs
 from support import (
     AUTH,
     BASE_URL,
@@ -27,7 +28,7 @@ from twilio_fakes import twilio_error
 
 def opted_out(app, number=PERSON):
     with app.app_context():
-        return opt_outs.opt_out_of(access.get_db(), number) is not None
+        return opt_outs.opt_out_of(get_db(), number) is not None
 
 
 def stored_inbound(app):
@@ -38,7 +39,7 @@ def stored_inbound(app):
 def history(app, number=PERSON):
     with app.app_context():
         return [(row["change"], row["source"], row["keyword"])
-                for row in opt_outs.history_of(access.get_db(), number)]
+                for row in opt_outs.history_of(get_db(), number)]
 
 
 # --- the keywords, as pure rules ---------------------------------------------------------
@@ -275,7 +276,7 @@ def test_a_status_callback_with_error_21610_opts_the_recipient_out(app, client, 
                                   To="+15558675310")).status_code == 200
     assert opted_out(app, "+15558675310")
     with app.app_context():
-        change = opt_outs.history_of(access.get_db(), "+15558675310")[0]
+        change = opt_outs.history_of(get_db(), "+15558675310")[0]
     assert (change["source"], change["message_sid"]) == ("twilio", other)
     refused_as_opted_out(send("+15558675310"))
     assert len(fake_twilio.creates) == 2

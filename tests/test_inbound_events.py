@@ -10,7 +10,8 @@ import pytest
 import requests
 from standardwebhooks import Webhook
 
-from sms_status.storage import access, outbox
+from sms_status.services import get_db, services
+from sms_status.storage import outbox
 from support import (
     AUTH,
     PERSON,
@@ -57,7 +58,7 @@ def recorded(app, number=None):
 
 def deliver_all(app):
     """Attempts every due event once, oldest first, as the delivery loop would."""
-    delivery = app.extensions["webhooks"]
+    delivery = services(app).webhooks
     with app.app_context():
         for row in sql_rows(app_database_url(app), "SELECT id FROM webhook_events WHERE"
                             " state = 'pending' ORDER BY seq", as_dicts=True):
@@ -131,7 +132,7 @@ def test_a_numbers_next_event_waits_for_the_one_before(webhook_app, webhook_clie
     reply(webhook_client, "START")
     reply(webhook_client, "hello", from_=OTHER)
     with webhook_app.app_context():
-        storage = access.get_db()
+        storage = get_db()
         claimed = outbox.claim_webhook_events(storage, "lease-1", time.time(), 30, 10)
         assert [(json.loads(e["payload"])["type"], e["stream"]) for e in claimed] == [
             ("inbound.received", PERSON), ("inbound.received", OTHER)]

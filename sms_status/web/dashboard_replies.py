@@ -9,7 +9,7 @@ from flask import current_app, redirect, request, url_for
 from werkzeug.datastructures import MultiDict
 
 from sms_status import listing, replies
-from sms_status.storage import access
+from sms_status.services import get_db
 from sms_status.web.dashboard import blueprint, page
 
 # A reply's kind as the pages name it, by its optOutType.
@@ -37,7 +37,7 @@ def inbound_page():
     if "cursor" in args:
         query["cursor"] = args["cursor"]
     try:
-        found = replies.list_inbound(access.get_db(), query)
+        found = replies.list_inbound(get_db(), query)
     except listing.BadQuery as refusal:
         message = refusal.message.replace(listing.PLUS_IN_A_URL, "")
         if refusal.parameter == "from":
@@ -60,7 +60,7 @@ def opt_outs_page():
     if args is None:
         return redirect(url_for("dashboard.opt_outs", **{
             name: value.strip() for name, value in request.args.items() if value.strip()}), 303)
-    storage = access.get_db()
+    storage = get_db()
     number = args.get("number")
     if number:
         try:

@@ -5,11 +5,12 @@ with an empty TwiML document once the message is committed."""
 from flask import Blueprint, current_app, request
 
 from sms_status import keywords, metrics, rules, webhooks
+from sms_status.logs import log
 from sms_status.rules import printable
-from sms_status.storage import access, inbound
+from sms_status.services import get_db
+from sms_status.storage import inbound
 from sms_status.web import callbacks
 from sms_status.web.errors import json_error
-from sms_status.web.logs import log
 
 blueprint = Blueprint("inbound", __name__)
 blueprint.before_request(callbacks.guard_callback)
@@ -34,7 +35,7 @@ def inbound_sms():
     # the list and the sends it guards are E.164 numbers.
     changes_list = rules.is_e164(from_)
     outcome = inbound.record_inbound(
-        access.get_db(), sid, from_, (form.get("To") or "").strip() or None, body,
+        get_db(), sid, from_, (form.get("To") or "").strip() or None, body,
         whole_number(form.get("NumMedia")) or 0, whole_number(form.get("NumSegments")),
         keywords.OPT_OUT_TYPE_OF_KIND.get(kind), kind, keyword,
         account_sid=form.get("AccountSid"),
