@@ -44,10 +44,15 @@ def history(app, number=PERSON):
 
 # --- the keywords, as pure rules ---------------------------------------------------------
 
+# Twilio's default keywords, written out here (not read from the code under test).
+OPT_OUT_WORDS = ("STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE")
+OPT_IN_WORDS = ("START", "YES", "UNSTOP")
+HELP_WORDS = ("HELP", "INFO")
+
 @pytest.mark.parametrize("body, opt_out_type, kind, keyword", [
-    *[pytest.param(word, None, "opt_out", word, id=word) for word in keywords.OPT_OUT_KEYWORDS],
-    *[pytest.param(word, None, "opt_in", word, id=word) for word in keywords.OPT_IN_KEYWORDS],
-    *[pytest.param(word, None, "help", word, id=word) for word in keywords.HELP_KEYWORDS],
+    *[pytest.param(word, None, "opt_out", word, id=word) for word in OPT_OUT_WORDS],
+    *[pytest.param(word, None, "opt_in", word, id=word) for word in OPT_IN_WORDS],
+    *[pytest.param(word, None, "help", word, id=word) for word in HELP_WORDS],
     pytest.param("  stop \n", None, "opt_out", "STOP", id="trimmed-any-case"),
     pytest.param("Unstop", None, "opt_in", "UNSTOP", id="mixed-case"),
     pytest.param("please don't stop", None, "message", None, id="sentence-with-stop"),
@@ -130,14 +135,14 @@ def test_the_callback_guards_run_before_an_inbound_message_too(app, client):
     assert count_rows(app, "inbound_messages") == 0
 
 
-@pytest.mark.parametrize("word", [*keywords.OPT_OUT_KEYWORDS, "  stop  ", "Quit"])
+@pytest.mark.parametrize("word", [*OPT_OUT_WORDS, "  stop  ", "Quit"])
 def test_each_opt_out_keyword_opts_the_sender_out(app, client, word):
     reply(client, word)
     assert opted_out(app)
     assert history(app) == [("opted_out", "keyword", word.strip().upper())]
 
 
-@pytest.mark.parametrize("word", [*keywords.OPT_IN_KEYWORDS, "start "])
+@pytest.mark.parametrize("word", [*OPT_IN_WORDS, "start "])
 def test_each_opt_in_keyword_ends_the_opt_out(app, client, word):
     reply(client, "STOP")
     reply(client, word)
