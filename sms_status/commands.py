@@ -1,5 +1,6 @@
 """Maintenance commands: `flask --app app reconcile`, `prune`, `copy-database`, `backup`
-and `retry-webhooks`; and `receive-webhooks`, to try the status webhooks out.
+and `retry-webhooks`; and `receive-webhooks` and `simulate-reply`, to try the status
+webhooks and the replies out.
 
 Status callbacks get lost (a deploy, a proxy, a network blip); reconciliation asks Twilio
 for the status of every message still waiting for a final one. Pruning keeps the
@@ -16,6 +17,7 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import click
+import requests
 from flask import current_app
 from flask.cli import with_appcontext
 
@@ -210,6 +212,7 @@ def register_commands(app):
     app.cli.add_command(backup)
     app.cli.add_command(retry_webhooks)
     app.cli.add_command(receive_webhooks)
+    app.cli.add_command(simulate_reply)
 
 
 def fetch_with_backoff(client, sid, sleep):
@@ -304,7 +307,8 @@ def reconcile(older_than, limit, progress_every):
 @progress_option
 @with_appcontext
 def prune(older_than, dry_run, drop_pending_webhooks, progress_every):
-    """Delete old messages with their history, and clear bodies older than BODY_RETENTION."""
+    """Delete old messages with their history and old inbound messages, and clear bodies
+    older than BODY_RETENTION; opt-outs and their history are never deleted."""
     storage = command_storage("BODY_RETENTION")
     config = current_app.config["SERVICE"]
     now = current_app.config["CLOCK"]()
@@ -332,6 +336,12 @@ def pruned_lines(pruned, older_than, dry_run, drop_pending):
              f"{counted(pruned.events, 'status event')} not updated for {older_than.text}; "
              f"{clear} {counted(pruned.bodies, 'message body', 'message bodies')} older than "
              "BODY_RETENTION."]
+    bodies = counted(pruned.inbound_bodies, "inbound body", "inbound bodies")
+    lines.append(f"{remove} {counted(pruned.inbound, 'inbound message')} received over "
+                 f"{older_than.text} ago; {clear} {bodies} older than BODY_RETENTION. "
+                 "Opt-outs are never pruned: "
+                 f"{counted(pruned.opted_out, 'number stays', 'numbers stay')} opted out, every "
+                 "change kept.")
     if drop_pending:
         lines.append(f"{drop} {counted(pruned.pending_dropped, 'pending status webhook event')}"
                      " with them: those are never delivered.")
@@ -380,8 +390,9 @@ def copy_within_one_mode(source, target, config):
 @progress_option
 @with_appcontext
 def copy_database(source_url, progress_every):
-    """Copy messages, their status history and unexpired idempotency keys from another
-    database into the one DATABASE_URL names, never between a simulated and a live one.
+    """Copy messages, their status history, replies, opt-outs and unexpired idempotency keys
+    from another database into the one DATABASE_URL names, never between a simulated and a
+    live one.
     Running it again copies nothing twice."""
     try:
         source_url = parse_database_url(source_url)
@@ -413,7 +424,10 @@ def copy_database(source_url, progress_every):
         source.close()
     click.echo(f"Copied {counted(copied['messages'], 'message')}, "
                f"{counted(copied['events'], 'status event')}, "
-               f"{counted(copied['webhookEvents'], 'webhook event')} and "
+               f"{counted(copied['webhookEvents'], 'webhook event')}, "
+               f"{counted(copied['inbound'], 'inbound message')}, "
+               f"{counted(copied['optOuts'], 'opt-out')} with "
+               f"{counted(copied['optOutChanges'], 'change')} of their history and "
                f"{counted(copied['keys'], 'idempotency key')} from {source.label} to "
                f"{target.label} (what was there already was left as it was).")
 
@@ -481,3 +495,40 @@ def receive_webhooks(port):
         raise ConfigurationProblem(str(ConfigError(problems)))
     click.echo(f"Receiving status webhooks at http://127.0.0.1:{port}/ (Ctrl-C stops)")
     receiver.serve(secrets, "127.0.0.1", port)
+
+
+@click.command("simulate-reply")
+@click.option("--from", "from_", required=True, metavar="NUMBER",
+              help="The number replying, E.164, like +15558675309.")
+@click.option("--body", required=True, metavar="TEXT",
+              help="What they reply: STOP, START, HELP, or any text.")
+@with_appcontext
+def simulate_reply(from_, body):
+    """In simulation, post a reply from NUMBER to the running service, signed as Twilio's
+    incoming-message webhook is (to BASE_URL, by default the local PORT's address)."""
+    from sms_status import simulator
+
+    config = current_app.config["SERVICE"]
+    if not config.simulate:
+        raise click.ClickException(
+            "simulate-reply runs in simulation only (TWILIO_SIMULATE=true): live, replies come "
+            "from Twilio, and nothing here may post one in a person's name")
+    if not rules.is_e164(from_):
+        raise click.BadParameter("must be a phone number in E.164 format, like +15558675309",
+                                 param_hint="--from")
+    to = config.phone_number or simulator.SIMULATED_SERVICE_NUMBER
+    try:
+        sid, answer = simulator.post_reply(config.base_url, config.account_sid,
+                                           config.auth_token, from_, to, body)
+    except requests.RequestException as error:
+        raise click.ClickException(
+            f"could not reach the service at {config.base_url} ({type(error).__name__}): start "
+            "it with TWILIO_SIMULATE=true, and give this command the same PORT or BASE_URL"
+        ) from None
+    if answer.status_code != 200:
+        raise click.ClickException(
+            f"the service at {config.base_url} answered {answer.status_code}: "
+            f"{answer.text.strip()[:300]}")
+    click.echo(f"Replied {body!r} from {from_} to {to} as {sid}: stored "
+               f"by {config.base_url}/inbound-sms.")
+

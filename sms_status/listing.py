@@ -16,7 +16,7 @@ import math
 from datetime import datetime, timedelta, timezone
 
 from sms_status import rules, twilio_errors
-from sms_status.storage import reads
+from sms_status.storage import inbound, opt_outs, reads
 from sms_status.storage.times import STORED_TIME, stored_time_rounded_up
 
 DEFAULT_LIMIT = 50
@@ -104,10 +104,11 @@ def parse_statuses(text):
     return sorted(set(statuses))
 
 
-def parse_to(text):
+def parse_to(text, name="to"):
+    """A phone number parameter (`to`, or `name`) in E.164 format."""
     if not rules.is_e164(text):
-        raise BadQuery("to", "Parameter 'to' must be a phone number in E.164 format, like "
-                             "+15558675309" + PLUS_IN_A_URL)
+        raise BadQuery(name, f"Parameter '{name}' must be a phone number in E.164 format, "
+                             "like +15558675309" + PLUS_IN_A_URL)
     return text
 
 
@@ -254,7 +255,15 @@ def delivery_stats(storage, since, until, now):
         "timeToDeliveredSeconds": time_to_delivered(storage, since, until),
         "stuck": stuck,
         "webhooks": reads.webhook_event_counts(storage, since, until),
+        "inbound": inbound_counts(storage, since, until),
     }
+
+
+def inbound_counts(storage, since, until):
+    """The window's inbound messages received, and opt-outs and opt-ins recorded."""
+    changes = opt_outs.change_counts(storage, since, until)
+    return {"received": inbound.received_count(storage, since, until),
+            "optedOut": changes["opted_out"], "optedIn": changes["opted_in"]}
 
 
 def time_to_delivered(storage, since, until):

@@ -115,6 +115,15 @@ def mask_phone(number):
     return head + "*" * (len(text) - len(head) - 4) + text[-4:]
 
 
+# A phone number inside a longer text (a request's path, /opt-outs/+15558675309).
+NUMBER_IN_TEXT = re.compile(r"\+[0-9]{5,15}")
+
+
+def mask_phones_in(text):
+    """`text` with each phone number in it masked as mask_phone does."""
+    return NUMBER_IN_TEXT.sub(lambda found: mask_phone(found.group()), text)
+
+
 def parse_duration(text):
     """Seconds in a duration written <number><s|m|h|d>, like 90d or 10m; ValueError otherwise."""
     match = DURATION_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None

@@ -4,8 +4,9 @@ Plain inputs in, a SendOutcome out: the flow reads no request and builds no resp
 runs the same without Flask. web/send.py reads the request and turns the outcome into the
 HTTP answer.
 
-Order matters: a replay of a keyed request is answered before any limit is checked, and
-limits are checked before anything reaches Twilio.
+Order matters: a replay of a keyed request is answered before any limit is checked, a
+recipient who opted out is refused before the limits count the send, and limits are
+checked before anything reaches Twilio.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ import math
 from typing import Any, Callable, NamedTuple
 
 from sms_status import metrics, rules, twilio_api
-from sms_status.storage import DATABASE_ERRORS, sends, statuses, times
+from sms_status.storage import DATABASE_ERRORS, opt_outs, sends, statuses, times
 
 log = logging.getLogger("sms_status")
 
@@ -202,6 +203,10 @@ def check_send(context, payload):
         metrics.count_send("destination_refused")
         return send_error(403, "The recipient is outside this service's allowed destinations "
                                f"(ALLOWED_DESTINATIONS={','.join(config.allowed_destinations)})")
+    opted_out = opt_outs.opt_out_of(context.storage, to)
+    if opted_out is not None:
+        metrics.count_send("opted_out")
+        return opted_out_refusal(to, opted_out["source"], opted_out["opted_out_at"])
     reservation = None
     limit, total = config.max_sends_per_recipient_per_hour, config.max_sends_per_hour
     if limit or total:
@@ -213,6 +218,29 @@ def check_send(context, payload):
                                  place.wait_seconds)
         reservation = place.reservation
     return Ready(to, payload["body"], payload.get("reference"), reservation)
+
+
+# How each source of an opt-out is told in a refusal.
+OPT_OUT_HOW = {
+    "keyword": "the recipient replied with an opt-out keyword such as STOP; only their START "
+               "ends it",
+    "twilio": "Twilio reported that the recipient unsubscribed (error 21610); only their START "
+              "ends it",
+    "api": "it was recorded through PUT /opt-outs; DELETE /opt-outs/<number> ends it",
+}
+
+
+def opted_out_refusal(to, source, opted_out_at):
+    """The 400 of a send to a recipient who opted out, as Twilio's own refusal (21610), with
+    when and how; Twilio is not asked. Kept under an Idempotency-Key, as Twilio's is."""
+    log.info("Refused send to %s: opted out (%s) at %s", rules.mask_phone(to), source,
+             opted_out_at)
+    outcome = send_error(
+        400, "Attempt to send to unsubscribed recipient: this number opted out",
+        details=f"The recipient opted out at {opted_out_at}: {OPT_OUT_HOW[source]}. No SMS "
+                "was sent. GET /opt-outs/<number> shows its history.",
+        code=statuses.OPTED_OUT_ERROR)
+    return dataclasses.replace(outcome, body={**outcome.body, "optedOutAt": opted_out_at})
 
 
 def limit_reached(to, reached, limit, wait):
@@ -242,6 +270,18 @@ def release_reservation(storage, reservation):
                   storage.describe_error(error))
 
 
+def record_twilio_opt_out(storage, to):
+    """Twilio refused a send with 21610 (the recipient replied STOP to Twilio): the number
+    is opted out here too, so the next send is refused before Twilio."""
+    try:
+        if opt_outs.record_opt_out(storage, to, "twilio"):
+            log.info("Opted %s out: Twilio refused a send with 21610", rules.mask_phone(to))
+    except DATABASE_ERRORS as error:
+        # Twilio's answer still reaches the caller; the next refusal records it again.
+        log.error("Could not record the opt-out Twilio reported: %s",
+                  storage.describe_error(error))
+
+
 def send_and_record(context, ready):
     """Sends through Twilio, then stores the message; returns a SendOutcome.
 
@@ -263,6 +303,8 @@ def send_and_record(context, ready):
                            else "twilio_failed")
         if reservation is not None and (failure.http_status == 400 or failure.safe_to_retry):
             release_reservation(storage, reservation)
+        if failure.code == statuses.OPTED_OUT_ERROR:
+            record_twilio_opt_out(storage, to)
         outcome = send_error(failure.http_status, failure.error, details=failure.details,
                              code=failure.code, retry_after=failure.retry_after,
                              replayable=not failure.safe_to_retry)

@@ -28,13 +28,15 @@ from support import (
     WebhookReceiver,
     callback,
     fill_messages,
+    reply,
     sign,
     sqlite_only,
 )
 
 pytestmark = pytest.mark.fixed_clock
 OTHER_KEY = "another-api-key-9876543210"
-PAGES = ("/dashboard", "/dashboard?window=7d", "/dashboard/messages",
+PAGES = ("/dashboard", "/dashboard?window=7d", "/dashboard/messages", "/dashboard/inbound",
+         "/dashboard/opt-outs", "/dashboard/opt-outs?number=%2B15558675309",
          "/dashboard/messages?to=%2B15558675309", "/dashboard/messages/SM123")
 
 
@@ -323,6 +325,9 @@ def overview_numbers(page):
         # Shown only while status webhooks are on; /stats counts them (as 0) regardless.
         "webhooks": {"pending": int(values.get("webhooks-pending", 0)),
                      "failed": int(values.get("webhooks-failed", 0))},
+        "inbound": {"received": int(values["inbound-received"]),
+                    "optedOut": int(values["inbound-opted-out"]),
+                    "optedIn": int(values["inbound-opted-in"])},
     }
 
 
@@ -426,7 +431,8 @@ def test_the_overview_reads_through_indexes(app, signed_in, store):
         for sql in seen:
             plan = [row["detail"] for row in get_db().query("EXPLAIN QUERY PLAN " + sql)]
             tables = [line for line in plan
-                      if re.search(r"\b(messages|status_events|webhook_events)\b", line)]
+                      if re.search(r"\b(messages|status_events|webhook_events|inbound_messages"
+                                   r"|opt_out_changes)\b", line)]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
 
 
@@ -763,3 +769,58 @@ def test_without_status_webhooks_their_sections_are_left_out(signed_in, store):
     assert 'id="status-webhooks"' not in signed_in.get("/dashboard").get_data(as_text=True)
     page = signed_in.get(f"/dashboard/messages/{sid}").get_data(as_text=True)
     assert 'id="status-webhooks"' not in page
+
+
+# --- replies and opt-outs ----------------------------------------------------------------------
+
+def test_the_inbound_page_lists_replies_newest_first_by_number(signed_in):
+    reply(signed_in, "STOP")
+    reply(signed_in, "<b>see you</b>", from_="+15558675310")
+    reply(signed_in, "HELP")
+    page = signed_in.get("/dashboard/inbound").get_data(as_text=True)
+    rows = re.findall(r'<tr data-sid="(SM\w+)">.*?data-label="from"><a [^>]*>([^<]+)</a>.*?'
+                      r'class="badge kind-([\w-]+)"', page, re.S)
+    assert [(number, kind) for _, number, kind in rows] == [
+        ("+15558675309", "help"), ("+15558675310", "reply"), ("+15558675309", "opt-out")]
+    assert "not kept" in page and "see you" not in page  # bodies not kept at rest
+    mine = signed_in.get("/dashboard/inbound?number=%2B15558675310").get_data(as_text=True)
+    assert len(re.findall(r"<tr data-sid=", mine)) == 1
+    bad = signed_in.get("/dashboard/inbound?number=5558675310")
+    assert bad.status_code == 400 and "E.164" in problem(bad.get_data(as_text=True))
+    assert signed_in.get("/dashboard/inbound?number=+").status_code == 303
+
+
+def test_the_inbound_page_shows_kept_bodies_escaped(make_app):
+    client = make_app(STORE_MESSAGE_BODY="true").test_client()
+    assert log_in(client).status_code == 303
+    reply(client, "<b>see you</b>")
+    page = client.get("/dashboard/inbound").get_data(as_text=True)
+    assert "&lt;b&gt;see you&lt;/b&gt;" in page and "<b>see you" not in page
+
+
+def test_the_opt_outs_page_lists_them_and_a_search_shows_a_numbers_history(signed_in):
+    reply(signed_in, "STOP")
+    reply(signed_in, "START")
+    signed_in.put("/opt-outs/%2B15558675310", headers=AUTH)
+    reply(signed_in, "quit", from_="+15558675311")
+    listed = signed_in.get("/dashboard/opt-outs").get_data(as_text=True)
+    assert re.findall(r'<tr data-number="([^"]+)">', listed) == ["+15558675311", "+15558675310"]
+    page = signed_in.get("/dashboard/opt-outs?number=%2B15558675309").get_data(as_text=True)
+    assert re.findall(r'<li data-change="(\w+)">', page) == ["opted_out", "opted_in"]
+    assert 'id="opted-out"><span class="badge status-delivered">no' in page
+    assert "keyword · STOP" in page and "keyword · START" in page
+    never = signed_in.get("/dashboard/opt-outs?number=%2B15550001111").get_data(as_text=True)
+    assert 'id="never"' in never
+    bad = signed_in.get("/dashboard/opt-outs?number=abc")
+    assert bad.status_code == 400 and "E.164" in problem(bad.get_data(as_text=True))
+
+
+def test_a_messages_page_shows_that_its_recipient_opted_out(signed_in, store):
+    sid = store(60, ("delivered", 5))
+    assert 'id="recipient-opted-out"' not in signed_in.get(
+        f"/dashboard/messages/{sid}").get_data(as_text=True)
+    reply(signed_in, "STOP")
+    page = signed_in.get(f"/dashboard/messages/{sid}").get_data(as_text=True)
+    badge = re.search(r'<a class="badge status-failed" id="recipient-opted-out"[^>]*>([^<]+)</a>',
+                      page)
+    assert badge and badge.group(1).startswith("opted out ") and "(keyword)" in badge.group(1)

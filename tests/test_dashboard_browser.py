@@ -14,7 +14,8 @@ import time
 import pytest
 import requests
 
-from sms_status import listing
+from sms_status import listing, simulator
+from sms_status.config import SIMULATED_ACCOUNT_SID, SIMULATED_AUTH_TOKEN
 from support import (
     API_KEY,
     AUTH,
@@ -298,4 +299,38 @@ def test_search_by_status_time_and_sid_with_the_form(service, browser, request):
     search(browser, sid=service.sids["+15005551008"])
     wait_for_page(browser, f"/dashboard/messages/{service.sids['+15005551008']}")
     assert "30008" in first(browser, "#details").text
+    assert console_errors(browser) == []
+
+
+def test_inbound_and_opt_outs_pages_and_a_recipient_who_opted_out(service, browser, request):
+    number = "+15558670001"
+    for body in ("Thanks!", "STOP"):
+        _, answer = simulator.post_reply(service.url, SIMULATED_ACCOUNT_SID,
+                                         SIMULATED_AUTH_TOKEN, number, "+15005550006", body)
+        assert answer.status_code == 200, answer.text
+    log_in(browser, service)
+    wait_for_page(browser, "/dashboard")
+    first(browser, "header nav a[href='/dashboard/inbound']").click()
+    wait_for_page(browser, "/dashboard/inbound")
+    kinds = [cell.text for cell in css(browser, "#inbound td[data-label=kind]")]
+    assert kinds == ["opt-out", "reply"]
+    screenshot(browser, request, "inbound")
+
+    first(browser, "header nav a[href='/dashboard/opt-outs']").click()
+    wait_for_page(browser, "/dashboard/opt-outs")
+    assert [row.get_attribute("data-number") for row in css(browser, "#opt-outs tbody tr")] \
+        == [number]
+    screenshot(browser, request, "opt-outs")
+    search(browser, number=number)
+    wait_until(lambda: "number=%2B15558670001" in browser.current_url, 10, "the search")
+    assert [item.get_attribute("data-change") for item in css(browser, "#opt-out-history li")] \
+        == [h["change"] for h in api(service, "/opt-outs/%2B15558670001")["history"]] \
+        == ["opted_out"]
+    assert first(browser, "#opted-out").text.startswith("yes since")
+    screenshot(browser, request, "opt-out")
+
+    browser.get(service.url + f"/dashboard/messages/{service.sids[number]}")
+    badge = first(browser, "#recipient-opted-out")
+    assert badge.text.startswith("opted out") and "(keyword)" in badge.text
+    screenshot(browser, request, "message-opted-out")
     assert console_errors(browser) == []

@@ -641,7 +641,9 @@ def main(argv):
     from sms_status.config import load_config
     from sms_status.storage import (  # noqa: F401 (their writes)
         access,
+        inbound,
         maintenance,
+        opt_outs,
         outbox,
         sends,
         statuses,

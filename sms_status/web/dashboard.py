@@ -32,7 +32,7 @@ from werkzeug.datastructures import MultiDict
 
 from sms_status import listing, overview, rules, twilio_errors, webhooks
 from sms_status.services import get_db
-from sms_status.storage import reads
+from sms_status.storage import opt_outs, reads
 from sms_status.web import chart
 from sms_status.web.logs import log, warn_rejection
 
@@ -358,9 +358,12 @@ def message_page(sid):
     if message is None:
         return error_page(404, f"No message with SID {sid} is known to this service.")
     sentence, link = explained(message["errorCode"])
+    recipient_opt_out = (opt_outs.opt_out_of(get_db(), message["to"])
+                         if message["to"] else None)
     return page("message.html", title=f"Message {sid}", message=message,
                 error_sentence=sentence, error_link=link,
-                webhook_events=message_webhook_events(sid))
+                webhook_events=message_webhook_events(sid),
+                recipient_opt_out=recipient_opt_out)
 
 
 # --- how the pages write numbers and times -------------------------------------------------

@@ -41,6 +41,18 @@ def index():
             "POST /webhook-events/<id>/retry": "queue a status webhook event to be attempted "
                                                "again now; answers 202 (Authorization: "
                                                "Bearer <API_KEY>)",
+            "POST /inbound-sms": "Twilio's incoming-message webhook (signed by Twilio): "
+                                 "replies, and the STOP and START keywords",
+            "GET /inbound-messages": "replies received newest first, filtered by from, to, "
+                                     "since, until; paged by cursor (Authorization: Bearer "
+                                     "<API_KEY>)",
+            "GET /opt-outs": "the numbers opted out now, newest first; paged by cursor "
+                             "(Authorization: Bearer <API_KEY>)",
+            "GET /opt-outs/<number>": "a number's opt-out and its history (Authorization: "
+                                      "Bearer <API_KEY>)",
+            "PUT /opt-outs/<number>": "opt a number out (Authorization: Bearer <API_KEY>)",
+            "DELETE /opt-outs/<number>": "end an opt-out made through the API "
+                                         "(Authorization: Bearer <API_KEY>)",
             "GET /healthz": "200 when statuses can be stored, 503 when not",
             "GET /openapi.json": "the OpenAPI 3.1 description of this API",
             "GET /metrics": "Prometheus metrics (Authorization: Bearer <API_KEY>)",

@@ -42,6 +42,12 @@ def event_body(message, previous_status, changed_at):
     }, separators=(",", ":"))
 
 
+def number_event_body(type_, data, at):
+    """The JSON body of an event about a number: a reply received (`inbound.received`) or a
+    change of its opt-out (`recipient.opted_out`, `recipient.opted_in`)."""
+    return json.dumps({"type": type_, "timestamp": at, "data": data}, separators=(",", ":"))
+
+
 def signed_headers(event_id, body, secrets_, now):
     """The headers of one attempt: `webhook-signature` holds one `v1,` signature per secret
     (two while a secret is being rotated), over "id.timestamp.body"."""
