@@ -20,6 +20,7 @@ from flask import Flask
 from twilio.request_validator import RequestValidator
 
 from sms_status import twilio_api, web
+from sms_status.api_keys import KeyRing
 from sms_status.commands import register_commands
 from sms_status.config import ConfigError, read_config
 from sms_status.storage import access
@@ -60,6 +61,7 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
     app.config["CLOCK"] = clock
     app.config["SLEEP"] = time.sleep
     app.config["CONFIG_PROBLEMS"] = problems
+    app.config["API_KEYS"] = KeyRing(config.api_key)
     app.extensions["rejection_log"] = LogBudget()
     app.extensions["health"] = HealthMonitor(app)
     app.extensions["backlog"] = BacklogRead()

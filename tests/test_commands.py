@@ -336,8 +336,8 @@ def test_copy_database_copies_the_history_once(app, old_history):
     url, histories = old_history
     first = run(app, "copy-database", "--from", url)
     assert first.exit_code == 0, first.output
-    assert ("Copied 4 messages, 10 status events, 10 webhook events and 1 idempotency key "
-            "from") in first.output
+    assert ("Copied 4 messages, 10 status events, 10 webhook events, 1 idempotency key and "
+            "0 API keys from") in first.output
     client = app.test_client()
     for sid, history in histories.items():
         assert latest(client, sid) == history
@@ -351,8 +351,8 @@ def test_copy_database_copies_the_history_once(app, old_history):
 
     again = run(app, "copy-database", "--from", url)
     assert again.exit_code == 0, again.output
-    assert ("Copied 0 messages, 0 status events, 0 webhook events and 0 idempotency keys"
-            in again.output)
+    assert ("Copied 0 messages, 0 status events, 0 webhook events, 0 idempotency keys and "
+            "0 API keys" in again.output)
     assert count_rows(app, "status_events") == 10
 
 

@@ -541,6 +541,7 @@ def main(argv):
     from sms_status.config import load_config
     from sms_status.storage import (  # noqa: F401 (their writes)
         access,
+        keys,
         maintenance,
         outbox,
         sends,

@@ -14,13 +14,13 @@ from sms_status.web.errors import (
     http_error_message,
     log_database_error,
 )
-from sms_status.web.guards import require_api_key
+from sms_status.web.guards import requires
 
 blueprint = Blueprint("send", __name__)
 
 
 @blueprint.post("/send-sms")
-@require_api_key
+@requires("send")
 def send_sms():
     try:
         payload = request.get_json(force=True, silent=True)
