@@ -63,7 +63,7 @@ def release_idempotency_key(storage, scope, key):
 
 class SendPlace(NamedTuple):
     """What reserve_send answers: the reservation's id, or None when `limit_reached`
-    ("recipient" or "total"), with the seconds until a place is free again."""
+    ("recipient", "sender" or "total"), with the seconds until a place is free again."""
 
     reservation: int | None
     limit_reached: str | None
@@ -71,10 +71,12 @@ class SendPlace(NamedTuple):
 
 
 @in_writer_process
-def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
-    """Claims one place under the hourly limits, for one recipient (`recipient_limit`) and
-    for the whole service (`total_limit`; 0 turns either off), atomically across workers
-    and instances: the locks serialise each count with its claim.
+def reserve_send(storage, to, now, recipient_limit, total_limit, sender=None,
+                 sender_limit=None) -> SendPlace:
+    """Claims one place under the hourly limits, for one recipient (`recipient_limit`), for
+    the whole service (`total_limit`; 0 turns either off) and for the key sending
+    (`sender`, its name, and `sender_limit`; None: no limit of its own), atomically across
+    workers and instances: the locks serialise each count with its claim.
 
     Counts the messages this service sent in the last hour and the reservations still
     counting. A reservation counts for an hour from the start, as if its message went
@@ -82,12 +84,13 @@ def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
     message may have gone out. It is replaced by the stored message on success and given
     back when Twilio certainly sent nothing.
 
-    Returns (reservation id, None, None), or (None, the limit reached: "recipient" or
-    "total", seconds until the first of the sends it counted stops counting).
+    Returns (reservation id, None, None), or (None, the limit reached: "recipient",
+    "sender" or "total", seconds until the first of the sends it counted stops counting).
     """
     hour_ago = stored_time(now - 3600)
     with storage.transaction() as tx:
-        # Always "all sends" before a recipient, so two sends never wait on each other.
+        # Always "all sends", then a key, then a recipient, so two sends never wait on each
+        # other.
         # Messages and reservations are read in one statement: PostgreSQL gives each
         # statement its own snapshot, and a send stored in between (its reservation
         # replaced by its message) would otherwise be missed by both reads.
@@ -106,6 +109,20 @@ def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
                 if counted["sent"]:
                     firsts.append(timestamp_of(counted["first_sent"]) + 3600)
                 return SendPlace(None, "total", min(firsts) - now)
+        if sender_limit is not None:
+            tx.lock(f"sender {sender}")
+            tx.execute("DELETE FROM send_reservations WHERE sent_by = ? AND counts_until < ?",
+                       (sender, now))
+            # A sent message's created_at is its sent_at (record_sent_message): the index of
+            # GET /messages?sentBy= counts them.
+            rows = tx.execute(
+                "SELECT created_at AS sent_at, NULL AS counts_until FROM messages"
+                " WHERE sent_by = ? AND created_at > ?"
+                " UNION ALL SELECT NULL, counts_until FROM send_reservations WHERE sent_by = ?",
+                (sender, hour_ago, sender),
+            ).fetchall()
+            if len(rows) >= sender_limit:
+                return SendPlace(None, "sender", min(stop_counting(rows)) - now)
         if recipient_limit:
             tx.lock(f"recipient {to}")
             tx.execute("DELETE FROM send_reservations WHERE to_number = ? AND counts_until < ?",
@@ -116,15 +133,20 @@ def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
                 " UNION ALL SELECT NULL, counts_until FROM send_reservations WHERE to_number = ?",
                 (to, hour_ago, to),
             ).fetchall()
-            stop_counting = [timestamp_of(row["sent_at"]) + 3600 if row["sent_at"]
-                             else row["counts_until"] for row in rows]
-            if len(stop_counting) >= recipient_limit:
-                return SendPlace(None, "recipient", min(stop_counting) - now)
+            if len(rows) >= recipient_limit:
+                return SendPlace(None, "recipient", min(stop_counting(rows)) - now)
         return SendPlace(tx.execute(
-            "INSERT INTO send_reservations (to_number, reserved_at, counts_until)"
-            " VALUES (?, ?, ?) RETURNING id",
-            (to, now, now + 3600),
+            "INSERT INTO send_reservations (to_number, reserved_at, counts_until, sent_by)"
+            " VALUES (?, ?, ?, ?) RETURNING id",
+            (to, now, now + 3600, sender),
         ).fetchone()["id"], None, None)
+
+
+def stop_counting(rows):
+    """When each counted send stops counting: an hour after a message's sent_at, or a
+    reservation's counts_until."""
+    return [timestamp_of(row["sent_at"]) + 3600 if row["sent_at"] else row["counts_until"]
+            for row in rows]
 
 
 @in_writer_process

@@ -5,7 +5,7 @@ The flow itself is in sending.py, without Flask: this module reads the request, 
 flow what it uses, and turns its SendOutcome into the HTTP answer.
 """
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 
 from sms_status import sending
 from sms_status.storage import DATABASE_ERRORS, OutcomeUnknown, access
@@ -39,6 +39,7 @@ def send_context():
         twilio=current_app.extensions["twilio"],
         clock=current_app.config["CLOCK"],
         webhooks=current_app.extensions.get("webhooks"),
+        sender=g.get("api_key"),
     )
 
 
