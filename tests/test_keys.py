@@ -7,7 +7,8 @@ import re
 import pytest
 
 from sms_status import api_keys
-from sms_status.storage import access, keys
+from sms_status.services import services
+from sms_status.storage import keys
 from support import (
     API_KEY,
     AUTH,
@@ -98,7 +99,7 @@ def test_a_wrong_or_missing_key_gets_401_on_every_route(client, header):
 def fresh_ring(app, clock):
     """The app's key ring again, on a monotonic clock the test moves."""
     ring = api_keys.KeyRing(API_KEY, monotonic=lambda: clock["seconds"])
-    app.config["API_KEYS"] = ring
+    services(app).keys = ring
     return ring
 
 
@@ -124,7 +125,7 @@ def test_a_key_refused_once_works_as_soon_as_it_is_created_since_a_miss_is_never
     text = api_keys.new_key()
     assert call(client, "GET", "/messages", text).status_code == 401
     with app.app_context():
-        keys.create_key(access.get_db(), "late", api_keys.digest(text), "read", None,
+        keys.create_key(services(app).storage, "late", api_keys.digest(text), "read", None,
                         "2026-11-26T20:00:00.000Z")
     assert call(client, "GET", "/messages", text).status_code == 200, \
         "no wait for a key created after a refusal, on the same clock"
@@ -207,7 +208,7 @@ def test_of_two_processes_marking_a_key_used_in_one_minute_one_write_lands(app):
     """Each process knows only its own marks: the write itself keeps to one a minute."""
     create_key(app, "reader", "--scope", "read")
     with app.app_context():
-        storage = access.get_db()
+        storage = services(app).storage
         keys.mark_used(storage, "reader", "2026-11-26T20:00:00.000Z", "2026-11-26T19:59:00.000Z")
         keys.mark_used(storage, "reader", "2026-11-26T20:00:30.000Z", "2026-11-26T19:59:30.000Z")
         assert keys.key_by_name(storage, "reader")["last_used_at"] == "2026-11-26T20:00:00.000Z"

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import requests
 
+from sms_status.services import get_db
 from sms_status.storage import SQLiteEngine, access, sends, times, writer, writes
 from sms_status.web import health
 from support import (
@@ -102,7 +103,7 @@ def test_every_write_runs_in_the_writer_process_as_it_runs_in_place(make_app, tm
     through_writer = make_app(DATABASE_URL=f"sqlite:///{tmp_path / 'writer.db'}",
                               **webhooks_on)
     with in_place.app_context():
-        engine = access.get_db()
+        engine = get_db()
         expected = [("ok", writes.WRITES[name](engine, *args)) for name, args in calls]
         in_batch = writer.BatchStorage(engine, tx=None)
         assert (in_batch.ops, in_batch.features) == (engine.ops, engine.features)
@@ -121,7 +122,7 @@ def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(
     url = app_database_url(app)
     now = time.time()
     with app.app_context():
-        reservation = sends.reserve_send(access.get_db(), "+15558675309", now, 5, 0).reservation
+        reservation = sends.reserve_send(get_db(), "+15558675309", now, 5, 0).reservation
     answers = batch(
         app,
         ("record_status", (SID_A, "sent")),

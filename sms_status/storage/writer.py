@@ -89,6 +89,8 @@ RESERVED_DESCRIPTORS = 64
 ACCEPT_PAUSE_SECONDS = 0.1
 # accept()'s errors that say the process or the system is out of descriptors or memory.
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# Warnings about refused frames and connections: enough to see a fault, too few to flood.
+FRAME_WARNINGS_PER_MINUTE = 30
 
 
 class BadFrame(ValueError):
@@ -478,7 +480,7 @@ def connection_limit():
 def serve(engine, listener, functions, master):
     """Answers the workers until SIGUSR1 (from Supervisor.stop), or until gunicorn's master
     (the process `master`) is gone."""
-    from sms_status.web.logs import LogBudget
+    from sms_status.logs import LogBudget
 
     stopping = []
     signal.signal(signal.SIGUSR1, lambda *_: stopping.append(True))
@@ -489,7 +491,8 @@ def serve(engine, listener, functions, master):
                                     name="checkpoints", daemon=True)
     checkpointer.start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us
-    connections = Connections(listener, connection_limit(), LogBudget())
+    connections = Connections(listener, connection_limit(),
+                              LogBudget(FRAME_WARNINGS_PER_MINUTE))
     wal_limit = WalLimit(engine)
     statistics_due = time.monotonic() + STATISTICS_INTERVAL_SECONDS
     while not stopping and os.getppid() == master:
@@ -530,7 +533,7 @@ def main(argv):
     """`python -m sms_status.storage.writer <socket> <master pid>`, run by Supervisor in
     gunicorn's folder and environment, so that DATABASE_URL names the same database as the
     app's (the password never appears in a command line)."""
-    from sms_status.web.logs import OneLineFormatter
+    from sms_status.logs import OneLineFormatter
 
     socket_path, master = argv[0], int(argv[1])
     handler = logging.StreamHandler(sys.stdout)

@@ -10,7 +10,8 @@ from werkzeug.exceptions import HTTPException
 
 from sms_status.listing import BadQuery
 from sms_status.rules import printable
-from sms_status.storage import DATABASE_ERRORS, READ_TIME_LIMIT_ERRORS, OutcomeUnknown, access
+from sms_status.services import get_db
+from sms_status.storage import DATABASE_ERRORS, READ_TIME_LIMIT_ERRORS, OutcomeUnknown
 from sms_status.web import dashboard
 from sms_status.web.guards import MAX_REQUEST_BYTES
 from sms_status.web.logs import log, warn_rejection
@@ -51,7 +52,7 @@ def http_error_message(error):
 def log_database_error(error):
     """One line for a database error met by a request: its route and the database's words."""
     log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
-              access.describe_error(error))
+              get_db().describe_error(error))
 
 
 def database_unavailable(message):

@@ -16,7 +16,7 @@ from werkzeug.exceptions import BadRequest, ClientDisconnected, Unauthorized
 
 from sms_status import metrics, rules
 from sms_status.rules import printable
-from sms_status.storage import access
+from sms_status.services import get_db, services
 from sms_status.web.logs import log, warn_rejection
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -58,7 +58,7 @@ def caller_key():
     token = rules.bearer_token(request.headers.get("Authorization"))
     key = None
     if token:
-        key = current_app.config["API_KEYS"].key_for(access.get_db(), token,
+        key = services().keys.key_for(get_db(), token,
                                                      current_app.config["CLOCK"]())
     if key is None:
         raise Unauthorized("Missing, wrong or revoked API key: send the header "
@@ -117,7 +117,7 @@ def signed_by_twilio():
     signature = request.headers.get("X-Twilio-Signature", "")
     settings = request.headers.get(SIGNATURE_SETTINGS_HEADER, "")
     if not settings:
-        if current_app.extensions["validator"].validate(url, request.form, signature):
+        if services().validator.validate(url, request.form, signature):
             return True
         warn_rejection("Rejected status callback: invalid Twilio signature for %s",
                        printable(url))
@@ -126,7 +126,7 @@ def signed_by_twilio():
     # The header is the caller's: only shortened and escaped copies of it reach the log.
     key_id = printable(next((part.strip()[4:] for part in settings.split(",")
                              if part.strip().startswith("key=")), "?"), 60)
-    validator = current_app.extensions.get("shared_key_validator")
+    validator = services().shared_key_validator
     if validator is None:
         warn_rejection("Rejected status callback signed with shared key %s: set "
                        "TWILIO_WEBHOOK_SIGNING_KEY to that key's secret to accept it", key_id)
