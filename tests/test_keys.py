@@ -3,8 +3,14 @@ every scope, and what is stored and logged of a key (its digest only, never the 
 
 import hashlib
 import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import requests
 
 from sms_status import api_keys
 from sms_status.services import services
@@ -13,6 +19,7 @@ from support import (
     API_KEY,
     AUTH,
     NOW,
+    ROOT,
     app_database_url,
     sql_rows,
     sqlite_only,
@@ -240,3 +247,154 @@ def test_the_database_files_never_hold_a_key(app, client, tmp_path):
         data = path.read_bytes()
         assert key.encode() not in data and key[3:20].encode() not in data, path
         assert API_KEY.encode() not in data, path
+
+
+# --- who sent what ---------------------------------------------------------------------------
+
+def send_with(client, key, to="+15558675309", reference=None):
+    answer = client.post("/send-sms", json={"to": to, "body": "Hi", "reference": reference},
+                         headers=bearer(key))
+    assert answer.status_code == 200, answer.get_json()
+    return answer.get_json()["messageSid"]
+
+
+def test_each_message_says_which_key_sent_it_and_messages_are_found_by_it(app, client):
+    alerts = create_key(app, "alerts")
+    billing = create_key(app, "billing_2")
+    sent = {"alerts": [send_with(client, alerts), send_with(client, alerts)],
+            "billing_2": [send_with(client, billing)], "API_KEY": [send_with(client, API_KEY)]}
+    run(app, "keys", "revoke", "alerts")
+    for name, sids in sent.items():
+        found = client.get(f"/messages?sentBy={name}", headers=AUTH).get_json()["messages"]
+        assert [message["sid"] for message in found] == sids[::-1]
+        assert {message["sentBy"] for message in found} == {name}
+        for sid in sids:
+            assert client.get(f"/get-status/{sid}", headers=AUTH).get_json()["sentBy"] == name
+    both = client.get("/messages?sentBy=alerts&status=queued", headers=AUTH).get_json()
+    assert [message["sid"] for message in both["messages"]] == sent["alerts"][::-1]
+    assert client.get("/messages?sentBy=nobody", headers=AUTH).get_json()["messages"] == []
+
+
+@pytest.mark.parametrize("value", ["has space", "x" * 65, "", "API_KEY'--"])
+def test_a_malformed_sent_by_filter_is_refused_saying_what_a_name_is(client, value):
+    answer = client.get("/messages", query_string={"sentBy": value}, headers=AUTH)
+    assert answer.status_code == 400
+    assert "Parameter 'sentBy' must be the name of a key" in answer.get_json()["error"]
+
+
+@pytest.mark.fixed_clock
+def test_a_keys_own_limit_answers_429_until_its_first_send_is_an_hour_old(make_app, clock):
+    app = make_app(clock=lambda: clock["now"])
+    client = app.test_client()
+    key = create_key(app, "capped", "--max-sends-per-hour", "2")
+    send_with(client, key, to="+15558670001")
+    clock["now"] = NOW + 600
+    send_with(client, key, to="+15558670002")
+    clock["now"] = NOW + 900
+    refused = client.post("/send-sms", json={"to": "+15558670003", "body": "Hi"},
+                          headers=bearer(key))
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "2700"
+    assert refused.get_json()["success"] is False
+    assert "'capped' already has 2 messages" in refused.get_json()["error"]
+    send_with(client, API_KEY, to="+15558670003")
+    clock["now"] = NOW + 3601
+    send_with(client, key, to="+15558670003")
+
+
+def test_a_keys_own_limit_comes_on_top_of_the_services_limits(make_app):
+    app = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="2")
+    client = app.test_client()
+    key = create_key(app, "generous", "--max-sends-per-hour", "100")
+    send_with(client, key)
+    send_with(client, key)
+    refused = client.post("/send-sms", json={"to": "+15558675309", "body": "Hi"},
+                          headers=bearer(key))
+    assert refused.status_code == 429
+    assert "MAX_SENDS_PER_RECIPIENT_PER_HOUR=2" in refused.get_json()["error"]
+
+
+# --- under gunicorn: two workers, and two instances on one PostgreSQL -----------------------
+
+def flask_command(cwd, env, *args):
+    """`flask --app app ...` run as an operator runs it, beside the service, with its env."""
+    flask = str(Path(sys.executable).parent / "flask")
+    return subprocess.run([flask, "--app", str(ROOT / "app.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def created_key(cwd, env, *args):
+    result = flask_command(cwd, env, "keys", "create", *args)
+    assert result.returncode == 0, result.stderr
+    return next(line for line in result.stdout.splitlines() if KEY_TEXT.fullmatch(line))
+
+
+def answers_from_every_worker(urls, method, path, key, requests_each=24, json=None):
+    """The status codes of `requests_each` requests to each service, from 8 threads at once,
+    each on a new connection, so that every worker of every service takes some."""
+    def one(url):
+        answer = requests.request(method, url + path, json=json, timeout=30,
+                                  headers=bearer(key))
+        return answer
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, [url for url in urls for _ in range(requests_each)]))
+
+
+@pytest.fixture
+def services_on_one_database(service_env, start_service, database_url):
+    """start(**settings): the service under gunicorn with 2 workers; on PostgreSQL, a
+    second instance of it on the same database (SQLite's file is one machine's)."""
+
+    def start(**settings):
+        env = service_env(API_KEY=API_KEY, GUNICORN_THREADS=8, **settings)
+        started = [start_service(env)]
+        if database_url.startswith("postgres"):
+            started.append(start_service(service_env(API_KEY=API_KEY, GUNICORN_THREADS=8,
+                                                     **settings)))
+        return env, started
+
+    return start
+
+
+def test_a_revocation_is_seen_by_every_worker_and_instance_within_a_second(
+        services_on_one_database, tmp_path):
+    env, started = services_on_one_database()
+    urls = [service.url for service in started]
+    key = created_key(tmp_path, env, "rotating", "--scope", "read")
+    before = answers_from_every_worker(urls, "GET", "/messages", key)
+    assert [answer.status_code for answer in before] == [200] * len(before)
+    revoked = flask_command(tmp_path, env, "keys", "revoke", "rotating")
+    assert revoked.returncode == 0, revoked.stderr
+    time.sleep(1.0)  # the contract's bound, no restart
+    after = answers_from_every_worker(urls, "GET", "/messages", key)
+    assert [answer.status_code for answer in after] == [401] * len(after)
+    assert all(answer.json()["error"].startswith("Missing, wrong or revoked") for answer in after)
+    for service in started:
+        assert key[3:20] not in service.logs() and API_KEY not in service.logs()
+
+
+def test_a_keys_hourly_limit_holds_across_workers_and_instances(
+        services_on_one_database, tmp_path):
+    # Without the service-wide limit, whose lock would serialise every send anyway.
+    env, started = services_on_one_database(MAX_SENDS_PER_HOUR=0)
+    urls = [service.url for service in started]
+    key = created_key(tmp_path, env, "batch", "--scope", "send", "--max-sends-per-hour", "3")
+    numbers = iter(range(100))
+
+    def send(url):
+        return requests.post(url + "/send-sms", headers=bearer(key), timeout=30,
+                             json={"to": f"+1555867{next(numbers):04d}", "body": "Hi"})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, [url for url in urls for _ in range(8)]))
+    codes = sorted(answer.status_code for answer in answers)
+    assert codes == [200] * 3 + [429] * (len(answers) - 3)
+    for answer in answers:
+        if answer.status_code == 429:
+            assert 3500 <= int(answer.headers["Retry-After"]) <= 3602  # read before the lock
+            assert "'batch' already has 3 messages" in answer.json()["error"]
+    other = requests.post(urls[0] + "/send-sms", headers=AUTH, timeout=30,
+                          json={"to": "+15558670999", "body": "Hi"})
+    assert other.status_code == 200, "another key's sends are not counted"
+    assert sql_rows(env["DATABASE_URL"], "SELECT sent_by, count(*) FROM messages"
+                    " GROUP BY sent_by ORDER BY sent_by") == [("API_KEY", 1), ("batch", 3)]
