@@ -1,10 +1,11 @@
-"""What requests pass before their route runs: the API key, a status callback's guards (its
-field count, Twilio's signature, NUL characters; callbacks.py runs them in that order), and
-checks of the body that protect the rest (its size, its arrival, NUL characters).
+"""What requests pass before their route runs: the key and its scope (`@requires`, one line
+on each route), a status callback's guards (its field count, Twilio's signature, NUL
+characters; callbacks.py runs them in that order), and checks of the body that protect the
+rest (its size, its arrival, NUL characters).
 
 Each is a plain function that does nothing or refuses: it raises an HTTP error with a message
-for the caller, which errors.py answers. Which run, and in what order, is web/__init__.py's
-and callbacks.py's.
+for the caller, which errors.py answers (a key without the scope is answered here, for its
+`requiredScope`). Which run, and in what order, is web/__init__.py's and callbacks.py's.
 """
 
 from functools import wraps
@@ -58,8 +59,7 @@ def caller_key():
     token = rules.bearer_token(request.headers.get("Authorization"))
     key = None
     if token:
-        key = services().keys.key_for(get_db(), token,
-                                                     current_app.config["CLOCK"]())
+        key = services().keys.key_for(get_db(), token, current_app.config["CLOCK"]())
     if key is None:
         raise Unauthorized("Missing, wrong or revoked API key: send the header "
                            "'Authorization: Bearer <key>' with API_KEY or a key from "
