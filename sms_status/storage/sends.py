@@ -105,24 +105,25 @@ def reserve_send(storage, to, now, recipient_limit, total_limit, sender=None,
                 (hour_ago, hour_ago),
             ).fetchone()
             if counted["sent"] + counted["reserved"] >= total_limit:
-                firsts = [counted["first_reserved"]] if counted["reserved"] else []
-                if counted["sent"]:
-                    firsts.append(timestamp_of(counted["first_sent"]) + 3600)
-                return SendPlace(None, "total", min(firsts) - now)
+                return SendPlace(None, "total", first_to_stop_counting(counted) - now)
         if sender_limit is not None:
             tx.lock(f"sender {sender}")
             tx.execute("DELETE FROM send_reservations WHERE sent_by = ? AND counts_until < ?",
                        (sender, now))
-            # A sent message's created_at is its sent_at (record_sent_message): the index of
+            # Counted, not listed: a key may send thousands an hour. A sent message's
+            # created_at is its sent_at (record_sent_message), so the index of
             # GET /messages?sentBy= counts them.
-            rows = tx.execute(
-                "SELECT created_at AS sent_at, NULL AS counts_until FROM messages"
-                " WHERE sent_by = ? AND created_at > ?"
-                " UNION ALL SELECT NULL, counts_until FROM send_reservations WHERE sent_by = ?",
-                (sender, hour_ago, sender),
-            ).fetchall()
-            if len(rows) >= sender_limit:
-                return SendPlace(None, "sender", min(stop_counting(rows)) - now)
+            counted = tx.execute(
+                "SELECT (SELECT count(*) FROM messages WHERE sent_by = ? AND created_at > ?)"
+                " AS sent, (SELECT min(created_at) FROM messages WHERE sent_by = ?"
+                " AND created_at > ?) AS first_sent,"
+                " (SELECT count(*) FROM send_reservations WHERE sent_by = ?) AS reserved,"
+                " (SELECT min(counts_until) FROM send_reservations WHERE sent_by = ?)"
+                " AS first_reserved",
+                (sender, hour_ago, sender, hour_ago, sender, sender),
+            ).fetchone()
+            if counted["sent"] + counted["reserved"] >= sender_limit:
+                return SendPlace(None, "sender", first_to_stop_counting(counted) - now)
         if recipient_limit:
             tx.lock(f"recipient {to}")
             tx.execute("DELETE FROM send_reservations WHERE to_number = ? AND counts_until < ?",
@@ -133,8 +134,10 @@ def reserve_send(storage, to, now, recipient_limit, total_limit, sender=None,
                 " UNION ALL SELECT NULL, counts_until FROM send_reservations WHERE to_number = ?",
                 (to, hour_ago, to),
             ).fetchall()
-            if len(rows) >= recipient_limit:
-                return SendPlace(None, "recipient", min(stop_counting(rows)) - now)
+            stop_counting = [timestamp_of(row["sent_at"]) + 3600 if row["sent_at"]
+                             else row["counts_until"] for row in rows]
+            if len(stop_counting) >= recipient_limit:
+                return SendPlace(None, "recipient", min(stop_counting) - now)
         return SendPlace(tx.execute(
             "INSERT INTO send_reservations (to_number, reserved_at, counts_until, sent_by)"
             " VALUES (?, ?, ?, ?) RETURNING id",
@@ -142,11 +145,13 @@ def reserve_send(storage, to, now, recipient_limit, total_limit, sender=None,
         ).fetchone()["id"], None, None)
 
 
-def stop_counting(rows):
-    """When each counted send stops counting: an hour after a message's sent_at, or a
-    reservation's counts_until."""
-    return [timestamp_of(row["sent_at"]) + 3600 if row["sent_at"] else row["counts_until"]
-            for row in rows]
+def first_to_stop_counting(counted):
+    """When the first of the sends `counted` (messages sent, reservations) stops counting:
+    an hour after the first message's sending, or the first reservation's counts_until."""
+    firsts = [counted["first_reserved"]] if counted["reserved"] else []
+    if counted["sent"]:
+        firsts.append(timestamp_of(counted["first_sent"]) + 3600)
+    return min(firsts)
 
 
 @in_writer_process
