@@ -23,7 +23,7 @@ class NothingStored:
     def writer(self):
         return self
 
-    def call(self, name, args, kwargs, timeout=None):
+    def call(self, name, args, kwargs, timeout=None, returns=None):
         """Every write "succeeds" at once, and every callback reads as new."""
         return True
 
