@@ -15,7 +15,7 @@ import json
 import math
 from datetime import datetime, timedelta, timezone
 
-from sms_status import rules, twilio_errors
+from sms_status import api_keys, rules, twilio_errors
 from sms_status.storage import inbound, opt_outs, reads
 from sms_status.storage.times import STORED_TIME, stored_time_rounded_up
 
@@ -118,6 +118,13 @@ def parse_reference(text):
     return text
 
 
+def parse_sent_by(text):
+    if not api_keys.NAME_PATTERN.fullmatch(text):
+        raise BadQuery("sentBy", "Parameter 'sentBy' must be the name of a key, "
+                                 f"{api_keys.NAME_RULE}, like API_KEY")
+    return text
+
+
 def page_key(row):
     """A message's place in the listing order: its creation time, then its storage order."""
     return row["created_at"], row["storage_order"]
@@ -153,8 +160,8 @@ def refuse_empty_window(since, until):
 
 # --- GET /messages ------------------------------------------------------------------------
 
-MESSAGES_PARAMETERS = ("to", "status", "errorCode", "reference", "since", "until", "limit",
-                       "cursor")
+MESSAGES_PARAMETERS = ("to", "status", "errorCode", "reference", "sentBy", "since", "until",
+                       "limit", "cursor")
 
 
 def list_messages(storage, args):
@@ -172,6 +179,7 @@ def list_messages(storage, args):
         "error_code": (parse_error_code(values["errorCode"]) if "errorCode" in values
                        else None),
         "reference": parse_reference(values["reference"]) if "reference" in values else None,
+        "sent_by": parse_sent_by(values["sentBy"]) if "sentBy" in values else None,
         "since": since, "until": until,
         "before": decode_cursor(values["cursor"]) if "cursor" in values else None,
     }
@@ -199,6 +207,7 @@ def message_item(row):
         "errorCode": row["error_code"],
         "errorDescription": twilio_errors.description(row["error_code"]),
         "reference": row["reference"],
+        "sentBy": row["sent_by"],
         "createdAt": row["created_at"],
         "updatedAt": row["updated_at"],
     }

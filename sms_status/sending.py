@@ -65,13 +65,15 @@ def send_error(status, error, details=None, code=None, retry_after=None, replaya
 @dataclasses.dataclass(frozen=True)
 class SendContext:
     """What a send uses: the configuration, the storage engine, the Twilio client, the
-    clock, and the status webhooks' delivery loop (None while they are off)."""
+    clock, the status webhooks' delivery loop (None while they are off), and the key of
+    the caller (an api_keys.Key; None when the service runs without API_KEY)."""
 
     config: Any
     storage: Any
     twilio: Any
     clock: Callable[[], float]
     webhooks: Any = None
+    sender: Any = None
 
 
 class Ready(NamedTuple):
@@ -209,13 +211,17 @@ def check_send(context, payload):
         return opted_out_refusal(to, opted_out["source"], opted_out["opted_out_at"])
     reservation = None
     limit, total = config.max_sends_per_recipient_per_hour, config.max_sends_per_hour
-    if limit or total:
-        place = sends.reserve_send(context.storage, to, context.clock(), limit, total)
+    sender = context.sender
+    own_limit = sender.max_sends_per_hour if sender is not None else None
+    if limit or total or own_limit is not None:
+        place = sends.reserve_send(context.storage, to, context.clock(), limit, total,
+                                   sender=sender and sender.name, sender_limit=own_limit)
         if place.reservation is None:
             metrics.count_send("limited")
             reached = place.limit_reached
-            return limit_reached(to, reached, limit if reached == "recipient" else total,
-                                 place.wait_seconds)
+            return limit_reached(to, reached, {"recipient": limit, "total": total,
+                                               "sender": own_limit}[reached],
+                                 place.wait_seconds, sender)
         reservation = place.reservation
     return Ready(to, payload["body"], payload.get("reference"), reservation)
 
@@ -243,10 +249,15 @@ def opted_out_refusal(to, source, opted_out_at):
     return dataclasses.replace(outcome, body={**outcome.body, "optedOutAt": opted_out_at})
 
 
-def limit_reached(to, reached, limit, wait):
+def limit_reached(to, reached, limit, wait, sender=None):
     """The 429 of an hourly limit, with the seconds until a place is free again."""
     retry_after = max(1, math.ceil(wait))
-    if reached == "recipient":
+    if reached == "sender":
+        log.warning("Refused send to %s: key %s reached its limit of %d sends per hour",
+                    rules.mask_phone(to), sender.name, limit)
+        message = (f"The key {sender.name!r} already has {limit} messages sent or being sent "
+                   f"in the last hour, its own limit (keys create --max-sends-per-hour)")
+    elif reached == "recipient":
         log.warning("Refused send to %s: MAX_SENDS_PER_RECIPIENT_PER_HOUR=%d reached",
                     rules.mask_phone(to), limit)
         message = (f"This recipient already has {limit} messages sent or being sent in the "
@@ -323,7 +334,7 @@ def send_and_record(context, ready):
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
             body=ready.body if config.store_message_body else None,
             status=message.status, created_at=now, now=now, reservation=reservation,
-            reference=ready.reference,
+            reference=ready.reference, sent_by=context.sender and context.sender.name,
         )
         if context.webhooks is not None:
             context.webhooks.nudge()

@@ -385,7 +385,7 @@ def test_copy_database_copies_the_history_once(app, old_history):
     first = run(app, "copy-database", "--from", url)
     assert first.exit_code == 0, first.output
     assert ("Copied 4 messages, 10 status events, 14 webhook events, 2 inbound messages, "
-            "2 opt-outs with 2 changes of their history and 1 idempotency key from"
+            "2 opt-outs with 2 changes of their history, 1 idempotency key and 0 API keys from"
             ) in first.output
     client = app.test_client()
     for sid, history in histories.items():
@@ -409,7 +409,7 @@ def test_copy_database_copies_the_history_once(app, old_history):
     again = run(app, "copy-database", "--from", url)
     assert again.exit_code == 0, again.output
     assert ("Copied 0 messages, 0 status events, 0 webhook events, 0 inbound messages, "
-            "0 opt-outs with 0 changes of their history and 0 idempotency keys"
+            "0 opt-outs with 0 changes of their history, 0 idempotency keys and 0 API keys"
             in again.output)
     assert count_rows(app, "status_events") == 10
 

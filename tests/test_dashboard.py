@@ -152,16 +152,16 @@ def test_the_login_form_posts_api_key_and_the_pages_send_a_strict_policy(client)
 def test_a_wrong_key_is_told_on_the_form_and_logged_without_the_key(client, caplog):
     response = log_in(client, "wrong-key-but-long-enough")
     assert response.status_code == 401 and response.mimetype == "text/html"
-    assert "not this service's API key" in problem(response.text)
+    assert "not an active key of this service" in problem(response.text)
     assert session_cookie(client) is None
     assert client.get("/dashboard").status_code == 303
-    assert "Refused dashboard login: wrong API key" in caplog.text
+    assert "Refused dashboard login: wrong or revoked API key" in caplog.text
     assert "wrong-key-but-long-enough" not in caplog.text
 
 
 def test_an_empty_key_is_asked_for(client):
     response = client.post("/dashboard/login", data={})
-    assert response.status_code == 400 and "Enter the service's API key" in problem(
+    assert response.status_code == 400 and "Enter an API key with the read scope" in problem(
         response.text)
 
 
@@ -824,3 +824,103 @@ def test_a_messages_page_shows_that_its_recipient_opted_out(signed_in, store):
     badge = re.search(r'<a class="badge status-failed" id="recipient-opted-out"[^>]*>([^<]+)</a>',
                       page)
     assert badge and badge.group(1).startswith("opted out ") and "(keyword)" in badge.group(1)
+# --- named keys ---------------------------------------------------------------------------
+
+def new_key(app, name, *options):
+    """A key made with the real command; its text."""
+    result = app.test_cli_runner().invoke(args=["keys", "create", name, *options])
+    assert result.exit_code == 0, result.output
+    return next(line for line in result.output.splitlines() if line.startswith("sk_"))
+
+
+def test_any_key_with_read_logs_in_and_the_header_names_it(app, client):
+    key = new_key(app, "support-desk", "--scope", "read")
+    response = log_in(client, key)
+    assert response.status_code == 303
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert re.search(r'id="key-name"[^>]*>support-desk<', page)
+    payload = session_cookie(client).split(".")[0]
+    decoded = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode()
+    assert json.loads(decoded)["key"] == "support-desk" and key not in decoded
+    assert re.search(r'id="key-name"[^>]*>API_KEY<', (log_in(client) and client.get(
+        "/dashboard")).get_data(as_text=True))
+
+
+def test_a_key_without_read_is_refused_on_the_login_form(app, client, caplog):
+    key = new_key(app, "sender-only", "--scope", "send")
+    response = log_in(client, key)
+    assert response.status_code == 403 and "may not read" in problem(response.text)
+    assert session_cookie(client) is None
+    assert "key sender-only has no 'read' scope" in caplog.text and key not in caplog.text
+
+
+def test_a_revoke_ends_the_keys_sessions(app, client):
+    ticks = {"seconds": 0.0}
+    services(app).keys = type(services(app).keys)(API_KEY, monotonic=lambda: ticks["seconds"])
+    key = new_key(app, "temp", "--scope", "read")
+    assert log_in(client, key).status_code == 303
+    assert client.get("/dashboard/messages").status_code == 200
+    assert app.test_cli_runner().invoke(args=["keys", "revoke", "temp"]).exit_code == 0
+    ticks["seconds"] += 1.0
+    response = client.get("/dashboard/messages")
+    assert response.status_code == 303 and response.headers["Location"].startswith(
+        "/dashboard/login")
+    assert log_in(client, key).status_code == 401
+
+
+def test_a_session_of_a_named_key_still_ends_when_api_key_changes(make_app):
+    before = make_app()
+    client = before.test_client()
+    log_in(client, new_key(before, "reader", "--scope", "read"))
+    cookie = session_cookie(client)
+    after = make_app(API_KEY=OTHER_KEY).test_client()
+    after.set_cookie(dashboard.SESSION_COOKIE, cookie, path="/dashboard")
+    assert after.get("/dashboard").status_code == 303
+
+
+def test_the_search_finds_messages_by_the_key_that_sent_them(app, signed_in):
+    key = new_key(app, "alerts")
+    sent = signed_in.post("/send-sms", json={"to": "+15558675309", "body": "Hi"},
+                          headers={"Authorization": f"Bearer {key}"}).get_json()["messageSid"]
+    signed_in.post("/send-sms", json={"to": "+15558675309", "body": "Hi"}, headers=AUTH)
+    page = signed_in.get("/dashboard/messages?sentBy=alerts").get_data(as_text=True)
+    assert ("sentBy", "alerts") in attributes(page, "input", "name", "value")
+    assert attributes(page, "tr", "data-sid") == [(sent,)]
+    message = signed_in.get(f"/dashboard/messages/{sent}").get_data(as_text=True)
+    assert re.search(r'id="sent-by"><a href="/dashboard/messages\?sentBy=alerts">alerts<', message)
+    refused = signed_in.get("/dashboard/messages?sentBy=no+spaces")
+    assert refused.status_code == 400 and "sentBy" in problem(refused.text)
+
+
+def test_the_retry_of_a_status_webhook_is_offered_to_admin_keys_only(make_app):
+    with WebhookReceiver() as receiver:
+        app = make_app(clock=time.time, STATUS_WEBHOOK_URL=receiver.url,
+                       STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET, STATUS_WEBHOOK_RETRY_SCHEDULE="0")
+        sid = "SM" + "7b" * 16
+        client = app.test_client()
+        params = callback(sid, "delivered")
+        client.post("/message-status", data=params,
+                    headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+        receiver.answers = [500, 500]  # both attempts: the event fails
+        event = client.get(f"/webhook-events?sid={sid}", headers=AUTH).get_json()["events"][0]
+        with app.app_context():
+            while services(app).webhooks.deliver_now(event["id"]):
+                pass
+        retry = f"/dashboard/webhook-events/{event['id']}/retry"
+
+        reader = app.test_client()
+        log_in(reader, new_key(app, "reader", "--scope", "read"))
+        page = reader.get(f"/dashboard/messages/{sid}").get_data(as_text=True)
+        assert "HTTP 500" in page and retry not in page and "Retry now" not in page
+        refused = reader.post(retry)
+        assert refused.status_code == 403 and "admin scope" in problem(refused.text)
+
+        admin = app.test_client()
+        log_in(admin, new_key(app, "operator", "--scope", "read", "--scope", "admin"))
+        page = admin.get(f"/dashboard/messages/{sid}").get_data(as_text=True)
+        assert ("post", retry) in attributes(page, "form", "method", "action")
+        answer = admin.post(retry)
+        assert answer.status_code == 303
+        assert answer.headers["Location"] == f"/dashboard/messages/{sid}#status-webhooks"
+        queued = client.get(f"/webhook-events?sid={sid}", headers=AUTH).get_json()["events"]
+        assert queued[0]["state"] == "pending", "queued again, for the delivery loop"

@@ -55,7 +55,7 @@ def test_messages_are_newest_first_with_the_documented_shape(client, store):
         "sid": older, "to": "+15558675309", "from": "+15551234567",
         "latestStatus": "undelivered", "errorCode": 30003,
         "errorDescription": item["errorDescription"],
-        "reference": None, "createdAt": at(120), "updatedAt": at(117),
+        "reference": None, "sentBy": None, "createdAt": at(120), "updatedAt": at(117),
     }
     assert item["errorDescription"].startswith("Unreachable handset")
     assert answer["messages"][0]["errorDescription"] is None

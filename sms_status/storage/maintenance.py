@@ -317,6 +317,7 @@ NOT_COPIED = {
     "inbound_messages": ("seq",),
     "opt_outs": ("seq",),
     "opt_out_changes": ("id",),
+    "api_keys": (),
 }
 # The tables copied after the messages, each in its order of storage (a batch at a time),
 # with what makes a row already there (a unique key) skipped: replies, the opt-out list and
@@ -374,11 +375,11 @@ def _copy_in_order(source, target, table, columns, order, only=""):
 
 def copy_history(source, target, keys_created_after, progress=no_progress):
     """Copies messages with their status events and webhook events, the replies and the
-    opt-out list with its history (and their events), and the idempotency
-    keys created after `keys_created_after`, from `source` into `target`, every column the
-    target has (copied_columns). What `target` has already is left as it is, so copying
-    twice copies nothing twice. Calls `progress(label, done, total)` after each batch of
-    messages. Returns the counts copied.
+    opt-out list with its history (and their events), the idempotency keys created after
+    `keys_created_after` and the API keys (their digests), from `source` into `target`, every
+    column the target has (copied_columns). What `target` has already is left as it is, so
+    copying twice copies nothing twice. Calls `progress(label, done, total)` after each batch
+    of messages. Returns the counts copied.
 
     Messages are copied in the order `source` stored them, so `target` lists those created
     in the same millisecond in the same order."""
@@ -387,8 +388,8 @@ def copy_history(source, target, keys_created_after, progress=no_progress):
     def listed(table, alias=""):
         return ", ".join(alias + c for c in columns[table])
 
-    copied = {"messages": 0, "events": 0, "webhookEvents": 0, "keys": 0, "inbound": 0,
-              "optOuts": 0, "optOutChanges": 0}
+    copied = {"messages": 0, "events": 0, "webhookEvents": 0, "keys": 0, "apiKeys": 0,
+              "inbound": 0, "optOuts": 0, "optOutChanges": 0}
     total = source.query("SELECT count(*) AS n FROM messages")[0]["n"]
     done = last = 0
     while True:
@@ -424,6 +425,9 @@ def copy_history(source, target, keys_created_after, progress=no_progress):
             source, target, table, columns[table], order, only)
     keys = source.query(f"SELECT {listed('idempotency_keys')} FROM idempotency_keys"
                         " WHERE created_at >= ?", (keys_created_after,))
+    api_keys = source.query(f"SELECT {listed('api_keys')} FROM api_keys ORDER BY name")
     with target.transaction() as tx:
         copied["keys"] = _insert_new(tx, "idempotency_keys", columns["idempotency_keys"], keys)
+        # Revoked keys too: their names stay taken, as the messages they sent name them.
+        copied["apiKeys"] = _insert_new(tx, "api_keys", columns["api_keys"], api_keys)
     return copied

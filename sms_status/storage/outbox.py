@@ -18,8 +18,8 @@ from sms_status.storage.times import stored_time
 from sms_status.storage.writes import in_writer_process
 from sms_status.webhooks.events import event_body, event_type, new_event_id, number_event_body
 
-MESSAGE_OF_EVENT = ("SELECT sid, to_number, from_number, reference, latest_status, error_code,"
-                    " created_at, updated_at FROM messages WHERE sid = ?")
+MESSAGE_OF_EVENT = ("SELECT sid, to_number, from_number, reference, sent_by, latest_status,"
+                    " error_code, created_at, updated_at FROM messages WHERE sid = ?")
 
 
 def record_event(tx, sid, previous_status, changed_at):

@@ -113,11 +113,12 @@ def _store_status(storage, tx, sid, status, error_code, to, from_, account_sid, 
 
 @in_writer_process
 def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
-                        now=None, reservation=None, reference=None):
+                        now=None, reservation=None, reference=None, sent_by=None):
     """Stores a message Twilio accepted; its create-time status is the first history entry.
 
-    Callbacks may already have stored later statuses, which this never moves back. The
-    send's reservation under the per-recipient limit is replaced by the stored message.
+    Callbacks may already have stored later statuses, which this never moves back.
+    `sent_by`: the name of the key that sent it (None without API_KEY). The send's
+    reservation under the per-recipient limit is replaced by the stored message.
     With status webhooks on, a move of the latest status adds its event to the outbox.
     """
     now = now or stored_time()
@@ -137,11 +138,11 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             "UPDATE messages SET account_sid = ?, to_number = ?,"
             " from_number = CASE WHEN ? LIKE 'MG%' AND from_number IS NOT NULL"
             " THEN from_number ELSE ? END, body = ?, initial_status = ?, sent_at = ?,"
-            " reference = ?,"
+            " reference = ?, sent_by = ?,"
             " seconds_to_delivered = CASE WHEN created_at > ? THEN seconds_to_delivered"
             f" + {storage.ops.seconds_between('?', 'created_at')} ELSE seconds_to_delivered END,"
             " created_at = CASE WHEN created_at > ? THEN ? ELSE created_at END WHERE sid = ?",
-            (account_sid, to, from_, from_, body, status, now, reference, created_at,
+            (account_sid, to, from_, from_, body, status, now, reference, sent_by, created_at,
              created_at, created_at, created_at, sid),
         )
         if storage.records_events and applied is not None and applied[0] == status:

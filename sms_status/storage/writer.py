@@ -642,6 +642,7 @@ def main(argv):
     from sms_status.storage import (  # noqa: F401 (their writes)
         access,
         inbound,
+        keys,
         maintenance,
         opt_outs,
         outbox,

@@ -1,5 +1,6 @@
-"""The opt-out list and the replies received, behind the API key: GET /opt-outs,
-GET/PUT/DELETE /opt-outs/<number> and GET /inbound-messages."""
+"""The opt-out list and the replies received: GET /opt-outs, GET/PUT/DELETE
+/opt-outs/<number> and GET /inbound-messages, behind a key (`read`; `admin` to change the
+list)."""
 
 from flask import Blueprint, current_app, request
 
@@ -8,7 +9,7 @@ from sms_status.logs import log
 from sms_status.services import get_db
 from sms_status.storage import opt_outs
 from sms_status.web.errors import json_error
-from sms_status.web.guards import require_api_key
+from sms_status.web.guards import requires
 
 blueprint = Blueprint("opt_outs", __name__)
 
@@ -20,19 +21,19 @@ ENDED_ONLY_BY_START = {
 
 
 @blueprint.get("/inbound-messages")
-@require_api_key
+@requires("read")
 def inbound_messages():
     return replies.list_inbound(get_db(), request.args)
 
 
 @blueprint.get("/opt-outs")
-@require_api_key
+@requires("read")
 def list_opt_outs():
     return replies.list_opt_outs(get_db(), request.args)
 
 
 @blueprint.get("/opt-outs/<number>")
-@require_api_key
+@requires("read")
 def opt_out(number):
     state = replies.opt_out_state(get_db(), replies.path_number(number))
     if state is None:
@@ -42,7 +43,7 @@ def opt_out(number):
 
 
 @blueprint.put("/opt-outs/<number>")
-@require_api_key
+@requires("admin")
 def add_opt_out(number):
     """Records an opt-out made elsewhere (source `api`): 201, or 200 when the number was
     opted out already, which changes nothing."""
@@ -56,7 +57,7 @@ def add_opt_out(number):
 
 
 @blueprint.delete("/opt-outs/<number>")
-@require_api_key
+@requires("admin")
 def end_opt_out(number):
     """Ends an opt-out recorded through the API; the person's own (STOP, or Twilio's 21610)
     only their START ends: 409."""

@@ -36,6 +36,7 @@ def event_body(message, previous_status, changed_at):
             "to": message["to_number"],
             "from": message["from_number"],
             "reference": message["reference"],
+            "sentBy": message["sent_by"],
             "createdAt": message["created_at"],
             "updatedAt": message["updated_at"],
         },
