@@ -370,6 +370,12 @@ def test_a_revocation_is_seen_by_every_worker_and_instance_within_a_second(
     key = created_key(tmp_path, env, "rotating", "--scope", "read")
     before = answers_from_every_worker(urls, "GET", "/messages", key)
     assert [answer.status_code for answer in before] == [200] * len(before)
+    for method, path, needed in (("POST", "/send-sms", "send"),
+                                 ("POST", "/webhook-events/evt_0123/retry", "admin")):
+        refused = answers_from_every_worker(urls, method, path, key, requests_each=4,
+                                            json={"to": "+15558675309", "body": "Hi"})
+        assert {(answer.status_code, answer.json()["requiredScope"])
+                for answer in refused} == {(403, needed)}
     revoked = flask_command(tmp_path, env, "keys", "revoke", "rotating")
     assert revoked.returncode == 0, revoked.stderr
     time.sleep(1.0)  # the contract's bound, no restart

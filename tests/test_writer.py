@@ -88,6 +88,10 @@ def every_write(now):
         ("release_idempotency_key", ("scope", "key")),
         ("reserve_send", ("+15558675309", now, 5, 10)),
         ("release_send", (1,)),
+        ("create_key", ("reader", "0" * 64, "read send", 5, at)),
+        ("reserve_send", ("+15558670000", now, 5, 10, "reader", 5)),
+        ("mark_used", ("reader", at, times.stored_time(now - 60))),
+        ("revoke_key", ("reader", at)),
         ("mark_checked", (SID_B, at)),
         ("mark_unknown_at_twilio", (SID_B,)),
         ("check_writable", ()),
@@ -127,7 +131,7 @@ def test_every_write_runs_in_the_writer_process_as_it_runs_in_place(make_app, tm
     assert count_rows_at(app_database_url(in_place), "webhook_events") == 7
     for table in ("messages", "status_events", "idempotency_keys", "send_reservations",
                   "health_checks", "webhook_events", "inbound_messages", "opt_outs",
-                  "opt_out_changes"):
+                  "opt_out_changes", "api_keys"):
         assert count_rows_at(app_database_url(through_writer), table) == count_rows_at(
             app_database_url(in_place), table), table
 
