@@ -74,6 +74,10 @@ def parse_args():
     parser.add_argument("--short", action="store_true",
                         help="only the service, the compared checkout and the reference, "
                              "stored and 403 (no floor, baseline, PostgreSQL or raw SQLite)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="count the service's stored callbacks every second of its runs "
+                             "and print the rate of each 10 s, and the last 10 s over the "
+                             "first (with --duration 60: the sustained run)")
     parser.add_argument("--load", choices=tuple(LOAD_STEPS), default="lifecycle",
                         help="lifecycle: queued, sent, then delivered or undelivered for each "
                              "SID; new: one callback for each SID, none known before")
@@ -332,12 +336,17 @@ def measure(args, workdir, processes, postgres):
         combined["cores"] = combined["cpu_seconds"] / (combined["duration_us"] / 1e6)
         return combined
 
+    timelines = []
     for r, pool in enumerate(pools):
         loads.append(os.getloadavg()[0])
         print(f"\nround {r + 1} of {args.rounds} (load average {loads[-1]:.2f})")
+        timeline = Timeline(service_db) if args.timeline else None
         result = wrk(service, base_url, pool)
         results["service"].append(result)
         print("  " + describe("service", result))
+        if timeline:
+            timelines.append(timeline.stop())
+            print(f"  {'':<14} " + timeline.describe())
         acked_total += result["acked"]
         sent_upper_bound += result["issued"] - result["exhausted"]
         failures += check_run("service", result)
@@ -412,6 +421,49 @@ def measure(args, workdir, processes, postgres):
     report(args, results, raw, synchronous, other_sync, count_rows(service_db), acked_total,
            loads)
     return failures
+
+
+class Timeline:
+    """Counts the stored callbacks every second while it runs: the rate of each 10 s."""
+
+    def __init__(self, database, every=1.0):
+        self.database, self.every = database, every
+        self.counts = [(time.monotonic(), count_rows(database))]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while not self.stopping.wait(self.every):
+            self.counts.append((time.monotonic(), count_rows(self.database)))
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+        return self
+
+    def windows(self, seconds=10):
+        """Stored per second in each whole window of `seconds`, from the last count before
+        the first callback was stored (wrk reads its pool before it sends anything)."""
+        first = next((i for i, (_, n) in enumerate(self.counts) if n > self.counts[0][1]), 1)
+        start = self.counts[first - 1][0]
+        rates, edge = [], 0
+        while True:
+            inside = [(t, n) for t, n in self.counts if edge <= t - start <= edge + seconds]
+            if not inside or inside[-1][0] - start < edge + seconds - self.every:
+                return rates
+            (t0, n0), (t1, n1) = inside[0], inside[-1]
+            rates.append((n1 - n0) / (t1 - t0))
+            edge += seconds
+
+    def describe(self):
+        rates = self.windows()
+        if len(rates) < 2:
+            return "timeline: too short for two windows of 10 s"
+        seconds = [round((n1 - n0) / (t1 - t0)) for (t0, n0), (t1, n1)
+                   in zip(self.counts, self.counts[1:])]
+        return (f"stored per s in each 10 s: {' '.join(f'{x:.0f}' for x in rates)}; last / "
+                f"first = {rates[-1] / rates[0]:.3f}\n{'':<17}each second: {seconds}")
 
 
 class WalPeaks:
