@@ -202,7 +202,7 @@ def measure(args, workdir, processes, postgres):
                       TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
                       TWILIO_PHONE_NUMBER=SENDER, API_KEY=secrets.token_urlsafe(24),
                       BASE_URL=base_url)
-    synchronous = env.get("SQLITE_SYNCHRONOUS", "NORMAL").upper()
+    synchronous = (env.get("SQLITE_SYNCHRONOUS") or "NORMAL").upper()
     gunicorn = gunicorn_settings(args.repo, env)
     print(machine_summary())
     print(f"service: {' '.join(procfile_command(args.repo)[1:])} in {args.repo}: "
@@ -461,7 +461,7 @@ class Timeline:
         if len(rates) < 2:
             return "timeline: too short for two windows of 10 s"
         seconds = [round((n1 - n0) / (t1 - t0)) for (t0, n0), (t1, n1)
-                   in zip(self.counts, self.counts[1:])]
+                   in zip(self.counts, self.counts[1:], strict=False)]
         return (f"stored per s in each 10 s: {' '.join(f'{x:.0f}' for x in rates)}; last / "
                 f"first = {rates[-1] / rates[0]:.3f}\n{'':<17}each second: {seconds}")
 
