@@ -17,6 +17,7 @@ from sms_status.config import (  # noqa: E402
     server_settings,
     serves_locally_only,
 )
+from sms_status.services import services  # noqa: E402
 from sms_status.serving.health_lane import HealthLaneWorker  # noqa: E402
 from sms_status.serving.log import Logger  # noqa: E402
 from sms_status.storage import writer  # noqa: E402
@@ -120,7 +121,7 @@ def when_ready(server):
     """
     app = server.app.wsgi()
     _callbacks_where_listening(server, app)
-    storage = app.extensions["storage"]
+    storage = services(app).storage
     if not storage.features.writer_process:
         return
     server.database_writer = writer.Supervisor()
@@ -145,7 +146,7 @@ def _callbacks_where_listening(server, app):
 def post_worker_init(worker):
     """Starts this worker's delivery of status webhooks (when STATUS_WEBHOOK_URL is set):
     after the fork, since threads do not survive one."""
-    delivery = worker.wsgi.extensions.get("webhooks")
+    delivery = services(worker.wsgi).webhooks
     if delivery is not None:
         delivery.start()
 
@@ -153,7 +154,7 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     """Lets the worker's webhook attempts in flight end for a few seconds, then gives back
     the events still in flight, for another worker, instance or the next start."""
-    delivery = worker.wsgi.extensions.get("webhooks")
+    delivery = services(worker.wsgi).webhooks
     if delivery is not None:
         delivery.stop()
 

@@ -22,10 +22,12 @@ from twilio.request_validator import RequestValidator
 from sms_status import twilio_api, web
 from sms_status.commands import register_commands
 from sms_status.config import ConfigError, read_config
+from sms_status.logs import LogBudget, configure_logging, log
+from sms_status.services import Services
 from sms_status.storage import access
 from sms_status.web.guards import MAX_CALLBACK_FIELDS, MAX_REQUEST_BYTES
 from sms_status.web.health import HealthMonitor
-from sms_status.web.logs import LogBudget, configure_logging, log
+from sms_status.web.logs import REJECTION_WARNINGS_PER_MINUTE
 from sms_status.web.routes import BacklogRead
 from sms_status.webhooks.delivery import Delivery
 
@@ -60,29 +62,32 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
     app.config["CLOCK"] = clock
     app.config["SLEEP"] = time.sleep
     app.config["CONFIG_PROBLEMS"] = problems
-    app.extensions["rejection_log"] = LogBudget()
-    app.extensions["health"] = HealthMonitor(app)
-    app.extensions["backlog"] = BacklogRead()
-    app.extensions["twilio"] = twilio_api.build_client(config, http_client)
-    app.extensions["validator"] = RequestValidator(config.auth_token)
-    if config.webhook_signing_key:
-        app.extensions["shared_key_validator"] = RequestValidator(config.webhook_signing_key)
     if for_commands:
         # A maintenance command's reads (counting a million messages) may take their time.
         storage_settings = {"read_timeout": 0, **(storage_settings or {})}
     # None only for the commands, when DATABASE_URL is malformed: they say so before use.
-    storage = app.extensions["storage"] = (
-        access.open_storage(config, **(storage_settings or {})) if config.database_url else None)
-    if config.status_webhook is not None and storage is not None:
+    storage = (access.open_storage(config, **(storage_settings or {}))
+               if config.database_url else None)
+    app_services = Services(
+        storage=storage,
+        twilio=twilio_api.build_client(config, http_client),
+        validator=RequestValidator(config.auth_token),
+        shared_key_validator=(RequestValidator(config.webhook_signing_key)
+                              if config.webhook_signing_key else None),
+        health=HealthMonitor(app),
+        backlog=BacklogRead(),
+        rejection_log=LogBudget(REJECTION_WARNINGS_PER_MINUTE),
         # Started in each server process (gunicorn.conf.py, app.py), never here.
-        app.extensions["webhooks"] = Delivery(config.status_webhook, storage, clock)
+        webhooks=(Delivery(config.status_webhook, storage, clock)
+                  if config.status_webhook is not None and storage is not None else None),
+    ).install(app)
     web.register(app)
     register_commands(app)
     if for_commands:
         return app
 
     access.prepare(storage, config.mode)
-    app.extensions["storage_prepared"] = True
+    app_services.storage_prepared = True
 
     if config.simulate:
         log.warning("SIMULATION MODE: Twilio is simulated, no SMS will be sent to any phone.")

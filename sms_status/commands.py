@@ -27,6 +27,7 @@ from sms_status.config import (
     parse_webhook_secrets,
 )
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
+from sms_status.services import get_db, services
 from sms_status.storage import DATABASE_ERRORS, access, maintenance, outbox, reads, statuses, times
 
 RATE_LIMIT_RETRIES = 3
@@ -131,7 +132,7 @@ def named_storage(*variables, create=False, copying_from=None):
                 if problem.variable in DATABASE_VARIABLES + variables]
     if problems:
         raise ConfigurationProblem(str(ConfigError(problems)))
-    storage = access.get_db()
+    storage = get_db()
     click.echo(database_line(storage, copying_from))
     if not create and not storage.exists():
         raise click.ClickException(missing_database(storage))
@@ -141,12 +142,12 @@ def named_storage(*variables, create=False, copying_from=None):
 def prepared(storage, mode=None):
     """`storage` with its schema created or brought up to date on first use; with `mode`,
     the database must not have been used in the other mode (access.prepare)."""
-    if not current_app.extensions.get("storage_prepared"):
+    if not services().storage_prepared:
         try:
             access.prepare(storage, mode)
         except ConfigError as error:
             raise ConfigurationProblem(str(error)) from None
-        current_app.extensions["storage_prepared"] = True
+        services().storage_prepared = True
     return storage
 
 
@@ -268,7 +269,7 @@ def reconcile(older_than, limit, progress_every):
     # Twilio of one mode is asked about the messages of a database of the same mode.
     storage = command_storage(*TWILIO_VARIABLES, *WEBHOOK_VARIABLES,
                               mode=current_app.config["SERVICE"].mode)
-    client = current_app.extensions["twilio"]
+    client = services().twilio
     clock = current_app.config["CLOCK"]
     counts = {"updated": 0, "unchanged": 0, "not found": 0, "failed": 0}
     try:
@@ -281,7 +282,7 @@ def reconcile(older_than, limit, progress_every):
                 if stop:
                     break
     except DATABASE_ERRORS as error:
-        raise click.ClickException(f"database error: {access.describe_error(error)}") from None
+        raise click.ClickException(f"database error: {get_db().describe_error(error)}") from None
     click.echo(f"Checked {counted(sum(counts.values()), 'message')}: {counts['updated']} updated, "
                f"{counts['unchanged']} unchanged, {counts['not found']} not found at Twilio, "
                f"{counts['failed']} failed.")
@@ -317,7 +318,7 @@ def prune(older_than, dry_run, drop_pending_webhooks, progress_every):
             with Progress(progress_every) as progress:
                 pruned = maintenance.prune(storage, now=now, progress=progress, **limits)
     except DATABASE_ERRORS as error:
-        raise click.ClickException(f"database error: {access.describe_error(error)}") from None
+        raise click.ClickException(f"database error: {get_db().describe_error(error)}") from None
     for line in pruned_lines(pruned, older_than, dry_run, drop_pending_webhooks):
         click.echo(line)
 
@@ -457,7 +458,7 @@ def retry_webhooks(since):
         queued = outbox.queue_failed_webhook_events_again(
             storage, failed_since=times.stored_time(now - since.seconds), now=now)
     except DATABASE_ERRORS as error:
-        raise click.ClickException(f"database error: {access.describe_error(error)}") from None
+        raise click.ClickException(f"database error: {get_db().describe_error(error)}") from None
     click.echo(f"Queued {counted(queued, 'failed status webhook event')} again (given up on "
                f"in the last {since.text}).")
     if queued:

@@ -16,7 +16,7 @@ import math
 from datetime import datetime, timedelta, timezone
 
 from sms_status import rules, twilio_errors
-from sms_status.storage import access, reads
+from sms_status.storage import reads
 from sms_status.storage.times import STORED_TIME, stored_time_rounded_up
 
 DEFAULT_LIMIT = 50
@@ -156,7 +156,7 @@ MESSAGES_PARAMETERS = ("to", "status", "errorCode", "reference", "since", "until
                        "cursor")
 
 
-def list_messages(args):
+def list_messages(storage, args):
     """One page of messages, newest first, with the cursor of the next page.
 
     Newest is the latest created, and of those created in the same millisecond the last
@@ -178,11 +178,11 @@ def list_messages(args):
     if "status" in values:
         # One query per status, each walking its own index in page order, then merged:
         # a single `IN (...)` would have to sort every matching row before the first page.
-        pages = [reads.messages_page(access.get_db(), limit + 1, status=status, **filters)
+        pages = [reads.messages_page(storage, limit + 1, status=status, **filters)
                  for status in parse_statuses(values["status"])]
         rows = list(heapq.merge(*pages, key=page_key, reverse=True))[:limit + 1]
     else:
-        rows = reads.messages_page(access.get_db(), limit + 1, **filters)
+        rows = reads.messages_page(storage, limit + 1, **filters)
 
     next_cursor = encode_cursor(page_key(rows[limit - 1])) if len(rows) > limit else None
     return {"messages": [message_item(row) for row in rows[:limit]], "nextCursor": next_cursor}
@@ -275,9 +275,9 @@ def time_to_delivered(storage, since, until):
     return percentiles
 
 
-def message_with_history(sid):
+def message_with_history(storage, sid):
     """GET /get-status's answer for a message, or None when it is unknown."""
-    found = reads.message_with_history(access.get_db(), sid)
+    found = reads.message_with_history(storage, sid)
     if found is None:
         return None
     message, events = found
@@ -293,7 +293,7 @@ WEBHOOK_EVENT_STATES = reads.WEBHOOK_EVENT_STATES
 MAX_SID_LENGTH = 64
 
 
-def list_webhook_events(args):
+def list_webhook_events(storage, args):
     """One page of status webhook events, newest first, with the cursor of the next page."""
     values = single_values(args, WEBHOOK_EVENTS_PARAMETERS)
     limit = parse_limit(values["limit"]) if "limit" in values else DEFAULT_LIMIT
@@ -306,7 +306,7 @@ def list_webhook_events(args):
         raise BadQuery("sid", "Parameter 'sid' must be a message SID, like SM followed by 32 "
                               "hex characters")
     before = decode_cursor(values["cursor"]) if "cursor" in values else None
-    rows = reads.webhook_events_page(access.get_db(), limit + 1, state=state, sid=sid,
+    rows = reads.webhook_events_page(storage, limit + 1, state=state, sid=sid,
                                      before=before)
     next_cursor = (encode_cursor((rows[limit - 1]["created_at"], rows[limit - 1]["seq"]))
                    if len(rows) > limit else None)
@@ -330,7 +330,7 @@ def webhook_event_item(row):
     }
 
 
-def webhook_event(event_id):
+def webhook_event(storage, event_id):
     """One event's item, or None when it is unknown."""
-    row = reads.webhook_event(access.get_db(), event_id)
+    row = reads.webhook_event(storage, event_id)
     return webhook_event_item(row) if row is not None else None

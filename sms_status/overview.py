@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from itertools import pairwise
 
 from sms_status import listing
-from sms_status.storage import access, reads
+from sms_status.storage import reads
 from sms_status.storage.times import stored_time_rounded_up
 
 # name -> (the window's length, the chart's bucket); buckets start on whole multiples of
@@ -40,12 +40,11 @@ def bucket_boundaries(since, until, bucket):
     return boundaries + [until]
 
 
-def delivery_overview(window, now):
+def delivery_overview(storage, window, now):
     """The overview of `window` (a WINDOWS name) up to `now`: /stats's answer for the same
     since and until, and `buckets`, oldest first, each {start, stop, counts: {status: n},
     total}, which add up to the stats' total."""
     since, until = window_bounds(window, now)
-    storage = access.get_db()
     stats = listing.delivery_stats(storage, since, until, now)
     boundaries = bucket_boundaries(since, until, WINDOWS[window][1])
     buckets = {start: {"start": start, "stop": stop, "counts": {}, "total": 0}

@@ -9,8 +9,9 @@ import pytest
 
 from postgres import PostgresServer, PostgresUnavailable, create_database, drop_database
 from sms_status import create_app
-from sms_status.storage import access, statuses, times
-from sms_status.web.logs import configure_logging
+from sms_status.logs import configure_logging
+from sms_status.services import get_db, services
+from sms_status.storage import statuses, times
 from support import (
     ACCOUNT_SID,
     AUTH,
@@ -98,8 +99,8 @@ def make_app(tmp_path, fake_twilio, database_url):
 
     yield make
     for app in apps:
-        app.extensions["health"].stop()
-        app.extensions["storage"].close()
+        services(app).health.stop()
+        services(app).storage.close()
 
 
 @pytest.fixture
@@ -132,7 +133,7 @@ def store(app):
     def add(created, *events, to="+15558675309", sid=None):
         sid = sid or f"SM{next(_sids):032x}"
         with app.app_context():
-            conn = access.get_db()
+            conn = get_db()
             statuses.record_status(conn, sid, "queued", to=to, from_="+15551234567",
                              at=times.stored_time(NOW - created))
             for status, after, *code in events:

@@ -13,7 +13,8 @@ import requests
 from twilio.http.response import Response
 
 from sms_status import create_app
-from sms_status.storage import access, open_engine, statuses, times
+from sms_status.services import get_db, services
+from sms_status.storage import open_engine, statuses, times
 from support import (
     AUTH,
     CALLBACK_URL,
@@ -362,7 +363,7 @@ def test_copy_database_keeps_the_order_messages_were_stored_in(app, make_app, tm
     old = make_app(DATABASE_URL=url)
     with old.app_context():
         for sid in ("SM3", "SM1", "SM2"):
-            statuses.record_status(access.get_db(), sid, "queued", at="2026-11-26T20:00:00.000Z")
+            statuses.record_status(get_db(), sid, "queued", at="2026-11-26T20:00:00.000Z")
 
     def listed(service):
         answer = service.test_client().get("/messages", headers=AUTH).get_json()
@@ -379,7 +380,7 @@ def test_copy_database_copies_every_column_of_the_destination(app, make_app, tmp
     url = f"sqlite:///{tmp_path}/old.db"
     old = make_app(DATABASE_URL=url)
     with old.app_context():
-        statuses.record_status(access.get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
+        statuses.record_status(get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
     for database in (url, app_database_url(app)):
         sql_rows(database, "ALTER TABLE messages ADD COLUMN carrier TEXT")
     sql_rows(url, "UPDATE messages SET carrier = 'acme' WHERE sid = 'SM1'")
@@ -395,7 +396,7 @@ def test_copy_database_refuses_a_source_without_a_column_of_the_destination(
     url = f"sqlite:///{tmp_path}/old.db"
     old = make_app(DATABASE_URL=url)
     with old.app_context():
-        statuses.record_status(access.get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
+        statuses.record_status(get_db(), "SM1", "queued", at="2026-11-26T20:00:00.000Z")
     sql_rows(app_database_url(app), "ALTER TABLE messages ADD COLUMN carrier TEXT")
 
     result = run(app, "copy-database", "--from", url)
@@ -429,9 +430,9 @@ def simulated_history(tmp_path):
     url = f"sqlite:///{tmp_path}/simulated.db"
     simulated = create_app({"TWILIO_SIMULATE": "true", "DATABASE_URL": url})
     with simulated.app_context():
-        statuses.record_status(access.get_db(), "SM" + "5" * 32, "delivered",
+        statuses.record_status(get_db(), "SM" + "5" * 32, "delivered",
                                at="2026-11-26T20:00:00.000Z")
-    simulated.extensions["storage"].close()
+    services(simulated).storage.close()
     return url
 
 
@@ -552,8 +553,8 @@ def test_a_command_names_a_malformed_variable_it_uses(tmp_path):
 def test_a_command_checks_the_variables_it_uses_not_words_in_other_problems(tmp_path):
     """LOG_LEVEL's problem quotes DATABASE_URL, but prune does not use LOG_LEVEL."""
     env = {"DATABASE_URL": "sqlite:///history.db", "TWILIO_SIMULATE": "true"}
-    create_app({**env, "DATABASE_URL": f"sqlite:///{tmp_path}/history.db"}
-               ).extensions["storage"].close()
+    services(create_app({**env, "DATABASE_URL": f"sqlite:///{tmp_path}/history.db"}
+               )).storage.close()
     result = flask_command(tmp_path, {**env, "LOG_LEVEL": "database_url"},
                            "prune", "--older-than", "90d")
     assert result.returncode == 0, result.stderr
@@ -585,8 +586,8 @@ def test_every_command_names_its_database_first_without_its_password(
 def simulated_database(tmp_path):
     """The quick start's database: sms_status_simulated.db in tmp_path, made by the service
     started in simulation."""
-    create_app({"TWILIO_SIMULATE": "true", "DATABASE_URL":
-                f"sqlite:///{tmp_path}/sms_status_simulated.db"}).extensions["storage"].close()
+    services(create_app({"TWILIO_SIMULATE": "true", "DATABASE_URL":
+                f"sqlite:///{tmp_path}/sms_status_simulated.db"})).storage.close()
     return tmp_path / "sms_status_simulated.db"
 
 

@@ -16,7 +16,8 @@ import pytest
 from itsdangerous import URLSafeTimedSerializer
 
 from sms_status import overview, rules
-from sms_status.storage import access, times
+from sms_status.services import get_db, services
+from sms_status.storage import times
 from sms_status.web import chart, dashboard
 from support import (
     API_KEY,
@@ -411,7 +412,7 @@ def test_an_empty_window_shows_no_chart_and_no_rate(signed_in):
 def test_the_overview_reads_through_indexes(app, signed_in, store):
     stored_mix(store)
     seen = []
-    connection = app.extensions["storage"].connection()
+    connection = services(app).storage.connection()
     connection.set_trace_callback(seen.append)
     try:
         assert signed_in.get("/dashboard?window=30d").status_code == 200
@@ -423,7 +424,7 @@ def test_the_overview_reads_through_indexes(app, signed_in, store):
     assert len(per_bucket) >= 31
     with app.app_context():
         for sql in seen:
-            plan = [row["detail"] for row in access.get_db().query("EXPLAIN QUERY PLAN " + sql)]
+            plan = [row["detail"] for row in get_db().query("EXPLAIN QUERY PLAN " + sql)]
             tables = [line for line in plan
                       if re.search(r"\b(messages|status_events|webhook_events)\b", line)]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
@@ -739,7 +740,7 @@ def test_the_status_webhooks_show_on_the_overview_and_each_message_when_on(make_
             client.post("/message-status", data=params,
                         headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
         receiver.answers = [500, 500]  # both attempts of the first event
-        delivery = app.extensions["webhooks"]
+        delivery = services(app).webhooks
         with app.app_context():
             for sid in sids:
                 event = client.get(f"/webhook-events?sid={sid}", headers=AUTH).get_json()

@@ -12,6 +12,7 @@ import pytest
 
 from sms_status import create_app
 from sms_status.config import ConfigError
+from sms_status.services import get_db, services
 from sms_status.storage import (
     DATABASE_ERRORS,
     READ_TIME_LIMIT_ERRORS,
@@ -19,7 +20,6 @@ from sms_status.storage import (
     Features,
     Operations,
     SQLiteEngine,
-    access,
     open_engine,
     statuses,
 )
@@ -397,7 +397,7 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
     assert lookup().status_code == 404
     with app.app_context():
         # the read pool's only connection, busy elsewhere
-        held = access.get_db()._pools().reads.getconn()
+        held = get_db()._pools().reads.getconn()
     try:
         started = time.monotonic()
         answer = lookup()
@@ -405,7 +405,7 @@ def test_a_request_that_cannot_get_a_connection_in_time_gets_503(postgres_url, m
         assert time.monotonic() - started < 3
     finally:
         with app.app_context():
-            access.get_db()._pools().reads.putconn(held)
+            get_db()._pools().reads.putconn(held)
     assert lookup().status_code == 404
 
 
@@ -467,5 +467,5 @@ def test_a_sqlite_read_is_stopped_at_its_time_limit_and_the_connection_reads_on(
 def test_the_commands_reads_have_no_time_limit(tmp_path):
     app = create_app(live_env(tmp_path, DATABASE_URL=f"sqlite:///{tmp_path}/commands.db"),
                      for_commands=True)
-    assert app.extensions["storage"].read_timeout == 0
-    app.extensions["storage"].close()
+    assert services(app).storage.read_timeout == 0
+    services(app).storage.close()

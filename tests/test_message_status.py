@@ -8,7 +8,8 @@ import pytest
 from werkzeug.datastructures import MultiDict
 
 from sms_status.rules import STATUS_RANK
-from sms_status.storage import access, statuses, times
+from sms_status.services import get_db
+from sms_status.storage import statuses, times
 from support import (
     AUTH,
     AUTH_TOKEN,
@@ -274,8 +275,8 @@ def test_a_change_timed_before_the_stored_one_never_moves_updated_at_back(app, c
     """Two callbacks timed in one order and stored in the other (two workers): whether the
     late one moves the latest status or not, updated_at stays at the later time."""
     with app.app_context():
-        statuses.record_status(access.get_db(), SID, "delivered", at="2026-11-26T20:00:05.000Z")
-        statuses.record_status(access.get_db(), SID, late, at="2026-11-26T20:00:01.000Z")
+        statuses.record_status(get_db(), SID, "delivered", at="2026-11-26T20:00:05.000Z")
+        statuses.record_status(get_db(), SID, late, at="2026-11-26T20:00:01.000Z")
     answer = history(client)
     assert answer["latestStatus"] == max("delivered", late, key=STATUS_RANK.get)
     assert answer["updatedAt"] == "2026-11-26T20:00:05.000Z"

@@ -16,6 +16,7 @@ import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from sms_status.services import services
 from support import (
     AUTH,
     CALLBACK_URL,
@@ -294,7 +295,7 @@ def test_webhook_attempts_count_by_result_and_the_backlog_is_read_from_the_datab
                         headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
         assert scrape(client)[sample("sms_status_webhook_backlog")] == 3
         receiver.answers = [500]
-        delivery = app.extensions["webhooks"]
+        delivery = services(app).webhooks
         with app.app_context():
             for item in client.get("/webhook-events", headers=AUTH).get_json()["events"]:
                 delivery.deliver_now(item["id"])

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from postgres import SUPERUSER, PostgresServer
+from sms_status.services import services
 from sms_status.storage.schema import SCHEMA_VERSION
 from sms_status.web import health
 from support import (
@@ -505,8 +506,8 @@ def test_healthz_says_what_failed_but_not_as_whom(postgres_admin_url, postgres_u
                    15, "the log to say why")
         answers.append(client.get("/healthz").get_json())
         assert not any(role in json.dumps(answer) for answer in answers), answers
-        app.extensions["health"].stop()
-        app.extensions["storage"].close()
+        services(app).health.stop()
+        services(app).storage.close()
         assert password not in caplog.text
     finally:
         sql_rows(postgres_admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"

@@ -13,7 +13,8 @@ from twilio.http.response import Response
 from werkzeug.datastructures import MultiDict
 
 from sms_status import listing, overview
-from sms_status.storage import SQLiteEngine, access, outbox, reads, statuses, times
+from sms_status.services import get_db, services
+from sms_status.storage import SQLiteEngine, outbox, reads, statuses, times
 from support import (
     AUTH,
     NOW,
@@ -442,7 +443,7 @@ def test_delivery_stats_of_a_parsed_window_is_what_stats_answers(app, client, st
     status, answer = get(client, "/stats", since="2026-11-26T18:00:00+01:00",
                          until="2026-11-26T20:00:00Z")
     with app.app_context():
-        direct = listing.delivery_stats(access.get_db(), "2026-11-26T17:00:00.000Z",
+        direct = listing.delivery_stats(get_db(), "2026-11-26T17:00:00.000Z",
                                         "2026-11-26T20:00:00.000Z", NOW)
     assert status == 200 and answer == direct
     assert (direct["total"], direct["stuck"]) == (2, 1)
@@ -497,7 +498,7 @@ def test_stats_read_a_window_in_short_statements_and_count_it_whole(make_app, da
     statement (seen on this thread's connection)."""
     app = make_app()
     fill_messages(database_url, 45_000, first="2026-10-01T00:00:00Z", every=57)
-    storage, statements = app.extensions["storage"], []
+    storage, statements = services(app).storage, []
     if storage.name == "sqlite":
         storage.connection().set_trace_callback(statements.append)
     status, answer = get(app.test_client(), "/stats", since="2026-10-01T00:00:00Z",
@@ -579,7 +580,7 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
     seen = []
     # SQLite reports every statement its connection runs, values in place: the test client
     # serves the request in this thread, on this thread's connection.
-    connection = app.extensions["storage"].connection()
+    connection = services(app).storage.connection()
     connection.set_trace_callback(seen.append)
     try:
         assert get(client, path, **params)[0] == 200
@@ -589,7 +590,7 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
     assert seen
     with app.app_context():
         for sql in seen:
-            plan = [row["detail"] for row in access.get_db().query("EXPLAIN QUERY PLAN " + sql)]
+            plan = [row["detail"] for row in get_db().query("EXPLAIN QUERY PLAN " + sql)]
             tables = [line for line in plan
                       if re.search(r"\b(messages|status_events|webhook_events)\b", line)]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
@@ -609,12 +610,12 @@ def test_a_claim_of_webhook_events_seeks_each_message_and_stops_at_its_limit(app
     Without statistics, SQLite once looked them up through the state index instead: every
     pending event walked for each candidate, and a backlog of 4,000 took 8 s a claim."""
     with app.app_context():
-        storage = access.get_db()
+        storage = get_db()
         storage.records_events = True
         for n in range(20):
             for status in ("queued", "sent"):
                 statuses.record_status(storage, f"SM{n:032x}", status)
-        connection = app.extensions["storage"].connection()
+        connection = services(app).storage.connection()
         seen = []
         connection.set_trace_callback(seen.append)
         try:
@@ -652,7 +653,7 @@ def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app)
                          " WHERE relname = 'webhook_events'") in ([], [(None, None)])
 
     now = time.time()
-    storage = app.extensions["storage"]
+    storage = services(app).storage
     sql, params = outbox.claim_statement(storage, "lease", now, 60, 16)
     with app.app_context(), storage.transaction() as tx:
         tx.plan_by_index()
@@ -664,7 +665,7 @@ def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app)
     # The claim itself (the same statement and settings): 8.5 to 19 s before, under 1 ms after.
     started = time.monotonic()
     with app.app_context():
-        claimed = outbox.claim_webhook_events(access.get_db(), "lease", now, 60, 16)
+        claimed = outbox.claim_webhook_events(get_db(), "lease", now, 60, 16)
     assert len(claimed) == 16
     assert time.monotonic() - started < 1.0
 
@@ -672,7 +673,7 @@ def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app)
 def test_timestamps_are_stored_in_the_format_the_queries_compare(app, store):
     sid = store(60)
     with app.app_context():
-        row = access.get_db().query("SELECT created_at FROM messages WHERE sid = ?", (sid,))[0]
+        row = get_db().query("SELECT created_at FROM messages WHERE sid = ?", (sid,))[0]
     assert times.STORED_TIME.fullmatch(row["created_at"])
     assert times.stored_time_rounded_up(
         datetime.fromisoformat("2026-11-26T21:05:15.8961+01:00")) == "2026-11-26T20:05:15.897Z"

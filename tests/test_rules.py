@@ -1,6 +1,7 @@
 import pytest
 
 from sms_status import rules
+from sms_status.services import services
 from sms_status.storage import reads, statuses
 
 
@@ -61,7 +62,7 @@ def test_send_request_problem_accepts_a_good_request():
 ])
 def test_the_latest_status_only_moves_forward_where_it_is_stored(app, current, new, latest):
     """The lifecycle rule as it runs: the stored update of record_status, on both engines."""
-    storage = app.extensions["storage"]
+    storage = services(app).storage
     sid = "SM" + "7" * 32
     if current is not None:
         assert statuses.record_status(storage, sid, current)

@@ -4,6 +4,7 @@ import pytest
 import requests
 from twilio.http.response import Response
 
+from sms_status.services import services
 from support import (
     ACCOUNT_SID,
     API_KEY,
@@ -150,8 +151,8 @@ def test_default_transport_has_a_timeout(tmp_path):
     from sms_status import create_app
     from support import live_env
     app = create_app(live_env(tmp_path, TWILIO_TIMEOUT="3"))
-    assert app.extensions["twilio"].http_client.timeout == 3.0
-    app.extensions["storage"].close()
+    assert services(app).twilio.http_client.timeout == 3.0
+    services(app).storage.close()
 
 
 @pytest.mark.parametrize("answer, status, code, retry_after", [

@@ -14,7 +14,8 @@ from standardwebhooks import Webhook
 from twilio.http.response import Response
 
 from sms_status.config import read_config
-from sms_status.storage import access, outbox, statuses, times
+from sms_status.services import get_db, services
+from sms_status.storage import outbox, statuses, times
 from support import (
     AUTH,
     CALLBACK_URL,
@@ -65,7 +66,7 @@ def post(client, sid, status, **extra):
 
 def deliver_all(app):
     """Attempts every due event once, oldest first, as the delivery loop would."""
-    delivery = app.extensions["webhooks"]
+    delivery = services(app).webhooks
     with app.app_context():
         for row in sql_rows(app_database_url(app), "SELECT id FROM webhook_events WHERE"
                             " state = 'pending' ORDER BY seq", as_dicts=True):
@@ -124,7 +125,7 @@ def test_a_callback_before_the_send_stored_its_message_makes_no_second_event(
 def test_reconcile_records_events_like_callbacks(webhook_app, webhook_client):
     sid = webhook_client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
                               headers=AUTH).get_json()["messageSid"]
-    fake = webhook_app.extensions["twilio"].http_client
+    fake = services(webhook_app).twilio.http_client
     fake.answer_next(Response(200, json.dumps({
         "sid": sid, "status": "delivered", "error_code": None,
         "date_created": "Thu, 26 Nov 2026 20:00:00 +0000"})))
@@ -296,7 +297,7 @@ def test_retry_sends_a_failed_event_again_and_replays_a_delivered_one(
     sid = "SM" + "e5" * 16
     post(webhook_client, sid, "delivered")
     receiver.answers = [503, 503, 503]  # every attempt of the schedule (2 delays: 3 attempts)
-    delivery = webhook_app.extensions["webhooks"]
+    delivery = services(webhook_app).webhooks
     event_id = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]["id"]
     with webhook_app.app_context():
         for _ in range(3):  # each made due at once
@@ -334,7 +335,7 @@ def test_a_retry_answers_at_once_while_the_receiver_hangs(webhook_app, webhook_c
     post(webhook_client, "SM" + "e7" * 16, "delivered")
     event_id = webhook_client.get("/webhook-events", headers=AUTH).get_json()["events"][0]["id"]
     receiver.answers = ["hang"]
-    delivery = webhook_app.extensions["webhooks"]
+    delivery = services(webhook_app).webhooks
     delivery.start()
     try:
         started = time.monotonic()
@@ -405,13 +406,13 @@ def test_prune_removes_events_with_their_message_but_never_pending_ones(
 
 def claim(lease, now):
     """The ids of the events a claim at `now` leases for 60 s under `lease`."""
-    claimed = outbox.claim_webhook_events(access.get_db(), lease, now, 60, 16)
+    claimed = outbox.claim_webhook_events(get_db(), lease, now, 60, 16)
     return [event["id"] for event in claimed]
 
 
 def settle(event_id, lease, at, error=None, next_at=None):
     """Records one attempt's outcome; how many were recorded (0 or 1)."""
-    return outbox.settle_webhook_attempts(access.get_db(), [[
+    return outbox.settle_webhook_attempts(get_db(), [[
         event_id, lease, times.stored_time(at), error,
         None if next_at is None else times.stored_time(next_at)]])
 
@@ -422,7 +423,7 @@ def test_no_event_is_claimed_while_another_of_its_message_is_leased(webhook_app)
     sid, now = "SM" + "e5" * 16, time.time() + 1
     with webhook_app.app_context():
         for status in ("sent", "delivered"):
-            statuses.record_status(access.get_db(), sid, status)
+            statuses.record_status(get_db(), sid, status)
         [first] = claim("a", now)
         assert claim("b", now + 1) == []
         assert settle(first, "a", now + 2, error="HTTP 503", next_at=now + 10) == 1
@@ -442,7 +443,7 @@ def test_an_attempt_whose_lease_ran_out_records_nothing(webhook_app, error, next
     url = app_database_url(webhook_app)
     state = "SELECT state, attempts, lease, last_error FROM webhook_events"
     with webhook_app.app_context():
-        statuses.record_status(access.get_db(), sid, "sent")
+        statuses.record_status(get_db(), sid, "sent")
         [event] = claim("slow", now)
         assert claim("next", now + 61) == [event]
         assert settle(event, "slow", now + 62, error, next_at and now + next_at) == 0
@@ -480,7 +481,7 @@ def test_failed_attempts_are_logged_within_a_budget_and_summarised_each_minute(
         caplog.clear()
         return line
 
-    delivery = app.extensions["webhooks"]
+    delivery = services(app).webhooks
     now[0] = time.time() + 1  # every event is due
     caplog.clear()
     delivery.start()
@@ -635,6 +636,6 @@ def test_the_logged_webhook_url_masks_its_query(tmp_path, url, shown):
 def test_the_webhook_urls_query_is_never_logged(make_app, receiver, caplog):
     app = make_app(STATUS_WEBHOOK_URL=receiver.url + "?token=s3cret",
                    STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
-    app.extensions["webhooks"].start()
-    app.extensions["webhooks"].stop()
+    services(app).webhooks.start()
+    services(app).webhooks.stop()
     assert "token=***" in caplog.text and "s3cret" not in caplog.text

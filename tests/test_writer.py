@@ -6,6 +6,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,7 +18,17 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import requests
 
-from sms_status.storage import SQLiteEngine, access, sends, times, writer, writes
+from sms_status.services import get_db
+from sms_status.storage import (
+    OutcomeUnknown,
+    SQLiteEngine,
+    access,
+    sends,
+    statuses,
+    times,
+    writer,
+    writes,
+)
 from sms_status.web import health
 from support import (
     AUTH,
@@ -102,7 +113,7 @@ def test_every_write_runs_in_the_writer_process_as_it_runs_in_place(make_app, tm
     through_writer = make_app(DATABASE_URL=f"sqlite:///{tmp_path / 'writer.db'}",
                               **webhooks_on)
     with in_place.app_context():
-        engine = access.get_db()
+        engine = get_db()
         expected = [("ok", writes.WRITES[name](engine, *args)) for name, args in calls]
         in_batch = writer.BatchStorage(engine, tx=None)
         assert (in_batch.ops, in_batch.features) == (engine.ops, engine.features)
@@ -121,7 +132,7 @@ def test_a_failing_write_is_rolled_back_alone_and_the_rest_of_its_batch_commits(
     url = app_database_url(app)
     now = time.time()
     with app.app_context():
-        reservation = sends.reserve_send(access.get_db(), "+15558675309", now, 5, 0).reservation
+        reservation = sends.reserve_send(get_db(), "+15558675309", now, 5, 0).reservation
     answers = batch(
         app,
         ("record_status", (SID_A, "sent")),
@@ -624,3 +635,102 @@ def test_idle_connections_past_the_open_files_limit_never_stop_the_writer(
     assert "closed the" in logs and "Traceback" not in logs
     # Within the budget of warnings, however many connections came.
     assert logs.count("WARNING") <= 30
+
+
+# --- the messages between a worker and the writer ---------------------------------------------
+
+@contextmanager
+def storage_through_writer(database_url, tmp_path):
+    """An engine whose writes go to a real writer process, as a gunicorn worker's do."""
+    socket_path = str(tmp_path / "socket")
+    with writer_process(database_url, socket_path, 1024, tmp_path / "writer.log"):
+        engine = SQLiteEngine(database_url[len("sqlite:///"):])
+        engine.writer = writer.Client(socket_path)
+        try:
+            yield engine
+        finally:
+            engine.close()
+
+
+def test_a_write_that_names_no_write_is_refused_by_its_name():
+    with pytest.raises(writer.BadFrame, match="a frame that names no write .*'os.system'"):
+        writer.Write.decode(b'["os.system",["id"],{}]', writes.WRITES)
+    assert writer.Write.decode(b'["release_send",[1],{}]', writes.WRITES) == (
+        "release_send", [1], {})
+
+
+@sqlite_only
+def test_a_named_tuple_answered_by_the_writer_arrives_as_that_type(database_url, tmp_path):
+    with storage_through_writer(database_url, tmp_path) as engine:
+        place = sends.reserve_send(engine, "+15558675309", time.time(), 5, 10)
+        assert type(place) is sends.SendPlace, place
+        assert place.reservation is not None and place.limit_reached is None
+        # A result that is not a named tuple arrives as itself.
+        assert sends.release_send(engine, place.reservation) is None
+
+
+@sqlite_only
+def test_a_write_failing_in_the_writer_raises_its_error_class_in_the_worker(
+        database_url, tmp_path):
+    at = times.stored_time(time.time())
+    with storage_through_writer(database_url, tmp_path) as engine:
+        with pytest.raises(sqlite3.IntegrityError, match="(?i)null"):
+            # A message needs a status (NOT NULL).
+            statuses.record_sent_message(engine, SID_A, "AC1", "+15558675309", "+15017122661",
+                                         "Hello", None, at)
+        assert statuses.record_status(engine, SID_B, "sent") is True
+
+
+@contextmanager
+def writer_answering(tmp_path, reply):
+    """A stand-in for the writer on a socket: it reads one frame per connection and sends
+    `reply` (bytes) back; yields the socket's path."""
+    path = str(tmp_path / "socket")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    listener.settimeout(10)
+
+    def answer():
+        try:
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    writer.receive_frame(conn)
+                    conn.sendall(writer.HEADER.pack(len(reply)) + reply)
+        except OSError:
+            pass  # the listener was closed
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("reply, error, text", [
+    pytest.param(b'["error",["IntegrityError","UNIQUE failed"]]', sqlite3.IntegrityError,
+                 "UNIQUE failed", id="sqlite3-error"),
+    # A kind that is not one of sqlite3's (a bug logged in the writer) is still a 503.
+    pytest.param(b'["error",["SystemExit","a bug"]]', sqlite3.OperationalError, "a bug",
+                 id="unknown-kind"),
+    pytest.param(b'["maybe",1]', OutcomeUnknown, "it answered an answer that is neither",
+                 id="unknown-outcome"),
+    pytest.param(b'["ok"]', OutcomeUnknown, "not \\[outcome, value\\]", id="not-an-answer"),
+    pytest.param(b'["ok",[1,2]]', OutcomeUnknown, "not a SendPlace", id="not-the-named-tuple"),
+    pytest.param(b"[" * 100_000, OutcomeUnknown, "nested too deep", id="nested-too-deep"),
+])
+def test_each_answer_of_the_writer_is_a_result_its_error_or_an_unknown_outcome(
+        tmp_path, reply, error, text):
+    with writer_answering(tmp_path, reply) as path:
+        client = writer.Client(path)
+        with pytest.raises(error, match=text) as raised:
+            client.call("reserve_send", ["+15558675309", 0, 5, 10], {}, timeout=5,
+                        returns=sends.SendPlace)
+        assert type(raised.value) is error
+        dropped = error is OutcomeUnknown
+        assert (getattr(client._local, "sock", None) is None) == dropped, \
+            "only an answer not understood drops the connection"

@@ -1,5 +1,5 @@
 """gunicorn's own log lines (its master's and its workers' starts, stops and errors) in the
-service's form (web/logs.py): one format, one line per event, in the whole log.
+service's form (sms_status/logs.py): one format, one line per event, in the whole log.
 
 gunicorn writes `[2026-12-07 13:33:55 +0000] [4242] [INFO] Booting worker` by default, the
 service `2026-12-07 13:33:55,969 INFO Ready`: two formats in one stream, which a log
@@ -12,7 +12,7 @@ import logging
 
 from gunicorn import glogging
 
-from sms_status.web.logs import LINE_FORMAT, OneLineFormatter
+from sms_status.logs import LINE_FORMAT, OneLineFormatter
 
 
 class Logger(glogging.Logger):

@@ -1,26 +1,14 @@
-"""The storage room's entry: the app's engine, opening it and preparing its database.
+"""The storage room's entry: opening the engine DATABASE_URL names and preparing its database.
 
-`get_db()` is the only way request code reaches the database: it returns the app's engine
-(sqlite.py or postgres.py). The records themselves are written once, in the SQL both
-engines agree on, by job: statuses.py (messages and their statuses), sends.py (idempotency
-keys and the hourly limits), maintenance.py (reconciliation, prune, the health probe, the
-copy of a history), outbox.py (status webhooks' events).
+Request code reaches the app's engine (sqlite.py or postgres.py) through services.py's
+`get_db()`, never through this module. The records themselves are written once, in the SQL
+both engines agree on, by job: statuses.py (messages and their statuses), sends.py
+(idempotency keys and the hourly limits), maintenance.py (reconciliation, prune, the health
+probe, the copy of a history), outbox.py (status webhooks' events).
 """
-
-from flask import current_app
 
 from sms_status.config import ConfigError, Problem
 from sms_status.storage import DATABASE_ERRORS, ModeConflict, open_engine
-
-
-def get_db():
-    """The app's storage engine (SQLite or PostgreSQL, as DATABASE_URL says)."""
-    return current_app.extensions["storage"]
-
-
-def describe_error(error):
-    """A database error's text for logs and answers, never with DATABASE_URL's password."""
-    return get_db().describe_error(error)
 
 
 def open_storage(config, **settings):

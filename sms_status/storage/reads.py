@@ -69,9 +69,10 @@ class Stretches:
 
     Why: on SQLite a statement holds its snapshot of the WAL until it ends, and the WAL is
     rewound to its start only when no reader holds an older one. A month of a million
-    messages read as one statement took a second or more; readers polling it back to back
-    always held one, and the WAL grew under the callbacks until the disk was full. Short
-    statements leave gaps the writer's checkpoint gets through (writer.py's WalLimit).
+    messages read as one statement held one for the whole count; readers polling it back to
+    back always held one, and the WAL grew under the callbacks until the disk was full. Short
+    statements leave gaps the writer's checkpoint gets through (writer.py's WalLimit; the
+    figures: docs/performance.md, "A month's counts read in short statements").
     """
 
     def __init__(self, storage, since, until):
@@ -153,7 +154,8 @@ def messages_per_bucket(storage, boundaries):
     One count per status and bucket, each on its own stretch of the (latest_status,
     created_at) index, which needs no table row: the cost is the window's index entries.
     (Separate statements, each with its own values: as one statement, PostgreSQL planned
-    the counts blind and compiled it with JIT, which took ten times as long as the counts.)
+    the counts blind and compiled it with JIT, which took far longer than the counts:
+    docs/performance.md, "The dashboard".)
     """
     statuses = [row["status"] for row in storage.query(DISTINCT_STATUSES, ())]
     counts = []

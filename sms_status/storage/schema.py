@@ -156,7 +156,7 @@ POSTGRES_BASELINE = [
 # "C" collation PostgreSQL compares the text keys in. No index leads with `state`: the
 # pending and failed events have partial indexes of their own, so that a claim's planner,
 # with or without statistics, walks the due events and each message's own events, never
-# every pending event (with a backlog of 100,000 that took minutes a claim).
+# every pending event (docs/performance.md, "Status webhooks").
 def webhook_outbox(collate, seq, real):
     """Version 10's statements, with one engine's collation, numbering and float type."""
     return [statement.format(collate=collate, seq=seq, real=real) for statement in [
@@ -194,8 +194,8 @@ def webhook_outbox(collate, seq, real):
 
 # Version 11: each message's pending events, for a claim to compare a candidate with its
 # message's own (outbox.py), one index probe each. Without it PostgreSQL, planning without
-# statistics, combined the index of every pending event with the message's: a claim over
-# 10,000 pending events read all of them for each candidate, 8 to 19 s.
+# statistics, combined the index of every pending event with the message's: a claim read
+# every pending event for each candidate (docs/performance.md, "Status webhooks").
 PENDING_EVENTS_OF_MESSAGE = [
     """CREATE INDEX webhook_events_pending_of_message ON webhook_events (message_sid, seq)
         WHERE state = 'pending'""",

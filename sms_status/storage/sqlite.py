@@ -513,7 +513,7 @@ ANALYSIS_LIMIT = 1000
 
 def _analyze(conn):
     """Gathers the statistics SQLite's query planner chooses indexes with. Without them it
-    guessed: /messages?to=X&status=Y walked every message of that status (130-640 ms on
-    a million messages) instead of the recipient's few."""
+    guessed: /messages?to=X&status=Y walked every message of that status instead of the
+    recipient's few (docs/performance.md, "The planner's statistics")."""
     conn.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
     conn.execute("ANALYZE")

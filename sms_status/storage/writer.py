@@ -52,6 +52,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from sms_status.serving import folders
 from sms_status.storage import OutcomeUnknown
@@ -81,6 +82,8 @@ FOLDER_PREFIX = "sms-status-writer-"
 
 # A write's arguments are a few short strings and numbers; nothing near this size is sent.
 MAX_FRAME_BYTES = 1 << 20
+# Of a write's name that no write has, the characters its warning repeats.
+MAX_NAME_LOGGED = 60
 # Descriptors kept out of the connections' reach: the database's files for the writer's and
 # the checkpoints' connections, SQLite's temporary files, the listening socket, the logs.
 RESERVED_DESCRIPTORS = 64
@@ -89,26 +92,141 @@ RESERVED_DESCRIPTORS = 64
 ACCEPT_PAUSE_SECONDS = 0.1
 # accept()'s errors that say the process or the system is out of descriptors or memory.
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# Warnings about refused frames and connections: enough to see a fault, too few to flood.
+FRAME_WARNINGS_PER_MINUTE = 30
 
 
 class BadFrame(ValueError):
     """Bytes that are not a message of the writer's protocol."""
 
 
+# What crosses between a worker and the writer, each frame a 4-byte length and that many
+# bytes of JSON: a worker sends a `Write`, the writer answers with an `Answer`. Each type
+# alone encodes and decodes itself, and checks what it decodes. A framing of its own, not
+# multiprocessing.connection's, whose round trips cost both sides more CPU and whose
+# accept() and recv_bytes() would hold the writer's one thread on a slow peer
+# (docs/performance.md, "The writer's framing").
+
+class Write(NamedTuple):
+    """A worker asks the writer to run one write: a function of WRITES, by name, with its
+    arguments. On the wire: [name, [args], {kwargs}]."""
+
+    name: str
+    args: list
+    kwargs: dict
+
+    def encode(self):
+        return _json_bytes([self.name, list(self.args), self.kwargs])
+
+    @classmethod
+    def decode(cls, frame, functions):
+        """The Write in a frame; raises BadFrame for a frame that is not one, or that names
+        a write not in `functions` (what the writer may be asked to run)."""
+        message = _json_value(frame)
+        if not (isinstance(message, list) and len(message) == 3 and isinstance(message[0], str)
+                and isinstance(message[1], list) and isinstance(message[2], dict)):
+            raise BadFrame("a frame that is not a write: [name, [args], {kwargs}]")
+        if message[0] not in functions:
+            raise BadFrame("a frame that names no write of the storage room: %r"
+                           % message[0][:MAX_NAME_LOGGED])
+        return cls(*message)
+
+
+class Failure(NamedTuple):
+    """A write that failed in the writer: its error's class name and what it said."""
+
+    kind: str
+    text: str
+
+    def error(self):
+        """The error to raise in the worker: of its kind when that is one of sqlite3's, and
+        an OperationalError (a 503) otherwise, such as a bug logged in the writer."""
+        return ERROR_KINDS.get(self.kind, sqlite3.OperationalError)(self.text)
+
+
+# The errors a failed write is raised as in the worker, by name.
+ERROR_KINDS = {error.__name__: error for error in (
+    sqlite3.Error, sqlite3.DatabaseError, sqlite3.OperationalError, sqlite3.IntegrityError,
+    sqlite3.ProgrammingError, sqlite3.DataError, sqlite3.InternalError,
+    sqlite3.NotSupportedError, sqlite3.InterfaceError)}
+
+
+class Answer(NamedTuple):
+    """The writer's answer to one Write, sent after its batch's commit: ("ok", the write's
+    result) or ("error", a Failure). On the wire: ["ok", result] or ["error", [kind, text]]."""
+
+    outcome: str
+    value: object
+
+    @classmethod
+    def ok(cls, result):
+        return cls("ok", result)
+
+    @classmethod
+    def failed(cls, engine, error):
+        return cls("error", Failure(type(error).__name__, engine.describe_error(error)))
+
+    def encode(self):
+        return _json_bytes([self.outcome, self.value])
+
+    @classmethod
+    def decode(cls, frame, returns=None):
+        """The Answer in a frame; raises BadFrame for anything else. JSON has no tuples: a
+        result arrives as a list, rebuilt as `returns` when that is a named tuple (the
+        write's return annotation)."""
+        message = _json_value(frame)
+        if not (isinstance(message, list) and len(message) == 2):
+            raise BadFrame("an answer that is not [outcome, value]")
+        outcome, value = message
+        if outcome == "ok":
+            if _is_named_tuple(returns) and value is not None:
+                if not (isinstance(value, list) and len(value) == len(returns._fields)):
+                    raise BadFrame(f"a result that is not a {returns.__name__}")
+                value = returns(*value)
+            return cls(outcome, value)
+        if outcome == "error" and isinstance(value, list) and len(value) == 2 and all(
+                isinstance(part, str) for part in value):
+            return cls(outcome, Failure(*value))
+        raise BadFrame("an answer that is neither [\"ok\", result] nor [\"error\", [kind, text]]")
+
+    def result(self):
+        """The write's result, or its error raised."""
+        if self.outcome == "error":
+            raise self.value.error()
+        return self.value
+
+
+def _is_named_tuple(returns):
+    return isinstance(returns, type) and issubclass(returns, tuple) and hasattr(
+        returns, "_fields")
+
+
 # One encoder for every message: json.dumps() with separators builds a new one per call,
-# which doubled the time to encode a write (8.7 against 3.8 us) or its answer (4.3, 1.9).
+# which doubles the time to encode a frame (docs/performance.md).
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def send_message(sock, message):
-    data = _encode(message).encode()
+def _json_bytes(message):
+    return _encode(message).encode()
+
+
+def _json_value(frame):
+    try:
+        return json.loads(frame)
+    except ValueError:
+        raise BadFrame("a frame that is not JSON") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise BadFrame("a frame nested too deep") from None
+
+
+def send_frame(sock, data):
     sock.sendall(HEADER.pack(len(data)) + data)
 
 
-def take_messages(data):
-    """The complete messages at the start of `data`, and the bytes after them; raises
-    BadFrame for a frame too large or not JSON."""
-    messages = []
+def take_frames(data):
+    """The complete frames at the start of `data`, and the bytes after them; raises
+    BadFrame for a frame too large."""
+    frames = []
     while len(data) >= HEADER.size:
         size = HEADER.unpack_from(data)[0]
         if size > MAX_FRAME_BYTES:
@@ -116,36 +234,22 @@ def take_messages(data):
         end = HEADER.size + size
         if len(data) < end:
             break
-        try:
-            messages.append(json.loads(data[HEADER.size:end]))
-        except ValueError:
-            raise BadFrame("a frame that is not JSON") from None
-        except RecursionError:  # arrays or objects nested thousands deep
-            raise BadFrame("a frame nested too deep") from None
+        frames.append(data[HEADER.size:end])
         data = data[end:]
-    return messages, data
+    return frames, data
 
 
-def check_write(message, functions):
-    """A received write as (name, args, kwargs); raises BadFrame for anything else."""
-    if not (isinstance(message, list) and len(message) == 3 and isinstance(message[0], str)
-            and message[0] in functions
-            and isinstance(message[1], list) and isinstance(message[2], dict)):
-        raise BadFrame("a frame that is not a write: [name, [args], {kwargs}]")
-    return tuple(message)
-
-
-def receive_message(sock):
-    """One message, from a socket that carries one at a time (usually one recv() call)."""
+def receive_frame(sock):
+    """One frame, from a socket that carries one at a time (usually one recv() call)."""
     data = b""
     while True:
         chunk = sock.recv(1 << 16)
         if not chunk:
             raise EOFError
         data += chunk
-        messages, _ = take_messages(data)
-        if messages:
-            return messages[0]
+        frames, _ = take_frames(data)
+        if frames:
+            return frames[0]
 
 
 # --- in the workers: hand a write to the writer and wait for its answer --------------------
@@ -162,15 +266,17 @@ class Client:
         self.socket_path = socket_path
         self._local = threading.local()
 
-    def call(self, name, args, kwargs, timeout=None):
-        """Runs the write `name` in the writer and returns its result; `timeout`, in
-        seconds, shortens the wait for its answer (the health check's)."""
+    def call(self, name, args, kwargs, timeout=None, returns=None):
+        """Runs the write `name` in the writer and returns its result (as `returns`, when
+        that is a named tuple); `timeout`, in seconds, shortens the wait for its answer
+        (the health check's)."""
+        frame = Write(name, args, kwargs).encode()
         sock = self._connection()
         if timeout is not None:
             set_timeouts(sock, timeout)
         try:
             try:
-                send_message(sock, (name, args, kwargs))
+                send_frame(sock, frame)
             except ConnectionError:
                 # A connection kept from a writer that has died since: nothing reached it,
                 # so the write goes once more, to the writer that replaced it.
@@ -178,24 +284,22 @@ class Client:
                 sock = self._connection()
                 if timeout is not None:
                     set_timeouts(sock, timeout)
-                send_message(sock, (name, args, kwargs))
-            outcome, value = receive_message(sock)
-        except (OSError, EOFError) as error:
+                send_frame(sock, frame)
+            answer = Answer.decode(receive_frame(sock), returns)
+        except (OSError, EOFError, BadFrame) as error:
             self._drop()
             # The kernel's timeout ends a recv or send with EAGAIN.
-            reason = ("no answer within %g s" % (timeout or ANSWER_TIMEOUT_SECONDS)
-                      if isinstance(error, BlockingIOError) else "it stopped before answering")
+            if isinstance(error, BlockingIOError):
+                reason = "no answer within %g s" % (timeout or ANSWER_TIMEOUT_SECONDS)
+            elif isinstance(error, BadFrame):
+                reason = f"it answered {error}"
+            else:
+                reason = "it stopped before answering"
             raise OutcomeUnknown(f"the database writer process failed ({reason}); the "
                                  "write may or may not be stored") from None
         if timeout is not None:
             set_timeouts(sock, ANSWER_TIMEOUT_SECONDS)
-        if outcome == "ok":
-            return value
-        error_class, message = value
-        error = getattr(sqlite3, error_class, None)  # as raised in the writer, if sqlite3's
-        if not (isinstance(error, type) and issubclass(error, sqlite3.Error)):
-            error = sqlite3.OperationalError  # anything else (logged there) is still a 503
-        raise error(message)
+        return answer.result()
 
     def _connection(self):
         sock = getattr(self._local, "sock", None)
@@ -204,7 +308,8 @@ class Client:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # The kernel's timeouts, not settimeout(): with those, Python polls before each
         # send and recv, and the thread gives up the GIL and wins it back twice per call
-        # instead of once, against the worker's other threads (-5% callbacks/s).
+        # instead of once, against the worker's other threads (docs/performance.md, "What
+        # chose the design").
         set_timeouts(sock, ANSWER_TIMEOUT_SECONDS)
         try:
             sock.connect(self.socket_path)
@@ -253,8 +358,7 @@ class WriteFailed(Exception):
 
 
 def run_batch(engine, writes, functions):
-    """Runs writes [(name, args, kwargs)] in one transaction; returns an answer for each:
-    ("ok", result) or ("error", (error class name, message)).
+    """Runs writes [Write] in one transaction; returns an Answer for each.
 
     A write that fails is rolled back alone and answered with its error; the others still
     commit. Writes rarely fail, so the batch first runs without a savepoint per write (two
@@ -268,10 +372,9 @@ def run_batch(engine, writes, functions):
         except WriteFailed:
             return _run_once(engine, writes, functions, savepoints=True)
     except sqlite3.Error as error:
-        answer = _error_answer(engine, error)
-        _, (_, problem) = answer
+        answer = Answer.failed(engine, error)
         log.error("Database writer: a batch of %d writes failed, none stored: %s",
-                  len(writes), problem)
+                  len(writes), answer.value.text)
         return [answer] * len(writes)
 
 
@@ -283,7 +386,7 @@ def _run_once(engine, writes, functions, savepoints):
             if savepoints:
                 tx.execute("SAVEPOINT write")
             try:
-                answers.append(("ok", functions[name](storage, *args, **kwargs)))
+                answers.append(Answer.ok(functions[name](storage, *args, **kwargs)))
             except Exception as error:
                 if not savepoints:
                     raise WriteFailed from None  # rolls this attempt back
@@ -292,23 +395,19 @@ def _run_once(engine, writes, functions, savepoints):
                 # Raises, and so fails the whole batch, when the error ended the
                 # transaction (SQLite rolls back by itself on a full disk, for one).
                 tx.execute("ROLLBACK TO write")
-                answers.append(_error_answer(engine, error))
+                answers.append(Answer.failed(engine, error))
             if savepoints:
                 tx.execute("RELEASE write")
     return answers
-
-
-def _error_answer(engine, error):
-    return "error", (type(error).__name__, engine.describe_error(error))
 
 
 def checkpoint_continually(engine, stopping):
     """Copies the WAL into the database every half second, beside the commits.
 
     Left to SQLite, the commit that fills the WAL past 1000 pages does this copy, with its
-    fsync, while every caller of its batch waits: 10-15% of the callback throughput
-    (bench/webhooks.py). A PASSIVE checkpoint waits for no one, and the sqlite3 module lets
-    the committing thread run meanwhile.
+    fsync, while every caller of its batch waits, which cost callbacks/s (docs/performance.md,
+    "What chose the design"). A PASSIVE checkpoint waits for no one, and the sqlite3 module
+    lets the committing thread run meanwhile.
     """
     last_problem = None
     while not stopping:
@@ -329,10 +428,10 @@ class WalLimit:
     The PASSIVE checkpoints beside the commits copy the WAL's pages into the database, but
     SQLite rewinds the WAL to its start only once a checkpoint has copied all of it while
     no write is under way, which commits every few milliseconds never allow: the WAL grew
-    by 20 MB a second, until the disk was full. So between two batches, once the WAL is
-    past `limit` bytes, the writer runs a RESTART checkpoint itself (engine.rewind_wal()),
-    which waits briefly for readers; the next commit then writes the WAL from its start.
-    Writes wait meanwhile; most pages are already copied, so it is short.
+    until the disk was full (docs/performance.md, "A bounded WAL"). So between two batches,
+    once the WAL is past `limit` bytes, the writer runs a RESTART checkpoint itself
+    (engine.rewind_wal()), which waits briefly for readers; the next commit then writes the
+    WAL from its start. Writes wait meanwhile; most pages are already copied, so it is short.
     """
 
     def __init__(self, engine, limit=WAL_LIMIT_BYTES, clock=time.monotonic):
@@ -420,8 +519,8 @@ class Connections:
             self.close_idlest(f"{self.limit} connections, the most it keeps", keep=self.limit)
 
     def receive(self, sock, functions):
-        """The writes that arrived on `sock`, as [(name, args, kwargs)]; [] when it was
-        closed instead (by the worker, or here for what it sent)."""
+        """The writes that arrived on `sock`, as [Write]; [] when it was closed instead (by
+        the worker, or here for what it sent)."""
         try:
             data = sock.recv(1 << 16)
         except OSError:
@@ -431,8 +530,8 @@ class Connections:
             return []
         self.received.move_to_end(sock)
         try:
-            messages, self.received[sock] = take_messages(self.received[sock] + data)
-            return [check_write(message, functions) for message in messages]
+            frames, self.received[sock] = take_frames(self.received[sock] + data)
+            return [Write.decode(frame, functions) for frame in frames]
         except BadFrame as error:
             self.warn("Database writer: dropped a connection that sent %s", error)
         except Exception as error:  # whatever else a frame causes ends its connection only
@@ -444,7 +543,7 @@ class Connections:
     def answer(self, sock, answer):
         """Sends a write's answer; False if that closed the connection."""
         try:
-            send_message(sock, answer)
+            send_frame(sock, answer.encode())
         except OSError:
             pass  # its thread gave up waiting, and answered 503 already; recv() sees the end
         except (TypeError, ValueError, RecursionError) as error:
@@ -483,7 +582,7 @@ def connection_limit():
 def serve(engine, listener, functions, master):
     """Answers the workers until SIGUSR1 (from Supervisor.stop), or until gunicorn's master
     (the process `master`) is gone."""
-    from sms_status.web.logs import LogBudget
+    from sms_status.logs import LogBudget
 
     stopping = []
     signal.signal(signal.SIGUSR1, lambda *_: stopping.append(True))
@@ -494,7 +593,8 @@ def serve(engine, listener, functions, master):
                                     name="checkpoints", daemon=True)
     checkpointer.start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us
-    connections = Connections(listener, connection_limit(), LogBudget())
+    connections = Connections(listener, connection_limit(),
+                              LogBudget(FRAME_WARNINGS_PER_MINUTE))
     wal_limit = WalLimit(engine)
     statistics_due = time.monotonic() + STATISTICS_INTERVAL_SECONDS
     while not stopping and os.getppid() == master:
@@ -535,7 +635,7 @@ def main(argv):
     """`python -m sms_status.storage.writer <socket> <master pid>`, run by Supervisor in
     gunicorn's folder and environment, so that DATABASE_URL names the same database as the
     app's (the password never appears in a command line)."""
-    from sms_status.web.logs import OneLineFormatter
+    from sms_status.logs import OneLineFormatter
 
     socket_path, master = argv[0], int(argv[1])
     handler = logging.StreamHandler(sys.stdout)

@@ -4,11 +4,12 @@ order of GUARDS before the view stores the status."""
 from flask import Blueprint, current_app, request
 
 from sms_status import metrics, webhooks
+from sms_status.logs import log
 from sms_status.rules import printable
-from sms_status.storage import access, statuses
+from sms_status.services import get_db
+from sms_status.storage import statuses
 from sms_status.web import guards
 from sms_status.web.errors import json_error
-from sms_status.web.logs import log
 
 blueprint = Blueprint("callbacks", __name__)
 
@@ -41,7 +42,7 @@ def message_status():
         return json_error(400, "A status callback needs MessageSid and MessageStatus "
                                "(or the older SmsSid and SmsStatus)")
     error_code = callback_error_code(form.get("ErrorCode"))
-    stored = statuses.record_status(access.get_db(), sid, status, error_code, to=form.get("To"),
+    stored = statuses.record_status(get_db(), sid, status, error_code, to=form.get("To"),
                                     from_=form.get("From"), account_sid=form.get("AccountSid"))
     metrics.count_callback("stored" if stored else "repeat")
     if stored:

@@ -11,7 +11,8 @@ from werkzeug.exceptions import HTTPException
 
 from sms_status.listing import BadQuery
 from sms_status.rules import printable
-from sms_status.storage import DATABASE_ERRORS, READ_TIME_LIMIT_ERRORS, OutcomeUnknown, access
+from sms_status.services import get_db
+from sms_status.storage import DATABASE_ERRORS, READ_TIME_LIMIT_ERRORS, OutcomeUnknown
 from sms_status.web import dashboard
 from sms_status.web.guards import MAX_REQUEST_BYTES
 from sms_status.web.logs import log, warn_rejection
@@ -52,7 +53,7 @@ def http_error_message(error):
 def log_database_error(error):
     """One line for a database error met by a request: its route and the database's words."""
     log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
-              access.describe_error(error))
+              get_db().describe_error(error))
 
 
 def database_unavailable(message):
@@ -67,7 +68,7 @@ def register_error_handlers(app):
     def http_error(error):
         response = error_answer(error.code, http_error_message(error))
         # The headers the error would answer with, without the HTML page get_response()
-        # renders around them (6% of a refused status callback's time in the app).
+        # renders around them, only to be dropped.
         original_headers = (error.response.headers if error.response is not None
                             else Headers(error.get_headers(request.environ)))
         for name in ("Allow", "Retry-After", "WWW-Authenticate"):

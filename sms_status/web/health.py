@@ -21,8 +21,9 @@ import os
 import threading
 import time
 
-from sms_status.storage import DATABASE_ERRORS, OutcomeUnknown, access, maintenance
-from sms_status.web.logs import log
+from sms_status.logs import log
+from sms_status.services import get_db
+from sms_status.storage import DATABASE_ERRORS, OutcomeUnknown, maintenance
 
 # The monitor writes a probe at most this often per process.
 HEALTH_CHECK_INTERVAL_SECONDS = 1.0
@@ -116,13 +117,13 @@ def storage_problem(timeout):
     """None when a write as large as a status update's commits, else the kind of failure
     (the error itself is logged)."""
     try:
-        maintenance.check_writable(access.get_db(), writer_timeout=timeout)
+        maintenance.check_writable(get_db(), writer_timeout=timeout)
         return None
     except OutcomeUnknown as error:
         log.error("Health check failed: the database cannot store updates: %s",
-                  access.describe_error(error))
+                  get_db().describe_error(error))
         return DID_NOT_ANSWER
     except DATABASE_ERRORS as error:
         log.error("Health check failed: the database cannot store updates: %s",
-                  access.describe_error(error))
+                  get_db().describe_error(error))
         return WRITE_FAILED

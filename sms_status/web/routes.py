@@ -8,10 +8,11 @@ import threading
 from flask import Blueprint, current_app, request
 
 from sms_status import listing, metrics, webhooks
-from sms_status.storage import DATABASE_ERRORS, access, reads
+from sms_status.logs import log
+from sms_status.services import get_db, services
+from sms_status.storage import DATABASE_ERRORS, reads
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
 from sms_status.web.guards import require_api_key
-from sms_status.web.logs import log
 
 OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "openapi.json")
@@ -57,7 +58,7 @@ def openapi():
 @blueprint.get("/healthz")
 def healthz():
     mode = current_app.config["SERVICE"].mode
-    problem = current_app.extensions["health"].problem()
+    problem = services().health.problem()
     if problem:
         return {"status": "unavailable", "mode": mode,
                 "error": f"The database cannot store status updates: {problem}"}, 503, {
@@ -69,7 +70,7 @@ def healthz():
 @require_api_key
 def prometheus_metrics():
     if webhooks.recording(current_app):
-        backlog = current_app.extensions["backlog"].read(current_app._get_current_object())
+        backlog = services().backlog.read(current_app._get_current_object())
         # Not a number when it could not be read: the other metrics are served all the same.
         metrics.set_webhook_backlog(float("nan") if backlog is None else backlog)
     body, content_type = metrics.exposition()
@@ -79,7 +80,7 @@ def prometheus_metrics():
 @blueprint.get("/get-status/<sid>")
 @require_api_key
 def get_status(sid):
-    message = listing.message_with_history(sid)
+    message = listing.message_with_history(get_db(), sid)
     if message is None:
         return json_error(404, f"No message with SID {sid} is known to this service")
     return message
@@ -88,7 +89,7 @@ def get_status(sid):
 @blueprint.get("/messages")
 @require_api_key
 def messages():
-    return listing.list_messages(request.args)
+    return listing.list_messages(get_db(), request.args)
 
 
 @blueprint.get("/stats")
@@ -96,7 +97,7 @@ def messages():
 def stats():
     now = current_app.config["CLOCK"]()
     since, until = listing.stats_window(request.args, now)
-    return listing.delivery_stats(access.get_db(), since, until, now)
+    return listing.delivery_stats(get_db(), since, until, now)
 
 
 class BacklogRead:
@@ -135,7 +136,7 @@ class BacklogRead:
     def _read(app, outcome):
         with app.app_context():
             try:
-                outcome["count"] = reads.pending_webhook_events(access.get_db())
+                outcome["count"] = reads.pending_webhook_events(get_db())
             except DATABASE_ERRORS as error:
-                outcome["error"] = access.describe_error(error)
+                outcome["error"] = get_db().describe_error(error)
 

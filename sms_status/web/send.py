@@ -8,7 +8,8 @@ flow what it uses, and turns its SendOutcome into the HTTP answer.
 from flask import Blueprint, current_app, request
 
 from sms_status import sending
-from sms_status.storage import DATABASE_ERRORS, OutcomeUnknown, access
+from sms_status.services import get_db, services
+from sms_status.storage import DATABASE_ERRORS, OutcomeUnknown
 from sms_status.web.errors import (
     DATABASE_RETRY_AFTER_SECONDS,
     http_error_message,
@@ -35,10 +36,10 @@ def send_context():
     """What the send flow uses, from this app."""
     return sending.SendContext(
         config=current_app.config["SERVICE"],
-        storage=access.get_db(),
-        twilio=current_app.extensions["twilio"],
+        storage=get_db(),
+        twilio=services().twilio,
         clock=current_app.config["CLOCK"],
-        webhooks=current_app.extensions.get("webhooks"),
+        webhooks=services().webhooks,
     )
 
 

@@ -4,7 +4,8 @@ webhooks, and queueing one to be sent again."""
 from flask import Blueprint, current_app, request
 
 from sms_status import listing
-from sms_status.storage import access, outbox
+from sms_status.services import get_db, services
+from sms_status.storage import outbox
 from sms_status.web.errors import json_error
 from sms_status.web.guards import require_api_key
 
@@ -14,7 +15,7 @@ blueprint = Blueprint("webhook_events", __name__)
 @blueprint.get("/webhook-events")
 @require_api_key
 def webhook_events():
-    return listing.list_webhook_events(request.args)
+    return listing.list_webhook_events(get_db(), request.args)
 
 
 @blueprint.post("/webhook-events/<event_id>/retry")
@@ -23,13 +24,13 @@ def retry_webhook_event(event_id):
     """Makes the event due now, its retry schedule restarted (a delivered one is sent again
     under the same webhook-id), wakes this process's delivery loop, and answers 202 with the
     event: the attempt is the loop's, so no request thread waits on the receiver."""
-    if listing.webhook_event(event_id) is None:
+    if listing.webhook_event(get_db(), event_id) is None:
         return json_error(404, f"No status webhook event with id {event_id} is known to this "
                                "service; GET /webhook-events lists them")
-    delivery = current_app.extensions.get("webhooks")
+    delivery = services().webhooks
     if delivery is None:
         return json_error(409, "Status webhooks are off: set STATUS_WEBHOOK_URL and "
                                "STATUS_WEBHOOK_SECRET, then retry")
-    outbox.queue_webhook_event_again(access.get_db(), event_id, current_app.config["CLOCK"]())
+    outbox.queue_webhook_event_again(get_db(), event_id, current_app.config["CLOCK"]())
     delivery.nudge()
-    return listing.webhook_event(event_id), 202
+    return listing.webhook_event(get_db(), event_id), 202

@@ -8,14 +8,16 @@ application (STATUS_WEBHOOK_URL), signed as Standard Webhooks defines.
   (storage/outbox.py), attempts them, and records what happened.
 """
 
+from sms_status.services import services
+
 
 def recording(app):
     """Whether a status change adds its event to the outbox (STATUS_WEBHOOK_URL is set)."""
-    return "webhooks" in app.extensions
+    return services(app).webhooks is not None
 
 
 def nudge(app):
     """Wakes this process's delivery loop: an event may have been stored."""
-    delivery = app.extensions.get("webhooks")
+    delivery = services(app).webhooks
     if delivery is not None:
         delivery.nudge()

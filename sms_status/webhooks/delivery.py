@@ -12,9 +12,9 @@ claimed again only when its holder died mid-attempt (then it is sent again, with
 few seconds, then gives back the events still in flight for another process to claim.
 
 A receiver that is down fails every attempt, hundreds a second under load: each failed
-attempt and each event given up on is one line, but within a budget per process (the one
-refused requests have, web/logs.py), and while attempts fail a summary line a minute counts
-them all, with the backlog.
+attempt and each event given up on is one line, but within a budget per process (a
+LogBudget, sms_status/logs.py, as refused requests have), and while attempts fail a summary
+line a minute counts them all, with the backlog.
 """
 
 import logging
@@ -25,9 +25,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from sms_status import metrics
+from sms_status.logs import LogBudget
 from sms_status.storage import DATABASE_ERRORS, outbox, reads
 from sms_status.storage.times import stored_time
-from sms_status.web.logs import LogBudget
 from sms_status.webhooks.attempt import Attempt
 from sms_status.webhooks.events import signed_headers
 
