@@ -1,6 +1,8 @@
 -- wrk script for webhooks.py: sends pre-signed Twilio status callbacks, each at most once.
 --
--- Arguments: <file> <threads> [<signature>]. Each line of <file> is "<signature>\t<form body>".
+-- Arguments: <file> <threads> [<signature> [<path>]]. Each line of <file> is
+-- "<signature>\t<form body>"; <path> is where they go (default /message-status: inbound.py
+-- sends Twilio's incoming messages to /inbound-sms with it).
 -- wrk thread k of n takes lines k, k+n, k+2n, ...: threads never share a request, and each
 -- request() hands out the next unsent one. With <signature> given, every request carries
 -- that (wrong) signature instead. When a thread runs out, it sends GET /pool-exhausted,
@@ -14,14 +16,16 @@ function setup(thread)
 end
 
 function init(args)
-   local file, nthreads, forced = args[1], tonumber(args[2]), args[3]
+   local file, nthreads, forced, path = args[1], tonumber(args[2]), args[3], args[4]
+   if forced == "" then forced = nil end
+   path = path or "/message-status"
    reqs, issued, exhausted = {}, 0, 0
    acked, duplicates, rejected, other, server_errors = 0, 0, 0, 0, 0
    local line_no = 0
    for line in io.lines(file) do
       if line_no % nthreads == tid then
          local signature, body = line:match("^([^\t]+)\t(.*)$")
-         reqs[#reqs + 1] = wrk.format("POST", "/message-status", {
+         reqs[#reqs + 1] = wrk.format("POST", path, {
             ["Content-Type"] = "application/x-www-form-urlencoded",
             ["X-Twilio-Signature"] = forced or signature,
          }, body)

@@ -20,6 +20,7 @@ from flask import Flask
 from twilio.request_validator import RequestValidator
 
 from sms_status import twilio_api, web
+from sms_status.api_keys import KeyRing
 from sms_status.commands import register_commands
 from sms_status.config import ConfigError, read_config
 from sms_status.logs import LogBudget, configure_logging, log
@@ -77,6 +78,7 @@ def create_app(test_config=None, http_client=None, clock=time.time, for_commands
         health=HealthMonitor(app),
         backlog=BacklogRead(),
         rejection_log=LogBudget(REJECTION_WARNINGS_PER_MINUTE),
+        keys=KeyRing(config.api_key),
         # Started in each server process (gunicorn.conf.py, app.py), never here.
         webhooks=(Delivery(config.status_webhook, storage, clock)
                   if config.status_webhook is not None and storage is not None else None),

@@ -1,5 +1,6 @@
 """Maintenance commands: `flask --app app reconcile`, `prune`, `copy-database`, `backup`
-and `retry-webhooks`; and `receive-webhooks`, to try the status webhooks out.
+and `retry-webhooks`; `keys create`, `keys list` and `keys revoke` for named API keys; and
+`receive-webhooks` and `simulate-reply`, to try the status webhooks and the replies out.
 
 Status callbacks get lost (a deploy, a proxy, a network blip); reconciliation asks Twilio
 for the status of every message still waiting for a final one. Pruning keeps the
@@ -16,10 +17,11 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import click
+import requests
 from flask import current_app
 from flask.cli import with_appcontext
 
-from sms_status import rules, twilio_api
+from sms_status import api_keys, rules, twilio_api
 from sms_status.config import (
     DEFAULT_DATABASE_FILES,
     ConfigError,
@@ -28,7 +30,16 @@ from sms_status.config import (
 )
 from sms_status.sending import IDEMPOTENCY_KEY_LIFETIME_SECONDS
 from sms_status.services import get_db, services
-from sms_status.storage import DATABASE_ERRORS, access, maintenance, outbox, reads, statuses, times
+from sms_status.storage import (
+    DATABASE_ERRORS,
+    access,
+    keys,
+    maintenance,
+    outbox,
+    reads,
+    statuses,
+    times,
+)
 
 RATE_LIMIT_RETRIES = 3
 FIRST_BACKOFF_SECONDS = 1.0
@@ -210,6 +221,8 @@ def register_commands(app):
     app.cli.add_command(backup)
     app.cli.add_command(retry_webhooks)
     app.cli.add_command(receive_webhooks)
+    app.cli.add_command(simulate_reply)
+    app.cli.add_command(keys_group)
 
 
 def fetch_with_backoff(client, sid, sleep):
@@ -304,7 +317,8 @@ def reconcile(older_than, limit, progress_every):
 @progress_option
 @with_appcontext
 def prune(older_than, dry_run, drop_pending_webhooks, progress_every):
-    """Delete old messages with their history, and clear bodies older than BODY_RETENTION."""
+    """Delete old messages with their history and old inbound messages, and clear bodies
+    older than BODY_RETENTION; opt-outs and their history are never deleted."""
     storage = command_storage("BODY_RETENTION")
     config = current_app.config["SERVICE"]
     now = current_app.config["CLOCK"]()
@@ -332,6 +346,12 @@ def pruned_lines(pruned, older_than, dry_run, drop_pending):
              f"{counted(pruned.events, 'status event')} not updated for {older_than.text}; "
              f"{clear} {counted(pruned.bodies, 'message body', 'message bodies')} older than "
              "BODY_RETENTION."]
+    bodies = counted(pruned.inbound_bodies, "inbound body", "inbound bodies")
+    lines.append(f"{remove} {counted(pruned.inbound, 'inbound message')} received over "
+                 f"{older_than.text} ago; {clear} {bodies} older than BODY_RETENTION. "
+                 "Opt-outs are never pruned: "
+                 f"{counted(pruned.opted_out, 'number stays', 'numbers stay')} opted out, every "
+                 "change kept.")
     if drop_pending:
         lines.append(f"{drop} {counted(pruned.pending_dropped, 'pending status webhook event')}"
                      " with them: those are never delivered.")
@@ -380,8 +400,9 @@ def copy_within_one_mode(source, target, config):
 @progress_option
 @with_appcontext
 def copy_database(source_url, progress_every):
-    """Copy messages, their status history and unexpired idempotency keys from another
-    database into the one DATABASE_URL names, never between a simulated and a live one.
+    """Copy messages, their status history, replies, opt-outs, unexpired idempotency keys
+    and API keys from another database into the one DATABASE_URL names, never between a
+    simulated and a live one.
     Running it again copies nothing twice."""
     try:
         source_url = parse_database_url(source_url)
@@ -413,8 +434,12 @@ def copy_database(source_url, progress_every):
         source.close()
     click.echo(f"Copied {counted(copied['messages'], 'message')}, "
                f"{counted(copied['events'], 'status event')}, "
-               f"{counted(copied['webhookEvents'], 'webhook event')} and "
-               f"{counted(copied['keys'], 'idempotency key')} from {source.label} to "
+               f"{counted(copied['webhookEvents'], 'webhook event')}, "
+               f"{counted(copied['inbound'], 'inbound message')}, "
+               f"{counted(copied['optOuts'], 'opt-out')} with "
+               f"{counted(copied['optOutChanges'], 'change')} of their history, "
+               f"{counted(copied['keys'], 'idempotency key')} and "
+               f"{counted(copied['apiKeys'], 'API key')} from {source.label} to "
                f"{target.label} (what was there already was left as it was).")
 
 
@@ -481,3 +506,135 @@ def receive_webhooks(port):
         raise ConfigurationProblem(str(ConfigError(problems)))
     click.echo(f"Receiving status webhooks at http://127.0.0.1:{port}/ (Ctrl-C stops)")
     receiver.serve(secrets, "127.0.0.1", port)
+
+
+@click.command("simulate-reply")
+@click.option("--from", "from_", required=True, metavar="NUMBER",
+              help="The number replying, E.164, like +15558675309.")
+@click.option("--body", required=True, metavar="TEXT",
+              help="What they reply: STOP, START, HELP, or any text.")
+@with_appcontext
+def simulate_reply(from_, body):
+    """In simulation, post a reply from NUMBER to the running service, signed as Twilio's
+    incoming-message webhook is (to BASE_URL, by default the local PORT's address)."""
+    from sms_status import simulator
+
+    config = current_app.config["SERVICE"]
+    if not config.simulate:
+        raise click.ClickException(
+            "simulate-reply runs in simulation only (TWILIO_SIMULATE=true): live, replies come "
+            "from Twilio, and nothing here may post one in a person's name")
+    if not rules.is_e164(from_):
+        raise click.BadParameter("must be a phone number in E.164 format, like +15558675309",
+                                 param_hint="--from")
+    to = config.phone_number or simulator.SIMULATED_SERVICE_NUMBER
+    try:
+        sid, answer = simulator.post_reply(config.base_url, config.account_sid,
+                                           config.auth_token, from_, to, body)
+    except requests.RequestException as error:
+        raise click.ClickException(
+            f"could not reach the service at {config.base_url} ({type(error).__name__}): start "
+            "it with TWILIO_SIMULATE=true, and give this command the same PORT or BASE_URL"
+        ) from None
+    if answer.status_code != 200:
+        raise click.ClickException(
+            f"the service at {config.base_url} answered {answer.status_code}: "
+            f"{answer.text.strip()[:300]}")
+    click.echo(f"Replied {body!r} from {from_} to {to} as {sid}: stored "
+               f"by {config.base_url}/inbound-sms.")
+
+# --- named API keys ---------------------------------------------------------------------
+
+@click.group("keys")
+def keys_group():
+    """Create, list and revoke named API keys; each takes effect within a second on every
+    worker and instance, without a restart."""
+
+
+def database_problem(error):
+    return click.ClickException(f"database error: {get_db().describe_error(error)}")
+
+
+@keys_group.command("create")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(api_keys.SCOPES),
+              help="What the key may do: send (POST /send-sms), read (the GET endpoints and "
+                   "the dashboard), admin (retrying webhook events); repeat for several. "
+                   "Default: send and read.")
+@click.option("--max-sends-per-hour", type=click.IntRange(min=1), metavar="N",
+              help="At most N messages sent with this key in any hour, on top of the "
+                   "service's own limits. Default: none of its own.")
+@with_appcontext
+def keys_create(name, scopes, max_sends_per_hour):
+    """Create the key NAME and print it, once."""
+    problem = api_keys.name_problem(name)
+    if problem:
+        raise click.BadParameter(problem, param_hint="NAME")
+    storage = command_storage()
+    text = api_keys.new_key()
+    try:
+        created = keys.create_key(
+            storage, name, api_keys.digest(text),
+            api_keys.stored_scopes(scopes or api_keys.DEFAULT_SCOPES), max_sends_per_hour,
+            times.stored_time(current_app.config["CLOCK"]()))
+    except DATABASE_ERRORS as error:
+        raise database_problem(error) from None
+    if not created:
+        raise click.ClickException(
+            f"a key named {name!r} exists already (names stay taken after a revoke, so that "
+            "sentBy always names one key); choose another name")
+    click.echo(text)
+    click.echo(f"This is key {name!r}: keep it now, it will not be shown again (only its "
+               "SHA-256 digest is stored).")
+
+
+@keys_group.command("list")
+@with_appcontext
+def keys_list():
+    """One line per key: name, scopes, hourly limit, created, last used, state. Never a key
+    or its digest."""
+    storage = command_storage()
+    try:
+        rows = keys.all_keys(storage)
+    except DATABASE_ERRORS as error:
+        raise database_problem(error) from None
+    lines = [("name", "scopes", "sends/hour", "created", "last used", "state")]
+    if current_app.config["SERVICE"].api_key:
+        lines.append((api_keys.SETTING_KEY_NAME, ",".join(api_keys.SCOPES), "-", "-", "-",
+                      "active (the API_KEY setting)"))
+    for row in rows:
+        lines.append((row["name"], ",".join(row["scopes"].split()),
+                      str(row["max_sends_per_hour"] or "-"), row["created_at"],
+                      row["last_used_at"] or "never",
+                      f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"))
+    widths = [max(len(line[column]) for line in lines) for column in range(5)]
+    for line in lines:
+        click.echo("  ".join([value.ljust(width) for value, width in zip(line[:5], widths,
+                                                                          strict=True)]
+                             + [line[5]]))
+
+
+@keys_group.command("revoke")
+@click.argument("name")
+@with_appcontext
+def keys_revoke(name):
+    """Revoke the key NAME: refused within a second everywhere, its messages still say
+    they were sent by it."""
+    if name == api_keys.SETTING_KEY_NAME:
+        raise click.ClickException(
+            "API_KEY is the key of the API_KEY setting: change the setting and restart to "
+            "replace it (docs/operations.md, rotating a key without downtime)")
+    storage = command_storage()
+    try:
+        outcome = keys.revoke_key(storage, name,
+                                  times.stored_time(current_app.config["CLOCK"]()))
+    except DATABASE_ERRORS as error:
+        raise database_problem(error) from None
+    if outcome == "unknown":
+        raise click.ClickException(f"no key is named {name!r}; flask --app app keys list "
+                                   "shows them")
+    if outcome == "already":
+        click.echo(f"Key {name!r} was revoked already.")
+        return
+    click.echo(f"Revoked key {name!r}: every worker and instance refuses it within "
+               f"{api_keys.CACHE_SECONDS:g} s.")

@@ -633,7 +633,8 @@ def read_config(env):
 
 # Without API_KEY (allowed only when simulating) these need no key.
 ENDPOINTS_OPEN_WITHOUT_KEY = ("/send-sms", "/get-status", "/messages", "/stats",
-                              "/webhook-events", "/metrics", "/dashboard")
+                              "/webhook-events", "/opt-outs", "/inbound-messages", "/metrics",
+                              "/dashboard")
 
 
 def serves_locally_only(env):

@@ -15,8 +15,8 @@ import json
 import math
 from datetime import datetime, timedelta, timezone
 
-from sms_status import rules, twilio_errors
-from sms_status.storage import reads
+from sms_status import api_keys, rules, twilio_errors
+from sms_status.storage import inbound, opt_outs, reads
 from sms_status.storage.times import STORED_TIME, stored_time_rounded_up
 
 DEFAULT_LIMIT = 50
@@ -104,16 +104,24 @@ def parse_statuses(text):
     return sorted(set(statuses))
 
 
-def parse_to(text):
+def parse_to(text, name="to"):
+    """A phone number parameter (`to`, or `name`) in E.164 format."""
     if not rules.is_e164(text):
-        raise BadQuery("to", "Parameter 'to' must be a phone number in E.164 format, like "
-                             "+15558675309" + PLUS_IN_A_URL)
+        raise BadQuery(name, f"Parameter '{name}' must be a phone number in E.164 format, "
+                             "like +15558675309" + PLUS_IN_A_URL)
     return text
 
 
 def parse_reference(text):
     if not rules.is_reference(text):
         raise BadQuery("reference", f"Parameter 'reference' {rules.REFERENCE_RULE}")
+    return text
+
+
+def parse_sent_by(text):
+    if not api_keys.NAME_PATTERN.fullmatch(text):
+        raise BadQuery("sentBy", "Parameter 'sentBy' must be the name of a key, "
+                                 f"{api_keys.NAME_RULE}, like API_KEY")
     return text
 
 
@@ -152,8 +160,8 @@ def refuse_empty_window(since, until):
 
 # --- GET /messages ------------------------------------------------------------------------
 
-MESSAGES_PARAMETERS = ("to", "status", "errorCode", "reference", "since", "until", "limit",
-                       "cursor")
+MESSAGES_PARAMETERS = ("to", "status", "errorCode", "reference", "sentBy", "since", "until",
+                       "limit", "cursor")
 
 
 def list_messages(storage, args):
@@ -171,6 +179,7 @@ def list_messages(storage, args):
         "error_code": (parse_error_code(values["errorCode"]) if "errorCode" in values
                        else None),
         "reference": parse_reference(values["reference"]) if "reference" in values else None,
+        "sent_by": parse_sent_by(values["sentBy"]) if "sentBy" in values else None,
         "since": since, "until": until,
         "before": decode_cursor(values["cursor"]) if "cursor" in values else None,
     }
@@ -198,6 +207,7 @@ def message_item(row):
         "errorCode": row["error_code"],
         "errorDescription": twilio_errors.description(row["error_code"]),
         "reference": row["reference"],
+        "sentBy": row["sent_by"],
         "createdAt": row["created_at"],
         "updatedAt": row["updated_at"],
     }
@@ -254,7 +264,15 @@ def delivery_stats(storage, since, until, now):
         "timeToDeliveredSeconds": time_to_delivered(storage, since, until),
         "stuck": stuck,
         "webhooks": reads.webhook_event_counts(storage, since, until),
+        "inbound": inbound_counts(storage, since, until),
     }
+
+
+def inbound_counts(storage, since, until):
+    """The window's inbound messages received, and opt-outs and opt-ins recorded."""
+    changes = opt_outs.change_counts(storage, since, until)
+    return {"received": inbound.received_count(storage, since, until),
+            "optedOut": changes["opted_out"], "optedIn": changes["opted_in"]}
 
 
 def time_to_delivered(storage, since, until):

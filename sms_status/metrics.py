@@ -37,7 +37,9 @@ TWILIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 CALLBACK_RESULTS = ("stored", "repeat", "bad_signature", "invalid")
 SEND_OUTCOMES = ("sent", "invalid", "destination_refused", "limited", "rejected_by_twilio",
-                 "twilio_failed")
+                 "twilio_failed", "opted_out")
+# What an inbound message was (keywords.py's kinds): "message" is an ordinary reply.
+INBOUND_KINDS = ("message", "opt_out", "opt_in", "help")
 WEBHOOK_RESULTS = ("delivered", "retrying", "gave_up")
 # The route label of a request that matched no route (404, or 405 for a wrong method).
 UNMATCHED = "unmatched"
@@ -68,6 +70,9 @@ class Metrics:
 
         self.callbacks = counter("callbacks_total", "Status callbacks by result", "result")
         self.sends = counter("sends_total", "POST /send-sms attempts by outcome", "outcome")
+        self.inbound = counter("inbound_total", "Inbound messages stored, by kind: message, "
+                               "opt_out, opt_in or help (a keyword, or Twilio's OptOutType)",
+                               "kind")
         self.status_changes = counter("status_changes_total", "New message statuses stored "
                                       "from Twilio's callbacks, by status", "status")
         self.twilio_seconds = histogram("twilio_request_duration_seconds",
@@ -92,6 +97,8 @@ class Metrics:
             self.sends.labels(outcome)
         for result in WEBHOOK_RESULTS:
             self.webhook_deliveries.labels(result)
+        for kind in INBOUND_KINDS:
+            self.inbound.labels(kind)
         # One request's labelled children, kept: labels() costs a lock and a lookup each time.
         self.children = {}
 
@@ -131,6 +138,12 @@ def count_status_change(status):
 def count_send(outcome):
     found = metrics()
     found.child(found.sends, outcome).inc()
+
+
+def count_inbound(kind):
+    """One inbound message stored (not a repeat), by its kind."""
+    found = metrics()
+    found.child(found.inbound, kind if kind in INBOUND_KINDS else "other").inc()
 
 
 def observe_twilio_call(operation, seconds):

@@ -4,7 +4,6 @@ Nothing here touches Flask, SQLite or the network, so each rule is tested direct
 """
 
 import re
-import secrets
 
 E164_PATTERN = re.compile(r"\+[1-9][0-9]{1,14}")
 MAX_BODY_LENGTH = 1600
@@ -117,6 +116,15 @@ def mask_phone(number):
     return head + "*" * (len(text) - len(head) - 4) + text[-4:]
 
 
+# A phone number inside a longer text (a request's path, /opt-outs/+15558675309).
+NUMBER_IN_TEXT = re.compile(r"\+[0-9]{5,15}")
+
+
+def mask_phones_in(text):
+    """`text` with each phone number in it masked as mask_phone does."""
+    return NUMBER_IN_TEXT.sub(lambda found: mask_phone(found.group()), text)
+
+
 def parse_duration(text):
     """Seconds in a duration written <number><s|m|h|d>, like 90d or 10m; ValueError otherwise."""
     match = DURATION_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
@@ -130,12 +138,12 @@ def parse_duration(text):
     return seconds
 
 
-def bearer_token_matches(authorization_header, api_key):
-    """Checks an `Authorization: Bearer <key>` header in constant time."""
+def bearer_token(authorization_header):
+    """The key of an `Authorization: Bearer <key>` header, or None."""
     scheme, _, token = (authorization_header or "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return secrets.compare_digest(token.strip().encode(), api_key.encode())
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
 
 
 def destination_allowed(number, allowed_prefixes):

@@ -4,8 +4,9 @@ Plain inputs in, a SendOutcome out: the flow reads no request and builds no resp
 runs the same without Flask. web/send.py reads the request and turns the outcome into the
 HTTP answer.
 
-Order matters: a replay of a keyed request is answered before any limit is checked, and
-limits are checked before anything reaches Twilio.
+Order matters: a replay of a keyed request is answered before any limit is checked, a
+recipient who opted out is refused before the limits count the send, and limits are
+checked before anything reaches Twilio.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ import math
 from typing import Any, Callable, NamedTuple
 
 from sms_status import metrics, rules, twilio_api
-from sms_status.storage import DATABASE_ERRORS, sends, statuses, times
+from sms_status.storage import DATABASE_ERRORS, opt_outs, sends, statuses, times
 
 log = logging.getLogger("sms_status")
 
@@ -64,13 +65,15 @@ def send_error(status, error, details=None, code=None, retry_after=None, replaya
 @dataclasses.dataclass(frozen=True)
 class SendContext:
     """What a send uses: the configuration, the storage engine, the Twilio client, the
-    clock, and the status webhooks' delivery loop (None while they are off)."""
+    clock, the status webhooks' delivery loop (None while they are off), and the key of
+    the caller (an api_keys.Key; None when the service runs without API_KEY)."""
 
     config: Any
     storage: Any
     twilio: Any
     clock: Callable[[], float]
     webhooks: Any = None
+    sender: Any = None
 
 
 class Ready(NamedTuple):
@@ -202,23 +205,59 @@ def check_send(context, payload):
         metrics.count_send("destination_refused")
         return send_error(403, "The recipient is outside this service's allowed destinations "
                                f"(ALLOWED_DESTINATIONS={','.join(config.allowed_destinations)})")
+    opted_out = opt_outs.opt_out_of(context.storage, to)
+    if opted_out is not None:
+        metrics.count_send("opted_out")
+        return opted_out_refusal(to, opted_out["source"], opted_out["opted_out_at"])
     reservation = None
     limit, total = config.max_sends_per_recipient_per_hour, config.max_sends_per_hour
-    if limit or total:
-        place = sends.reserve_send(context.storage, to, context.clock(), limit, total)
+    sender = context.sender
+    own_limit = sender.max_sends_per_hour if sender is not None else None
+    if limit or total or own_limit is not None:
+        place = sends.reserve_send(context.storage, to, context.clock(), limit, total,
+                                   sender=sender and sender.name, sender_limit=own_limit)
         if place.reservation is None:
             metrics.count_send("limited")
             reached = place.limit_reached
-            return limit_reached(to, reached, limit if reached == "recipient" else total,
-                                 place.wait_seconds)
+            return limit_reached(to, reached, {"recipient": limit, "total": total,
+                                               "sender": own_limit}[reached],
+                                 place.wait_seconds, sender)
         reservation = place.reservation
     return Ready(to, payload["body"], payload.get("reference"), reservation)
 
 
-def limit_reached(to, reached, limit, wait):
+# How each source of an opt-out is told in a refusal.
+OPT_OUT_HOW = {
+    "keyword": "the recipient replied with an opt-out keyword such as STOP; only their START "
+               "ends it",
+    "twilio": "Twilio reported that the recipient unsubscribed (error 21610); only their START "
+              "ends it",
+    "api": "it was recorded through PUT /opt-outs; DELETE /opt-outs/<number> ends it",
+}
+
+
+def opted_out_refusal(to, source, opted_out_at):
+    """The 400 of a send to a recipient who opted out, as Twilio's own refusal (21610), with
+    when and how; Twilio is not asked. Kept under an Idempotency-Key, as Twilio's is."""
+    log.info("Refused send to %s: opted out (%s) at %s", rules.mask_phone(to), source,
+             opted_out_at)
+    outcome = send_error(
+        400, "Attempt to send to unsubscribed recipient: this number opted out",
+        details=f"The recipient opted out at {opted_out_at}: {OPT_OUT_HOW[source]}. No SMS "
+                "was sent. GET /opt-outs/<number> shows its history.",
+        code=statuses.OPTED_OUT_ERROR)
+    return dataclasses.replace(outcome, body={**outcome.body, "optedOutAt": opted_out_at})
+
+
+def limit_reached(to, reached, limit, wait, sender=None):
     """The 429 of an hourly limit, with the seconds until a place is free again."""
     retry_after = max(1, math.ceil(wait))
-    if reached == "recipient":
+    if reached == "sender":
+        log.warning("Refused send to %s: key %s reached its limit of %d sends per hour",
+                    rules.mask_phone(to), sender.name, limit)
+        message = (f"The key {sender.name!r} already has {limit} messages sent or being sent "
+                   f"in the last hour, its own limit (keys create --max-sends-per-hour)")
+    elif reached == "recipient":
         log.warning("Refused send to %s: MAX_SENDS_PER_RECIPIENT_PER_HOUR=%d reached",
                     rules.mask_phone(to), limit)
         message = (f"This recipient already has {limit} messages sent or being sent in the "
@@ -239,6 +278,18 @@ def release_reservation(storage, reservation):
     except DATABASE_ERRORS as error:
         # The answer about the send matters more; the reservation expires within the hour.
         log.error("Could not give back a reservation under the hourly limits: %s",
+                  storage.describe_error(error))
+
+
+def record_twilio_opt_out(storage, to):
+    """Twilio refused a send with 21610 (the recipient replied STOP to Twilio): the number
+    is opted out here too, so the next send is refused before Twilio."""
+    try:
+        if opt_outs.record_opt_out(storage, to, "twilio"):
+            log.info("Opted %s out: Twilio refused a send with 21610", rules.mask_phone(to))
+    except DATABASE_ERRORS as error:
+        # Twilio's answer still reaches the caller; the next refusal records it again.
+        log.error("Could not record the opt-out Twilio reported: %s",
                   storage.describe_error(error))
 
 
@@ -263,6 +314,8 @@ def send_and_record(context, ready):
                            else "twilio_failed")
         if reservation is not None and (failure.http_status == 400 or failure.safe_to_retry):
             release_reservation(storage, reservation)
+        if failure.code == statuses.OPTED_OUT_ERROR:
+            record_twilio_opt_out(storage, to)
         outcome = send_error(failure.http_status, failure.error, details=failure.details,
                              code=failure.code, retry_after=failure.retry_after,
                              replayable=not failure.safe_to_retry)
@@ -281,7 +334,7 @@ def send_and_record(context, ready):
             from_=message.from_ or config.phone_number or config.messaging_service_sid,
             body=ready.body if config.store_message_body else None,
             status=message.status, created_at=now, now=now, reservation=reservation,
-            reference=ready.reference,
+            reference=ready.reference, sent_by=context.sender and context.sender.name,
         )
         if context.webhooks is not None:
             context.webhooks.nudge()

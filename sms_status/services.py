@@ -11,6 +11,7 @@ from typing import Any, Optional
 from flask import current_app
 from twilio.request_validator import RequestValidator
 
+from sms_status.api_keys import KeyRing
 from sms_status.logs import LogBudget
 
 # The key under which an app keeps its Services (Flask's place for an extension's state).
@@ -34,6 +35,9 @@ class Services:
     backlog: Any
     # The budget of warnings about refused requests.
     rejection_log: LogBudget
+    # The named API keys this process has looked up, kept for at most a second, and
+    # API_KEY's (api_keys.py).
+    keys: KeyRing
     # Checks signatures made with WEBHOOK_SIGNING_KEY, when it is set.
     shared_key_validator: Optional[RequestValidator] = None
     # The status webhooks' delivery loop (webhooks/delivery.py), when STATUS_WEBHOOK_URL is set.

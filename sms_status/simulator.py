@@ -247,3 +247,17 @@ class SimulatedTwilio(HttpClient):
                 log.warning("Simulated callback %s %s answered %s",
                             sid, status, answer.status_code)
             return
+
+
+def post_reply(base_url, account_sid, auth_token, from_, to, body,
+               timeout=CALLBACK_TIMEOUT_SECONDS):
+    """Posts a message from `from_` to `to` to the service at `base_url`, as Twilio's
+    incoming-message webhook does, signed with `auth_token`; returns (its SID, the answer)."""
+    sid = "SM" + secrets.token_hex(16)
+    params = {"MessageSid": sid, "SmsMessageSid": sid, "SmsSid": sid, "AccountSid": account_sid,
+              "From": from_, "To": to, "Body": body, "NumMedia": "0", "NumSegments": "1",
+              "SmsStatus": "received", "ApiVersion": "2010-04-01"}
+    url = base_url + "/inbound-sms"
+    headers = {"X-Twilio-Signature": RequestValidator(auth_token).compute_signature(url, params)}
+    return sid, requests.post(url, data=params, headers=headers, timeout=timeout)
+

@@ -1,6 +1,7 @@
 """Helpers of the tests, the benchmarks and CI: importable (`from support import ...`),
 unlike conftest.py, which holds the pytest fixtures built from them."""
 
+import itertools
 import json
 import os
 import shlex
@@ -209,6 +210,42 @@ def callback(sid, status, **extra):
     }
     params.update(extra)
     return params
+
+
+# --- inbound messages (Twilio's incoming-message webhook) -----------------------------------
+
+INBOUND_URL = BASE_URL + "/inbound-sms"
+PERSON = "+15558675309"
+_inbound_sids = itertools.count(1)
+
+
+def inbound(body, from_=PERSON, sid=None, **extra):
+    """The form Twilio posts for a message that comes in."""
+    sid = sid or f"SM{next(_inbound_sids):032x}"
+    params = {"MessageSid": sid, "SmsMessageSid": sid, "SmsSid": sid, "AccountSid": ACCOUNT_SID,
+              "From": from_, "To": SENDER, "Body": body, "NumMedia": "0", "NumSegments": "1",
+              "ApiVersion": "2010-04-01"}
+    params.update(extra)
+    return {name: value for name, value in params.items() if value is not None}
+
+
+def post_inbound(client, params, url=INBOUND_URL):
+    return client.post("/inbound-sms", data=params,
+                       headers={"X-Twilio-Signature": sign(url, params)})
+
+
+def reply(client, body, from_=PERSON, **extra):
+    answer = post_inbound(client, inbound(body, from_, **extra))
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    return answer
+
+
+def refused_as_opted_out(answer):
+    assert answer.status_code == 400, answer.get_json()
+    body = answer.get_json()
+    assert body["code"] == 21610 and body["success"] is False
+    assert body["optedOutAt"] in body["details"]
+    return body
 
 
 # Tests of what only SQLite has (its file, its locks, its journal) run on SQLite alone.

@@ -16,9 +16,10 @@ def test_get_status_returns_the_documented_shape(client, send, post_callback):
     post_callback(callback(sid, "undelivered", ErrorCode="30003"))
     answer = client.get(f"/get-status/{sid}", headers=AUTH).get_json()
     assert set(answer) == {"sid", "to", "from", "latestStatus", "errorCode",
-                           "errorDescription", "reference", "createdAt", "updatedAt",
-                           "history"}
+                           "errorDescription", "reference", "sentBy", "createdAt",
+                           "updatedAt", "history"}
     assert answer["sid"] == sid and answer["to"] == "+15558675309"
+    assert answer["sentBy"] == "API_KEY"
     assert answer["latestStatus"] == "undelivered" and answer["errorCode"] == 30003
     assert answer["errorDescription"].startswith("Unreachable handset")
     assert answer["errorDescription"].endswith("https://www.twilio.com/docs/api/errors/30003")

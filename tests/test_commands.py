@@ -24,7 +24,11 @@ from support import (
     app_database_url,
     callback,
     count_rows,
+    count_rows_at,
+    free_port,
     live_env,
+    refused_as_opted_out,
+    reply,
     sign,
     sql_rows,
     sqlite_only,
@@ -189,6 +193,42 @@ def test_prune_deletes_old_messages_and_history(make_app, fake_twilio, post_call
     assert client.get(f"/get-status/{old}", headers=AUTH).status_code == 404
 
 
+def test_prune_removes_old_inbound_messages_but_never_opt_outs_and_says_so(make_app,
+                                                                         database_url):
+    app = make_app(STORE_MESSAGE_BODY="true", BODY_RETENTION="1h",
+                   STATUS_WEBHOOK_URL="http://127.0.0.1:9/events",
+                   STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    client = app.test_client()
+    reply(client, "STOP")
+    reply(client, "see you", from_="+15558675310")
+    client.put("/opt-outs/%2B15558675311", headers=AUTH)
+    sql_rows(database_url, "UPDATE webhook_events SET state = 'delivered',"
+                           " created_at = '2026-01-01T00:00:00.000Z'")
+    reply(client, "pending event kept", from_="+15558675312")
+    sql_rows(database_url, "UPDATE inbound_messages SET received_at = '2026-01-01T00:00:00.000Z'"
+                           " WHERE from_number = '+15558675309'")
+    now = time.time()
+    app.config["CLOCK"] = lambda: now + 2 * 3600
+    dry = run(app, "prune", "--older-than", "3h", "--dry-run")
+    assert dry.output.splitlines()[2] == (
+        "Would remove 1 inbound message received over 3h ago; would clear 2 inbound bodies "
+        "older than BODY_RETENTION. Opt-outs are never pruned: 2 numbers stay opted out, "
+        "every change kept.")
+    pruned = run(app, "prune", "--older-than", "3h")
+    assert pruned.output.splitlines()[2] == (
+        "Removed 1 inbound message received over 3h ago; cleared 2 inbound bodies older than "
+        "BODY_RETENTION. Opt-outs are never pruned: 2 numbers stay opted out, every change "
+        "kept.")
+    assert sorted(sql_rows(database_url, "SELECT from_number, body FROM inbound_messages")) \
+        == [("+15558675310", None), ("+15558675312", None)]
+    assert count_rows(app, "opt_outs") == 2 and count_rows(app, "opt_out_changes") == 2
+    refused_as_opted_out(client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
+                                     headers=AUTH))
+    # The settled events of numbers go with the replies; a pending one stays.
+    assert sql_rows(database_url, "SELECT type, state FROM webhook_events") == [
+        ("inbound.received", "pending")]
+
+
 def test_prune_keeps_messages_with_pending_webhook_events_and_says_so(
         make_app, database_url):
     """Events recorded while status webhooks were on stay pending after they are turned off:
@@ -214,6 +254,9 @@ def test_prune_keeps_messages_with_pending_webhook_events_and_says_so(
     assert dry.output.splitlines()[1:] == [
         "Dry run, nothing changed. Would remove 1 message and 1 status event not updated for "
         "0s; would clear 0 message bodies older than BODY_RETENTION.",
+        "Would remove 0 inbound messages received over 0s ago; would clear 0 inbound bodies "
+        "older than BODY_RETENTION. Opt-outs are never pruned: 0 numbers stay opted out, "
+        "every change kept.",
         "Would keep 1 message not updated for 0s for their 2 status webhook events still "
         "pending: a service running with status webhooks on delivers them (while webhooks "
         "are off they wait). If status webhooks are off for good, prune --older-than 0s "
@@ -224,6 +267,7 @@ def test_prune_keeps_messages_with_pending_webhook_events_and_says_so(
     assert pruned.exit_code == 0, pruned.output
     assert pruned.output.splitlines()[1:] == [
         line.replace("Dry run, nothing changed. Would remove", "Removed")
+            .replace("Would remove", "Removed")
             .replace("would clear", "cleared").replace("Would keep", "Kept")
         for line in dry.output.splitlines()[1:]]
     assert latest(client, pending)["latestStatus"] == "delivered"
@@ -328,6 +372,9 @@ def old_history(make_app, tmp_path, post_callback):
             client.post("/message-status", data=params,
                         headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
     histories = {sid: latest(client, sid) for sid in sids}
+    reply(client, "STOP", from_="+15558675310")
+    reply(client, "running late")
+    client.put("/opt-outs/%2B15558675311", headers=AUTH)
     # Delivered, as a running service would have done (pending ones would stop prune).
     sql_rows(url, "UPDATE webhook_events SET state = 'delivered', attempts = 1")
     return url, histories
@@ -337,8 +384,9 @@ def test_copy_database_copies_the_history_once(app, old_history):
     url, histories = old_history
     first = run(app, "copy-database", "--from", url)
     assert first.exit_code == 0, first.output
-    assert ("Copied 4 messages, 10 status events, 10 webhook events and 1 idempotency key "
-            "from") in first.output
+    assert ("Copied 4 messages, 10 status events, 14 webhook events, 2 inbound messages, "
+            "2 opt-outs with 2 changes of their history, 1 idempotency key and 0 API keys from"
+            ) in first.output
     client = app.test_client()
     for sid, history in histories.items():
         assert latest(client, sid) == history
@@ -349,10 +397,19 @@ def test_copy_database_copies_the_history_once(app, old_history):
     replay = client.post("/send-sms", json={"to": "+15558675309", "body": "code 1"},
                          headers={**AUTH, "Idempotency-Key": "k-1"})
     assert replay.headers["Idempotent-Replayed"] == "true"
+    for table, order in (("inbound_messages", "seq"), ("opt_outs", "seq"),
+                         ("opt_out_changes", "id")):
+        columns = "*" if table == "inbound_messages" else "number, source, keyword"
+        assert sql_rows(app_database_url(app), f"SELECT {columns} FROM {table} ORDER BY"
+                        f" {order}") == sql_rows(url, f"SELECT {columns} FROM {table}"
+                                                      f" ORDER BY {order}"), table
+    refused_as_opted_out(client.post("/send-sms", json={"to": "+15558675310", "body": "hi"},
+                                     headers=AUTH))
 
     again = run(app, "copy-database", "--from", url)
     assert again.exit_code == 0, again.output
-    assert ("Copied 0 messages, 0 status events, 0 webhook events and 0 idempotency keys"
+    assert ("Copied 0 messages, 0 status events, 0 webhook events, 0 inbound messages, "
+            "0 opt-outs with 0 changes of their history, 0 idempotency keys and 0 API keys"
             in again.output)
     assert count_rows(app, "status_events") == 10
 
@@ -665,6 +722,18 @@ def test_a_backup_is_as_private_as_the_database_under_a_permissive_umask(app, se
 
 
 @sqlite_only
+def test_a_backup_carries_the_replies_and_the_opt_outs(app, client, tmp_path):
+    reply(client, "STOP")
+    reply(client, "thanks")
+    copy = tmp_path / "copy.db"
+    assert run(app, "backup", "--to", str(copy)).exit_code == 0
+    assert count_rows_at(f"sqlite:///{copy}", "inbound_messages") == 2
+    assert sql_rows(f"sqlite:///{copy}", "SELECT number, source FROM opt_outs") == [
+        ("+15558675309", "keyword")]
+    assert count_rows_at(f"sqlite:///{copy}", "opt_out_changes") == 1
+
+
+@sqlite_only
 def test_a_backup_into_a_missing_folder_names_the_folder(app, tmp_path):
     folder = tmp_path / "no-such-folder"
     result = run(app, "backup", "--to", str(folder / "copy.db"))
@@ -722,7 +791,7 @@ def test_prune_prints_its_progress_at_the_interval_without_a_terminal(database_u
     assert len(lines) >= 2, result.stdout
     assert [done for done, _, _ in lines] == sorted({done for done, _, _ in lines})
     assert all(total == 3000 and percent == 100 * done // 3000 for done, total, percent in lines)
-    assert result.stdout.splitlines()[-1].startswith("Removed 3000 messages and 3000 status")
+    assert result.stdout.splitlines()[-2].startswith("Removed 3000 messages and 3000 status")
 
 
 def test_copy_database_prints_its_progress_at_the_interval_without_a_terminal(
@@ -810,3 +879,49 @@ def test_reconcile_on_a_terminal_prints_its_lines_above_the_bar(database_url, tm
     assert re.search(r"Checking messages with Twilio +\[#+\] +4/4 +100%", output), output
     assert output.endswith("Checked 4 messages: 4 updated, 0 unchanged, 0 not found at "
                            "Twilio, 0 failed.\r\n")
+
+
+def test_simulate_reply_stops_and_starts_sends_to_a_number_of_the_running_service(
+        service_env, start_service, tmp_path):
+    env = service_env()  # simulation without API_KEY, as in the quick start
+    service = start_service(env)
+
+    def send():
+        return requests.post(service.url + "/send-sms", timeout=15,
+                             json={"to": "+15558675309", "body": "Your code is 123456"})
+
+    assert send().status_code == 200
+    stop = flask_command(tmp_path, env, "simulate-reply", "--from", "+15558675309",
+                         "--body", "STOP")
+    assert stop.returncode == 0, stop.stderr
+    assert "'STOP' from +15558675309" in stop.stdout
+    refused = send()
+    assert refused.status_code == 400 and refused.json()["code"] == 21610
+    state = requests.get(service.url + "/opt-outs/%2B15558675309", timeout=15).json()
+    assert [(h["change"], h["source"]) for h in state["history"]] == [("opted_out", "keyword")]
+    assert flask_command(tmp_path, env, "simulate-reply", "--from", "+15558675309",
+                         "--body", "start").returncode == 0
+    assert send().status_code == 200
+    inbound = requests.get(service.url + "/inbound-messages", timeout=15).json()["messages"]
+    assert [(m["from"], m["to"], m["optOutType"]) for m in inbound] == [
+        ("+15558675309", "+15005550006", "START"), ("+15558675309", "+15005550006", "STOP")]
+
+
+@pytest.mark.parametrize("simulate, problem", [
+    pytest.param(False, "simulation only", id="live"),
+    pytest.param(True, "could not reach the service", id="no-service"),
+])
+def test_simulate_reply_is_refused_live_and_says_when_no_service_answers(tmp_path, simulate,
+                                                                         problem):
+    env = ({"TWILIO_SIMULATE": "true", "PORT": str(free_port())} if simulate
+           else live_env(tmp_path))
+    result = flask_command(tmp_path, env, "simulate-reply", "--from", "+15558675309",
+                           "--body", "STOP")
+    assert result.returncode == 1, result.stdout
+    assert problem in result.stderr and "Traceback" not in result.stderr
+
+
+def test_simulate_reply_needs_an_e164_number(tmp_path):
+    result = flask_command(tmp_path, {"TWILIO_SIMULATE": "true"}, "simulate-reply",
+                           "--from", "5558675309", "--body", "STOP")
+    assert result.returncode == 2 and "E.164" in result.stderr

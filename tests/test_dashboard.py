@@ -28,13 +28,15 @@ from support import (
     WebhookReceiver,
     callback,
     fill_messages,
+    reply,
     sign,
     sqlite_only,
 )
 
 pytestmark = pytest.mark.fixed_clock
 OTHER_KEY = "another-api-key-9876543210"
-PAGES = ("/dashboard", "/dashboard?window=7d", "/dashboard/messages",
+PAGES = ("/dashboard", "/dashboard?window=7d", "/dashboard/messages", "/dashboard/inbound",
+         "/dashboard/opt-outs", "/dashboard/opt-outs?number=%2B15558675309",
          "/dashboard/messages?to=%2B15558675309", "/dashboard/messages/SM123")
 
 
@@ -150,16 +152,16 @@ def test_the_login_form_posts_api_key_and_the_pages_send_a_strict_policy(client)
 def test_a_wrong_key_is_told_on_the_form_and_logged_without_the_key(client, caplog):
     response = log_in(client, "wrong-key-but-long-enough")
     assert response.status_code == 401 and response.mimetype == "text/html"
-    assert "not this service's API key" in problem(response.text)
+    assert "not an active key of this service" in problem(response.text)
     assert session_cookie(client) is None
     assert client.get("/dashboard").status_code == 303
-    assert "Refused dashboard login: wrong API key" in caplog.text
+    assert "Refused dashboard login: wrong or revoked API key" in caplog.text
     assert "wrong-key-but-long-enough" not in caplog.text
 
 
 def test_an_empty_key_is_asked_for(client):
     response = client.post("/dashboard/login", data={})
-    assert response.status_code == 400 and "Enter the service's API key" in problem(
+    assert response.status_code == 400 and "Enter an API key with the read scope" in problem(
         response.text)
 
 
@@ -323,6 +325,9 @@ def overview_numbers(page):
         # Shown only while status webhooks are on; /stats counts them (as 0) regardless.
         "webhooks": {"pending": int(values.get("webhooks-pending", 0)),
                      "failed": int(values.get("webhooks-failed", 0))},
+        "inbound": {"received": int(values["inbound-received"]),
+                    "optedOut": int(values["inbound-opted-out"]),
+                    "optedIn": int(values["inbound-opted-in"])},
     }
 
 
@@ -426,7 +431,8 @@ def test_the_overview_reads_through_indexes(app, signed_in, store):
         for sql in seen:
             plan = [row["detail"] for row in get_db().query("EXPLAIN QUERY PLAN " + sql)]
             tables = [line for line in plan
-                      if re.search(r"\b(messages|status_events|webhook_events)\b", line)]
+                      if re.search(r"\b(messages|status_events|webhook_events|inbound_messages"
+                                   r"|opt_out_changes)\b", line)]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
 
 
@@ -763,3 +769,158 @@ def test_without_status_webhooks_their_sections_are_left_out(signed_in, store):
     assert 'id="status-webhooks"' not in signed_in.get("/dashboard").get_data(as_text=True)
     page = signed_in.get(f"/dashboard/messages/{sid}").get_data(as_text=True)
     assert 'id="status-webhooks"' not in page
+
+
+# --- replies and opt-outs ----------------------------------------------------------------------
+
+def test_the_inbound_page_lists_replies_newest_first_by_number(signed_in):
+    reply(signed_in, "STOP")
+    reply(signed_in, "<b>see you</b>", from_="+15558675310")
+    reply(signed_in, "HELP")
+    page = signed_in.get("/dashboard/inbound").get_data(as_text=True)
+    rows = re.findall(r'<tr data-sid="(SM\w+)">.*?data-label="from"><a [^>]*>([^<]+)</a>.*?'
+                      r'class="badge kind-([\w-]+)"', page, re.S)
+    assert [(number, kind) for _, number, kind in rows] == [
+        ("+15558675309", "help"), ("+15558675310", "reply"), ("+15558675309", "opt-out")]
+    assert "not kept" in page and "see you" not in page  # bodies not kept at rest
+    mine = signed_in.get("/dashboard/inbound?number=%2B15558675310").get_data(as_text=True)
+    assert len(re.findall(r"<tr data-sid=", mine)) == 1
+    bad = signed_in.get("/dashboard/inbound?number=5558675310")
+    assert bad.status_code == 400 and "E.164" in problem(bad.get_data(as_text=True))
+    assert signed_in.get("/dashboard/inbound?number=+").status_code == 303
+
+
+def test_the_inbound_page_shows_kept_bodies_escaped(make_app):
+    client = make_app(STORE_MESSAGE_BODY="true").test_client()
+    assert log_in(client).status_code == 303
+    reply(client, "<b>see you</b>")
+    page = client.get("/dashboard/inbound").get_data(as_text=True)
+    assert "&lt;b&gt;see you&lt;/b&gt;" in page and "<b>see you" not in page
+
+
+def test_the_opt_outs_page_lists_them_and_a_search_shows_a_numbers_history(signed_in):
+    reply(signed_in, "STOP")
+    reply(signed_in, "START")
+    signed_in.put("/opt-outs/%2B15558675310", headers=AUTH)
+    reply(signed_in, "quit", from_="+15558675311")
+    listed = signed_in.get("/dashboard/opt-outs").get_data(as_text=True)
+    assert re.findall(r'<tr data-number="([^"]+)">', listed) == ["+15558675311", "+15558675310"]
+    page = signed_in.get("/dashboard/opt-outs?number=%2B15558675309").get_data(as_text=True)
+    assert re.findall(r'<li data-change="(\w+)">', page) == ["opted_out", "opted_in"]
+    assert 'id="opted-out"><span class="badge status-delivered">no' in page
+    assert "keyword · STOP" in page and "keyword · START" in page
+    never = signed_in.get("/dashboard/opt-outs?number=%2B15550001111").get_data(as_text=True)
+    assert 'id="never"' in never
+    bad = signed_in.get("/dashboard/opt-outs?number=abc")
+    assert bad.status_code == 400 and "E.164" in problem(bad.get_data(as_text=True))
+
+
+def test_a_messages_page_shows_that_its_recipient_opted_out(signed_in, store):
+    sid = store(60, ("delivered", 5))
+    assert 'id="recipient-opted-out"' not in signed_in.get(
+        f"/dashboard/messages/{sid}").get_data(as_text=True)
+    reply(signed_in, "STOP")
+    page = signed_in.get(f"/dashboard/messages/{sid}").get_data(as_text=True)
+    badge = re.search(r'<a class="badge status-failed" id="recipient-opted-out"[^>]*>([^<]+)</a>',
+                      page)
+    assert badge and badge.group(1).startswith("opted out ") and "(keyword)" in badge.group(1)
+# --- named keys ---------------------------------------------------------------------------
+
+def new_key(app, name, *options):
+    """A key made with the real command; its text."""
+    result = app.test_cli_runner().invoke(args=["keys", "create", name, *options])
+    assert result.exit_code == 0, result.output
+    return next(line for line in result.output.splitlines() if line.startswith("sk_"))
+
+
+def test_any_key_with_read_logs_in_and_the_header_names_it(app, client):
+    key = new_key(app, "support-desk", "--scope", "read")
+    response = log_in(client, key)
+    assert response.status_code == 303
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert re.search(r'id="key-name"[^>]*>support-desk<', page)
+    payload = session_cookie(client).split(".")[0]
+    decoded = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode()
+    assert json.loads(decoded)["key"] == "support-desk" and key not in decoded
+    assert re.search(r'id="key-name"[^>]*>API_KEY<', (log_in(client) and client.get(
+        "/dashboard")).get_data(as_text=True))
+
+
+def test_a_key_without_read_is_refused_on_the_login_form(app, client, caplog):
+    key = new_key(app, "sender-only", "--scope", "send")
+    response = log_in(client, key)
+    assert response.status_code == 403 and "may not read" in problem(response.text)
+    assert session_cookie(client) is None
+    assert "key sender-only has no 'read' scope" in caplog.text and key not in caplog.text
+
+
+def test_a_revoke_ends_the_keys_sessions(app, client):
+    ticks = {"seconds": 0.0}
+    services(app).keys = type(services(app).keys)(API_KEY, monotonic=lambda: ticks["seconds"])
+    key = new_key(app, "temp", "--scope", "read")
+    assert log_in(client, key).status_code == 303
+    assert client.get("/dashboard/messages").status_code == 200
+    assert app.test_cli_runner().invoke(args=["keys", "revoke", "temp"]).exit_code == 0
+    ticks["seconds"] += 1.0
+    response = client.get("/dashboard/messages")
+    assert response.status_code == 303 and response.headers["Location"].startswith(
+        "/dashboard/login")
+    assert log_in(client, key).status_code == 401
+
+
+def test_a_session_of_a_named_key_still_ends_when_api_key_changes(make_app):
+    before = make_app()
+    client = before.test_client()
+    log_in(client, new_key(before, "reader", "--scope", "read"))
+    cookie = session_cookie(client)
+    after = make_app(API_KEY=OTHER_KEY).test_client()
+    after.set_cookie(dashboard.SESSION_COOKIE, cookie, path="/dashboard")
+    assert after.get("/dashboard").status_code == 303
+
+
+def test_the_search_finds_messages_by_the_key_that_sent_them(app, signed_in):
+    key = new_key(app, "alerts")
+    sent = signed_in.post("/send-sms", json={"to": "+15558675309", "body": "Hi"},
+                          headers={"Authorization": f"Bearer {key}"}).get_json()["messageSid"]
+    signed_in.post("/send-sms", json={"to": "+15558675309", "body": "Hi"}, headers=AUTH)
+    page = signed_in.get("/dashboard/messages?sentBy=alerts").get_data(as_text=True)
+    assert ("sentBy", "alerts") in attributes(page, "input", "name", "value")
+    assert attributes(page, "tr", "data-sid") == [(sent,)]
+    message = signed_in.get(f"/dashboard/messages/{sent}").get_data(as_text=True)
+    assert re.search(r'id="sent-by"><a href="/dashboard/messages\?sentBy=alerts">alerts<', message)
+    refused = signed_in.get("/dashboard/messages?sentBy=no+spaces")
+    assert refused.status_code == 400 and "sentBy" in problem(refused.text)
+
+
+def test_the_retry_of_a_status_webhook_is_offered_to_admin_keys_only(make_app):
+    with WebhookReceiver() as receiver:
+        app = make_app(clock=time.time, STATUS_WEBHOOK_URL=receiver.url,
+                       STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET, STATUS_WEBHOOK_RETRY_SCHEDULE="0")
+        sid = "SM" + "7b" * 16
+        client = app.test_client()
+        params = callback(sid, "delivered")
+        client.post("/message-status", data=params,
+                    headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
+        receiver.answers = [500, 500]  # both attempts: the event fails
+        event = client.get(f"/webhook-events?sid={sid}", headers=AUTH).get_json()["events"][0]
+        with app.app_context():
+            while services(app).webhooks.deliver_now(event["id"]):
+                pass
+        retry = f"/dashboard/webhook-events/{event['id']}/retry"
+
+        reader = app.test_client()
+        log_in(reader, new_key(app, "reader", "--scope", "read"))
+        page = reader.get(f"/dashboard/messages/{sid}").get_data(as_text=True)
+        assert "HTTP 500" in page and retry not in page and "Retry now" not in page
+        refused = reader.post(retry)
+        assert refused.status_code == 403 and "admin scope" in problem(refused.text)
+
+        admin = app.test_client()
+        log_in(admin, new_key(app, "operator", "--scope", "read", "--scope", "admin"))
+        page = admin.get(f"/dashboard/messages/{sid}").get_data(as_text=True)
+        assert ("post", retry) in attributes(page, "form", "method", "action")
+        answer = admin.post(retry)
+        assert answer.status_code == 303
+        assert answer.headers["Location"] == f"/dashboard/messages/{sid}#status-webhooks"
+        queued = client.get(f"/webhook-events?sid={sid}", headers=AUTH).get_json()["events"]
+        assert queued[0]["state"] == "pending", "queued again, for the delivery loop"

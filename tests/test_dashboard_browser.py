@@ -8,13 +8,17 @@ phone sized, for a person to look at.
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
-from sms_status import listing
+from sms_status import listing, simulator
+from sms_status.config import SIMULATED_ACCOUNT_SID, SIMULATED_AUTH_TOKEN
 from support import (
     API_KEY,
     AUTH,
@@ -155,7 +159,7 @@ def test_log_in_read_the_overview_and_log_out(service, browser, request):
     screenshot(browser, request, "login")
 
     log_in(browser, service, key="not-the-key-but-long-enough")
-    assert "not this service's API key" in first(browser, ".problem").text
+    assert "not an active key of this service" in first(browser, ".problem").text
     screenshot(browser, request, "login-wrong-key")
     assert console_errors(browser, expected=["/dashboard/login - Failed to load resource: "
                                              "the server responded with a status of 401"]) == []
@@ -224,7 +228,7 @@ def test_search_by_number_and_read_a_message_history(service, browser, request):
                                              "a status of 400"]) == []
 
     browser.get(service.url + "/dashboard/messages?to=%2B15005551003")
-    first(browser, "#messages tbody tr a").click()
+    first(browser, "#messages tbody tr td.sid a").click()
     wait_for_page(browser, f"/dashboard/messages/{service.sids['+15005551003']}")
     history = [item.get_attribute("data-status") for item in css(browser, "#history li")]
     assert history == [event["status"] for event in api(
@@ -299,3 +303,70 @@ def test_search_by_status_time_and_sid_with_the_form(service, browser, request):
     wait_for_page(browser, f"/dashboard/messages/{service.sids['+15005551008']}")
     assert "30008" in first(browser, "#details").text
     assert console_errors(browser) == []
+
+
+def test_inbound_and_opt_outs_pages_and_a_recipient_who_opted_out(service, browser, request):
+    number = "+15558670001"
+    for body in ("Thanks!", "STOP"):
+        _, answer = simulator.post_reply(service.url, SIMULATED_ACCOUNT_SID,
+                                         SIMULATED_AUTH_TOKEN, number, "+15005550006", body)
+        assert answer.status_code == 200, answer.text
+    log_in(browser, service)
+    wait_for_page(browser, "/dashboard")
+    first(browser, "header nav a[href='/dashboard/inbound']").click()
+    wait_for_page(browser, "/dashboard/inbound")
+    kinds = [cell.text for cell in css(browser, "#inbound td[data-label=kind]")]
+    assert kinds == ["opt-out", "reply"]
+    screenshot(browser, request, "inbound")
+
+    first(browser, "header nav a[href='/dashboard/opt-outs']").click()
+    wait_for_page(browser, "/dashboard/opt-outs")
+    assert [row.get_attribute("data-number") for row in css(browser, "#opt-outs tbody tr")] \
+        == [number]
+    screenshot(browser, request, "opt-outs")
+    search(browser, number=number)
+    wait_until(lambda: "number=%2B15558670001" in browser.current_url, 10, "the search")
+    assert [item.get_attribute("data-change") for item in css(browser, "#opt-out-history li")] \
+        == [h["change"] for h in api(service, "/opt-outs/%2B15558670001")["history"]] \
+        == ["opted_out"]
+    assert first(browser, "#opted-out").text.startswith("yes since")
+    screenshot(browser, request, "opt-out")
+
+    browser.get(service.url + f"/dashboard/messages/{service.sids[number]}")
+    badge = first(browser, "#recipient-opted-out")
+    assert badge.text.startswith("opted out") and "(keyword)" in badge.text
+    screenshot(browser, request, "message-opted-out")
+    assert console_errors(browser) == []
+
+
+def test_a_session_ends_once_its_key_is_revoked(service, browser, request):
+    """A support person's key, with read alone: the header names it, the admin's retry is
+    not offered, its messages are found by the key that sent them; once the key is revoked
+    with the real command, the next page leads to the login form."""
+    env = service.env
+    flask = [str(Path(sys.executable).parent / "flask"), "--app", str(ROOT / "app.py"), "keys"]
+    created = subprocess.run([*flask, "create", "support-desk", "--scope", "read"], env=env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    key = next(line for line in created.stdout.splitlines() if line.startswith("sk_"))
+    log_in(browser, service, key=key)
+    wait_for_page(browser, "/dashboard")
+    assert first(browser, "#key-name").text == "support-desk"
+    browser.get(service.url + f"/dashboard/messages/{service.sids['+15005551003']}")
+    assert first(browser, "#sent-by").text == "API_KEY"
+    assert css(browser, "form.retry") == [], "retrying needs the admin scope"
+    first(browser, "#sent-by a").click()
+    wait_until(lambda: "sentBy=API_KEY" in browser.current_url, 10, "the search by key")
+    assert len(css(browser, "#messages tbody tr")) == len(SENDS)
+    screenshot(browser, request, "messages-by-key")
+
+    revoked = subprocess.run([*flask, "revoke", "support-desk"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert revoked.returncode == 0, revoked.stderr
+    time.sleep(1.0)  # the contract's bound
+    browser.get(service.url + "/dashboard/messages")
+    wait_for_page(browser, "/dashboard/login")
+    log_in(browser, service, key=key)
+    assert "not an active key of this service" in first(browser, ".problem").text
+    assert console_errors(browser, expected=["/dashboard/login - Failed to load resource: "
+                                             "the server responded with a status of 401"]) == []

@@ -20,12 +20,17 @@ from sms_status.services import services
 from support import (
     AUTH,
     CALLBACK_URL,
+    PERSON,
     ROOT,
     WEBHOOK_SECRET,
     WebhookReceiver,
     app_database_url,
     callback,
+    inbound,
+    post_inbound,
     post_to_service,
+    refused_as_opted_out,
+    reply,
     sign,
     sqlite_only,
     wait_until,
@@ -36,6 +41,7 @@ METRICS = {
     "sms_status_callbacks": "counter",
     "sms_status_sends": "counter",
     "sms_status_status_changes": "counter",
+    "sms_status_inbound": "counter",
     "sms_status_twilio_request_duration_seconds": "histogram",
     "sms_status_database_write_duration_seconds": "histogram",
     "sms_status_http_requests": "counter",
@@ -85,6 +91,25 @@ def observations(histogram, **labels):
 
 
 # --- in one process (Flask's test client) -----------------------------------------------
+
+def test_inbound_messages_count_by_kind_and_refused_sends_as_opted_out(client, send):
+    before = scrape(client)
+    for body in ("STOP", "stop", "thanks!", "HELP", "START", "please don't stop"):
+        reply(client, body)
+    post_inbound(client, inbound("hi", sid="SM" + "c2" * 16))
+    post_inbound(client, inbound("hi", sid="SM" + "c2" * 16))  # a repeat is not counted
+    reply(client, "STOP")
+    refused_as_opted_out(send(PERSON))
+    grown = rise(before, scrape(client))
+    assert {name: value for name, value in grown.items()
+            if name[0] in ("sms_status_inbound_total", "sms_status_sends_total")} == {
+        sample("sms_status_inbound_total", kind="opt_out"): 3,
+        sample("sms_status_inbound_total", kind="message"): 3,
+        sample("sms_status_inbound_total", kind="help"): 1,
+        sample("sms_status_inbound_total", kind="opt_in"): 1,
+        sample("sms_status_sends_total", outcome="opted_out"): 1,
+    }
+
 
 @sqlite_only
 def test_metrics_are_prometheus_text_with_every_metric_named_by_convention(client):

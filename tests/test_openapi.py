@@ -8,7 +8,10 @@ from sms_status.web.routes import OPENAPI_DOCUMENT
 ROUTES = {("/", "get"), ("/healthz", "get"), ("/openapi.json", "get"), ("/send-sms", "post"),
           ("/message-status", "post"), ("/get-status/{sid}", "get"), ("/messages", "get"),
           ("/stats", "get"), ("/webhook-events", "get"),
-          ("/webhook-events/{event_id}/retry", "post"), ("/metrics", "get")}
+          ("/webhook-events/{event_id}/retry", "post"), ("/metrics", "get"),
+          ("/inbound-sms", "post"), ("/inbound-messages", "get"), ("/opt-outs", "get"),
+          ("/opt-outs/{number}", "get"), ("/opt-outs/{number}", "put"),
+          ("/opt-outs/{number}", "delete")}
 
 
 def test_openapi_document_is_served_without_a_key_and_is_valid_openapi_3_1(client):

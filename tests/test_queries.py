@@ -55,7 +55,7 @@ def test_messages_are_newest_first_with_the_documented_shape(client, store):
         "sid": older, "to": "+15558675309", "from": "+15551234567",
         "latestStatus": "undelivered", "errorCode": 30003,
         "errorDescription": item["errorDescription"],
-        "reference": None, "createdAt": at(120), "updatedAt": at(117),
+        "reference": None, "sentBy": None, "createdAt": at(120), "updatedAt": at(117),
     }
     assert item["errorDescription"].startswith("Unreachable handset")
     assert answer["messages"][0]["errorDescription"] is None
@@ -306,6 +306,7 @@ def test_stats_arithmetic_over_a_window(client, store):
         "timeToDeliveredSeconds": {"p50": 10, "p90": 18},
         "stuck": 2,
         "webhooks": {"pending": 0, "failed": 0},
+        "inbound": {"received": 0, "optedOut": 0, "optedIn": 0},
     }
     assert answer["errors"][0]["description"].startswith("Carrier filtering")
     assert answer["errors"][1]["description"].startswith("Unreachable handset")
@@ -340,6 +341,7 @@ def test_stats_of_an_empty_window(client, store):
         "since": "2026-11-25T20:00:00.000Z", "until": "2026-11-26T20:00:00.000Z",
         "total": 0, "byStatus": {}, "deliveryRate": None, "errors": [],
         "timeToDeliveredSeconds": None, "stuck": 0, "webhooks": {"pending": 0, "failed": 0},
+        "inbound": {"received": 0, "optedOut": 0, "optedIn": 0},
     }
 
 
@@ -572,11 +574,18 @@ def test_time_to_delivered_counts_from_the_send_even_when_callbacks_came_first(
     pytest.param("/webhook-events", {}, id="events"),
     pytest.param("/webhook-events", {"state": "failed"}, id="events-state"),
     pytest.param("/webhook-events", {"sid": "SM" + "0" * 32}, id="events-sid"),
+    pytest.param("/opt-outs", {}, id="opt-outs"),
+    pytest.param("/opt-outs", {"since": "2026-11-26T19:00:00Z"}, id="opt-outs-since"),
+    pytest.param("/opt-outs/%2B15558675309", {}, id="opt-out"),
+    pytest.param("/inbound-messages", {}, id="inbound"),
+    pytest.param("/inbound-messages", {"from": "+15558675309"}, id="inbound-from"),
+    pytest.param("/inbound-messages", {"to": "+15558675309"}, id="inbound-to"),
 ])
 @sqlite_only
 def test_queries_read_through_indexes_without_sorting(app, client, store, monkeypatch, path,
                                                       params):
     store(60, ("delivered", 1))
+    client.put("/opt-outs/%2B15558675309", headers=AUTH)
     seen = []
     # SQLite reports every statement its connection runs, values in place: the test client
     # serves the request in this thread, on this thread's connection.
@@ -592,9 +601,10 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
         for sql in seen:
             plan = [row["detail"] for row in get_db().query("EXPLAIN QUERY PLAN " + sql)]
             tables = [line for line in plan
-                      if re.search(r"\b(messages|status_events|webhook_events)\b", line)]
+                      if re.search(r"\b(messages|status_events|webhook_events|inbound_messages"
+                                   r"|opt_outs|opt_out_changes)\b", line)]
             assert tables and all("USING" in line and "INDEX" in line for line in tables), plan
-            if path in ("/messages", "/webhook-events"):
+            if path in ("/messages", "/webhook-events", "/opt-outs", "/inbound-messages"):
                 assert not any("TEMP B-TREE" in line for line in plan), plan
             if "state" in params:  # the partial index of that state's events alone
                 assert plan[0].startswith(f"SCAN webhook_events USING INDEX webhook_events_"
@@ -606,7 +616,8 @@ def test_queries_read_through_indexes_without_sorting(app, client, store, monkey
 @sqlite_only
 def test_a_claim_of_webhook_events_seeks_each_message_and_stops_at_its_limit(app):
     """Claiming status webhook events looks each candidate's earlier events up by its
-    message's SID, and walks the pending events oldest first without sorting them all.
+    stream (its message's SID), and walks the pending events oldest first without sorting
+    them all.
     Without statistics, SQLite once looked them up through the state index instead: every
     pending event walked for each candidate, and a backlog of 4,000 took 8 s a claim."""
     with app.app_context():
@@ -624,7 +635,7 @@ def test_a_claim_of_webhook_events_seeks_each_message_and_stops_at_its_limit(app
             connection.set_trace_callback(None)
         claim = next(sql for sql in seen if sql.lstrip().startswith("UPDATE webhook_events"))
         plan = [row["detail"] for row in storage.query("EXPLAIN QUERY PLAN " + claim)]
-    assert "SEARCH o USING INDEX webhook_events_pending_of_message (message_sid=?)" in plan, plan
+    assert "SEARCH o USING INDEX webhook_events_pending_of_stream (stream=?)" in plan, plan
     assert not any("TEMP B-TREE" in line for line in plan), plan
     # The oldest 16 messages' first events: a message's later event waits for its first.
     assert [event["message_sid"] for event in claimed] == [f"SM{n:032x}" for n in range(16)]
@@ -644,8 +655,9 @@ def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app)
                   " created_at, updated_at) SELECT 'SM' || lpad(to_hex(n), 32, '0'),"
                   " '+15550000000', '+15550000001', 'sent', '2026-01-01T00:00:00.000Z',"
                   " '2026-01-01T00:00:00.000Z' FROM generate_series(0, 2999) AS n")
-    sql_rows(url, "INSERT INTO webhook_events (id, message_sid, type, payload, state,"
+    sql_rows(url, "INSERT INTO webhook_events (id, message_sid, stream, type, payload, state,"
                   " created_at, next_attempt_at) SELECT 'evt_' || n,"
+                  " 'SM' || lpad(to_hex(mod(n, 3000)), 32, '0'),"
                   " 'SM' || lpad(to_hex(mod(n, 3000)), 32, '0'), 'message.sent', '{}', 'pending',"
                   " '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z'"
                   " FROM generate_series(1, 10000) AS n")
@@ -659,7 +671,7 @@ def test_a_claim_on_a_fresh_postgres_database_walks_the_due_events_in_order(app)
         tx.plan_by_index()
         plan = "\n".join(row["QUERY PLAN"] for row in tx.execute("EXPLAIN " + sql, params))
     assert "Index Scan using webhook_events_due on webhook_events e" in plan, plan
-    assert "Index Scan using webhook_events_pending_of_message on webhook_events o" in plan, plan
+    assert "Index Scan using webhook_events_pending_of_stream on webhook_events o" in plan, plan
     assert not any(step in plan for step in ("Sort", "Bitmap", "Seq Scan", "Materialize")), plan
 
     # The claim itself (the same statement and settings): 8.5 to 19 s before, under 1 ms after.

@@ -190,7 +190,7 @@ def test_limit_counts_only_messages_this_service_sent(make_app, fake_twilio, pos
     params = callback("SM" + "f6" * 16, "delivered", To="+15558675309")
     client.post("/message-status", data=params,
                 headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
-    fake_twilio.answer_next(twilio_error(400, 21610))
+    fake_twilio.answer_next(twilio_error(400, 21612))
     assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
                        headers=AUTH).status_code == 400
     assert client.post("/send-sms", json={"to": "+15558675309", "body": "hi"},
@@ -246,7 +246,7 @@ def test_a_send_with_unknown_outcome_keeps_counting_against_the_limit(make_app, 
 
 def test_a_send_twilio_refused_gives_its_place_back(make_app, fake_twilio):
     client = make_app(MAX_SENDS_PER_RECIPIENT_PER_HOUR="1").test_client()
-    fake_twilio.answer_next(twilio_error(400, 21610))
+    fake_twilio.answer_next(twilio_error(400, 21612))
     assert keyed(client, "a").status_code == 400
     assert keyed(client, "b", body="other").status_code == 200
 
@@ -279,7 +279,7 @@ def test_the_service_wide_hourly_limit(make_app, fake_twilio, clock, caplog):
     clock.now += 600
     fake_twilio.answer_next(requests.ReadTimeout("slow"))  # unknown outcome: counts
     assert keyed(client, "b", to="+15558670002").status_code == 504
-    fake_twilio.answer_next(twilio_error(400, 21610))  # certainly not sent: does not count
+    fake_twilio.answer_next(twilio_error(400, 21612))  # certainly not sent: does not count
     assert keyed(client, "c", to="+15558670003").status_code == 400
     assert keyed(client, "d", to="+15558670004").status_code == 200
     clock.now += 600

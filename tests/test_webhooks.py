@@ -201,7 +201,7 @@ def test_the_request_body_headers_and_signatures(webhook_app, webhook_client, re
         "data": {"sid": sid, "status": "undelivered", "previousStatus": "queued",
                  "errorCode": 30003, "errorDescription": event["data"]["errorDescription"],
                  "to": "+15558675309", "from": "+15017122661", "reference": "user-7",
-                 "createdAt": event["data"]["createdAt"],
+                 "sentBy": "API_KEY", "createdAt": event["data"]["createdAt"],
                  "updatedAt": event["timestamp"]}}
     assert event["data"]["errorDescription"].startswith("Unreachable handset")
 

@@ -91,6 +91,10 @@ def every_write(now):
         ("mark_checked", (SID_B, at)),
         ("mark_unknown_at_twilio", (SID_B,)),
         ("check_writable", ()),
+        ("record_inbound", ("SM" + "c3" * 16, "+15558675309", "+15017122661", "STOP", 0, 1,
+                            "STOP", "opt_out", "STOP")),
+        ("record_opt_out", ("+15558675310", "api")),
+        ("end_api_opt_out", ("+15558675310",)),
         ("claim_webhook_events", ("lease", now, 60, 0)),  # none: event ids are random
         ("settle_webhook_attempts", ([],)),
         ("release_webhook_events", (["lease"],)),
@@ -119,9 +123,11 @@ def test_every_write_runs_in_the_writer_process_as_it_runs_in_place(make_app, tm
         assert (in_batch.ops, in_batch.features) == (engine.ops, engine.features)
         assert in_batch.records_events is engine.records_events is True
     assert batch(through_writer, *calls) == expected
-    assert count_rows_at(app_database_url(in_place), "webhook_events") == 3
+    # The message's three, the reply's and its opt-out's, and the API's opt-out and its end.
+    assert count_rows_at(app_database_url(in_place), "webhook_events") == 7
     for table in ("messages", "status_events", "idempotency_keys", "send_reservations",
-                  "health_checks", "webhook_events"):
+                  "health_checks", "webhook_events", "inbound_messages", "opt_outs",
+                  "opt_out_changes"):
         assert count_rows_at(app_database_url(through_writer), table) == count_rows_at(
             app_database_url(in_place), table), table
 

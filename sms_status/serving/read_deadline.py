@@ -7,9 +7,9 @@ and a few hundred such clients hold every thread. No key is needed for that.
 Here every read of one request (its request line, headers and body, the body being read by
 the app) shares one deadline, REQUEST_READ_TIMEOUT seconds after the first read of that
 request: before each read the socket's receive timeout (the kernel's, SO_RCVTIMEO) is set
-to the time left. A request that has
-not fully arrived by then is given up on, and its thread is freed. A timeout per read alone
-would not do: a client trickling a byte a second never lets one read time out.
+to the time left. A request that has not fully arrived by then is given up on, and its
+thread is freed. A timeout per read alone would not do: a client trickling a byte a second
+never lets one read time out.
 
 The trade-off: a legitimate client on a very slow link that needs longer than the deadline to
 send a request (at most 64 KiB here) is cut off too. This bounds what each slow client costs;

@@ -58,8 +58,9 @@ PENDING_EVENTS_OF_MESSAGE = ("(SELECT count(*) FROM webhook_events w"
 
 class Pruned(NamedTuple):
     """What prune removed, or would remove (a dry run): messages, their status events and
-    the pending webhook events dropped with them; bodies cleared; and the old messages kept
-    for their pending webhook events, with those events."""
+    the pending webhook events dropped with them; bodies cleared; the old messages kept
+    for their pending webhook events, with those events; inbound messages removed and
+    their bodies cleared; and the numbers opted out, which prune never removes."""
 
     messages: int
     events: int
@@ -67,6 +68,28 @@ class Pruned(NamedTuple):
     bodies: int
     kept: int
     kept_pending: int
+    inbound: int = 0
+    inbound_bodies: int = 0
+    opted_out: int = 0
+
+
+# The events of numbers (replies, opt-out changes) belong to no message, so no cascade
+# removes them: prune removes those settled (delivered or given up on) with the replies.
+OLD_NUMBER_EVENTS = ("FROM webhook_events WHERE message_sid IS NULL AND created_at < ?"
+                     " AND state <> 'pending'")
+
+
+def inbound_counts(storage, updated_before, body_before):
+    """(inbound messages received before `updated_before`, bodies kept of the others older
+    than `body_before`, numbers opted out now)."""
+    def count(sql, params):
+        return storage.query(sql, params)[0]["n"]
+
+    return (count("SELECT count(*) AS n FROM inbound_messages WHERE received_at < ?",
+                  (updated_before,)),
+            count("SELECT count(*) AS n FROM inbound_messages WHERE received_at >= ?"
+                  " AND received_at < ? AND body IS NOT NULL", (updated_before, body_before)),
+            count("SELECT count(*) AS n FROM opt_outs", ()))
 
 
 def kept_for_pending_events(storage, updated_before):
@@ -92,7 +115,8 @@ def prune_preview(storage, updated_before, body_before, drop_pending=False):
         "SELECT count(*) AS n FROM messages WHERE created_at < ? AND body IS NOT NULL"
         f" AND NOT (updated_at < ?{keep})", (body_before, updated_before))[0]["n"]
     kept = (0, 0) if drop_pending else kept_for_pending_events(storage, updated_before)
-    return Pruned(old["messages"], int(old["events"]), int(old["pending"]), bodies, *kept)
+    return Pruned(old["messages"], int(old["events"]), int(old["pending"]), bodies, *kept,
+                  *inbound_counts(storage, updated_before, body_before))
 
 
 def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress=no_progress,
@@ -160,6 +184,8 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress
     _in_batches(storage, "Clearing old message bodies", storage.query(
         "SELECT count(*) AS n FROM messages WHERE created_at < ?", (body_before,))[0]["n"],
         batch, progress, clear_bodies)
+    inbound, inbound_bodies = prune_inbound(storage, updated_before, body_before, batch,
+                                            progress)
     with storage.transaction() as tx:
         tx.execute("DELETE FROM send_reservations WHERE counts_until < ?", (now,))
     # Give the space of the deleted rows' journal back (SQLite's WAL; nothing on PostgreSQL).
@@ -170,8 +196,59 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress
             break
         time.sleep(0.1)
     kept = (0, 0) if drop_pending else kept_for_pending_events(storage, updated_before)
+    opted_out = storage.query("SELECT count(*) AS n FROM opt_outs")[0]["n"]
     return Pruned(removed["messages"], removed["events"], removed["pending"],
-                  removed["bodies"], *kept)
+                  removed["bodies"], *kept, inbound, inbound_bodies, opted_out)
+
+
+def prune_inbound(storage, received_before, body_before, batch=PRUNE_BATCH,
+                  progress=no_progress):
+    """Deletes the inbound messages received before `received_before`, and the settled
+    events of numbers from then, and clears the other inbound bodies older than
+    `body_before`, in batches; returns (messages deleted, bodies cleared). Opt-outs and
+    their history are never deleted: a person's STOP holds until their START."""
+    counts = {"inbound": 0, "bodies": 0}
+
+    def delete_old(tx):
+        rows = tx.execute("SELECT seq FROM inbound_messages WHERE received_at < ?"
+                          " ORDER BY received_at, seq LIMIT ?",
+                          (received_before, batch)).fetchall()
+        if rows:
+            counts["inbound"] += tx.execute(
+                f"DELETE FROM inbound_messages WHERE seq IN ({', '.join('?' for _ in rows)})",
+                tuple(row["seq"] for row in rows)).rowcount
+        return len(rows)
+
+    _in_batches(storage, "Deleting old inbound messages", storage.query(
+        "SELECT count(*) AS n FROM inbound_messages WHERE received_at < ?",
+        (received_before,))[0]["n"], batch, progress, delete_old)
+
+    def delete_events(tx):
+        rows = tx.execute(f"SELECT seq {OLD_NUMBER_EVENTS} LIMIT ?",
+                          (received_before, batch)).fetchall()
+        if rows:
+            tx.execute(f"DELETE FROM webhook_events WHERE seq IN"
+                       f" ({', '.join('?' for _ in rows)})", tuple(row["seq"] for row in rows))
+        return len(rows)
+
+    _in_batches(storage, "Deleting old events of replies and opt-outs", storage.query(
+        f"SELECT count(*) AS n {OLD_NUMBER_EVENTS}", (received_before,))[0]["n"], batch,
+        progress, delete_events)
+
+    def clear_bodies(tx):
+        rows = tx.execute("SELECT seq FROM inbound_messages WHERE received_at < ?"
+                          " AND body IS NOT NULL LIMIT ?", (body_before, batch)).fetchall()
+        if rows:
+            counts["bodies"] += tx.execute(
+                "UPDATE inbound_messages SET body = NULL"
+                f" WHERE seq IN ({', '.join('?' for _ in rows)})",
+                tuple(row["seq"] for row in rows)).rowcount
+        return len(rows)
+
+    _in_batches(storage, "Clearing old inbound bodies", storage.query(
+        "SELECT count(*) AS n FROM inbound_messages WHERE received_at < ? AND body IS NOT NULL",
+        (body_before,))[0]["n"], batch, progress, clear_bodies)
+    return counts["inbound"], counts["bodies"]
 
 
 def _in_batches(storage, label, total, batch, progress, step):
@@ -237,7 +314,20 @@ NOT_COPIED = {
     "status_events": ("id",),
     "webhook_events": ("seq", "lease", "lease_until"),
     "idempotency_keys": (),
+    "inbound_messages": ("seq",),
+    "opt_outs": ("seq",),
+    "opt_out_changes": ("id",),
+    "api_keys": (),
 }
+# The tables copied after the messages, each in its order of storage (a batch at a time),
+# with what makes a row already there (a unique key) skipped: replies, the opt-out list and
+# its history, and the events of numbers, which belong to no message.
+COPIED_BY_ORDER = (
+    ("opt_out_changes", "id", "", "optOutChanges"),
+    ("opt_outs", "seq", "", "optOuts"),
+    ("inbound_messages", "seq", "", "inbound"),
+    ("webhook_events", "seq", " AND message_sid IS NULL", "webhookEvents"),
+)
 
 
 class ColumnsMissing(Exception):
@@ -268,12 +358,28 @@ def _insert_new(tx, table, columns, rows, computed=()):
     return sum(tx.execute(statement, tuple(row[c] for c in columns)).rowcount for row in rows)
 
 
+def _copy_in_order(source, target, table, columns, order, only=""):
+    """Copies `table`'s rows (those matching `only`, an SQL condition after AND) in the
+    order of the column `order`, a batch at a time; returns how many were new."""
+    copied, last = 0, 0
+    while True:
+        rows = source.query(f"SELECT {', '.join(columns)}, {order} FROM {table}"
+                            f" WHERE {order} > ?{only} ORDER BY {order} LIMIT ?",
+                            (last, COPY_BATCH))
+        if not rows:
+            return copied
+        last = rows[-1][order]
+        with target.transaction() as tx:
+            copied += _insert_new(tx, table, columns, rows)
+
+
 def copy_history(source, target, keys_created_after, progress=no_progress):
-    """Copies messages with their status events and webhook events, and the idempotency
-    keys created after `keys_created_after`, from `source` into `target`, every column the
-    target has (copied_columns). What `target` has already is left as it is, so copying
-    twice copies nothing twice. Calls `progress(label, done, total)` after each batch of
-    messages. Returns the counts copied.
+    """Copies messages with their status events and webhook events, the replies and the
+    opt-out list with its history (and their events), the idempotency keys created after
+    `keys_created_after` and the API keys (their digests), from `source` into `target`, every
+    column the target has (copied_columns). What `target` has already is left as it is, so
+    copying twice copies nothing twice. Calls `progress(label, done, total)` after each batch
+    of messages. Returns the counts copied.
 
     Messages are copied in the order `source` stored them, so `target` lists those created
     in the same millisecond in the same order."""
@@ -282,7 +388,8 @@ def copy_history(source, target, keys_created_after, progress=no_progress):
     def listed(table, alias=""):
         return ", ".join(alias + c for c in columns[table])
 
-    copied = {"messages": 0, "events": 0, "webhookEvents": 0, "keys": 0}
+    copied = {"messages": 0, "events": 0, "webhookEvents": 0, "keys": 0, "apiKeys": 0,
+              "inbound": 0, "optOuts": 0, "optOutChanges": 0}
     total = source.query("SELECT count(*) AS n FROM messages")[0]["n"]
     done = last = 0
     while True:
@@ -313,8 +420,14 @@ def copy_history(source, target, keys_created_after, progress=no_progress):
                 tx, "webhook_events", columns["webhook_events"], webhook_events)
         done += len(messages)
         progress("Copying messages", done, total)
+    for table, order, only, counted_as in COPIED_BY_ORDER:
+        copied[counted_as] = copied.get(counted_as, 0) + _copy_in_order(
+            source, target, table, columns[table], order, only)
     keys = source.query(f"SELECT {listed('idempotency_keys')} FROM idempotency_keys"
                         " WHERE created_at >= ?", (keys_created_after,))
+    api_keys = source.query(f"SELECT {listed('api_keys')} FROM api_keys ORDER BY name")
     with target.transaction() as tx:
         copied["keys"] = _insert_new(tx, "idempotency_keys", columns["idempotency_keys"], keys)
+        # Revoked keys too: their names stay taken, as the messages they sent name them.
+        copied["apiKeys"] = _insert_new(tx, "api_keys", columns["api_keys"], api_keys)
     return copied

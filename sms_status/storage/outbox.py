@@ -6,18 +6,20 @@ it under a lease (a random token and an end time): nobody else attempts it until
 ends, so an instance that dies mid-attempt leaves it to be claimed again, with the same id,
 once its lease has run out. Only the holder of the lease may settle the attempt.
 
-A message's events go out one at a time and in the order they were recorded: an event is
-not claimed while another event of its message is leased, nor while an earlier one has
-never been attempted or is due too. An earlier event that waits for a retry does not hold
-back the later ones.
+Events go out one at a time per stream, in the order they were recorded: an event is not
+claimed while another event of its stream is leased, nor while an earlier one has never been
+attempted or is due too. An earlier event that waits for a retry does not hold back the
+later ones. A message's status events are its SID's stream; the replies and opt-out changes
+of a number are that number's (their writers take the number's lock first, so that their
+events are numbered in the order they commit).
 """
 
 from sms_status.storage.times import stored_time
 from sms_status.storage.writes import in_writer_process
-from sms_status.webhooks.events import event_body, event_type, new_event_id
+from sms_status.webhooks.events import event_body, event_type, new_event_id, number_event_body
 
-MESSAGE_OF_EVENT = ("SELECT sid, to_number, from_number, reference, latest_status, error_code,"
-                    " created_at, updated_at FROM messages WHERE sid = ?")
+MESSAGE_OF_EVENT = ("SELECT sid, to_number, from_number, reference, sent_by, latest_status,"
+                    " error_code, created_at, updated_at FROM messages WHERE sid = ?")
 
 
 def record_event(tx, sid, previous_status, changed_at):
@@ -25,10 +27,21 @@ def record_event(tx, sid, previous_status, changed_at):
     message = tx.execute(MESSAGE_OF_EVENT, (sid,)).fetchone()
     now = stored_time()
     tx.execute(
-        "INSERT INTO webhook_events (id, message_sid, type, payload, state, created_at,"
-        " next_attempt_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        (new_event_id(), sid, event_type(message["latest_status"]),
+        "INSERT INTO webhook_events (id, message_sid, stream, type, payload, state, created_at,"
+        " next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+        (new_event_id(), sid, sid, event_type(message["latest_status"]),
          event_body(message, previous_status, changed_at), now, now),
+    )
+
+
+def record_number_event(tx, number, type_, data, at):
+    """Adds an event about a number (a reply, an opt-out change) to the number's stream,
+    inside the transaction that stored it, which holds the number's lock."""
+    now = stored_time()
+    tx.execute(
+        "INSERT INTO webhook_events (id, message_sid, stream, type, payload, state, created_at,"
+        " next_attempt_at) VALUES (?, NULL, ?, ?, ?, 'pending', ?, ?)",
+        (new_event_id(), number, type_, number_event_body(type_, data, at), now, now),
     )
 
 
@@ -40,11 +53,11 @@ CLAIMABLE = """
       AND (e.lease_until IS NULL OR e.lease_until < ?)
       AND NOT EXISTS (
         SELECT 1 FROM webhook_events o
-        WHERE o.message_sid = e.message_sid AND o.state = 'pending' AND o.seq <> e.seq
+        WHERE o.stream = e.stream AND o.state = 'pending' AND o.seq <> e.seq
           AND (o.lease_until >= ?
                OR (o.seq < e.seq AND (o.attempts = 0 OR o.next_attempt_at <= ?))))
     """
-CLAIMED_COLUMNS = "id, message_sid, payload, attempts, schedule_start, lease"
+CLAIMED_COLUMNS = "id, message_sid, stream, payload, attempts, schedule_start, lease"
 
 
 def claim_statement(storage, lease, now, lease_seconds, limit, event_id=None):
@@ -70,7 +83,7 @@ def claim_webhook_events(storage, lease, now, lease_seconds, limit, event_id=Non
     each candidate is compared with its message's pending events alone, so a claim reads
     the few it takes, even with a large backlog and no planner statistics yet.
 
-    Instances claim one at a time (a lock), so two never lease two events of one message.
+    Instances claim one at a time (a lock), so two never lease two events of one stream.
     """
     sql, params = claim_statement(storage, lease, now, lease_seconds, limit, event_id)
     with storage.transaction() as tx:

@@ -14,17 +14,18 @@ from sms_status.rules import FINAL_STATUSES
 from sms_status.storage.times import milliseconds_of, stored_time_of_milliseconds
 
 LISTED_COLUMNS = ("sid, to_number, from_number, latest_status, error_code, created_at,"
-                   " updated_at, storage_order, reference")
+                   " updated_at, storage_order, reference, sent_by")
 
 
 def messages_page(storage, limit, to=None, error_code=None, status=None, since=None,
-                  until=None, before=None, reference=None):
+                  until=None, before=None, reference=None, sent_by=None):
     """Up to `limit` messages newest first (creation, then storage order), matching every
     filter given; `before` is a (created_at, storage_order) position to start after."""
     conditions, params = [], []
     for condition, value in (("to_number = ?", to), ("error_code = ?", error_code),
                              ("latest_status = ?", status), ("created_at >= ?", since),
-                             ("created_at < ?", until), ("reference = ?", reference)):
+                             ("created_at < ?", until), ("reference = ?", reference),
+                             ("sent_by = ?", sent_by)):
         if value is not None:
             conditions.append(condition)
             params.append(value)

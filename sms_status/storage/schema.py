@@ -201,6 +201,137 @@ PENDING_EVENTS_OF_MESSAGE = [
         WHERE state = 'pending'""",
 ]
 
+# Version 12: what recipients send back, and the opt-out list sends respect.
+# - `inbound_messages`: each message Twilio's incoming-message webhook posted, once per SID;
+#   `seq` orders those received in the same millisecond (GET /inbound-messages pages by
+#   (received_at, seq)); `kind` is what its words (or Twilio's OptOutType) made of it.
+# - `opt_outs`: the numbers opted out now, one row each; `seq` orders GET /opt-outs.
+# - `opt_out_changes`: every change of a number's opt-out, oldest first by `id`; unique by
+#   (number, time, change), which copy-database keeps a copied change once by.
+# - `webhook_events` events are ordered per `stream`: a message's SID for its status events,
+#   a number for the events of the replies and opt-outs of that number, which have no
+#   message (`message_sid` NULL). SQLite cannot drop a NOT NULL, so it rebuilds the table
+#   (with `stream` last, where PostgreSQL's ADD COLUMN puts it) and its indexes.
+def replies_and_opt_outs(collate, seq):
+    """Version 12's new tables, with one engine's collation and numbering."""
+    return [statement.format(collate=collate, seq=seq) for statement in [
+        """CREATE TABLE inbound_messages (
+        seq {seq},
+        sid TEXT{collate} NOT NULL UNIQUE,
+        account_sid TEXT,
+        from_number TEXT{collate} NOT NULL,
+        to_number TEXT{collate},
+        body TEXT,
+        num_media INTEGER NOT NULL,
+        num_segments INTEGER,
+        opt_out_type TEXT,
+        kind TEXT NOT NULL CHECK (kind IN ('message', 'opt_out', 'opt_in', 'help')),
+        received_at TEXT{collate} NOT NULL
+    )""",
+        "CREATE INDEX inbound_messages_by_receipt ON inbound_messages (received_at, seq)",
+        """CREATE INDEX inbound_messages_by_sender
+        ON inbound_messages (from_number, received_at, seq)""",
+        """CREATE INDEX inbound_messages_by_recipient
+        ON inbound_messages (to_number, received_at, seq)""",
+        """CREATE TABLE opt_outs (
+        seq {seq},
+        number TEXT{collate} NOT NULL UNIQUE,
+        source TEXT NOT NULL CHECK (source IN ('keyword', 'twilio', 'api')),
+        keyword TEXT,
+        message_sid TEXT,
+        opted_out_at TEXT{collate} NOT NULL
+    )""",
+        "CREATE INDEX opt_outs_by_time ON opt_outs (opted_out_at, seq)",
+        """CREATE TABLE opt_out_changes (
+        id {seq},
+        number TEXT{collate} NOT NULL,
+        change TEXT NOT NULL CHECK (change IN ('opted_out', 'opted_in')),
+        source TEXT NOT NULL CHECK (source IN ('keyword', 'twilio', 'api')),
+        keyword TEXT,
+        message_sid TEXT,
+        changed_at TEXT{collate} NOT NULL,
+        UNIQUE (number, changed_at, change)
+    )""",
+        "CREATE INDEX opt_out_changes_of_number ON opt_out_changes (number, id)",
+        "CREATE INDEX opt_out_changes_by_time ON opt_out_changes (change, changed_at)",
+    ]]
+
+
+WEBHOOK_EVENT_INDEXES = [
+    "CREATE INDEX webhook_events_of_message ON webhook_events (message_sid, created_at, seq)",
+    """CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at, seq)
+        WHERE state = 'pending'""",
+    "CREATE INDEX webhook_events_by_creation ON webhook_events (created_at, seq)",
+    """CREATE INDEX webhook_events_pending ON webhook_events (created_at, seq)
+        WHERE state = 'pending'""",
+    """CREATE INDEX webhook_events_failed ON webhook_events (created_at, seq)
+        WHERE state = 'failed'""",
+]
+PENDING_EVENTS_OF_STREAM = """CREATE INDEX webhook_events_pending_of_stream
+        ON webhook_events (stream, seq) WHERE state = 'pending'"""
+WEBHOOK_EVENT_COLUMNS = ("seq, id, message_sid, type, payload, state, attempts, schedule_start,"
+                         " created_at, next_attempt_at, last_attempt_at, delivered_at,"
+                         " last_error, lease, lease_until")
+SQLITE_EVENT_STREAMS = [
+    "ALTER TABLE webhook_events RENAME TO webhook_events_before_streams",
+    """CREATE TABLE webhook_events (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        message_sid TEXT REFERENCES messages(sid) ON DELETE CASCADE,
+        type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        schedule_start INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        next_attempt_at TEXT NOT NULL,
+        last_attempt_at TEXT,
+        delivered_at TEXT,
+        last_error TEXT,
+        lease TEXT,
+        lease_until REAL,
+        stream TEXT NOT NULL
+    )""",
+    f"""INSERT INTO webhook_events ({WEBHOOK_EVENT_COLUMNS}, stream)
+        SELECT {WEBHOOK_EVENT_COLUMNS}, message_sid FROM webhook_events_before_streams""",
+    "DROP TABLE webhook_events_before_streams",
+    *WEBHOOK_EVENT_INDEXES,
+    PENDING_EVENTS_OF_STREAM,
+]
+POSTGRES_EVENT_STREAMS = [
+    "ALTER TABLE webhook_events ALTER COLUMN message_sid DROP NOT NULL",
+    'ALTER TABLE webhook_events ADD COLUMN stream TEXT COLLATE "C"',
+    "UPDATE webhook_events SET stream = message_sid",
+    "ALTER TABLE webhook_events ALTER COLUMN stream SET NOT NULL",
+    "DROP INDEX webhook_events_pending_of_message",
+    PENDING_EVENTS_OF_STREAM,
+]
+
+# Version 13: named API keys and who sent each message. A key is kept as the SHA-256
+# digest of its text only; `scopes` is a space-separated list of its scopes (api_keys.py).
+# Each message sent through /send-sms records the key's name (`sent_by`), and so does its
+# reservation under the hourly limits: GET /messages?sentBy= and a key's own hourly limit
+# walk the new indexes. The same DDL on both engines but for the "C" collation.
+def named_api_keys(collate):
+    """Version 13's statements, with one engine's collation of the text keys."""
+    return [statement.format(collate=collate) for statement in [
+        """CREATE TABLE api_keys (
+        name TEXT{collate} PRIMARY KEY,
+        digest TEXT{collate} NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        max_sends_per_hour INTEGER,
+        created_at TEXT{collate} NOT NULL,
+        last_used_at TEXT{collate},
+        revoked_at TEXT{collate}
+    )""",
+        "ALTER TABLE messages ADD COLUMN sent_by TEXT{collate}",
+        """CREATE INDEX messages_by_sender_and_creation
+        ON messages (sent_by, created_at, storage_order)""",
+        "ALTER TABLE send_reservations ADD COLUMN sent_by TEXT{collate}",
+        "CREATE INDEX send_reservations_by_sender ON send_reservations (sent_by)",
+    ]]
+
+
 # Every version of the schema, one row each: (version, SQLite's statements, PostgreSQL's
 # statements), each a list of single statements run in order, in the one transaction that
 # migrates a database. A database runs the rows after its version (SQLite's PRAGMA
@@ -294,6 +425,11 @@ MIGRATIONS = [
                     seq="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
                     real="DOUBLE PRECISION")),
     (11, PENDING_EVENTS_OF_MESSAGE, PENDING_EVENTS_OF_MESSAGE),
+    (12, [*replies_and_opt_outs(collate="", seq="INTEGER PRIMARY KEY"), *SQLITE_EVENT_STREAMS],
+     [*replies_and_opt_outs(collate=' COLLATE "C"',
+                            seq="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+      *POSTGRES_EVENT_STREAMS]),
+    (13, named_api_keys(collate=""), named_api_keys(collate=' COLLATE "C"')),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

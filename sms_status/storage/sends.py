@@ -63,7 +63,7 @@ def release_idempotency_key(storage, scope, key):
 
 class SendPlace(NamedTuple):
     """What reserve_send answers: the reservation's id, or None when `limit_reached`
-    ("recipient" or "total"), with the seconds until a place is free again."""
+    ("recipient", "sender" or "total"), with the seconds until a place is free again."""
 
     reservation: int | None
     limit_reached: str | None
@@ -71,10 +71,12 @@ class SendPlace(NamedTuple):
 
 
 @in_writer_process
-def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
-    """Claims one place under the hourly limits, for one recipient (`recipient_limit`) and
-    for the whole service (`total_limit`; 0 turns either off), atomically across workers
-    and instances: the locks serialise each count with its claim.
+def reserve_send(storage, to, now, recipient_limit, total_limit, sender=None,
+                 sender_limit=None) -> SendPlace:
+    """Claims one place under the hourly limits, for one recipient (`recipient_limit`), for
+    the whole service (`total_limit`; 0 turns either off) and for the key sending
+    (`sender`, its name, and `sender_limit`; None: no limit of its own), atomically across
+    workers and instances: the locks serialise each count with its claim.
 
     Counts the messages this service sent in the last hour and the reservations still
     counting. A reservation counts for an hour from the start, as if its message went
@@ -82,12 +84,13 @@ def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
     message may have gone out. It is replaced by the stored message on success and given
     back when Twilio certainly sent nothing.
 
-    Returns (reservation id, None, None), or (None, the limit reached: "recipient" or
-    "total", seconds until the first of the sends it counted stops counting).
+    Returns (reservation id, None, None), or (None, the limit reached: "recipient",
+    "sender" or "total", seconds until the first of the sends it counted stops counting).
     """
     hour_ago = stored_time(now - 3600)
     with storage.transaction() as tx:
-        # Always "all sends" before a recipient, so two sends never wait on each other.
+        # Always "all sends", then a key, then a recipient, so two sends never wait on each
+        # other.
         # Messages and reservations are read in one statement: PostgreSQL gives each
         # statement its own snapshot, and a send stored in between (its reservation
         # replaced by its message) would otherwise be missed by both reads.
@@ -102,10 +105,25 @@ def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
                 (hour_ago, hour_ago),
             ).fetchone()
             if counted["sent"] + counted["reserved"] >= total_limit:
-                firsts = [counted["first_reserved"]] if counted["reserved"] else []
-                if counted["sent"]:
-                    firsts.append(timestamp_of(counted["first_sent"]) + 3600)
-                return SendPlace(None, "total", min(firsts) - now)
+                return SendPlace(None, "total", first_to_stop_counting(counted) - now)
+        if sender_limit is not None:
+            tx.lock(f"sender {sender}")
+            tx.execute("DELETE FROM send_reservations WHERE sent_by = ? AND counts_until < ?",
+                       (sender, now))
+            # Counted, not listed: a key may send thousands an hour. A sent message's
+            # created_at is its sent_at (record_sent_message), so the index of
+            # GET /messages?sentBy= counts them.
+            counted = tx.execute(
+                "SELECT (SELECT count(*) FROM messages WHERE sent_by = ? AND created_at > ?)"
+                " AS sent, (SELECT min(created_at) FROM messages WHERE sent_by = ?"
+                " AND created_at > ?) AS first_sent,"
+                " (SELECT count(*) FROM send_reservations WHERE sent_by = ?) AS reserved,"
+                " (SELECT min(counts_until) FROM send_reservations WHERE sent_by = ?)"
+                " AS first_reserved",
+                (sender, hour_ago, sender, hour_ago, sender, sender),
+            ).fetchone()
+            if counted["sent"] + counted["reserved"] >= sender_limit:
+                return SendPlace(None, "sender", first_to_stop_counting(counted) - now)
         if recipient_limit:
             tx.lock(f"recipient {to}")
             tx.execute("DELETE FROM send_reservations WHERE to_number = ? AND counts_until < ?",
@@ -121,10 +139,19 @@ def reserve_send(storage, to, now, recipient_limit, total_limit) -> SendPlace:
             if len(stop_counting) >= recipient_limit:
                 return SendPlace(None, "recipient", min(stop_counting) - now)
         return SendPlace(tx.execute(
-            "INSERT INTO send_reservations (to_number, reserved_at, counts_until)"
-            " VALUES (?, ?, ?) RETURNING id",
-            (to, now, now + 3600),
+            "INSERT INTO send_reservations (to_number, reserved_at, counts_until, sent_by)"
+            " VALUES (?, ?, ?, ?) RETURNING id",
+            (to, now, now + 3600, sender),
         ).fetchone()["id"], None, None)
+
+
+def first_to_stop_counting(counted):
+    """When the first of the sends `counted` (messages sent, reservations) stops counting:
+    an hour after the first message's sending, or the first reservation's counts_until."""
+    firsts = [counted["first_reserved"]] if counted["reserved"] else []
+    if counted["sent"]:
+        firsts.append(timestamp_of(counted["first_sent"]) + 3600)
+    return min(firsts)
 
 
 @in_writer_process

@@ -5,8 +5,8 @@ touch its rows in the same order (the message row if missing, then the history, 
 message's latest status), so concurrent updates queue instead of deadlocking on PostgreSQL.
 """
 
-from sms_status.rules import STATUS_RANK
-from sms_status.storage import outbox
+from sms_status.rules import STATUS_RANK, is_e164
+from sms_status.storage import opt_outs, outbox
 from sms_status.storage.times import stored_time
 from sms_status.storage.writes import in_writer_process
 
@@ -19,6 +19,10 @@ LATEST_STATUS_RANK = (
 # An unknown new status never replaces anything (it still goes into the history).
 UNKNOWN_STATUS_RANK = -2
 
+
+# Twilio's error for a recipient who opted out (replied STOP): "Attempt to send to
+# unsubscribed recipient".
+OPTED_OUT_ERROR = 21610
 
 # A history entry, once per (message, status).
 INSERT_STATUS_EVENT = (
@@ -67,40 +71,54 @@ def record_status(storage, sid, status, error_code=None, to=None, from_=None, ac
     A callback may arrive before /send-sms stored its message, or be about a message
     sent by other software: the message record is then created from the callback. With
     status webhooks on (`storage.records_events`), a move of the latest status adds its event
-    to the outbox in the same transaction.
+    to the outbox in the same transaction. A new status with Twilio's error 21610 (the
+    recipient replied STOP to Twilio) opts the message's recipient out in it too.
     """
     at = at or stored_time()
     with storage.transaction() as tx:
-        created = tx.execute(
-            "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
-            " error_code, created_at, updated_at, seconds_to_delivered, storage_order)"
-            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {storage.ops.next_storage_order})"
-            " ON CONFLICT (sid) DO NOTHING",
-            (sid, account_sid, to, from_, status, error_code, at, at,
-             0.0 if status == "delivered" else None),
-        ).rowcount
-        if created:
-            # The new message already holds this status: only its history is missing.
-            tx.execute(INSERT_STATUS_EVENT, (sid, status, error_code, at))
-            if storage.records_events:
-                outbox.record_event(tx, sid, None, at)
-            return True
-        applied = _apply_status(storage, tx, sid, status, error_code, at, from_)
-        if applied is None:
-            return False
-        latest, previous = applied
-        if storage.records_events and latest == status:
-            outbox.record_event(tx, sid, previous, at)
+        stored = _store_status(storage, tx, sid, status, error_code, to, from_, account_sid, at)
+        if stored and error_code == OPTED_OUT_ERROR:
+            recipient = tx.execute("SELECT to_number FROM messages WHERE sid = ?",
+                                   (sid,)).fetchone()["to_number"]
+            if is_e164(recipient):
+                opt_outs.lock_number(tx, recipient)
+                opt_outs.opt_out_in(storage, tx, recipient, "twilio", None, sid, at)
+        return stored
+
+
+def _store_status(storage, tx, sid, status, error_code, to, from_, account_sid, at):
+    """record_status's status, inside its transaction."""
+    created = tx.execute(
+        "INSERT INTO messages (sid, account_sid, to_number, from_number, latest_status,"
+        " error_code, created_at, updated_at, seconds_to_delivered, storage_order)"
+        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {storage.ops.next_storage_order})"
+        " ON CONFLICT (sid) DO NOTHING",
+        (sid, account_sid, to, from_, status, error_code, at, at,
+         0.0 if status == "delivered" else None),
+    ).rowcount
+    if created:
+        # The new message already holds this status: only its history is missing.
+        tx.execute(INSERT_STATUS_EVENT, (sid, status, error_code, at))
+        if storage.records_events:
+            outbox.record_event(tx, sid, None, at)
         return True
+    applied = _apply_status(storage, tx, sid, status, error_code, at, from_)
+    if applied is None:
+        return False
+    latest, previous = applied
+    if storage.records_events and latest == status:
+        outbox.record_event(tx, sid, previous, at)
+    return True
 
 
 @in_writer_process
 def record_sent_message(storage, sid, account_sid, to, from_, body, status, created_at,
-                        now=None, reservation=None, reference=None):
+                        now=None, reservation=None, reference=None, sent_by=None):
     """Stores a message Twilio accepted; its create-time status is the first history entry.
 
-    Callbacks may already have stored later statuses, which this never moves back. The
-    send's reservation under the per-recipient limit is replaced by the stored message.
+    Callbacks may already have stored later statuses, which this never moves back.
+    `sent_by`: the name of the key that sent it (None without API_KEY). The send's
+    reservation under the per-recipient limit is replaced by the stored message.
     With status webhooks on, a move of the latest status adds its event to the outbox.
     """
     now = now or stored_time()
@@ -120,11 +138,11 @@ def record_sent_message(storage, sid, account_sid, to, from_, body, status, crea
             "UPDATE messages SET account_sid = ?, to_number = ?,"
             " from_number = CASE WHEN ? LIKE 'MG%' AND from_number IS NOT NULL"
             " THEN from_number ELSE ? END, body = ?, initial_status = ?, sent_at = ?,"
-            " reference = ?,"
+            " reference = ?, sent_by = ?,"
             " seconds_to_delivered = CASE WHEN created_at > ? THEN seconds_to_delivered"
             f" + {storage.ops.seconds_between('?', 'created_at')} ELSE seconds_to_delivered END,"
             " created_at = CASE WHEN created_at > ? THEN ? ELSE created_at END WHERE sid = ?",
-            (account_sid, to, from_, from_, body, status, now, reference, created_at,
+            (account_sid, to, from_, from_, body, status, now, reference, sent_by, created_at,
              created_at, created_at, created_at, sid),
         )
         if storage.records_events and applied is not None and applied[0] == status:

@@ -646,7 +646,10 @@ def main(argv):
     from sms_status.config import load_config
     from sms_status.storage import (  # noqa: F401 (their writes)
         access,
+        inbound,
+        keys,
         maintenance,
+        opt_outs,
         outbox,
         sends,
         statuses,

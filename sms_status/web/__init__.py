@@ -5,7 +5,16 @@ dashboard), the health check and the log."""
 from flask import request
 
 from sms_status import metrics
-from sms_status.web import callbacks, dashboard, routes, send, webhook_events
+from sms_status.web import (
+    callbacks,
+    dashboard,
+    dashboard_replies,  # noqa: F401 (its pages, on the dashboard's blueprint)
+    inbound,
+    opt_outs,
+    routes,
+    send,
+    webhook_events,
+)
 from sms_status.web.errors import register_error_handlers
 from sms_status.web.guards import read_whole_body, refuse_nul_characters
 
@@ -14,21 +23,24 @@ def register(app):
     """Adds the service's routes, request checks and error handlers to `app`.
 
     Every request is timed, then passes guard_request, then its blueprint's own guards
-    (a status callback's are callbacks.GUARDS); Flask runs the app's before its blueprints'.
+    (a status callback's are callbacks.GUARDS, and an inbound message's the same); Flask runs
+    the app's before its blueprints'.
     """
     metrics.register(app)  # first, so that its clock covers the guards
     app.before_request(guard_request)
     register_error_handlers(app)
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(callbacks.blueprint)
+    app.register_blueprint(inbound.blueprint)
     app.register_blueprint(send.blueprint)
     app.register_blueprint(webhook_events.blueprint)
+    app.register_blueprint(opt_outs.blueprint)
     dashboard.init_app(app)
 
 
 def guard_request():
     """What every request passes first: its body read whole, then NUL characters refused,
-    except in a status callback, whose guards refuse them once its signature holds."""
+    except in Twilio's webhooks, whose guards refuse them once the signature holds."""
     read_whole_body()
-    if request.blueprint != callbacks.blueprint.name:
+    if request.blueprint not in (callbacks.blueprint.name, inbound.blueprint.name):
         refuse_nul_characters()

@@ -5,16 +5,18 @@ storage functions as GET /stats and GET /messages; the pages are Jinja templates
 (templates/dashboard/), the chart an SVG drawn on the server, the stylesheet a static file:
 no script at all, so a strict Content-Security-Policy holds.
 
-Signing in: the API key, typed into a form once, gives a session cookie (Flask's own signed
-session) for 12 hours. Its signing secret is derived from API_KEY, so a new key ends every
-session; the cookie holds only the time of the login, never the key. docs/dashboard.md
-explains the choices (cookies, cross-site forms, failed logins).
+Signing in: a key with the read scope (API_KEY or a named one), typed into a form once,
+gives a session cookie (Flask's own signed session) for 12 hours. Its signing secret is
+derived from API_KEY, so a new API_KEY ends every session; the cookie holds the time of the
+login and the key's name, never the key, and each request checks that key is still active
+(api_keys.KeyRing: a revoke ends its sessions within a second). Actions that need the admin
+scope are offered to sessions of keys that have it. docs/dashboard.md explains the choices
+(cookies, cross-site forms, failed logins).
 """
 
 import hashlib
 import hmac
 import re
-import secrets
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
@@ -31,9 +33,9 @@ from flask import (
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.datastructures import MultiDict
 
-from sms_status import listing, overview, rules, twilio_errors, webhooks
-from sms_status.services import get_db
-from sms_status.storage import reads
+from sms_status import api_keys, listing, overview, rules, twilio_errors, webhooks
+from sms_status.services import get_db, services
+from sms_status.storage import opt_outs, outbox, reads
 from sms_status.web import chart
 from sms_status.web.logs import log, warn_rejection
 
@@ -43,7 +45,7 @@ SESSION_COOKIE = "dashboard_session"
 # inline script or style, no framing, forms posted only here.
 CONTENT_SECURITY_POLICY = ("default-src 'self'; base-uri 'none'; form-action 'self'; "
                            "frame-ancestors 'none'")
-SEARCH_FIELDS = ("to", "status", "errorCode", "reference", "sid", "since", "until")
+SEARCH_FIELDS = ("to", "status", "errorCode", "reference", "sentBy", "sid", "since", "until")
 # The search's time fields, by parameter, as the form names them: UTC unless a time says
 # otherwise (the form's fields have no timezone; links from the overview carry a Z).
 TIME_FIELDS = {"since": "Created from", "until": "Created before"}
@@ -110,13 +112,37 @@ def key_required():
 
 def signed_in():
     """True when the request's session is a live login: its signature holds (the current
-    API_KEY's) and it is less than 12 hours old by the service's clock."""
+    API_KEY's), it is less than 12 hours old by the service's clock, and its key is still
+    active with the read scope."""
+    return session_key() is not None
+
+
+def session_key():
+    """The key of the request's live session (api_keys.Key), or None; without API_KEY,
+    a key with every scope. Looked up once per request."""
+    if "session_key" in g:
+        return g.session_key
+    g.session_key = None
     if not key_required():
-        return True
+        g.session_key = api_keys.Key("", frozenset(api_keys.SCOPES))
+        return g.session_key
     started = session.get("signed_in_at")
     now = current_app.config["CLOCK"]()
-    return isinstance(started, (int, float)) and started <= now < started + (
-        SESSION_LIFETIME.total_seconds())
+    if not (isinstance(started, (int, float)) and started <= now < started + (
+            SESSION_LIFETIME.total_seconds())):
+        return None
+    # A session from before named keys was an API_KEY login: only it could sign one.
+    name = session.get("key", api_keys.SETTING_KEY_NAME)
+    key = services().keys.key_named(get_db(), name) if isinstance(name, str) else None
+    if key is not None and "read" in key.scopes:
+        g.session_key = key
+    return g.session_key
+
+
+def may(scope):
+    """Whether the session's key has `scope` (for the pages: what to offer)."""
+    key = session_key()
+    return key is not None and scope in key.scopes
 
 
 @blueprint.before_request
@@ -191,18 +217,25 @@ def login():
     given = request.form.get("api_key", "")
     if not given.strip():
         return page("login.html", 400, title="Log in", next=following,
-                    problem="Enter the service's API key (API_KEY) to log in.")
-    if not secrets.compare_digest(given.strip().encode(),
-                                  current_app.config["SERVICE"].api_key.encode()):
+                    problem="Enter an API key with the read scope to log in.")
+    key = services().keys.key_for(get_db(), given.strip(), current_app.config["CLOCK"]())
+    if key is None:
         # Counted like every refusal: a line each, within the log's budget (logs.py).
-        warn_rejection("Refused dashboard login: wrong API key")
+        warn_rejection("Refused dashboard login: wrong or revoked API key")
         return page("login.html", 401, title="Log in", next=following,
-                    problem="That is not this service's API key. Enter the value of its "
-                            "API_KEY setting, exactly as set.")
+                    problem="That is not an active key of this service. Enter API_KEY's "
+                            "value, or a key from 'flask --app app keys create', exactly as "
+                            "it was given.")
+    if "read" not in key.scopes:
+        warn_rejection("Refused dashboard login: key %s has no 'read' scope", key.name)
+        return page("login.html", 403, title="Log in", next=following,
+                    problem=f"The key {key.name!r} may not read, so it cannot open the "
+                            "dashboard: log in with a key that has the read scope.")
     session.clear()
     session.permanent = True
     session["signed_in_at"] = current_app.config["CLOCK"]()
-    log.info("Dashboard login")
+    session["key"] = key.name
+    log.info("Dashboard login with key %s", key.name)
     return redirect(after, 303)
 
 
@@ -374,9 +407,36 @@ def message_page(sid):
     if message is None:
         return error_page(404, f"No message with SID {sid} is known to this service.")
     sentence, link = explained(message["errorCode"])
+    recipient_opt_out = (opt_outs.opt_out_of(get_db(), message["to"])
+                         if message["to"] else None)
     return page("message.html", title=f"Message {sid}", message=message,
                 error_sentence=sentence, error_link=link,
-                webhook_events=message_webhook_events(sid))
+                webhook_events=message_webhook_events(sid),
+                recipient_opt_out=recipient_opt_out)
+
+
+@blueprint.post("/webhook-events/<event_id>/retry", endpoint="retry_webhook_event")
+def retry_webhook_event_page(event_id):
+    """POST /webhook-events/<id>/retry from the message's page, for a key with admin: the
+    event is queued again and the page shown again."""
+    if not may("admin"):
+        warn_rejection("Refused a dashboard retry: key %s has no 'admin' scope",
+                       session_key().name)
+        return error_page(403, "Retrying a status webhook needs a key with the admin scope: "
+                               "log in with one.")
+    event = listing.webhook_event(get_db(), event_id)
+    if event is None:
+        return error_page(404, f"No status webhook event with id {event_id} is known to "
+                               "this service.")
+    delivery = services().webhooks
+    if delivery is None:
+        return error_page(409, "Status webhooks are off: set STATUS_WEBHOOK_URL and "
+                               "STATUS_WEBHOOK_SECRET, then retry.")
+    outbox.queue_webhook_event_again(get_db(), event_id, current_app.config["CLOCK"]())
+    delivery.nudge()
+    log.info("Dashboard: status webhook event %s queued again by key %s", event_id,
+             session_key().name or "-")
+    return redirect(url_for("dashboard.message", sid=event["sid"]) + "#status-webhooks", 303)
 
 
 # --- how the pages write numbers and times -------------------------------------------------
@@ -419,7 +479,8 @@ def page(template, status=200, **context):
         g.refusal = context["problem"]
     response = current_app.make_response((render_template(
         f"dashboard/{template}", signed_in_nav=key_required() and signed_in(),
-        key_required=key_required(), **context), status))
+        key_required=key_required(), key_name=key_required() and signed_in()
+        and session_key().name, may_admin=may("admin"), **context), status))
     return with_headers(response)
 
 

@@ -10,7 +10,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from sms_status.listing import BadQuery
-from sms_status.rules import printable
+from sms_status.rules import mask_phones_in, printable
 from sms_status.services import get_db
 from sms_status.storage import DATABASE_ERRORS, READ_TIME_LIMIT_ERRORS, OutcomeUnknown
 from sms_status.web import dashboard
@@ -50,9 +50,14 @@ def http_error_message(error):
             else error.description)
 
 
+def logged_path():
+    """The request's path as the log shows it: short, escaped, its phone numbers masked."""
+    return printable(mask_phones_in(request.path), 100)
+
+
 def log_database_error(error):
     """One line for a database error met by a request: its route and the database's words."""
-    log.error("Database error on %s %s: %s", request.method, printable(request.path, 100),
+    log.error("Database error on %s %s: %s", request.method, logged_path(),
               get_db().describe_error(error))
 
 
@@ -86,7 +91,7 @@ def register_error_handlers(app):
         if response.status_code == 400:
             answer = response.get_json(silent=True) or {}
             warn_rejection("Refused %s %s with 400: %s", request.method,
-                           printable(request.path, 100),
+                           logged_path(),
                            printable(g.get("refusal") or answer.get("error"), 300))
         return response
 
@@ -113,5 +118,5 @@ def register_error_handlers(app):
 
     @app.errorhandler(Exception)
     def unexpected_error(error):
-        log.exception("Unexpected error on %s %s", request.method, printable(request.path, 100))
+        log.exception("Unexpected error on %s %s", request.method, logged_path())
         return error_answer(500, "Internal server error; it has been logged.")

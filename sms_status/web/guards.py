@@ -1,22 +1,23 @@
-"""What requests pass before their route runs: the API key, a status callback's guards (its
-field count, Twilio's signature, NUL characters; callbacks.py runs them in that order), and
-checks of the body that protect the rest (its size, its arrival, NUL characters).
+"""What requests pass before their route runs: the key and its scope (`@requires`, one line
+on each route), a status callback's guards (its field count, Twilio's signature, NUL
+characters; callbacks.py runs them in that order), and checks of the body that protect the
+rest (its size, its arrival, NUL characters).
 
 Each is a plain function that does nothing or refuses: it raises an HTTP error with a message
-for the caller, which errors.py answers. Which run, and in what order, is web/__init__.py's
-and callbacks.py's.
+for the caller, which errors.py answers (a key without the scope is answered here, for its
+`requiredScope`). Which run, and in what order, is web/__init__.py's and callbacks.py's.
 """
 
 from functools import wraps
 
-from flask import abort, current_app, request
+from flask import abort, current_app, g, jsonify, request
 from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, get_signature_algorithm
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import BadRequest, ClientDisconnected, Unauthorized
 
 from sms_status import metrics, rules
 from sms_status.rules import printable
-from sms_status.services import services
+from sms_status.services import get_db, services
 from sms_status.web.logs import log, warn_rejection
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -24,22 +25,47 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_CALLBACK_FIELDS = 100
 
 
-def require_api_key(view):
-    """Callers send `Authorization: Bearer <API_KEY>`.
+def requires(scope):
+    """The route needs a key with `scope` ("send", "read" or "admin"): callers send
+    `Authorization: Bearer <key>`, API_KEY's or a named key's (api_keys.py).
 
-    Without API_KEY (allowed only when simulating) the endpoint is open.
+    A missing, wrong or revoked key gets 401; a valid key without the scope, 403 naming
+    it. The key is `g.api_key` for the route. Without API_KEY (allowed only when
+    simulating) the route is open, whatever the request carries.
     """
 
-    @wraps(view)
-    def checked(*args, **kwargs):
-        api_key = current_app.config["SERVICE"].api_key
-        if api_key and not rules.bearer_token_matches(request.headers.get("Authorization"),
-                                                      api_key):
-            raise Unauthorized("Missing or wrong API key: send the header 'Authorization: "
-                               "Bearer <API_KEY>'", www_authenticate=WWWAuthenticate("Bearer"))
-        return view(*args, **kwargs)
+    def decorate(view):
+        @wraps(view)
+        def checked(*args, **kwargs):
+            if current_app.config["SERVICE"].api_key:
+                key = caller_key()
+                if scope not in key.scopes:
+                    warn_rejection("Refused %s %s: key %s has no %r scope", request.method,
+                                   printable(request.path, 100), key.name, scope)
+                    return jsonify(error=f"The key {key.name!r} may not do this: it needs the "
+                                         f"{scope!r} scope. Use a key that has it (flask --app "
+                                         f"app keys create NAME --scope {scope} makes one)",
+                                   requiredScope=scope), 403
+                g.api_key = key
+            return view(*args, **kwargs)
 
-    return checked
+        return checked
+
+    return decorate
+
+
+def caller_key():
+    """The active key of the request's `Authorization: Bearer <key>` header; else 401."""
+    token = rules.bearer_token(request.headers.get("Authorization"))
+    key = None
+    if token:
+        key = services().keys.key_for(get_db(), token, current_app.config["CLOCK"]())
+    if key is None:
+        raise Unauthorized("Missing, wrong or revoked API key: send the header "
+                           "'Authorization: Bearer <key>' with API_KEY or a key from "
+                           "'flask --app app keys create'",
+                           www_authenticate=WWWAuthenticate("Bearer"))
+    return key
 
 
 def refuse_too_many_fields():

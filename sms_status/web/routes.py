@@ -12,7 +12,7 @@ from sms_status.logs import log
 from sms_status.services import get_db, services
 from sms_status.storage import DATABASE_ERRORS, reads
 from sms_status.web.errors import DATABASE_RETRY_AFTER_SECONDS, json_error
-from sms_status.web.guards import require_api_key
+from sms_status.web.guards import requires
 
 OPENAPI_DOCUMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "openapi.json")
@@ -27,24 +27,39 @@ def index():
         "mode": current_app.config["SERVICE"].mode,
         "endpoints": {
             "POST /send-sms": "send an SMS: {\"to\": \"+15558675309\", \"body\": \"Hello\"} "
-                              "(Authorization: Bearer <API_KEY>)",
+                              "(Authorization: Bearer <key>, scope send)",
             "POST /message-status": "Twilio's status callbacks (signed by Twilio)",
             "GET /get-status/<sid>": "a message's latest status and history "
-                                     "(Authorization: Bearer <API_KEY>)",
+                                     "(Authorization: Bearer <key>, scope read)",
             "GET /messages": "messages newest first, filtered by to, status, errorCode, "
                              "reference, since, until; paged by cursor "
-                             "(Authorization: Bearer <API_KEY>)",
+                             "(Authorization: Bearer <key>, scope read)",
             "GET /stats": "delivery statistics of a time window, by default the last 24 "
-                          "hours (Authorization: Bearer <API_KEY>)",
+                          "hours (Authorization: Bearer <key>, scope read)",
             "GET /webhook-events": "status webhook events newest first, filtered by state "
-                                   "and sid; paged by cursor (Authorization: Bearer <API_KEY>)",
+                                   "and sid; paged by cursor (Authorization: Bearer <key>, "
+                                   "scope read)",
             "POST /webhook-events/<id>/retry": "queue a status webhook event to be attempted "
                                                "again now; answers 202 (Authorization: "
-                                               "Bearer <API_KEY>)",
+                                               "Bearer <key>, scope admin)",
+            "POST /inbound-sms": "Twilio's incoming-message webhook (signed by Twilio): "
+                                 "replies, and the STOP and START keywords",
+            "GET /inbound-messages": "replies received newest first, filtered by from, to, "
+                                     "since, until; paged by cursor (Authorization: Bearer "
+                                     "<key>, scope read)",
+            "GET /opt-outs": "the numbers opted out now, newest first; paged by cursor "
+                             "(Authorization: Bearer <key>, scope read)",
+            "GET /opt-outs/<number>": "a number's opt-out and its history (Authorization: "
+                                      "Bearer <key>, scope read)",
+            "PUT /opt-outs/<number>": "opt a number out (Authorization: Bearer <key>, scope "
+                                      "admin)",
+            "DELETE /opt-outs/<number>": "end an opt-out made through the API "
+                                         "(Authorization: Bearer <key>, scope admin)",
             "GET /healthz": "200 when statuses can be stored, 503 when not",
             "GET /openapi.json": "the OpenAPI 3.1 description of this API",
-            "GET /metrics": "Prometheus metrics (Authorization: Bearer <API_KEY>)",
-            "GET /dashboard": "the delivery dashboard, for a browser (log in with the API key)",
+            "GET /metrics": "Prometheus metrics (Authorization: Bearer <key>, scope read)",
+            "GET /dashboard": "the delivery dashboard, for a browser (log in with a key "
+                                             "with the read scope)",
         },
     }
 
@@ -67,7 +82,7 @@ def healthz():
 
 
 @blueprint.get("/metrics")
-@require_api_key
+@requires("read")
 def prometheus_metrics():
     if webhooks.recording(current_app):
         backlog = services().backlog.read(current_app._get_current_object())
@@ -78,7 +93,7 @@ def prometheus_metrics():
 
 
 @blueprint.get("/get-status/<sid>")
-@require_api_key
+@requires("read")
 def get_status(sid):
     message = listing.message_with_history(get_db(), sid)
     if message is None:
@@ -87,13 +102,13 @@ def get_status(sid):
 
 
 @blueprint.get("/messages")
-@require_api_key
+@requires("read")
 def messages():
     return listing.list_messages(get_db(), request.args)
 
 
 @blueprint.get("/stats")
-@require_api_key
+@requires("read")
 def stats():
     now = current_app.config["CLOCK"]()
     since, until = listing.stats_window(request.args, now)

@@ -5,7 +5,7 @@ The flow itself is in sending.py, without Flask: this module reads the request, 
 flow what it uses, and turns its SendOutcome into the HTTP answer.
 """
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 
 from sms_status import sending
 from sms_status.services import get_db, services
@@ -15,13 +15,13 @@ from sms_status.web.errors import (
     http_error_message,
     log_database_error,
 )
-from sms_status.web.guards import require_api_key
+from sms_status.web.guards import requires
 
 blueprint = Blueprint("send", __name__)
 
 
 @blueprint.post("/send-sms")
-@require_api_key
+@requires("send")
 def send_sms():
     try:
         payload = request.get_json(force=True, silent=True)
@@ -40,6 +40,7 @@ def send_context():
         twilio=services().twilio,
         clock=current_app.config["CLOCK"],
         webhooks=services().webhooks,
+        sender=g.get("api_key"),
     )
 
 

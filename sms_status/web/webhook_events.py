@@ -7,19 +7,19 @@ from sms_status import listing
 from sms_status.services import get_db, services
 from sms_status.storage import outbox
 from sms_status.web.errors import json_error
-from sms_status.web.guards import require_api_key
+from sms_status.web.guards import requires
 
 blueprint = Blueprint("webhook_events", __name__)
 
 
 @blueprint.get("/webhook-events")
-@require_api_key
+@requires("read")
 def webhook_events():
     return listing.list_webhook_events(get_db(), request.args)
 
 
 @blueprint.post("/webhook-events/<event_id>/retry")
-@require_api_key
+@requires("admin")
 def retry_webhook_event(event_id):
     """Makes the event due now, its retry schedule restarted (a delivered one is sent again
     under the same webhook-id), wakes this process's delivery loop, and answers 202 with the

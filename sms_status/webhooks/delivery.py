@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from sms_status import metrics
+from sms_status import metrics, rules
 from sms_status.logs import LogBudget
 from sms_status.storage import DATABASE_ERRORS, outbox, reads
 from sms_status.storage.times import stored_time
@@ -254,12 +254,14 @@ class Delivery:
         if not written:
             return
         attempts = event["attempts"] + 1
+        # A message's SID, or the number a reply or an opt-out is about, masked.
+        about = event["message_sid"] or rules.mask_phone(event["stream"])
         if next_at is None:
             log.error("Gave up on status webhook %s for %s after %d attempts: %s",
-                      event["id"], event["message_sid"], attempts, error)
+                      event["id"], about, attempts, error)
         else:
             log.warning("Status webhook %s for %s failed (attempt %d): %s; next attempt at %s",
-                        event["id"], event["message_sid"], attempts, error, next_at)
+                        event["id"], about, attempts, error, next_at)
 
     def summarise_failures(self):
         """Once FAILURE_SUMMARY_SECONDS have passed since the first attempt that failed

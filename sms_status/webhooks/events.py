@@ -36,10 +36,17 @@ def event_body(message, previous_status, changed_at):
             "to": message["to_number"],
             "from": message["from_number"],
             "reference": message["reference"],
+            "sentBy": message["sent_by"],
             "createdAt": message["created_at"],
             "updatedAt": message["updated_at"],
         },
     }, separators=(",", ":"))
+
+
+def number_event_body(type_, data, at):
+    """The JSON body of an event about a number: a reply received (`inbound.received`) or a
+    change of its opt-out (`recipient.opted_out`, `recipient.opted_in`)."""
+    return json.dumps({"type": type_, "timestamp": at, "data": data}, separators=(",", ":"))
 
 
 def signed_headers(event_id, body, secrets_, now):
