@@ -1,8 +1,10 @@
 """Benchmark of status-callback ingestion: `python bench/webhooks.py [--smoke]`.
 
 Starts the service as the Procfile does (gunicorn with the repository's gunicorn.conf.py)
-in live mode with made-up credentials on a free 127.0.0.1 port and a fresh database, and
-a straightforward receiver (bench/baseline_app.py) beside it. Pre-signs distinct Twilio
+in live mode with made-up credentials on a free 127.0.0.1 port and a fresh database, the
+fixed reference (bench/reference_app.py: Flask and RequestValidator, nothing stored, served
+by gunicorn's gthread worker with the service's workers and threads) and a straightforward
+receiver (bench/baseline_app.py) beside it. Pre-signs distinct Twilio
 status callbacks (queued, sent, then delivered or undelivered, for thousands of SIDs) and
 fires them with wrk over a fixed number of keep-alive connections, never one twice.
 
@@ -10,16 +12,22 @@ Two loads (--load): `lifecycle` (the default) sends each SID's callbacks as Twil
 and `new` sends one callback for each of as many SIDs, none known before (every callback
 creates its message).
 
-Each round measures, one after the other: the service storing callbacks; its no-storage
-floor (bench/floor_app.py: the same app, handler, log line and JSON answer, nothing
-stored); the same service rejecting them (wrong signature: 403, nothing stored); the
-baseline receiver; and SQLite's raw single-row commit rate with the service's settings in
-the same directory. Medians over the rounds and the ratios are printed at the end.
+Each round measures, one after the other: the service storing callbacks (and the compared
+checkout's, with --compare); the reference answering them; the service's no-storage floor
+(bench/floor_app.py: the same app, handler, log line and JSON answer, nothing stored); the
+service, the compared checkout and the reference rejecting them (a wrong signature: 403,
+nothing stored); the baseline receiver; and SQLite's raw single-row commit rate with the
+service's settings in the same directory. Medians over the rounds, and the median of each
+round's ratios against the reference measured in that round, are printed at the end, with
+the server's CPU time per answer (its processes' user and system time, the writer's
+included, over the answers counted). --short measures only the service, the compared
+checkout and the reference.
 
 Exits non-zero if an acknowledged callback is missing from the database, a rejected one
 was stored, the service answered any 5xx, or the pre-signed pool ran out.
 """
 
+import os
 import secrets
 import sqlite3
 import sys
@@ -63,6 +71,13 @@ def parse_args():
     parser.add_argument("--compare", type=Path, metavar="REPO",
                         help="another checkout of the service (an older commit, say), "
                              "measured in the same rounds right after this one, on SQLite")
+    parser.add_argument("--short", action="store_true",
+                        help="only the service, the compared checkout and the reference, "
+                             "stored and 403 (no floor, baseline, PostgreSQL or raw SQLite)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="count the service's stored callbacks every second of its runs "
+                             "and print the rate of each 10 s, and the last 10 s over the "
+                             "first (with --duration 60: the sustained run)")
     parser.add_argument("--load", choices=tuple(LOAD_STEPS), default="lifecycle",
                         help="lifecycle: queued, sent, then delivered or undelivered for each "
                              "SID; new: one callback for each SID, none known before")
@@ -151,6 +166,7 @@ def describe(name, r, key="acked"):
     """One measurement on one line; `key` is the answer counted (acked, or rejected for 403)."""
     return (f"{name:<14} {rate(r, key):6.0f}/s  p50 {ms(r['p50_us']):>5}  p90 {ms(r['p90_us']):>6}"
             f"  p99 {ms(r['p99_us']):>6}  max {ms(r['max_us']):>6} ms  {r['cores']:.2f} cores  "
+            f"{cpu_per_answer(r, key):.0f} us CPU each  "
             f"other answers {r['responses'] - r[key]}  5xx {r['server_errors']}  "
             f"socket errors {r['socket_errors']}  timeouts {r['timeouts']}")
 
@@ -186,7 +202,7 @@ def measure(args, workdir, processes, postgres):
                       TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
                       TWILIO_PHONE_NUMBER=SENDER, API_KEY=secrets.token_urlsafe(24),
                       BASE_URL=base_url)
-    synchronous = env.get("SQLITE_SYNCHRONOUS", "NORMAL").upper()
+    synchronous = (env.get("SQLITE_SYNCHRONOUS") or "NORMAL").upper()
     gunicorn = gunicorn_settings(args.repo, env)
     print(machine_summary())
     print(f"service: {' '.join(procfile_command(args.repo)[1:])} in {args.repo}: "
@@ -208,18 +224,32 @@ def measure(args, workdir, processes, postgres):
 
     service = processes.start_server("service", procfile_command(args.repo), args.repo, env,
                                      base_url + "/healthz")
-    # The floor: the same gunicorn settings and app, nothing stored. It checks signatures
-    # for base_url too, so the same pre-signed callbacks serve it.
-    floor_port = free_port()
-    floor = processes.start_server(
-        "floor", [procfile_command(args.repo)[0], "-c", "gunicorn.conf.py", "--pythonpath",
-                  str(BENCH), "floor_app:app"], args.repo,
-        dict(env, PORT=str(floor_port), DATABASE_URL=f"sqlite:///{workdir / 'floor.db'}"),
-        f"http://127.0.0.1:{floor_port}/healthz")
+    gunicorn_bin = Path(sys.executable).parent / "gunicorn"
+    # The reference: Flask and RequestValidator alone, in gunicorn's own gthread worker with
+    # the service's workers and threads. It checks signatures for the service's URL, so the
+    # same pre-signed callbacks serve it.
+    reference_port = free_port()
+    reference = processes.start_server(
+        "reference",
+        [str(gunicorn_bin), "-k", "gthread", "-w", str(gunicorn["workers"]), "--threads",
+         str(gunicorn["threads"]), "-b", f"127.0.0.1:{reference_port}", "reference_app:app"],
+        BENCH, {"PATH": env["PATH"], "REFERENCE_URL": base_url + "/message-status",
+                "REFERENCE_TOKEN": AUTH_TOKEN},
+        f"http://127.0.0.1:{reference_port}/healthz")
+    floor = None
+    if not args.short:
+        # The floor: the same gunicorn settings and app, nothing stored. It checks
+        # signatures for base_url too, so the same pre-signed callbacks serve it.
+        floor_port = free_port()
+        floor = processes.start_server(
+            "floor", [procfile_command(args.repo)[0], "-c", "gunicorn.conf.py", "--pythonpath",
+                      str(BENCH), "floor_app:app"], args.repo,
+            dict(env, PORT=str(floor_port), DATABASE_URL=f"sqlite:///{workdir / 'floor.db'}"),
+            f"http://127.0.0.1:{floor_port}/healthz")
     # On PostgreSQL: one instance, and a pair of instances on one database (two hosts).
     # All check signatures for base_url, so the same pre-signed callbacks serve every one.
     on_postgres = {}
-    if postgres:
+    if postgres and not args.short:
         single, shared = postgres.new(), postgres.new()
         for name, url, count in (("postgres", single, 1), ("postgres x2", shared, 2)):
             servers = []
@@ -240,21 +270,26 @@ def measure(args, workdir, processes, postgres):
             dict(env, PORT=str(compared_port), DATABASE_URL=f"sqlite:///{compared_db}"),
             f"http://127.0.0.1:{compared_port}/healthz")
         print(f"compared with the service in {args.compare}, on SQLite, in the same rounds")
-    with sqlite3.connect(baseline_db) as conn:
-        conn.execute("CREATE TABLE status_events (message_sid TEXT, status TEXT, received_at TEXT)")
-    gunicorn_bin = Path(sys.executable).parent / "gunicorn"
-    baseline = processes.start_server(
-        "baseline",
-        [str(gunicorn_bin), "-k", "sync", "-w", "2", "-b", f"127.0.0.1:{baseline_port}",
-         "baseline_app:app"],
-        BENCH, {"PATH": env["PATH"], "BASELINE_DB": str(baseline_db),
-                "BASELINE_URL": base_url + "/message-status", "BASELINE_TOKEN": AUTH_TOKEN},
-        f"http://127.0.0.1:{baseline_port}/healthz")
+    baseline = None
+    if not args.short:
+        with sqlite3.connect(baseline_db) as conn:
+            conn.execute("CREATE TABLE status_events (message_sid TEXT, status TEXT,"
+                         " received_at TEXT)")
+        baseline = processes.start_server(
+            "baseline",
+            [str(gunicorn_bin), "-k", "sync", "-w", "2", "-b", f"127.0.0.1:{baseline_port}",
+             "baseline_app:app"],
+            BENCH, {"PATH": env["PATH"], "BASELINE_DB": str(baseline_db),
+                    "BASELINE_URL": base_url + "/message-status", "BASELINE_TOKEN": AUTH_TOKEN},
+            f"http://127.0.0.1:{baseline_port}/healthz")
 
     other_sync = "FULL" if synchronous == "NORMAL" else "NORMAL"
     raw_seconds = min(args.duration, 3)
-    results = {"service": [], **({"compared": []} if compared else {}), "floor": [],
-               "403 ceiling": [], "baseline": [], **{name: [] for name in on_postgres}}
+    results = {"service": [], **({"compared": []} if compared else {}), "reference": [],
+               **({} if args.short else {"floor": []}), "service 403": [],
+               **({"compared 403": []} if compared else {}), "reference 403": [],
+               **({} if args.short else {"baseline": []}), **{name: [] for name in on_postgres}}
+    loads = []  # the load average (1 minute) at the start of each round
     # What grows: the largest size each SQLite database's WAL reached during the run.
     wal_peaks = WalPeaks([service_db] + ([compared_db] if compared else []))
     acked_on = dict.fromkeys(on_postgres, 0)
@@ -269,7 +304,8 @@ def measure(args, workdir, processes, postgres):
         threads = min(2, args.connections)
         result = run_wrk(url, script, [pool, threads, *extra], args.connections, args.duration,
                          threads=threads)[0]
-        result["cores"] = (cpu_seconds(server) - cpu) / (result["duration_us"] / 1e6)
+        result["cpu_seconds"] = cpu_seconds(server) - cpu
+        result["cores"] = result["cpu_seconds"] / (result["duration_us"] / 1e6)
         if server.poll() is not None:
             raise SystemExit(f"FAILED: a server stopped during the run; see {server.log_path}")
         return result
@@ -296,15 +332,21 @@ def measure(args, workdir, processes, postgres):
         combined = {key: max(r[key] for r in results) if key.endswith("_us")
                     else sum(r[key] for r in results) for key in results[0]}
         combined["duration_us"] = max(r["duration_us"] for r in results)
-        combined["cores"] = (sum(cpu_seconds(s) for s, _ in servers) - cpu) / (
-            combined["duration_us"] / 1e6)
+        combined["cpu_seconds"] = sum(cpu_seconds(s) for s, _ in servers) - cpu
+        combined["cores"] = combined["cpu_seconds"] / (combined["duration_us"] / 1e6)
         return combined
 
+    timelines = []
     for r, pool in enumerate(pools):
-        print(f"\nround {r + 1} of {args.rounds}")
+        loads.append(os.getloadavg()[0])
+        print(f"\nround {r + 1} of {args.rounds} (load average {loads[-1]:.2f})")
+        timeline = Timeline(service_db) if args.timeline else None
         result = wrk(service, base_url, pool)
         results["service"].append(result)
         print("  " + describe("service", result))
+        if timeline:
+            timelines.append(timeline.stop())
+            print(f"  {'':<14} " + timeline.describe())
         acked_total += result["acked"]
         sent_upper_bound += result["issued"] - result["exhausted"]
         failures += check_run("service", result)
@@ -324,15 +366,26 @@ def measure(args, workdir, processes, postgres):
             failures += check_run("compared", result)
         print(f"  {'':<14} WAL peak so far: " + wal_peaks.describe())
 
-        result = wrk(floor, f"http://127.0.0.1:{floor_port}", pool)
-        results["floor"].append(result)
-        print("  " + describe("floor", result))
-        failures += check_run("floor", result)
+        result = wrk(reference, f"http://127.0.0.1:{reference_port}", pool)
+        results["reference"].append(result)
+        print("  " + describe("reference", result))
+        failures += check_run("reference", result)
 
-        result = wrk(service, base_url, pool, wrong_signature)
-        results["403 ceiling"].append(result)
-        print("  " + describe("403 ceiling", result, "rejected"))
-        failures += check_run("403 run", result, expect=403)
+        if floor:
+            result = wrk(floor, f"http://127.0.0.1:{floor_port}", pool)
+            results["floor"].append(result)
+            print("  " + describe("floor", result))
+            failures += check_run("floor", result)
+
+        for name, server, url in (
+                ("service 403", service, base_url),
+                *((("compared 403", compared, f"http://127.0.0.1:{compared_port}"),)
+                  if compared else ()),
+                ("reference 403", reference, f"http://127.0.0.1:{reference_port}")):
+            result = wrk(server, url, pool, wrong_signature)
+            results[name].append(result)
+            print("  " + describe(name, result, "rejected"))
+            failures += check_run(name, result, expect=403)
         if settled_count(service_db) != stored:
             failures.append("callbacks with a wrong signature were stored")
 
@@ -347,6 +400,8 @@ def measure(args, workdir, processes, postgres):
                 failures.append(f"{name}: {acked_on[name] - stored_there} acknowledged "
                                 "callbacks missing")
 
+        if args.short:
+            continue
         result = wrk(baseline, f"http://127.0.0.1:{baseline_port}", pool)
         results["baseline"].append(result)
         baseline_acked += result["acked"]
@@ -358,11 +413,57 @@ def measure(args, workdir, processes, postgres):
                   f"(one kept connection, WAL, synchronous={level})")
 
     wal_peaks.stop()
-    baseline_stored = settled_count(baseline_db)
-    if baseline_stored < baseline_acked:
-        failures.append(f"baseline lost {baseline_acked - baseline_stored} callbacks")
-    report(args, results, raw, synchronous, other_sync, count_rows(service_db), acked_total)
+    if baseline:
+        baseline_stored = settled_count(baseline_db)
+        if baseline_stored < baseline_acked:
+            failures.append(f"baseline lost {baseline_acked - baseline_stored} callbacks")
+    print(f"\nWAL peak: {wal_peaks.describe()}")
+    report(args, results, raw, synchronous, other_sync, count_rows(service_db), acked_total,
+           loads)
     return failures
+
+
+class Timeline:
+    """Counts the stored callbacks every second while it runs: the rate of each 10 s."""
+
+    def __init__(self, database, every=1.0):
+        self.database, self.every = database, every
+        self.counts = [(time.monotonic(), count_rows(database))]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while not self.stopping.wait(self.every):
+            self.counts.append((time.monotonic(), count_rows(self.database)))
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+        return self
+
+    def windows(self, seconds=10):
+        """Stored per second in each whole window of `seconds`, from the last count before
+        the first callback was stored (wrk reads its pool before it sends anything)."""
+        first = next((i for i, (_, n) in enumerate(self.counts) if n > self.counts[0][1]), 1)
+        start = self.counts[first - 1][0]
+        rates, edge = [], 0
+        while True:
+            inside = [(t, n) for t, n in self.counts if edge <= t - start <= edge + seconds]
+            if not inside or inside[-1][0] - start < edge + seconds - self.every:
+                return rates
+            (t0, n0), (t1, n1) = inside[0], inside[-1]
+            rates.append((n1 - n0) / (t1 - t0))
+            edge += seconds
+
+    def describe(self):
+        rates = self.windows()
+        if len(rates) < 2:
+            return "timeline: too short for two windows of 10 s"
+        seconds = [round((n1 - n0) / (t1 - t0)) for (t0, n0), (t1, n1)
+                   in zip(self.counts, self.counts[1:], strict=False)]
+        return (f"stored per s in each 10 s: {' '.join(f'{x:.0f}' for x in rates)}; last / "
+                f"first = {rates[-1] / rates[0]:.3f}\n{'':<17}each second: {seconds}")
 
 
 class WalPeaks:
@@ -411,54 +512,86 @@ def rate(result, key="acked"):
     return result[key] / (result["duration_us"] / 1e6)
 
 
-def report(args, results, raw, synchronous, other_sync, stored, acked):
-    keys = {"403 ceiling": "rejected"}
-    rates = {name: median([rate(r, keys.get(name, "acked")) for r in runs])
+def cpu_per_answer(result, key="acked"):
+    """Microseconds of the server's CPU (user and system, every process of it) per answer."""
+    return 1e6 * result["cpu_seconds"] / max(result[key], 1)
+
+
+def answered(name):
+    """The answer a measurement counts: 403 for the runs with a wrong signature."""
+    return "rejected" if name.endswith(" 403") else "acked"
+
+
+def round_ratios(results, name, other):
+    """Each round's rate of `name` over that of `other` in the same round, sorted."""
+    return sorted(rate(r, answered(name)) / rate(o, answered(other))
+                  for r, o in zip(results[name], results[other], strict=True))
+
+
+def report(args, results, raw, synchronous, other_sync, stored, acked, loads):
+    rates = {name: median([rate(r, answered(name)) for r in runs])
              for name, runs in results.items()}
     print(f"\nmedians of {args.rounds} rounds, {args.connections} connections, "
-          f"{args.duration} s each")
+          f"{args.duration} s each; load average at the rounds' start "
+          f"{' '.join(f'{load:.2f}' for load in loads)}")
     print(f"{'':<30} {'per s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}"
-          f" {'cores':>6}")
-    labels = {"service": "service (stored)", "compared": "compared service",
-              "floor": "no-storage floor",
-              "403 ceiling": "service 403 ceiling",
+          f" {'cores':>6} {'CPU us':>7}")
+    labels = {"service": "service (stored)", "compared": "compared service (stored)",
+              "reference": "reference (nothing stored)", "floor": "no-storage floor",
+              "service 403": "service 403", "compared 403": "compared service 403",
+              "reference 403": "reference 403",
               "baseline": "baseline receiver", "postgres": "service on PostgreSQL",
               "postgres x2": "2 instances, one PostgreSQL"}
     for name, runs in results.items():
         print(f"{labels[name]:<30} {rates[name]:7.0f}" + "".join(
             f" {ms(median([r[k] for r in runs])):>7}" for k in ("p50_us", "p90_us", "p99_us",
                                                                "max_us"))
-            + f" {median([r['cores'] for r in runs]):6.2f}")
-    for level in (synchronous, other_sync):
+            + f" {median([r['cores'] for r in runs]):6.2f}"
+            + f" {median([cpu_per_answer(r, answered(name)) for r in runs]):7.0f}")
+    for level in raw if raw[synchronous] else ():
         label = f"sqlite commits, sync={level}" + (" *" if level == synchronous else "")
         print(f"{label:<30} {median(raw[level]):7.0f}")
-    print("(* the service's setting; one kept connection, WAL, one row per commit)")
+    if raw[synchronous]:
+        print("(* the service's setting; one kept connection, WAL, one row per commit)")
+    print("(CPU us: the server's CPU time, all its processes, per answer counted)")
 
-    service, baseline, ceiling = rates["service"], rates["baseline"], rates["403 ceiling"]
-    p99 = median([r["p99_us"] for r in results["service"]]) / 1000
-    # Each round measures the floor right after the service: the ratio of each pair
-    # cancels the drift of a shared machine better than the ratio of the two medians.
-    pairs = sorted(rate(r) / rate(f)
-                   for r, f in zip(results["service"], results["floor"], strict=True))
-    print(f"\nservice / floor         = {median(pairs):6.3f}   "
-          f"(median of the rounds' ratios; target >= 0.80: {verdict(median(pairs) >= 0.8)}; "
-          f"rounds {' '.join(f'{x:.3f}' for x in pairs)})")
-    print(f"service p99             = {p99:5.1f} ms (target < 100 ms: {verdict(p99 < 100)})")
+    # Each ratio is the median of the rounds' ratios: the two were measured one right after
+    # the other, which cancels the drift of a shared machine better than two medians do.
+    def line(label, name, other, target=None):
+        pairs = round_ratios(results, name, other)
+        goal = (f"target >= {target:.2f}: {verdict(median(pairs) >= target)}; "
+                if target else "")
+        # CPU time per answer, inverted: the rate's ratio on a machine whose cores are the limit.
+        cpu = median([cpu_per_answer(o, answered(other)) / cpu_per_answer(r, answered(name))
+                      for r, o in zip(results[name], results[other], strict=True)])
+        print(f"{label:<32} = {median(pairs):6.3f}   ({goal}rounds "
+              f"{' '.join(f'{x:.3f}' for x in pairs)}; CPU per answer {cpu:.3f})")
+
+    print("\nmedians of the rounds' ratios:")
+    line("service / reference", "service", "reference", 0.8)
+    line("service 403 / reference 403", "service 403", "reference 403", 0.95)
     if "compared" in results:
-        pairs = sorted(rate(r) / rate(c)
-                       for r, c in zip(results["service"], results["compared"], strict=True))
-        print(f"service / compared      = {median(pairs):6.3f}   (median of the rounds' ratios; "
-              f"rounds {' '.join(f'{x:.3f}' for x in pairs)})")
-    print(f"service / 403 ceiling   = {service / ceiling:6.3f}")
-    print(f"service / baseline      = {service / baseline:6.3f}")
-    print(f"service / sqlite commit = {service / median(raw[synchronous]):6.3f}")
+        line("service / compared", "service", "compared")
+        line("service 403 / compared 403", "service 403", "compared 403")
+        line("compared / reference", "compared", "reference")
+    if "floor" in results:
+        line("floor / reference", "floor", "reference")
+        line("service / floor", "service", "floor")
+    p99 = median([r["p99_us"] for r in results["service"]]) / 1000
+    print(f"service p99                      = {p99:5.1f} ms (target < 100 ms: "
+          f"{verdict(p99 < 100)})")
+    if "baseline" in results:
+        print(f"service / baseline               = {rates['service'] / rates['baseline']:6.3f}")
+        print(f"service / sqlite commit          = "
+              f"{rates['service'] / median(raw[synchronous]):6.3f}")
     if "postgres" in rates:
         p99_pg = median([r["p99_us"] for r in results["postgres"]]) / 1000
-        print(f"PostgreSQL / SQLite     = {rates['postgres'] / service:6.3f}   "
-              f"(target >= 0.80: {verdict(rates['postgres'] >= 0.8 * service)})")
-        print(f"PostgreSQL p99          = {p99_pg:5.1f} ms (target < 100 ms: "
+        print(f"PostgreSQL / SQLite              = {rates['postgres'] / rates['service']:6.3f}"
+              f"   (target >= 0.80: {verdict(rates['postgres'] >= 0.8 * rates['service'])})")
+        print(f"PostgreSQL p99                   = {p99_pg:5.1f} ms (target < 100 ms: "
               f"{verdict(p99_pg < 100)})")
-        print(f"2 instances / 1, on PostgreSQL = {rates['postgres x2'] / rates['postgres']:6.3f}")
+        print(f"2 instances / 1, on PostgreSQL   = "
+              f"{rates['postgres x2'] / rates['postgres']:6.3f}")
     print(f"stored {stored} status events for {acked} acknowledged callbacks: "
           f"{'none lost' if stored >= acked else 'LOST ' + str(acked - stored)}")
 

@@ -96,6 +96,8 @@ def printable(value, limit=200):
     line nor flood the log.
     """
     text = str(value)
+    if len(text) <= limit and text.isprintable():
+        return text  # the usual case, without a look at each character
     cut = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
                   for c in text[:limit])
     if len(text) > limit:

@@ -6,9 +6,10 @@ and a few hundred such clients hold every thread. No key is needed for that.
 
 Here every read of one request (its request line, headers and body, the body being read by
 the app) shares one deadline, REQUEST_READ_TIMEOUT seconds after the first read of that
-request: before each read the socket's timeout is set to the time left. A request that has
-not fully arrived by then is given up on, and its thread is freed. A timeout per read alone
-would not do: a client trickling a byte a second never lets one read time out.
+request: before each read the socket's receive timeout (the kernel's, SO_RCVTIMEO) is set
+to the time left. A request that has not fully arrived by then is given up on, and its
+thread is freed. A timeout per read alone would not do: a client trickling a byte a second
+never lets one read time out.
 
 The trade-off: a legitimate client on a very slow link that needs longer than the deadline to
 send a request (at most 64 KiB here) is cut off too. This bounds what each slow client costs;
@@ -21,6 +22,7 @@ idle connections wait without a thread too.
 """
 
 import socket
+import struct
 import time
 
 from gunicorn.http.errors import NoMoreData
@@ -68,10 +70,27 @@ class DeadlineSocket(socket.socket):
         remaining = self.deadline - now
         if remaining <= 0:
             raise RequestTooSlow(self.read_timeout)
-        # gunicorn sets timeouts of its own on some reads (draining a body it did not
-        # use, closing gracefully): the shorter of the two applies, and its own comes back.
         timeout = self.gettimeout()
-        self.settimeout(remaining if timeout is None else min(timeout, remaining))
+        if timeout is not None:
+            return self._recv_within(min(timeout, remaining), timeout, size, flags)
+        # A blocking socket (every read of a request): the kernel's receive timeout bounds
+        # the read. settimeout() would cost three more system calls that each give up the
+        # GIL and must win it back from the worker's other threads (two ioctl()s and a
+        # poll() before the read), on every request.
+        while True:
+            _receive_timeout(self, remaining)
+            try:
+                return super().recv(size, flags)
+            except BlockingIOError:  # EAGAIN: the receive timeout passed
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTooSlow(self.read_timeout) from None
+
+    def _recv_within(self, seconds, timeout, size, flags):
+        """recv() within `seconds`, on a socket whose own `timeout` gunicorn set (draining a
+        body it did not use, closing gracefully): the shorter of the two applies, and its
+        own comes back."""
+        self.settimeout(seconds)
         try:
             return super().recv(size, flags)
         except TimeoutError:
@@ -80,6 +99,14 @@ class DeadlineSocket(socket.socket):
             raise
         finally:
             self.settimeout(timeout)
+
+
+def _receive_timeout(sock, seconds):
+    """Sets the kernel's receive timeout (SO_RCVTIMEO) of a blocking socket: a recv() that
+    waits longer fails with EAGAIN. At least a microsecond, since 0 means none."""
+    microseconds = max(int(seconds * 1_000_000), 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", microseconds // 1_000_000, microseconds % 1_000_000))
 
 
 class ThreadWorker(GthreadWorker):

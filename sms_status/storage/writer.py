@@ -201,8 +201,13 @@ def _is_named_tuple(returns):
         returns, "_fields")
 
 
+# One encoder for every message: json.dumps() with separators builds a new one per call,
+# which doubles the time to encode a frame (docs/performance.md).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _json_bytes(message):
-    return json.dumps(message, separators=(",", ":")).encode()
+    return _encode(message).encode()
 
 
 def _json_value(frame):

@@ -6,6 +6,7 @@ their blueprint; these are the app's defaults.
 """
 
 from flask import g, jsonify, request
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from sms_status.listing import BadQuery
@@ -71,7 +72,10 @@ def register_error_handlers(app):
     @app.errorhandler(HTTPException)
     def http_error(error):
         response = error_answer(error.code, http_error_message(error))
-        original_headers = error.get_response().headers
+        # The headers the error would answer with, without the HTML page get_response()
+        # renders around them, only to be dropped.
+        original_headers = (error.response.headers if error.response is not None
+                            else Headers(error.get_headers(request.environ)))
         for name in ("Allow", "Retry-After", "WWW-Authenticate"):
             if name in original_headers:
                 response.headers[name] = original_headers[name]
