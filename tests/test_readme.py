@@ -226,13 +226,27 @@ def command_lines(block):
     return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
+def flask_command(line):
+    """A `flask --app app` line's variables set before it and its arguments, or None for
+    any other line."""
+    words = shlex.split(line)
+    assigned = {}
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+        name, value = words.pop(0).split("=", 1)
+        assigned[name] = value
+    return (assigned, words[1:]) if words and words[0] == ".venv/bin/flask" else None
+
+
 def run_walk_through_line(line, service, env, sids):
     """Runs one line of a block that has several: a `flask --app app` command in the
-    service's folder and environment (so that it reaches the service), or a curl command
-    that must answer 200."""
-    if line.startswith(".venv/bin/flask "):
+    service's folder, with the environment of a new terminal (the service's port, nothing
+    the start command set) and the variables the line sets itself, or a curl command that
+    must answer 200."""
+    command = flask_command(line)
+    if command is not None:
+        assigned, arguments = command
         flask = str(Path(sys.executable).parent / "flask")
-        result = subprocess.run([flask, *shlex.split(line)[1:]], cwd=ROOT, env=env,
+        result = subprocess.run([flask, *arguments], cwd=ROOT, env={**env, **assigned},
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"{line}\n{result.stdout}{result.stderr}"
         return
@@ -261,10 +275,10 @@ def test_the_quick_start_walk_through_gives_the_answers_it_shows(service_env, st
     for block, shown in commands:
         *before, command = command_lines(block)
         for line in before:
-            run_walk_through_line(line, service, {**env, **assignments}, sids)
-        if command.startswith(".venv/bin/flask "):
+            run_walk_through_line(line, service, env, sids)
+        if flask_command(command) is not None:
             assert shown is None, f"a flask command shows no JSON answer: {command}"
-            run_walk_through_line(command, service, {**env, **assignments}, sids)
+            run_walk_through_line(command, service, env, sids)
             continue
         deadline = time.monotonic() + SETTLE_SECONDS
         while True:
