@@ -40,6 +40,8 @@ SEND_OUTCOMES = ("sent", "invalid", "destination_refused", "limited", "rejected_
                  "twilio_failed", "opted_out")
 # What an inbound message was (keywords.py's kinds): "message" is an ordinary reply.
 INBOUND_KINDS = ("message", "opt_out", "opt_in", "help")
+# Why an inbound message was refused, as a status callback's refusals are counted.
+INBOUND_REFUSALS = ("bad_signature", "invalid")
 WEBHOOK_RESULTS = ("delivered", "retrying", "gave_up")
 # The route label of a request that matched no route (404, or 405 for a wrong method).
 UNMATCHED = "unmatched"
@@ -73,6 +75,8 @@ class Metrics:
         self.inbound = counter("inbound_total", "Inbound messages stored, by kind: message, "
                                "opt_out, opt_in or help (a keyword, or Twilio's OptOutType)",
                                "kind")
+        self.inbound_refused = counter("inbound_refused_total", "Inbound messages refused, "
+                                       "by reason: bad_signature or invalid", "reason")
         self.status_changes = counter("status_changes_total", "New message statuses stored "
                                       "from Twilio's callbacks, by status", "status")
         self.twilio_seconds = histogram("twilio_request_duration_seconds",
@@ -99,6 +103,8 @@ class Metrics:
             self.webhook_deliveries.labels(result)
         for kind in INBOUND_KINDS:
             self.inbound.labels(kind)
+        for reason in INBOUND_REFUSALS:
+            self.inbound_refused.labels(reason)
         # One request's labelled children, kept: labels() costs a lock and a lookup each time.
         self.children = {}
 
@@ -138,6 +144,12 @@ def count_status_change(status):
 def count_send(outcome):
     found = metrics()
     found.child(found.sends, outcome).inc()
+
+
+def count_inbound_refused(reason):
+    """One inbound message refused: bad_signature or invalid."""
+    found = metrics()
+    found.child(found.inbound_refused, reason).inc()
 
 
 def count_inbound(kind):

@@ -42,6 +42,7 @@ METRICS = {
     "sms_status_sends": "counter",
     "sms_status_status_changes": "counter",
     "sms_status_inbound": "counter",
+    "sms_status_inbound_refused": "counter",
     "sms_status_twilio_request_duration_seconds": "histogram",
     "sms_status_database_write_duration_seconds": "histogram",
     "sms_status_http_requests": "counter",
@@ -109,6 +110,27 @@ def test_inbound_messages_count_by_kind_and_refused_sends_as_opted_out(client, s
         sample("sms_status_inbound_total", kind="opt_in"): 1,
         sample("sms_status_sends_total", outcome="opted_out"): 1,
     }
+
+
+def test_refused_inbound_messages_count_as_inbound_and_never_as_status_callbacks(client,
+                                                                                caplog):
+    before = scrape(client)
+    caplog.clear()
+    assert client.post("/inbound-sms", data=inbound("hi"),
+                       headers={"X-Twilio-Signature": "forged"}).status_code == 403
+    assert post_inbound(client, inbound("hi") | {f"Extra{n}": "x" for n in range(100)}
+                        ).status_code == 400
+    assert post_inbound(client, inbound("hi\x00")).status_code == 400
+    assert post_inbound(client, {"Body": "hi"}).status_code == 400  # no MessageSid or From
+    grown = rise(before, scrape(client))
+    assert {name: value for name, value in grown.items()
+            if name[0] in ("sms_status_inbound_refused_total", "sms_status_callbacks_total",
+                           "sms_status_inbound_total")} == {
+        sample("sms_status_inbound_refused_total", reason="bad_signature"): 1,
+        sample("sms_status_inbound_refused_total", reason="invalid"): 3,
+    }
+    assert "Rejected inbound message: invalid Twilio signature" in caplog.text
+    assert "status callback" not in caplog.text
 
 
 @sqlite_only

@@ -23,8 +23,8 @@ def register(app):
     """Adds the service's routes, request checks and error handlers to `app`.
 
     Every request is timed, then passes guard_request, then its blueprint's own guards
-    (a status callback's are callbacks.GUARDS, and an inbound message's the same); Flask runs
-    the app's before its blueprints'.
+    (Twilio's webhooks run guards.check_twilio_webhook); Flask runs the app's before its
+    blueprints'.
     """
     metrics.register(app)  # first, so that its clock covers the guards
     app.before_request(guard_request)

@@ -1,5 +1,6 @@
-"""POST /message-status: Twilio's status callbacks, a blueprint whose guards run in the
-order of GUARDS before the view stores the status."""
+"""POST /message-status: Twilio's status callbacks, a blueprint whose guards
+(guards.check_twilio_webhook: field count, signature, NUL characters) run before the view
+stores the status."""
 
 from flask import Blueprint, current_app, request
 
@@ -13,22 +14,12 @@ from sms_status.web.errors import json_error
 
 blueprint = Blueprint("callbacks", __name__)
 
-# In this order: counting the fields costs nothing and bounds what the signature parses and
-# signs; NUL characters only once the signature holds, so an unsigned request always gets 403.
-GUARDS = (
-    guards.refuse_too_many_fields,
-    guards.require_twilio_signature,
-    guards.refuse_nul_characters_in_callback,
-)
+STATUS_CALLBACK = guards.TwilioWebhook("status callback", metrics.count_callback)
 
 
 @blueprint.before_request
 def guard_callback():
-    """Runs GUARDS in order; the first refusal ends the request."""
-    if request.method == "OPTIONS":
-        return  # Flask answers it with the Allow header; nothing is read or stored
-    for guard in GUARDS:
-        guard()
+    return guards.check_twilio_webhook(STATUS_CALLBACK)
 
 
 @blueprint.post("/message-status")

@@ -1,13 +1,16 @@
 """What requests pass before their route runs: the key and its scope (`@requires`, one line
-on each route), a status callback's guards (its field count, Twilio's signature, NUL
-characters; callbacks.py runs them in that order), and checks of the body that protect the
-rest (its size, its arrival, NUL characters).
+on each route), the guards of Twilio's webhooks (their field count, Twilio's signature, NUL
+characters; check_twilio_webhook runs them in that order), and checks of the body that
+protect the rest (its size, its arrival, NUL characters).
 
-Each is a plain function that does nothing or refuses: it raises an HTTP error with a message
-for the caller, which errors.py answers (a key without the scope is answered here, for its
-`requiredScope`). Which run, and in what order, is web/__init__.py's and callbacks.py's.
+Each is a plain function that does nothing or refuses. The body's checks raise an HTTP error
+with a message for the caller, which errors.py answers; a webhook's guards and a key without
+the scope return their refusal. Which run is web/__init__.py's, callbacks.py's and
+inbound.py's.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 
 from flask import abort, current_app, g, jsonify, request
@@ -15,13 +18,13 @@ from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, get_signature_al
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import BadRequest, ClientDisconnected, Unauthorized
 
-from sms_status import metrics, rules
+from sms_status import rules
 from sms_status.rules import printable
 from sms_status.services import get_db, services
 from sms_status.web.logs import log, warn_rejection
 
 MAX_REQUEST_BYTES = 64 * 1024
-# Twilio's status callbacks carry about 20 form fields.
+# Twilio's webhooks (status callbacks, inbound messages) carry about 20 form fields.
 MAX_CALLBACK_FIELDS = 100
 
 
@@ -68,32 +71,69 @@ def caller_key():
     return key
 
 
-def refuse_too_many_fields():
-    """A status callback with more form fields than Twilio ever sends is refused with 400.
+@dataclass(frozen=True)
+class TwilioWebhook:
+    """One of Twilio's webhooks, as its guards speak of it: its `name` in the log ("status
+    callback") and `count_refusal(reason)`, which counts a refusal ("bad_signature" or
+    "invalid") in its own metric."""
+
+    name: str
+    count_refusal: Callable[[str], None]
+
+
+def check_twilio_webhook(webhook):
+    """Runs a Twilio webhook's guards in order, before its view: returns the first refusal
+    (a JSON error response), or None to let the request through.
+
+    In this order: counting the fields costs nothing and bounds what the signature parses
+    and signs; NUL characters only once the signature holds, so an unsigned request always
+    gets 403. The refusals are answered as values, not raised: an unsigned flood is the
+    path this runs most, and an exception through Flask's handlers cost a tenth of it
+    (docs/performance.md).
+    """
+    if request.method == "OPTIONS":
+        return None  # Flask answers it with the Allow header; nothing is read or stored
+    for guard in (refuse_too_many_fields, require_twilio_signature,
+                  refuse_nul_characters_in_webhook):
+        refusal = guard(webhook)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def refusal(status, message):
+    return jsonify(error=message), status
+
+
+def refuse_too_many_fields(webhook):
+    """A webhook with more form fields than Twilio ever sends is refused with 400.
 
     They are counted without parsing them: parsing and signing thousands of fields is what
     an unsigned flood would cost otherwise.
     """
     if form_fields() > MAX_CALLBACK_FIELDS:
-        metrics.count_callback("invalid")
-        abort(400, description=f"A status callback has at most {MAX_CALLBACK_FIELDS} form "
-                               "fields (Twilio sends about 20)")
+        webhook.count_refusal("invalid")
+        return refusal(400, f"{webhook.name.capitalize()}s have at most "
+                            f"{MAX_CALLBACK_FIELDS} form fields (Twilio sends about 20)")
+    return None
 
 
-def require_twilio_signature():
+def require_twilio_signature(webhook):
     """The request must be signed by Twilio (see signed_by_twilio): else 403."""
-    if not signed_by_twilio():
-        metrics.count_callback("bad_signature")
-        abort(403, description="Invalid Twilio signature")
+    if signed_by_twilio(webhook):
+        return None
+    webhook.count_refusal("bad_signature")
+    return refusal(403, "Invalid Twilio signature")
 
 
-def refuse_nul_characters_in_callback():
-    """refuse_nul_characters for a status callback, counted as an invalid one."""
+def refuse_nul_characters_in_webhook(webhook):
+    """refuse_nul_characters for a webhook, counted as an invalid one."""
     try:
         refuse_nul_characters()
-    except BadRequest:
-        metrics.count_callback("invalid")
-        raise
+    except BadRequest as error:
+        webhook.count_refusal("invalid")
+        return refusal(400, error.description)
+    return None
 
 
 def form_fields():
@@ -104,7 +144,7 @@ def form_fields():
     return 0  # other bodies are parsed with Flask's MAX_FORM_PARTS as the bound
 
 
-def signed_by_twilio():
+def signed_by_twilio(webhook):
     """Checks X-Twilio-Signature for the exact URL Twilio called and every form parameter.
 
     Signed with the auth token, or, when X-Twilio-Webhooks-Signature-Settings is present,
@@ -119,7 +159,7 @@ def signed_by_twilio():
     if not settings:
         if services().validator.validate(url, request.form, signature):
             return True
-        warn_rejection("Rejected status callback: invalid Twilio signature for %s",
+        warn_rejection("Rejected %s: invalid Twilio signature for %s", webhook.name,
                        printable(url))
         return False
 
@@ -128,15 +168,16 @@ def signed_by_twilio():
                              if part.strip().startswith("key=")), "?"), 60)
     validator = services().shared_key_validator
     if validator is None:
-        warn_rejection("Rejected status callback signed with shared key %s: set "
-                       "TWILIO_WEBHOOK_SIGNING_KEY to that key's secret to accept it", key_id)
+        warn_rejection("Rejected %s signed with shared key %s: set "
+                       "TWILIO_WEBHOOK_SIGNING_KEY to that key's secret to accept it",
+                       webhook.name, key_id)
         return False
     algorithm = get_signature_algorithm(settings)
     if validator.validate(url, request.form, signature, algorithm=algorithm):
-        log.debug("Status callback signed with shared key %s (%s)", key_id,
+        log.debug("%s signed with shared key %s (%s)", webhook.name.capitalize(), key_id,
                   printable(algorithm, 30))
         return True
-    warn_rejection("Rejected status callback: invalid %s signature (shared key %s) for %s",
+    warn_rejection("Rejected %s: invalid %s signature (shared key %s) for %s", webhook.name,
                    printable(algorithm, 30), key_id, printable(url))
     return False
 

@@ -1,6 +1,7 @@
 """POST /inbound-sms: Twilio's "a message comes in" webhook, guarded exactly as a status
-callback is (callbacks.GUARDS: field count, Twilio's signature, NUL characters), answered
-with an empty TwiML document once the message is committed."""
+callback is (guards.check_twilio_webhook: field count, Twilio's signature, NUL characters,
+its refusals counted as inbound ones), answered with an empty TwiML document once the
+message is committed."""
 
 from flask import Blueprint, current_app, request
 
@@ -9,11 +10,17 @@ from sms_status.logs import log
 from sms_status.rules import printable
 from sms_status.services import get_db
 from sms_status.storage import inbound
-from sms_status.web import callbacks
+from sms_status.web import guards
 from sms_status.web.errors import json_error
 
 blueprint = Blueprint("inbound", __name__)
-blueprint.before_request(callbacks.guard_callback)
+INBOUND_MESSAGE = guards.TwilioWebhook("inbound message", metrics.count_inbound_refused)
+
+
+@blueprint.before_request
+def guard_inbound():
+    return guards.check_twilio_webhook(INBOUND_MESSAGE)
+
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 # A reply's kind as the log says it.
@@ -27,6 +34,7 @@ def inbound_sms():
            or "").strip()
     from_ = (form.get("From") or "").strip()
     if not sid or not from_:
+        metrics.count_inbound_refused("invalid")
         return json_error(400, "An inbound message needs MessageSid (or SmsMessageSid) and "
                                "From")
     body = form.get("Body") or ""
