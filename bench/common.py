@@ -133,6 +133,44 @@ def cpu_seconds(process):
     return total / ticks
 
 
+def process_tree(pid):
+    """The pid and those of all its descendants (gunicorn's workers, the writer process)."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        try:
+            for task in Path(f"/proc/{pids[index]}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+        index += 1
+    return pids
+
+
+def rss_mib(process):
+    """Resident memory of a server and its descendants, in MiB (nan without /proc)."""
+    total = 0
+    for pid in process_tree(process.pid):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines()
+                       if line.startswith("VmRSS:")), 0)
+    return total / 1024 if total else float("nan")
+
+
+def open_descriptors(process):
+    """Open file descriptors of a server and its descendants: its connections, databases
+    and logs (nan without /proc)."""
+    total = None
+    for pid in process_tree(process.pid):
+        try:
+            total = (total or 0) + len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            continue
+    return float("nan") if total is None else total
+
+
 def require_wrk():
     path = shutil.which("wrk")
     if path is None:

@@ -46,6 +46,7 @@ from common import (
     parse_bench_args,
     percentile,
     require_wrk,
+    rss_mib,
     run_benchmark,
     run_wrk,
     service_env,
@@ -162,32 +163,6 @@ class Arrivals:
 
     def delivered_between(self, path, start, end):
         return sum(1 for times in self.by_id[path].values() if start <= times[0] < end)
-
-
-def process_tree(pid):
-    """The pid and those of all its descendants (gunicorn's workers, the writer process)."""
-    pids, index = [pid], 0
-    while index < len(pids):
-        try:
-            for task in Path(f"/proc/{pids[index]}/task").iterdir():
-                pids += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            pass
-        index += 1
-    return pids
-
-
-def rss_mib(process):
-    """Resident memory of a server and its descendants, in MiB (nan without /proc)."""
-    total = 0
-    for pid in process_tree(process.pid):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        total += next((int(line.split()[1]) for line in status.splitlines()
-                       if line.startswith("VmRSS:")), 0)
-    return total / 1024 if total else float("nan")
 
 
 class Growth:

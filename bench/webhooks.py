@@ -46,8 +46,10 @@ from common import (
     machine_summary,
     median,
     ms,
+    open_descriptors,
     parse_bench_args,
     require_wrk,
+    rss_mib,
     run_benchmark,
     run_wrk,
     service_env,
@@ -340,7 +342,7 @@ def measure(args, workdir, processes, postgres):
     for r, pool in enumerate(pools):
         loads.append(os.getloadavg()[0])
         print(f"\nround {r + 1} of {args.rounds} (load average {loads[-1]:.2f})")
-        timeline = Timeline(service_db) if args.timeline else None
+        timeline = Timeline(service_db, service) if args.timeline else None
         result = wrk(service, base_url, pool)
         results["service"].append(result)
         print("  " + describe("service", result))
@@ -424,18 +426,24 @@ def measure(args, workdir, processes, postgres):
 
 
 class Timeline:
-    """Counts the stored callbacks every second while it runs: the rate of each 10 s."""
+    """Counts the stored callbacks every second while it runs, with the server's memory
+    (RSS of its processes) and open descriptors: the rate of each 10 s, and whether the
+    memory or the descriptors grow from the first 10 s to the last."""
 
-    def __init__(self, database, every=1.0):
-        self.database, self.every = database, every
-        self.counts = [(time.monotonic(), count_rows(database))]
+    def __init__(self, database, server, every=1.0):
+        self.database, self.server, self.every = database, server, every
+        self.counts = [self._sample_now()]
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
 
+    def _sample_now(self):
+        return (time.monotonic(), count_rows(self.database), rss_mib(self.server),
+                open_descriptors(self.server))
+
     def _sample(self):
         while not self.stopping.wait(self.every):
-            self.counts.append((time.monotonic(), count_rows(self.database)))
+            self.counts.append(self._sample_now())
 
     def stop(self):
         self.stopping.set()
@@ -443,27 +451,35 @@ class Timeline:
         return self
 
     def windows(self, seconds=10):
-        """Stored per second in each whole window of `seconds`, from the last count before
-        the first callback was stored (wrk reads its pool before it sends anything)."""
-        first = next((i for i, (_, n) in enumerate(self.counts) if n > self.counts[0][1]), 1)
+        """Per window of `seconds`, from the last count before the first callback was
+        stored (wrk reads its pool before it sends anything): (stored per second, peak RSS
+        in MiB, peak open descriptors)."""
+        first = next((i for i, (_, n, *_) in enumerate(self.counts) if n > self.counts[0][1]),
+                     1)
         start = self.counts[first - 1][0]
-        rates, edge = [], 0
+        windows, edge = [], 0
         while True:
-            inside = [(t, n) for t, n in self.counts if edge <= t - start <= edge + seconds]
+            inside = [c for c in self.counts if edge <= c[0] - start <= edge + seconds]
             if not inside or inside[-1][0] - start < edge + seconds - self.every:
-                return rates
-            (t0, n0), (t1, n1) = inside[0], inside[-1]
-            rates.append((n1 - n0) / (t1 - t0))
+                return windows
+            (t0, n0, *_), (t1, n1, *_) = inside[0], inside[-1]
+            windows.append(((n1 - n0) / (t1 - t0), max(c[2] for c in inside),
+                            max(c[3] for c in inside)))
             edge += seconds
 
     def describe(self):
-        rates = self.windows()
-        if len(rates) < 2:
+        windows = self.windows()
+        if len(windows) < 2:
             return "timeline: too short for two windows of 10 s"
-        seconds = [round((n1 - n0) / (t1 - t0)) for (t0, n0), (t1, n1)
+        rates = [rate for rate, _, _ in windows]
+        seconds = [round((n1 - n0) / (t1 - t0)) for (t0, n0, *_), (t1, n1, *_)
                    in zip(self.counts, self.counts[1:], strict=False)]
+        (_, rss_first, fds_first), (_, rss_last, fds_last) = windows[0], windows[-1]
         return (f"stored per s in each 10 s: {' '.join(f'{x:.0f}' for x in rates)}; last / "
-                f"first = {rates[-1] / rates[0]:.3f}\n{'':<17}each second: {seconds}")
+                f"first = {rates[-1] / rates[0]:.3f}\n{'':<17}each second: {seconds}\n"
+                f"{'':<17}peak RSS of the server's processes, first 10 s / last: "
+                f"{rss_first:.0f} / {rss_last:.0f} MiB; open descriptors (connections, "
+                f"files): {fds_first} / {fds_last}")
 
 
 class WalPeaks:
