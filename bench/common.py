@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: starting servers, running wrk, reading gunicorn settings.
+"""Helpers shared by the benchmarks: starting servers (live, with the run's made-up Twilio
+credentials), running wrk, reading gunicorn settings, fresh databases and their row counts.
 
 Every process is started in its own session, so stopping it also stops its children
 (gunicorn's workers), and `Processes` stops all of them on exit, error or Ctrl-C.
@@ -8,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -25,7 +27,7 @@ ROOT = BENCH.parent
 # Procfile's command, throwaway PostgreSQL servers), shared with the tests and CI.
 sys.path[1:1] = [str(ROOT), str(ROOT / "tests")]
 
-from support import service_environment  # noqa: E402
+from support import procfile_command, service_environment  # noqa: E402
 
 WRK_INSTALL = "apt-get install -y wrk   (Debian/Ubuntu, as root; brew install wrk on macOS)"
 # Settings a user may set to benchmark other values; everything else is set by the benchmark.
@@ -45,6 +47,21 @@ def service_env(port, database, **settings):
         "API_KEY": "", "BASE_URL": "", **passed, **settings})
 
 
+# Made-up Twilio credentials, new for each run: the services run live (not simulated) and
+# check the signatures the benchmarks compute with this token.
+ACCOUNT_SID = "AC" + secrets.token_hex(16)
+AUTH_TOKEN = secrets.token_hex(16)
+SENDER = "+15017122661"
+
+
+def live_settings(base_url, api_key=None):
+    """The settings of a service in live mode with the run's made-up credentials, checking
+    Twilio's signatures for `base_url`, with `api_key` (a new one by default)."""
+    return {"TWILIO_SIMULATE": "false", "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+            "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_PHONE_NUMBER": SENDER,
+            "API_KEY": api_key or secrets.token_urlsafe(24), "BASE_URL": base_url}
+
+
 def gunicorn_settings(repo, env):
     """workers, threads and worker_class (a class is named by its module and name) as the
     repository's gunicorn.conf.py sets them in `env`."""
@@ -56,6 +73,13 @@ def gunicorn_settings(repo, env):
     settings = json.loads(out)
     settings["threads"] = settings["threads"] or 1
     return settings
+
+
+def service_summary(repo, gunicorn):
+    """The line naming the service under load: its command, checkout and gunicorn settings."""
+    return (f"service: {' '.join(procfile_command(repo)[1:])} in {repo}: "
+            f"{gunicorn['worker_class']}, {gunicorn['workers']} workers x "
+            f"{gunicorn['threads']} threads")
 
 
 class Processes:
@@ -220,10 +244,27 @@ def database_rows(database_url, sql):
         return conn.execute(sql).fetchall()
 
 
+def count_rows(database, table="status_events"):
+    """Rows in a table of a SQLite file (a path) or of any database (a URL)."""
+    url = database if "://" in str(database) else f"sqlite:///{database}"
+    return database_rows(url, f"SELECT count(*) FROM {table}")[0][0]
+
+
+def settled_count(database, table="status_events", limit=15):
+    """The row count once requests cut off when wrk stopped have finished (stable for 0.5 s)."""
+    count, deadline = count_rows(database, table), time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        count, previous = count_rows(database, table), count
+        if count == previous:
+            break
+    return count
+
+
 class PostgresDatabases:
-    """Fresh PostgreSQL databases for a run, dropped at its end: on the server of
-    --database-url (or DATABASE_URL; its user needs the CREATEDB privilege), or, with
-    --postgres, on a throwaway server started from the machine's PostgreSQL binaries."""
+    """Fresh PostgreSQL databases for a run, dropped at its end (its `with` block's): on the
+    server of --database-url (or DATABASE_URL; its user needs the CREATEDB privilege), or,
+    with --postgres, on a throwaway server started from the machine's PostgreSQL binaries."""
 
     def __init__(self, args):
         self.admin_url = args.database_url or os.environ.get("DATABASE_URL", "")
@@ -238,8 +279,19 @@ class PostgresDatabases:
             self.admin_url = self.server.url()
         self.created = []
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def __bool__(self):
         return bool(self.admin_url)
+
+    def fresh(self, sqlite_path):
+        """A fresh database's URL: a new PostgreSQL database when the run has a server, else
+        the SQLite file `sqlite_path`."""
+        return self.new() if self else f"sqlite:///{sqlite_path}"
 
     def new(self):
         from postgres import create_database

@@ -31,12 +31,16 @@ import urllib.parse
 from pathlib import Path
 
 from common import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
     BENCH,
+    SENDER,
     PostgresDatabases,
     argument_parser,
+    count_rows,
     cpu_seconds,
-    database_rows,
     gunicorn_settings,
+    live_settings,
     machine_summary,
     median,
     ms,
@@ -45,15 +49,14 @@ from common import (
     run_benchmark,
     run_wrk,
     service_env,
+    service_summary,
+    settled_count,
     verdict,
 )
 from twilio.request_validator import RequestValidator
 
 from support import free_port, procfile_command
 
-ACCOUNT_SID = "AC" + secrets.token_hex(16)
-AUTH_TOKEN = secrets.token_hex(16)
-SENDER = "+15017122661"
 POOL_RATE = 3000  # pre-signed requests per second of a measurement; above what is answered
 WARM_UP_SECONDS = 10
 # After a measurement of sends, the simulator's status callbacks go on for about half a
@@ -108,21 +111,6 @@ def write_pool(path, kind, round_no, count, url):
     return count
 
 
-def count_rows(database, table):
-    return database_rows(database, f"SELECT count(*) FROM {table}")[0][0]
-
-
-def settled_count(database, table, limit=15):
-    """The row count once requests cut off when wrk stopped have finished."""
-    count, deadline = count_rows(database, table), time.monotonic() + limit
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        count, previous = count_rows(database, table), count
-        if count == previous:
-            break
-    return count
-
-
 def main():
     args = parse_args()
     require_wrk()
@@ -130,9 +118,8 @@ def main():
 
 
 def run(args, workdir, processes):
-    postgres = PostgresDatabases(args)
-    try:
-        database = postgres.new() if postgres else f"sqlite:///{workdir / 'service.db'}"
+    with PostgresDatabases(args) as postgres:
+        database = postgres.fresh(workdir / "service.db")
         failures = measure_inbound(args, workdir, processes, database)
         if args.compare:
             failures += measure_sends(args, workdir, processes, postgres)
@@ -140,8 +127,6 @@ def run(args, workdir, processes):
             print("\npart 2 (the opt-out check's cost on /send-sms) needs --compare REPO: "
                   "skipped")
         return failures
-    finally:
-        postgres.close()
 
 
 def rate(result):
@@ -158,13 +143,9 @@ def describe(name, r):
 def measure_inbound(args, workdir, processes, database):
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    env = service_env(port, database, TWILIO_SIMULATE="false", TWILIO_ACCOUNT_SID=ACCOUNT_SID,
-                      TWILIO_AUTH_TOKEN=AUTH_TOKEN, TWILIO_PHONE_NUMBER=SENDER,
-                      API_KEY=secrets.token_urlsafe(24), BASE_URL=base_url)
-    g = gunicorn_settings(args.repo, env)
+    env = service_env(port, database, **live_settings(base_url))
     print(machine_summary())
-    print(f"service: {' '.join(procfile_command(args.repo)[1:])} in {args.repo}: "
-          f"{g['worker_class']}, {g['workers']} workers x {g['threads']} threads, "
+    print(f"{service_summary(args.repo, gunicorn_settings(args.repo, env))}, "
           f"{'SQLite' if database.startswith('sqlite') else 'PostgreSQL'}")
     print(f"part 1: wrk, {args.connections} keep-alive connections, {args.duration} s per "
           f"measurement, {args.rounds} rounds, inbound messages and status callbacks in turn")
@@ -255,7 +236,7 @@ def measure_sends(args, workdir, processes, postgres):
     servers = {}
     for name, repo in (("this", args.repo), ("compared", args.compare)):
         port, key = free_port(), secrets.token_urlsafe(24)
-        database = postgres.new() if postgres else f"sqlite:///{workdir / f'sends-{name}.db'}"
+        database = postgres.fresh(workdir / f"sends-{name}.db")
         env = service_env(port, database, TWILIO_SIMULATE="true", API_KEY=key,
                           TWILIO_SIMULATE_LATENCY_MS=SEND_LATENCY_MS, MAX_SENDS_PER_HOUR=0)
         process = processes.start_server(f"sends-{name}", procfile_command(repo), repo, env,

@@ -146,14 +146,11 @@ def run(args, workdir, processes):
     setting, named = in_process_costs(20_000 if args.smoke else 200_000)
     print(f"in process, without HTTP: API_KEY {setting:.2f} us, a named key found in the "
           f"process's copy {named:.2f} us")
-    postgres = PostgresDatabases(args)
-    try:
+    with PostgresDatabases(args) as postgres:
         failures = measure(args, processes, f"sqlite:///{workdir / 'service.db'}")
         if postgres:
             failures += measure(args, processes, postgres.new())
         return failures
-    finally:
-        postgres.close()
 
 
 if __name__ == "__main__":

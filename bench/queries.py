@@ -37,9 +37,13 @@ from urllib.parse import quote, urlencode
 
 import webhooks
 from common import (
+    ACCOUNT_SID,
     BENCH,
+    SENDER,
     PostgresDatabases,
     argument_parser,
+    count_rows,
+    live_settings,
     machine_summary,
     median,
     ms,
@@ -48,6 +52,7 @@ from common import (
     run_benchmark,
     run_wrk,
     service_env,
+    settled_count,
     verdict,
 )
 
@@ -129,8 +134,8 @@ def fill(engine, count, now, seed=10):
                 if status == "delivered":  # as the service records it with the event
                     to_delivered = (at - created).total_seconds()
             latest = statuses[-1] if statuses else "queued"
-            messages.append((sid, webhooks.ACCOUNT_SID, rng.choice(recipients),
-                             webhooks.SENDER, "queued", latest, code, iso(created),
+            messages.append((sid, ACCOUNT_SID, rng.choice(recipients),
+                             SENDER, "queued", latest, code, iso(created),
                              iso(at), iso(created), to_delivered, n + 1))
         bulk_insert(engine, "messages", MESSAGE_COLUMNS, messages)
         bulk_insert(engine, "status_events", EVENT_COLUMNS, events)
@@ -271,12 +276,8 @@ def main():
 
 def run(args, workdir, processes):
     """On a fresh SQLite file, or a fresh PostgreSQL database with --postgres/--database-url."""
-    postgres = PostgresDatabases(args)
-    try:
-        return measure_on(args, workdir, processes,
-                          postgres.new() if postgres else f"sqlite:///{workdir / 'queries.db'}")
-    finally:
-        postgres.close()
+    with PostgresDatabases(args) as postgres:
+        return measure_on(args, workdir, processes, postgres.fresh(workdir / "queries.db"))
 
 
 def measure_on(args, workdir, processes, database_url):
@@ -297,9 +298,7 @@ def measure_on(args, workdir, processes, database_url):
     port, bare_port = free_port(), free_port()
     base_url = f"http://127.0.0.1:{port}"
     api_key = secrets.token_urlsafe(24)
-    settings = dict(TWILIO_SIMULATE="false", TWILIO_ACCOUNT_SID=webhooks.ACCOUNT_SID,
-                    TWILIO_AUTH_TOKEN=webhooks.AUTH_TOKEN, TWILIO_PHONE_NUMBER=webhooks.SENDER,
-                    API_KEY=api_key, BASE_URL=base_url)  # both check signatures for this URL
+    settings = live_settings(base_url, api_key)  # both check signatures for this URL
     service = processes.start_server(
         "service", procfile_command(args.repo), args.repo,
         service_env(port, None, DATABASE_URL=database_url, **settings), base_url + "/healthz")
@@ -377,12 +376,12 @@ def ingestion(args, workdir, services):
         order = list(services) if r % 2 == 0 else list(services)[::-1]
         for name in order:
             server, port, database = services[name]
-            before = webhooks.count_rows(database)
+            before = count_rows(database)
             result = run_wrk(f"http://127.0.0.1:{port}", BENCH / "callbacks.lua",
                              [pool, min(2, args.connections)], args.connections,
                              args.duration, threads=min(2, args.connections))[0]
             failures += webhooks.check_run(name, result)
-            stored = webhooks.settled_count(database) - before
+            stored = settled_count(database) - before
             if stored < result["acked"]:
                 failures.append(f"{name}: {result['acked'] - stored} acknowledged callbacks "
                                 f"missing")

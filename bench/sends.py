@@ -35,6 +35,7 @@ from common import (
     run_benchmark,
     run_wrk,
     service_env,
+    service_summary,
     verdict,
 )
 
@@ -125,12 +126,8 @@ def main():
 
 def run(args, workdir, processes):
     """On a fresh SQLite file, or a fresh PostgreSQL database with --postgres/--database-url."""
-    postgres = PostgresDatabases(args)
-    try:
-        database = postgres.new() if postgres else f"sqlite:///{workdir / 'service.db'}"
-        return measure(args, processes, database)
-    finally:
-        postgres.close()
+    with PostgresDatabases(args) as postgres:
+        return measure(args, processes, postgres.fresh(workdir / "service.db"))
 
 
 def measure(args, processes, database):
@@ -143,9 +140,7 @@ def measure(args, processes, database):
     capacity = g["workers"] * g["threads"]
     latency = args.latency_ms / 1000
     print(machine_summary())
-    print(f"service: {' '.join(procfile_command(args.repo)[1:])} in {args.repo}: "
-          f"{g['worker_class']}, {g['workers']} workers x {g['threads']} threads, simulated "
-          f"Twilio latency {args.latency_ms} ms, "
+    print(f"{service_summary(args.repo, g)}, simulated Twilio latency {args.latency_ms} ms, "
           f"{'SQLite' if database.startswith('sqlite') else 'PostgreSQL'}")
     print(f"load: wrk, {args.connections} concurrent callers, {args.duration} s per round, "
           f"{args.rounds} rounds; /healthz polled every {HEALTH_INTERVAL * 1000:.0f} ms")

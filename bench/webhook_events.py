@@ -41,6 +41,7 @@ from common import (
     cpu_seconds,
     database_rows,
     gunicorn_settings,
+    live_settings,
     machine_summary,
     median,
     parse_bench_args,
@@ -50,18 +51,11 @@ from common import (
     run_benchmark,
     run_wrk,
     service_env,
+    service_summary,
+    settled_count,
     verdict,
 )
-from webhooks import (
-    ACCOUNT_SID,
-    AUTH_TOKEN,
-    POOL_RATE,
-    SENDER,
-    check_run,
-    settled_count,
-    signed_callbacks,
-    write_pool,
-)
+from webhooks import POOL_RATE, check_run, signed_callbacks, write_pool
 
 from sms_status.storage.times import timestamp_of
 from support import free_port, procfile_command
@@ -101,11 +95,8 @@ def main():
 
 
 def run(args, workdir, processes):
-    postgres = PostgresDatabases(args)
-    try:
+    with PostgresDatabases(args) as postgres:
         return measure(args, workdir, processes, postgres)
-    finally:
-        postgres.close()
 
 
 # --- the instances, the receiver and what they hold ----------------------------------------
@@ -297,9 +288,7 @@ def measure(args, workdir, processes, postgres):
     first_port = free_port()
     base_url = f"http://127.0.0.1:{first_port}"
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    env = service_env(first_port, "", TWILIO_SIMULATE="false", TWILIO_ACCOUNT_SID=ACCOUNT_SID,
-                      TWILIO_AUTH_TOKEN=AUTH_TOKEN, TWILIO_PHONE_NUMBER=SENDER,
-                      API_KEY=secrets.token_urlsafe(24), BASE_URL=base_url)
+    env = service_env(first_port, "", **live_settings(base_url))
     receiver_port = free_port()
     receiver_output = workdir / "arrivals.tsv"
     receiver_output.touch()
@@ -339,8 +328,7 @@ def measure(args, workdir, processes, postgres):
 
     gunicorn = gunicorn_settings(args.repo, dict(env, DATABASE_URL=everyone[0].database))
     print(machine_summary())
-    print(f"service: {' '.join(procfile_command(args.repo)[1:])} in {args.repo}: "
-          f"{gunicorn['workers']} workers x {gunicorn['threads']} threads, status webhooks on "
+    print(f"{service_summary(args.repo, gunicorn)}, status webhooks on "
           f"(to bench/webhook_receiver.py, every signature verified) and off, on "
           f"{' and '.join(engine for _, engine, _ in groups.values())}")
     if args.compare:

@@ -28,7 +28,6 @@ was stored, the service answered any 5xx, or the pre-signed pool ran out.
 """
 
 import os
-import secrets
 import sqlite3
 import sys
 import threading
@@ -37,12 +36,17 @@ import urllib.parse
 from pathlib import Path
 
 from common import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
     BENCH,
+    SENDER,
     PostgresDatabases,
     argument_parser,
+    count_rows,
     cpu_seconds,
     database_rows,
     gunicorn_settings,
+    live_settings,
     machine_summary,
     median,
     ms,
@@ -53,15 +57,14 @@ from common import (
     run_benchmark,
     run_wrk,
     service_env,
+    service_summary,
+    settled_count,
     verdict,
 )
 from twilio.request_validator import RequestValidator
 
 from support import free_port, procfile_command
 
-ACCOUNT_SID = "AC" + secrets.token_hex(16)
-AUTH_TOKEN = secrets.token_hex(16)
-SENDER = "+15017122661"
 POOL_RATE = 6000  # pre-signed callbacks per second of a run; above what the reference answers here
 SIDS_PER_BLOCK = 500  # a block's callbacks go out as queued for all, then sent, then final
 # Each load's callbacks per SID, in order ("final": delivered, or undelivered for one in 10).
@@ -125,23 +128,6 @@ def write_pool(path, round_no, count, url, load="lifecycle"):
     return written
 
 
-def count_rows(database, table="status_events"):
-    """Rows in a table of a SQLite file (a path) or of any database (a URL)."""
-    url = database if "://" in str(database) else f"sqlite:///{database}"
-    return database_rows(url, f"SELECT count(*) FROM {table}")[0][0]
-
-
-def settled_count(database, limit=15):
-    """The row count once requests cut off when wrk stopped have finished (stable for 0.5 s)."""
-    count, deadline = count_rows(database), time.monotonic() + limit
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        count, previous = count_rows(database), count
-        if count == previous:
-            break
-    return count
-
-
 def sqlite_commit_rate(repo, directory, synchronous, seconds):
     """Single-row commits per second on one kept connection opened as the service opens it."""
     sys.path.insert(0, str(repo))
@@ -180,11 +166,8 @@ def main():
 
 
 def run(args, workdir, processes):
-    postgres = PostgresDatabases(args)
-    try:
+    with PostgresDatabases(args) as postgres:
         return measure(args, workdir, processes, postgres)
-    finally:
-        postgres.close()
 
 
 def split_pool(pool):
@@ -200,16 +183,11 @@ def measure(args, workdir, processes, postgres):
     port, baseline_port = free_port(), free_port()
     base_url = f"http://127.0.0.1:{port}"
     service_db, baseline_db = workdir / "service.db", workdir / "baseline.db"
-    env = service_env(port, service_db, TWILIO_SIMULATE="false",
-                      TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
-                      TWILIO_PHONE_NUMBER=SENDER, API_KEY=secrets.token_urlsafe(24),
-                      BASE_URL=base_url)
+    env = service_env(port, service_db, **live_settings(base_url))
     synchronous = (env.get("SQLITE_SYNCHRONOUS") or "NORMAL").upper()
     gunicorn = gunicorn_settings(args.repo, env)
     print(machine_summary())
-    print(f"service: {' '.join(procfile_command(args.repo)[1:])} in {args.repo}: "
-          f"{gunicorn['worker_class']}, {gunicorn['workers']} workers x {gunicorn['threads']} "
-          f"threads, SQLite WAL synchronous={synchronous}")
+    print(f"{service_summary(args.repo, gunicorn)}, SQLite WAL synchronous={synchronous}")
     print(f"load: wrk, {args.connections} keep-alive connections, {args.duration} s per "
           f"measurement, {args.rounds} interleaved rounds")
 

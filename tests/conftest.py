@@ -18,7 +18,9 @@ from support import (
     AUTH_TOKEN,
     CALLBACK_URL,
     NOW,
+    WEBHOOK_SECRET,
     Service,
+    WebhookReceiver,
     free_port,
     live_env,
     service_environment,
@@ -166,6 +168,27 @@ def send(client):
         return client.post("/send-sms", json={"to": to, "body": body}, headers=headers, **kwargs)
 
     return send_sms
+
+
+# --- status webhooks ----------------------------------------------------------------------
+
+@pytest.fixture
+def receiver():
+    """A local receiver of status webhooks (support.WebhookReceiver), stopped after the test."""
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def webhook_app(make_app, receiver):
+    """The app with status webhooks on, sent to `receiver`: retried after a minute, twice."""
+    return make_app(STATUS_WEBHOOK_URL=receiver.url, STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                    STATUS_WEBHOOK_RETRY_SCHEDULE="60,60", STATUS_WEBHOOK_TIMEOUT="2")
+
+
+@pytest.fixture
+def webhook_client(webhook_app):
+    return webhook_app.test_client()
 
 
 # --- real gunicorn processes -------------------------------------------------------------

@@ -25,6 +25,7 @@ from psycopg.rows import dict_row, tuple_row
 from twilio.request_validator import RequestValidator
 
 from sms_status.config import VARIABLES
+from sms_status.services import services
 from sms_status.storage import PostgresEngine, SQLiteEngine
 from sms_status.storage.schema import MIGRATIONS
 
@@ -519,3 +520,21 @@ class WebhookReceiver:
         with self.lock:
             return [(headers.get("webhook-id"), json.loads(body))
                     for _, headers, body in self.requests]
+
+
+def recorded_events(app, stream=None):
+    """(type, data) of every stored event (of one stream: a message's SID or a number), in
+    the order they were recorded."""
+    where, params = (" WHERE stream = ?", (stream,)) if stream else ("", ())
+    return [(row["type"], json.loads(row["payload"])["data"]) for row in sql_rows(
+        app_database_url(app), f"SELECT type, payload FROM webhook_events{where} ORDER BY seq",
+        params, as_dicts=True)]
+
+
+def deliver_all(app):
+    """Attempts every due event once, oldest first, as the delivery loop would."""
+    delivery = services(app).webhooks
+    with app.app_context():
+        for row in sql_rows(app_database_url(app), "SELECT id FROM webhook_events WHERE"
+                            " state = 'pending' ORDER BY seq", as_dicts=True):
+            delivery.deliver_now(row["id"])

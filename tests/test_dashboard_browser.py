@@ -24,7 +24,6 @@ from support import (
     AUTH,
     ROOT,
     WEBHOOK_SECRET,
-    WebhookReceiver,
     required_program,
     wait_until,
 )
@@ -61,12 +60,6 @@ def browser(tmp_path):
     driver.set_window_size(*DESKTOP)
     yield driver
     driver.quit()
-
-
-@pytest.fixture
-def receiver():
-    with WebhookReceiver() as receiver:
-        yield receiver
 
 
 @pytest.fixture

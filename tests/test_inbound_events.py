@@ -10,59 +10,24 @@ import pytest
 import requests
 from standardwebhooks import Webhook
 
-from sms_status.services import get_db, services
+from sms_status.services import get_db
 from sms_status.storage import outbox
 from support import (
     AUTH,
     PERSON,
     SENDER,
     WEBHOOK_SECRET,
-    WebhookReceiver,
-    app_database_url,
     callback,
+    deliver_all,
     inbound,
     post_inbound,
+    recorded_events,
     reply,
     sign,
-    sql_rows,
     wait_until,
 )
 
 OTHER = "+15558675310"
-
-
-@pytest.fixture
-def receiver():
-    with WebhookReceiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture
-def webhook_app(make_app, receiver):
-    return make_app(STATUS_WEBHOOK_URL=receiver.url, STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
-                    STATUS_WEBHOOK_RETRY_SCHEDULE="60,60", STATUS_WEBHOOK_TIMEOUT="2")
-
-
-@pytest.fixture
-def webhook_client(webhook_app):
-    return webhook_app.test_client()
-
-
-def recorded(app, number=None):
-    """(type, data) of every stored event (of one number's stream), in recording order."""
-    where, params = (" WHERE stream = ?", (number,)) if number else ("", ())
-    return [(row["type"], json.loads(row["payload"])["data"]) for row in sql_rows(
-        app_database_url(app), f"SELECT type, payload FROM webhook_events{where} ORDER BY seq",
-        params, as_dicts=True)]
-
-
-def deliver_all(app):
-    """Attempts every due event once, oldest first, as the delivery loop would."""
-    delivery = services(app).webhooks
-    with app.app_context():
-        for row in sql_rows(app_database_url(app), "SELECT id FROM webhook_events WHERE"
-                            " state = 'pending' ORDER BY seq", as_dicts=True):
-            delivery.deliver_now(row["id"])
 
 
 def verified(receiver):
@@ -116,12 +81,12 @@ def test_the_api_and_twilios_21610_make_their_events(webhook_app, webhook_client
     params = callback(sid, "undelivered", ErrorCode="21610")
     webhook_client.post("/message-status", data=params, headers={
         "X-Twilio-Signature": sign("https://sms.example.com/message-status", params)})
-    assert [(kind, data["source"]) for kind, data in recorded(webhook_app, OTHER)] == [
+    assert [(kind, data["source"]) for kind, data in recorded_events(webhook_app, OTHER)] == [
         ("recipient.opted_out", "api"), ("recipient.opted_in", "api")]
     assert [(kind, data.get("source"), data.get("messageSid"))
-            for kind, data in recorded(webhook_app, PERSON)] == [
+            for kind, data in recorded_events(webhook_app, PERSON)] == [
         ("recipient.opted_out", "twilio", sid)]
-    assert [kind for kind, _ in recorded(webhook_app, sid)] == [
+    assert [kind for kind, _ in recorded_events(webhook_app, sid)] == [
         "message.queued", "message.undelivered"]
 
 
@@ -147,7 +112,7 @@ def test_a_numbers_next_event_waits_for_the_one_before(webhook_app, webhook_clie
 def test_without_a_webhook_url_no_event_is_recorded(app, client):
     reply(client, "STOP")
     client.put("/opt-outs/%2B15558675310", headers=AUTH)
-    assert recorded(app) == []
+    assert recorded_events(app) == []
 
 
 # --- under gunicorn ---------------------------------------------------------------------------

@@ -2,16 +2,23 @@
 GET/PUT/DELETE /opt-outs/<number>, GET /opt-outs and GET /inbound-messages, their paging
 and their 400s."""
 
+import threading
+
+import psycopg
 import pytest
 
 from support import (
     AUTH,
     PERSON,
+    WEBHOOK_SECRET,
+    app_database_url,
     callback,
     inbound,
     post_inbound,
+    recorded_events,
     refused_as_opted_out,
     reply,
+    wait_until,
 )
 
 OTHER = "+15558675310"
@@ -103,6 +110,43 @@ def test_a_start_ends_an_api_opt_out_too(client):
     client.put(PATH, headers=AUTH)
     reply(client, "UNSTOP")
     assert state(client)["optedOut"] is False
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_two_instances_ending_one_opt_out_at_once_record_one_opt_in(make_app, receiver):
+    """Two DELETEs of one opt-out on two instances: only the number's lock makes the second
+    wait for the first, then find the opt-out ended (404), rather than read it before the
+    first ends it and end it again, with a second opt-in and event. Another connection
+    holds the opt-out's row until both wait: the first, holding the number's lock, to
+    delete it; the second for that lock (or, without it, to delete the row too).
+
+    PostgreSQL only: on SQLite the lock is nothing, since BEGIN IMMEDIATE already runs
+    every writer of the database one at a time."""
+    instances = [make_app(STATUS_WEBHOOK_URL=receiver.url, STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                          storage_settings={"lock_timeout": 60}) for _ in range(2)]
+    assert instances[0].test_client().put(PATH, headers=AUTH).status_code == 201
+    statuses = []
+
+    def end(instance):
+        statuses.append(instance.test_client().delete(PATH, headers=AUTH).status_code)
+
+    threads = [threading.Thread(target=end, args=(instance,)) for instance in instances]
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+               " AND wait_event_type = 'Lock'")
+    url = app_database_url(instances[0])
+    with psycopg.connect(url) as gate, psycopg.connect(url, autocommit=True) as watch:
+        gate.execute("SELECT 1 FROM opt_outs WHERE number = %s FOR UPDATE", (PERSON,))
+        for count, thread in enumerate(threads, 1):
+            thread.start()
+            wait_until(lambda: watch.execute(waiting).fetchone()[0] >= count, 30,  # noqa: B023
+                       f"{count} of the DELETEs waiting")
+    for thread in threads:
+        thread.join(60)
+    assert sorted(statuses) == [200, 404]
+    assert [(h["change"], h["source"]) for h in state(instances[0].test_client())["history"]] == [
+        ("opted_out", "api"), ("opted_in", "api")]
+    assert [kind for kind, _ in recorded_events(instances[0], PERSON)] == [
+        "recipient.opted_out", "recipient.opted_in"]
 
 
 def test_the_list_holds_the_numbers_opted_out_now_newest_first_in_pages(client):

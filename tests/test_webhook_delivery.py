@@ -36,12 +36,6 @@ from support import (
 FAST_SCHEDULE = "0.2,0.2"
 
 
-@pytest.fixture
-def receiver():
-    with WebhookReceiver() as receiver:
-        yield receiver
-
-
 def webhook_env(service_env, url, simulate=False, **settings):
     settings.setdefault("STATUS_WEBHOOK_RETRY_SCHEDULE", FAST_SCHEDULE)
     settings.setdefault("STATUS_WEBHOOK_TIMEOUT", "2")

@@ -21,39 +21,16 @@ from support import (
     CALLBACK_URL,
     OTHER_WEBHOOK_SECRET,
     WEBHOOK_SECRET,
-    WebhookReceiver,
     app_database_url,
     callback,
+    deliver_all,
     free_port,
     live_env,
+    recorded_events,
     sign,
     sql_rows,
     wait_until,
 )
-
-
-@pytest.fixture
-def receiver():
-    with WebhookReceiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture
-def webhook_app(make_app, receiver):
-    return make_app(STATUS_WEBHOOK_URL=receiver.url, STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET,
-                    STATUS_WEBHOOK_RETRY_SCHEDULE="60,60", STATUS_WEBHOOK_TIMEOUT="2")
-
-
-@pytest.fixture
-def webhook_client(webhook_app):
-    return webhook_app.test_client()
-
-
-def recorded_events(app):
-    """(type, data) of every stored event, in the order they were recorded."""
-    return [(row["type"], json.loads(row["payload"])["data"]) for row in sql_rows(
-        app_database_url(app), "SELECT type, payload FROM webhook_events ORDER BY seq",
-        as_dicts=True)]
 
 
 def post(client, sid, status, **extra):
@@ -62,15 +39,6 @@ def post(client, sid, status, **extra):
                          headers={"X-Twilio-Signature": sign(CALLBACK_URL, params)})
     assert answer.status_code == 200, answer.get_json()
     return answer.get_json()
-
-
-def deliver_all(app):
-    """Attempts every due event once, oldest first, as the delivery loop would."""
-    delivery = services(app).webhooks
-    with app.app_context():
-        for row in sql_rows(app_database_url(app), "SELECT id FROM webhook_events WHERE"
-                            " state = 'pending' ORDER BY seq", as_dicts=True):
-            delivery.deliver_now(row["id"])
 
 
 # --- which changes make events ------------------------------------------------------------

@@ -35,9 +35,10 @@ from werkzeug.datastructures import MultiDict
 
 from sms_status import api_keys, listing, overview, rules, twilio_errors, webhooks
 from sms_status.services import get_db, services
-from sms_status.storage import opt_outs, outbox, reads
+from sms_status.storage import opt_outs, reads
 from sms_status.web import chart
 from sms_status.web.logs import log, warn_rejection
+from sms_status.webhooks import retry
 
 SESSION_LIFETIME = timedelta(hours=12)
 SESSION_COOKIE = "dashboard_session"
@@ -424,19 +425,18 @@ def retry_webhook_event_page(event_id):
                        session_key().name)
         return error_page(403, "Retrying a status webhook needs a key with the admin scope: "
                                "log in with one.")
-    event = listing.webhook_event(get_db(), event_id)
-    if event is None:
+    outcome = retry.queue_again(get_db(), services().webhooks, event_id,
+                                current_app.config["CLOCK"]())
+    if outcome.result == "unknown":
         return error_page(404, f"No status webhook event with id {event_id} is known to "
                                "this service.")
-    delivery = services().webhooks
-    if delivery is None:
+    if outcome.result == "off":
         return error_page(409, "Status webhooks are off: set STATUS_WEBHOOK_URL and "
                                "STATUS_WEBHOOK_SECRET, then retry.")
-    outbox.queue_webhook_event_again(get_db(), event_id, current_app.config["CLOCK"]())
-    delivery.nudge()
     log.info("Dashboard: status webhook event %s queued again by key %s", event_id,
              session_key().name or "-")
-    return redirect(url_for("dashboard.message", sid=event["sid"]) + "#status-webhooks", 303)
+    return redirect(url_for("dashboard.message", sid=outcome.event["sid"]) + "#status-webhooks",
+                    303)
 
 
 # --- how the pages write numbers and times -------------------------------------------------

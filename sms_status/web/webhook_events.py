@@ -5,9 +5,9 @@ from flask import Blueprint, current_app, request
 
 from sms_status import listing
 from sms_status.services import get_db, services
-from sms_status.storage import outbox
 from sms_status.web.errors import json_error
 from sms_status.web.guards import requires
+from sms_status.webhooks import retry
 
 blueprint = Blueprint("webhook_events", __name__)
 
@@ -21,16 +21,14 @@ def webhook_events():
 @blueprint.post("/webhook-events/<event_id>/retry")
 @requires("admin")
 def retry_webhook_event(event_id):
-    """Makes the event due now, its retry schedule restarted (a delivered one is sent again
-    under the same webhook-id), wakes this process's delivery loop, and answers 202 with the
-    event: the attempt is the loop's, so no request thread waits on the receiver."""
-    if listing.webhook_event(get_db(), event_id) is None:
+    """Queues the event again for this process's delivery loop (webhooks/retry.py) and
+    answers 202 with the event, before any attempt."""
+    outcome = retry.queue_again(get_db(), services().webhooks, event_id,
+                                current_app.config["CLOCK"]())
+    if outcome.result == "unknown":
         return json_error(404, f"No status webhook event with id {event_id} is known to this "
                                "service; GET /webhook-events lists them")
-    delivery = services().webhooks
-    if delivery is None:
+    if outcome.result == "off":
         return json_error(409, "Status webhooks are off: set STATUS_WEBHOOK_URL and "
                                "STATUS_WEBHOOK_SECRET, then retry")
-    outbox.queue_webhook_event_again(get_db(), event_id, current_app.config["CLOCK"]())
-    delivery.nudge()
-    return listing.webhook_event(get_db(), event_id), 202
+    return outcome.event, 202

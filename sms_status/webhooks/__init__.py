@@ -6,6 +6,7 @@ application (STATUS_WEBHOOK_URL), signed as Standard Webhooks defines.
   end of the answer;
 - delivery.py: the loop in each server process that claims due events from the outbox
   (storage/outbox.py), attempts them, and records what happened.
+- retry.py: one event queued to be sent again, for the API's and the dashboard's retry.
 """
 
 from sms_status.services import services
