@@ -80,9 +80,10 @@ def parse_args():
                         help="only the service, the compared checkout and the reference, "
                              "stored and 403 (no floor, baseline, PostgreSQL or raw SQLite)")
     parser.add_argument("--timeline", action="store_true",
-                        help="count the service's stored callbacks every second of its runs "
-                             "and print the rate of each 10 s, and the last 10 s over the "
-                             "first (with --duration 60: the sustained run)")
+                        help="sample the service every second of its runs: stored callbacks "
+                             "(the rate of each 10 s, and the last 10 s over the first), the "
+                             "RSS of its processes and their open descriptors (with "
+                             "--duration 60: the sustained run)")
     parser.add_argument("--load", choices=tuple(LOAD_STEPS), default="lifecycle",
                         help="lifecycle: queued, sent, then delivered or undelivered for each "
                              "SID; new: one callback for each SID, none known before")
@@ -316,7 +317,6 @@ def measure(args, workdir, processes, postgres):
         combined["cores"] = combined["cpu_seconds"] / (combined["duration_us"] / 1e6)
         return combined
 
-    timelines = []
     for r, pool in enumerate(pools):
         loads.append(os.getloadavg()[0])
         print(f"\nround {r + 1} of {args.rounds} (load average {loads[-1]:.2f})")
@@ -325,7 +325,7 @@ def measure(args, workdir, processes, postgres):
         results["service"].append(result)
         print("  " + describe("service", result))
         if timeline:
-            timelines.append(timeline.stop())
+            timeline.stop()
             print(f"  {'':<14} " + timeline.describe())
         acked_total += result["acked"]
         sent_upper_bound += result["issued"] - result["exhausted"]

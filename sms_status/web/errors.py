@@ -109,7 +109,7 @@ def register_error_handlers(app):
             return database_unavailable(
                 "The database did not confirm this request (its writer process gave no "
                 "answer): it may or may not have been stored. Try again; a repeated status "
-                "callback is stored once.")
+                "callback or inbound message is stored once.")
         return database_unavailable("The database could not complete the request; nothing "
                                     "was stored. Try again.")
 

@@ -80,6 +80,10 @@ class TwilioWebhook:
     name: str
     count_refusal: Callable[[str], None]
 
+    @property
+    def article(self):
+        return "An" if self.name[0] in "aeiou" else "A"
+
 
 def check_twilio_webhook(webhook):
     """Runs a Twilio webhook's guards in order, before its view: returns the first refusal
@@ -95,9 +99,9 @@ def check_twilio_webhook(webhook):
         return None  # Flask answers it with the Allow header; nothing is read or stored
     for guard in (refuse_too_many_fields, require_twilio_signature,
                   refuse_nul_characters_in_webhook):
-        refusal = guard(webhook)
-        if refusal is not None:
-            return refusal
+        refused = guard(webhook)
+        if refused is not None:
+            return refused
     return None
 
 
@@ -113,7 +117,7 @@ def refuse_too_many_fields(webhook):
     """
     if form_fields() > MAX_CALLBACK_FIELDS:
         webhook.count_refusal("invalid")
-        return refusal(400, f"{webhook.name.capitalize()}s have at most "
+        return refusal(400, f"{webhook.article} {webhook.name} has at most "
                             f"{MAX_CALLBACK_FIELDS} form fields (Twilio sends about 20)")
     return None
 
