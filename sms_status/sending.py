@@ -251,7 +251,9 @@ def opted_out_refusal(to, source, opted_out_at):
 
 def limit_reached(to, reached, limit, wait, sender=None):
     """The 429 of an hourly limit, with the seconds until a place is free again."""
-    retry_after = max(1, math.ceil(wait))
+    # Never past the hour the limit counts: a send stored a fraction of a millisecond late
+    # (stored times keep milliseconds) would otherwise read 3601.
+    retry_after = min(max(1, math.ceil(wait)), 3600)
     if reached == "sender":
         log.warning("Refused send to %s: key %s reached its limit of %d sends per hour",
                     rules.mask_phone(to), sender.name, limit)

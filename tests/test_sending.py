@@ -57,3 +57,15 @@ def test_a_repeat_with_the_same_key_is_replayed_without_calling_twilio(context, 
     assert again.text == first.text
     assert again.headers == {"Idempotent-Replayed": "true"} and first.headers == {}
     assert len(fake_twilio.creates) == 1
+
+
+@pytest.mark.parametrize("wait, retry_after", [
+    pytest.param(0.2, "1", id="under-a-second"),
+    pytest.param(59.01, "60", id="rounded-up"),
+    pytest.param(3600.0004, "3600", id="never-past-the-hour"),
+])
+def test_a_limit_says_when_to_retry_within_its_hour(wait, retry_after):
+    outcome = sending.limit_reached("+15558675310", "total", 5, wait)
+    assert outcome.status == 429
+    assert outcome.headers["Retry-After"] == retry_after
+    assert f"retry after {retry_after} seconds" in outcome.body["error"]
