@@ -9,12 +9,16 @@ from sms_status.storage.times import stored_time
 from sms_status.storage.writes import in_writer_process
 
 
+def _marks_for(values):
+    """The `?` placeholders of an `IN (...)` list of `values`: "?, ?, ?"."""
+    return ", ".join("?" for _ in values)
+
+
 def messages_to_reconcile(storage, idle_before, limit):
     """Non-final messages with no update since `idle_before`, least recently checked first."""
-    placeholders = ", ".join("?" for _ in FINAL_STATUSES)
     return storage.query(
         "SELECT sid, latest_status FROM messages"
-        f" WHERE latest_status NOT IN ({placeholders}) AND updated_at <= ?"
+        f" WHERE latest_status NOT IN ({_marks_for(FINAL_STATUSES)}) AND updated_at <= ?"
         " AND (checked_at IS NULL OR checked_at <= ?)"
         " ORDER BY coalesce(checked_at, ''), updated_at LIMIT ?",
         (*FINAL_STATUSES, idle_before, idle_before, limit),
@@ -147,7 +151,7 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress
             # updated_at is checked again: a callback may have revived a message since
             # (PostgreSQL), and it must then keep its history. Events go by cascade.
             deleted = tx.execute(
-                f"DELETE FROM messages WHERE sid IN ({', '.join('?' for _ in counts_of)})"
+                f"DELETE FROM messages WHERE sid IN ({_marks_for(counts_of)})"
                 f" AND updated_at < ?{keep} RETURNING sid",
                 (*counts_of, updated_before),
             ).fetchall()
@@ -175,7 +179,7 @@ def prune(storage, updated_before, body_before, now, batch=PRUNE_BATCH, progress
         if page:
             removed["bodies"] += tx.execute(
                 "UPDATE messages SET body = NULL WHERE body IS NOT NULL"
-                f" AND sid IN ({', '.join('?' for _ in page)})",
+                f" AND sid IN ({_marks_for(page)})",
                 tuple(row["sid"] for row in page),
             ).rowcount
             after = (page[-1]["created_at"], page[-1]["storage_order"])
@@ -215,7 +219,7 @@ def prune_inbound(storage, received_before, body_before, batch=PRUNE_BATCH,
                           (received_before, batch)).fetchall()
         if rows:
             counts["inbound"] += tx.execute(
-                f"DELETE FROM inbound_messages WHERE seq IN ({', '.join('?' for _ in rows)})",
+                f"DELETE FROM inbound_messages WHERE seq IN ({_marks_for(rows)})",
                 tuple(row["seq"] for row in rows)).rowcount
         return len(rows)
 
@@ -227,8 +231,8 @@ def prune_inbound(storage, received_before, body_before, batch=PRUNE_BATCH,
         rows = tx.execute(f"SELECT seq {OLD_NUMBER_EVENTS} LIMIT ?",
                           (received_before, batch)).fetchall()
         if rows:
-            tx.execute(f"DELETE FROM webhook_events WHERE seq IN"
-                       f" ({', '.join('?' for _ in rows)})", tuple(row["seq"] for row in rows))
+            tx.execute(f"DELETE FROM webhook_events WHERE seq IN ({_marks_for(rows)})",
+                       tuple(row["seq"] for row in rows))
         return len(rows)
 
     _in_batches(storage, "Deleting old events of replies and opt-outs", storage.query(
@@ -241,7 +245,7 @@ def prune_inbound(storage, received_before, body_before, batch=PRUNE_BATCH,
         if rows:
             counts["bodies"] += tx.execute(
                 "UPDATE inbound_messages SET body = NULL"
-                f" WHERE seq IN ({', '.join('?' for _ in rows)})",
+                f" WHERE seq IN ({_marks_for(rows)})",
                 tuple(row["seq"] for row in rows)).rowcount
         return len(rows)
 
