@@ -61,6 +61,11 @@ def new_key():
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def could_be_named_key(text):
+    """Whether `text` has the shape of new_key()'s keys: sk_ and 43 characters."""
+    return len(text) == len(KEY_PREFIX) + 43 and text.startswith(KEY_PREFIX)
+
+
 def digest(text):
     """The stored form of a key: the hex SHA-256 digest of its text."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -102,6 +107,8 @@ class KeyRing:
         if self.setting_key is not None and secrets.compare_digest(
                 text.encode("utf-8", "surrogatepass"), self.setting_key.encode()):
             return SETTING_KEY
+        if not could_be_named_key(text):
+            return None  # no read for text that no `keys create` ever made
         key = self._cached(self.by_digest, digest(text),
                            lambda hashed: keys.key_by_digest(storage, hashed))
         if key is not None:

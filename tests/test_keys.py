@@ -411,3 +411,22 @@ def test_a_keys_hourly_limit_holds_across_workers_and_instances(
     assert other.status_code == 200, "another key's sends are not counted"
     assert sql_rows(env["DATABASE_URL"], "SELECT sent_by, count(*) FROM messages"
                     " GROUP BY sent_by ORDER BY sent_by") == [("API_KEY", 1), ("batch", 3)]
+
+
+def test_a_refusal_for_a_missing_scope_masks_the_number_in_its_log_line(app, client,
+                                                                        caplog):
+    key = create_key(app, "reader", "--scope", "read")
+    assert call(client, "PUT", "/opt-outs/+15558675309", key).status_code == 403
+    assert "has no 'admin' scope" in caplog.text
+    assert "+15558675309" not in caplog.text and "8675309" not in caplog.text
+
+
+@pytest.mark.parametrize("text", ["wrong-key-wrong-key", "sk_" + "x" * 42, "pk_" + "x" * 43])
+def test_text_no_keys_create_could_make_is_refused_without_reading_the_database(text):
+    """A flood of made-up keys costs no query: only text of a named key's shape is looked up
+    (here the storage is None, so a lookup would fail)."""
+    ring = api_keys.KeyRing(setting_key="the-api-key-setting")
+    assert ring.key_for(None, text, NOW) is None
+    assert len(api_keys.new_key()) == len("sk_" + "x" * 43)
+    with pytest.raises(AttributeError):
+        ring.key_for(None, "sk_" + "x" * 43, NOW)  # the right shape is looked up

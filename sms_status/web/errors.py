@@ -10,12 +10,12 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from sms_status.listing import BadQuery
-from sms_status.rules import mask_phones_in, printable
+from sms_status.rules import printable
 from sms_status.services import get_db
 from sms_status.storage import DATABASE_ERRORS, READ_TIME_LIMIT_ERRORS, OutcomeUnknown
 from sms_status.web import dashboard
 from sms_status.web.guards import MAX_REQUEST_BYTES
-from sms_status.web.logs import log, warn_rejection
+from sms_status.web.logs import log, logged_path, warn_rejection
 
 DATABASE_RETRY_AFTER_SECONDS = 2
 HTTP_ERROR_MESSAGES = {
@@ -48,11 +48,6 @@ def http_error_message(error):
     template = HTTP_ERROR_MESSAGES.get(error.code)
     return (template.format(method=request.method, path=request.path) if template
             else error.description)
-
-
-def logged_path():
-    """The request's path as the log shows it: short, escaped, its phone numbers masked."""
-    return printable(mask_phones_in(request.path), 100)
 
 
 def log_database_error(error):

@@ -21,7 +21,7 @@ from werkzeug.exceptions import BadRequest, ClientDisconnected, Unauthorized
 from sms_status import rules
 from sms_status.rules import printable
 from sms_status.services import get_db, services
-from sms_status.web.logs import log, warn_rejection
+from sms_status.web.logs import log, logged_path, warn_rejection
 
 MAX_REQUEST_BYTES = 64 * 1024
 # Twilio's webhooks (status callbacks, inbound messages) carry about 20 form fields.
@@ -44,7 +44,7 @@ def requires(scope):
                 key = caller_key()
                 if scope not in key.scopes:
                     warn_rejection("Refused %s %s: key %s has no %r scope", request.method,
-                                   printable(request.path, 100), key.name, scope)
+                                   logged_path(), key.name, scope)
                     return jsonify(error=f"The key {key.name!r} may not do this: it needs the "
                                          f"{scope!r} scope. Use a key that has it (flask --app "
                                          f"app keys create NAME --scope {scope} makes one)",
