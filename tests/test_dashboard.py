@@ -924,3 +924,21 @@ def test_the_retry_of_a_status_webhook_is_offered_to_admin_keys_only(make_app):
         assert answer.headers["Location"] == f"/dashboard/messages/{sid}#status-webhooks"
         queued = client.get(f"/webhook-events?sid={sid}", headers=AUTH).get_json()["events"]
         assert queued[0]["state"] == "pending", "queued again, for the delivery loop"
+
+
+def test_the_retry_of_a_numbers_event_leads_back_to_the_overview(make_app):
+    """A reply's event belongs to no message: its retry cannot lead to a message's page."""
+    with WebhookReceiver() as receiver:
+        app = make_app(clock=time.time, STATUS_WEBHOOK_URL=receiver.url,
+                       STATUS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+        client = app.test_client()
+        reply(client, "thanks")
+        events = client.get("/webhook-events", headers=AUTH).get_json()["events"]
+        event = next(e for e in events if e["type"] == "inbound.received")
+        assert event["sid"] is None
+        admin = app.test_client()
+        log_in(admin, new_key(app, "operator", "--scope", "read", "--scope", "admin"))
+        answer = admin.post(f"/dashboard/webhook-events/{event['id']}/retry")
+        assert answer.status_code == 303 and answer.headers["Location"] == "/dashboard"
+        queued = client.get("/webhook-events", headers=AUTH).get_json()["events"]
+        assert next(e for e in queued if e["id"] == event["id"])["state"] == "pending"

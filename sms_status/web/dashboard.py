@@ -435,6 +435,8 @@ def retry_webhook_event_page(event_id):
                                "STATUS_WEBHOOK_SECRET, then retry.")
     log.info("Dashboard: status webhook event %s queued again by key %s", event_id,
              session_key().name or "-")
+    if outcome.event["sid"] is None:  # an event of a number's replies or opt-outs
+        return redirect(url_for("dashboard.overview"), 303)
     return redirect(url_for("dashboard.message", sid=outcome.event["sid"]) + "#status-webhooks",
                     303)
 
