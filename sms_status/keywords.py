@@ -15,12 +15,6 @@ KIND_OF_OPT_OUT_TYPE = {"STOP": "opt_out", "START": "opt_in", "HELP": "help"}
 OPT_OUT_TYPE_OF_KIND = {kind: name for name, kind in KIND_OF_OPT_OUT_TYPE.items()}
 
 
-def keyword_of(body):
-    """The keyword a body is, upper case (the whole body, trimmed, any case), or None."""
-    word = (body or "").strip().upper()
-    return word if word_kind(word) != "message" else None
-
-
 def word_kind(word):
     """The kind of reply a word (upper case) makes on its own."""
     if word in OPT_OUT_KEYWORDS:

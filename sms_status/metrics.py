@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 from flask import g, request
 
+from sms_status.keywords import KINDS
 from sms_status.rules import STATUS_RANK
 from sms_status.serving import folders
 
@@ -38,8 +39,8 @@ WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 CALLBACK_RESULTS = ("stored", "repeat", "bad_signature", "invalid")
 SEND_OUTCOMES = ("sent", "invalid", "destination_refused", "limited", "rejected_by_twilio",
                  "twilio_failed", "opted_out")
-# What an inbound message was (keywords.py's kinds): "message" is an ordinary reply.
-INBOUND_KINDS = ("message", "opt_out", "opt_in", "help")
+# What an inbound message was: "message" is an ordinary reply.
+INBOUND_KINDS = KINDS
 # Why an inbound message was refused, as a status callback's refusals are counted.
 INBOUND_REFUSALS = ("bad_signature", "invalid")
 WEBHOOK_RESULTS = ("delivered", "retrying", "gave_up")

@@ -138,6 +138,13 @@ def parse_duration(text):
     return seconds
 
 
+def whole_number(raw):
+    """A number Twilio sends as text (ErrorCode, NumMedia, NumSegments) as an integer, or
+    None when absent or not a plain number of at most 9 digits."""
+    raw = (raw or "").strip()
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None
+
+
 def bearer_token(authorization_header):
     """The key of an `Authorization: Bearer <key>` header, or None."""
     scheme, _, token = (authorization_header or "").partition(" ")

@@ -12,7 +12,6 @@ from sms_status.storage.reads import newest_first
 from sms_status.storage.times import stored_time
 from sms_status.storage.writes import in_writer_process
 
-SOURCES = ("keyword", "twilio", "api")
 OPT_OUT_COLUMNS = "number, source, keyword, message_sid, opted_out_at, seq"
 
 

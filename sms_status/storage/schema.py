@@ -148,6 +148,19 @@ POSTGRES_BASELINE = [
     "CREATE INDEX send_reservations_by_recipient ON send_reservations (to_number)",
 ]
 
+# The indexes of webhook_events, made by version 10 and again by version 12's rebuild.
+WEBHOOK_EVENT_INDEXES = [
+    "CREATE INDEX webhook_events_of_message ON webhook_events (message_sid, created_at, seq)",
+    """CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at, seq)
+        WHERE state = 'pending'""",
+    "CREATE INDEX webhook_events_by_creation ON webhook_events (created_at, seq)",
+    """CREATE INDEX webhook_events_pending ON webhook_events (created_at, seq)
+        WHERE state = 'pending'""",
+    """CREATE INDEX webhook_events_failed ON webhook_events (created_at, seq)
+        WHERE state = 'failed'""",
+]
+
+
 # Version 10: a caller's own `reference` on each message, and the outbox of status webhooks.
 # Each event is recorded in the transaction that moves its message's latest status (whose
 # previous value `previous_status` keeps), and delivered from here by webhooks/delivery.py:
@@ -181,15 +194,7 @@ def webhook_outbox(collate, seq, real):
         lease TEXT,
         lease_until {real}
     )""",
-        "CREATE INDEX webhook_events_of_message ON webhook_events (message_sid, created_at, seq)",
-        """CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at, seq)
-        WHERE state = 'pending'""",
-        "CREATE INDEX webhook_events_by_creation ON webhook_events (created_at, seq)",
-        """CREATE INDEX webhook_events_pending ON webhook_events (created_at, seq)
-        WHERE state = 'pending'""",
-        """CREATE INDEX webhook_events_failed ON webhook_events (created_at, seq)
-        WHERE state = 'failed'""",
-    ]]
+    ]] + WEBHOOK_EVENT_INDEXES
 
 
 # Version 11: each message's pending events, for a claim to compare a candidate with its
@@ -257,16 +262,6 @@ def replies_and_opt_outs(collate, seq):
     ]]
 
 
-WEBHOOK_EVENT_INDEXES = [
-    "CREATE INDEX webhook_events_of_message ON webhook_events (message_sid, created_at, seq)",
-    """CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at, seq)
-        WHERE state = 'pending'""",
-    "CREATE INDEX webhook_events_by_creation ON webhook_events (created_at, seq)",
-    """CREATE INDEX webhook_events_pending ON webhook_events (created_at, seq)
-        WHERE state = 'pending'""",
-    """CREATE INDEX webhook_events_failed ON webhook_events (created_at, seq)
-        WHERE state = 'failed'""",
-]
 PENDING_EVENTS_OF_STREAM = """CREATE INDEX webhook_events_pending_of_stream
         ON webhook_events (stream, seq) WHERE state = 'pending'"""
 WEBHOOK_EVENT_COLUMNS = ("seq, id, message_sid, type, payload, state, attempts, schedule_start,"

@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, request
 
 from sms_status import metrics, webhooks
 from sms_status.logs import log
-from sms_status.rules import printable
+from sms_status.rules import printable, whole_number
 from sms_status.services import get_db
 from sms_status.storage import statuses
 from sms_status.web import guards
@@ -32,7 +32,7 @@ def message_status():
         metrics.count_callback("invalid")
         return json_error(400, "A status callback needs MessageSid and MessageStatus "
                                "(or the older SmsSid and SmsStatus)")
-    error_code = callback_error_code(form.get("ErrorCode"))
+    error_code = whole_number(form.get("ErrorCode"))
     stored = statuses.record_status(get_db(), sid, status, error_code, to=form.get("To"),
                                     from_=form.get("From"), account_sid=form.get("AccountSid"))
     metrics.count_callback("stored" if stored else "repeat")
@@ -42,9 +42,3 @@ def message_status():
     log.info("Status callback %s %s error=%s%s", printable(sid, 64), printable(status, 32),
              error_code, "" if stored else " (repeat, ignored)")
     return {"received": True, "duplicate": not stored}
-
-
-def callback_error_code(raw):
-    """Twilio's ErrorCode as an integer, or None when absent or not a plain number."""
-    raw = (raw or "").strip()
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None

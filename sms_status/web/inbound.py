@@ -44,7 +44,8 @@ def inbound_sms():
     changes_list = rules.is_e164(from_)
     outcome = inbound.record_inbound(
         get_db(), sid, from_, (form.get("To") or "").strip() or None, body,
-        whole_number(form.get("NumMedia")) or 0, whole_number(form.get("NumSegments")),
+        rules.whole_number(form.get("NumMedia")) or 0,
+        rules.whole_number(form.get("NumSegments")),
         keywords.OPT_OUT_TYPE_OF_KIND.get(kind), kind, keyword,
         account_sid=form.get("AccountSid"),
         keep_body=current_app.config["SERVICE"].store_message_body, changes_list=changes_list)
@@ -56,9 +57,3 @@ def inbound_sms():
              {"repeat": " (repeat, ignored)", "opted_out": ": opted out",
               "opted_in": ": opted back in"}.get(outcome, ""))
     return current_app.response_class(EMPTY_TWIML, mimetype="text/xml")
-
-
-def whole_number(raw):
-    """A count Twilio sends (NumMedia, NumSegments) as an integer, or None."""
-    raw = (raw or "").strip()
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None

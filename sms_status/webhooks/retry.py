@@ -12,7 +12,7 @@ from sms_status.storage import outbox
 class RetryOutcome:
     """What a retry came to: `result` is "queued" (the event is due now), "unknown" (no
     such event) or "off" (status webhooks are off: nothing would deliver it); `event` is the
-    event's item, as it is after the retry, or None when it is unknown."""
+    event's item as it is after the retry, when queued."""
 
     result: str
     event: dict | None = None
@@ -26,7 +26,7 @@ def queue_again(storage, delivery, event_id, now):
     if event is None:
         return RetryOutcome("unknown")
     if delivery is None:
-        return RetryOutcome("off", event)
+        return RetryOutcome("off")
     if not outbox.queue_webhook_event_again(storage, event_id, now):
         return RetryOutcome("unknown")  # pruned since it was read
     delivery.nudge()
