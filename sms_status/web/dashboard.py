@@ -314,15 +314,25 @@ def error_row(entry):
             "link": link}
 
 
-@blueprint.get("/messages", endpoint="messages")
-def messages_page():
-    # The form sends its empty fields too: only those filled in are parameters, named and
-    # checked as GET /messages names and checks them. A search with empty fields is sent on
-    # to its short address, which is the one to share and the one "older" pages extend.
+def filled_in_query(endpoint):
+    """A search page's query: its fields trimmed, and None; or, when the address had empty
+    fields (the form sends them too) or spaces around a value, None and the redirect to
+    `endpoint`'s short address, which is the one to share and the one "older" pages
+    extend."""
     args = MultiDict([(name, value.strip()) for name, value in request.args.items(multi=True)
                       if value.strip()])
     if list(args.items(multi=True)) != list(request.args.items(multi=True)):
-        return redirect(url_for("dashboard.messages", **args.to_dict(flat=False)), 303)
+        return None, redirect(url_for(endpoint, **args.to_dict(flat=False)), 303)
+    return args, None
+
+
+@blueprint.get("/messages", endpoint="messages")
+def messages_page():
+    # Only the fields filled in are parameters, named and checked as GET /messages names
+    # and checks them.
+    args, short_address = filled_in_query("dashboard.messages")
+    if short_address is not None:
+        return short_address
     form = {name: args.get(name, "") for name in SEARCH_FIELDS}
     form.update({name: time_field_value(form[name]) for name in TIME_FIELDS})
     if "sid" in args:

@@ -5,33 +5,22 @@ They are routes of dashboard.py's blueprint, behind its login and headers, and r
 GET /inbound-messages and GET /opt-outs/<number> answer (replies.py).
 """
 
-from flask import current_app, redirect, request, url_for
+from flask import current_app, url_for
 from werkzeug.datastructures import MultiDict
 
 from sms_status import listing, replies
 from sms_status.services import get_db
-from sms_status.web.dashboard import blueprint, page
+from sms_status.web.dashboard import blueprint, filled_in_query, page
 
 # A reply's kind as the pages name it, by its optOutType.
 KIND_OF_OPT_OUT_TYPE = {"STOP": "opt-out", "START": "opt-in", "HELP": "help", None: "reply"}
 
 
-def filled_in():
-    """The query's fields, trimmed; None when the address had empty ones or spaces around
-    a value (the caller then redirects to the short address, the one to share)."""
-    args = MultiDict([(name, value.strip()) for name, value in request.args.items(multi=True)
-                      if value.strip()])
-    if list(args.items(multi=True)) != list(request.args.items(multi=True)):
-        return None
-    return args
-
-
 @blueprint.get("/inbound", endpoint="inbound")
 def inbound_page():
-    args = filled_in()
-    if args is None:
-        return redirect(url_for("dashboard.inbound", **{
-            name: value.strip() for name, value in request.args.items() if value.strip()}), 303)
+    args, short_address = filled_in_query("dashboard.inbound")
+    if short_address is not None:
+        return short_address
     number = args.get("number", "")
     query = MultiDict({"from": number} if number else {})
     if "cursor" in args:
@@ -56,10 +45,9 @@ def inbound_page():
 
 @blueprint.get("/opt-outs", endpoint="opt_outs")
 def opt_outs_page():
-    args = filled_in()
-    if args is None:
-        return redirect(url_for("dashboard.opt_outs", **{
-            name: value.strip() for name, value in request.args.items() if value.strip()}), 303)
+    args, short_address = filled_in_query("dashboard.opt_outs")
+    if short_address is not None:
+        return short_address
     storage = get_db()
     number = args.get("number")
     if number:
